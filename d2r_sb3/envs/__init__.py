@@ -1,0 +1,29 @@
+"""Multi-task environments for d2r_sb3 (Meta-World MT10 / MT50 / custom task lists as SB3 VecEnvs)."""
+
+# `.metaworld` first: it sets MUJOCO_GL for headless rendering before MuJoCo gets imported.
+from d2r_sb3.envs.metaworld import (
+    GOAL_MODES,
+    MAX_EPISODE_STEPS_LIMIT,
+    PRESETS,
+    EnvPreset,
+    MetaWorldTaskEnv,
+    MultiTaskVecEnv,
+    benchmark_task_names,
+    make_mt_env,
+    normalize_task_name,
+)
+from d2r_sb3.envs.wrappers import EpisodeLimit, EpisodeSuccess
+
+__all__ = [
+    "GOAL_MODES",
+    "MAX_EPISODE_STEPS_LIMIT",
+    "PRESETS",
+    "EnvPreset",
+    "EpisodeLimit",
+    "EpisodeSuccess",
+    "MetaWorldTaskEnv",
+    "MultiTaskVecEnv",
+    "benchmark_task_names",
+    "make_mt_env",
+    "normalize_task_name",
+]
