@@ -1,0 +1,22 @@
+"""d2r_sb3: D2R (Dynamic Depth Routing) multi-task RL for Stable-Baselines3 and Meta-World.
+
+Importing the package sets ``MUJOCO_GL=egl`` when no display is present (see :mod:`d2r_sb3.envs`), so that
+headless rendering works without extra set-up.
+"""
+
+from d2r_sb3.envs import make_mt_env  # noqa: I001  (first: sets MUJOCO_GL before mujoco is imported)
+from d2r_sb3.common import MultiTaskPolicy, MultiTaskReplayBuffer, MultiTaskSAC
+from d2r_sb3.d2r import D2RSAC, D2RPolicy, RoutingPath
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "D2RSAC",
+    "D2RPolicy",
+    "MultiTaskPolicy",
+    "MultiTaskReplayBuffer",
+    "MultiTaskSAC",
+    "RoutingPath",
+    "__version__",
+    "make_mt_env",
+]

@@ -1,0 +1,253 @@
+"""D2R actor, twin critics and :class:`D2RPolicy` (D2R_SPEC.md sections 1-2)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch as th
+from gymnasium import spaces
+from stable_baselines3.common.type_aliases import Schedule
+from torch import nn
+
+from d2r_sb3.common.policies import MultiTaskPolicy, squashed_gaussian
+from d2r_sb3.d2r.network import TOPK, RoutedNetwork, RouteRequest
+from d2r_sb3.d2r.routing import RoutingPath
+
+OFFPOLICY_ROUTING: tuple[str, ...] = ("resrouting", "none", "target")
+
+
+class D2RActor(nn.Module):
+    """Tanh-Gaussian actor on a :class:`RoutedNetwork` whose head outputs ``mean || log_std``.
+
+    Acting (``forward``) routes with SampleK when stochastic and TopK when deterministic, and remembers the
+    route it used in :attr:`last_route` (``uint8 [B, routed nodes, k]``) so the algorithm can store it.
+    Without gradients and for batches up to ``skip_max_batch`` observations, only the modules that the route
+    reaches are computed (compute skipping; the number computed is kept in :attr:`last_modules_computed`).
+    """
+
+    def __init__(self, obs_dim: int, action_dim: int, num_tasks: int, skip_max_batch: int = 4, **net_kwargs: Any):
+        super().__init__()
+        self.num_tasks = num_tasks
+        self.state_dim = obs_dim - num_tasks
+        self.action_dim = action_dim
+        self.net = RoutedNetwork(self.state_dim, num_tasks, 2 * action_dim, n_nets=1, **net_kwargs)
+        self.skip_max_batch = skip_max_batch
+        self.sample_k = True
+        self.last_route: th.Tensor | None = None
+        self.last_modules_computed: int | None = None
+
+    def split_obs(self, obs: th.Tensor) -> tuple[th.Tensor, th.Tensor]:
+        return obs[..., : self.state_dim], obs[..., self.state_dim :].argmax(-1)
+
+    def distribution(
+        self, obs: th.Tensor, task_ids: th.Tensor | None = None, route: RouteRequest = TOPK
+    ) -> tuple[th.Tensor, th.Tensor, th.Tensor]:
+        """``(mean, log_std, sources)`` for a batch of observations."""
+        state, onehot_ids = self.split_obs(obs)
+        task_ids = onehot_ids if task_ids is None else task_ids
+        out, sources = self.net(state, task_ids, route)
+        mean, log_std = out[0].chunk(2, dim=-1)
+        return mean, log_std, sources
+
+    def forward(self, obs: th.Tensor, deterministic: bool = False) -> th.Tensor:
+        state, task_ids = self.split_obs(obs)
+        route = RouteRequest(explore=self.sample_k and not deterministic)
+        if not th.is_grad_enabled() and obs.shape[0] <= self.skip_max_batch:
+            out, sources, computed = self.net.forward_skipping(state, task_ids, route)
+            self.last_modules_computed = computed
+        else:
+            out, sources = self.net(state, task_ids, route)
+            self.last_modules_computed = self.net.n_modules
+        self.last_route = self.net.graph.encode(sources[0])
+        mean, log_std = out[0].chunk(2, dim=-1)
+        return squashed_gaussian(mean, log_std, deterministic, with_log_prob=False)[0]
+
+    def action_log_prob(
+        self, obs: th.Tensor, task_ids: th.Tensor | None = None, route: RouteRequest = TOPK
+    ) -> tuple[th.Tensor, th.Tensor]:
+        """Sampled action and its log-probability under the given routing (TopK by default)."""
+        mean, log_std, _ = self.distribution(obs, task_ids, route)
+        return squashed_gaussian(mean, log_std)  # type: ignore[return-value]
+
+
+class D2RCritic(nn.Module):
+    """``n_critics`` routed Q networks evaluated together (ensemble dimension of :class:`RoutedNetwork`).
+
+    Each Q network routes independently: with SampleK every critic draws its own route.
+    """
+
+    def __init__(self, obs_dim: int, action_dim: int, num_tasks: int, n_critics: int = 2, **net_kwargs: Any):
+        super().__init__()
+        self.state_dim = obs_dim - num_tasks
+        self.n_critics = n_critics
+        self.net = RoutedNetwork(self.state_dim + action_dim, num_tasks, 1, n_nets=n_critics, **net_kwargs)
+
+    def q_values(
+        self,
+        obs: th.Tensor,
+        actions: th.Tensor,
+        task_ids: th.Tensor | None = None,
+        route: RouteRequest = TOPK,
+        detach_params: bool = False,
+    ) -> th.Tensor:
+        """``[n_critics, B]`` Q values. The critic input is ``[s, a]`` plus the task (spec section 1)."""
+        state = obs[..., : self.state_dim]
+        if task_ids is None:
+            task_ids = obs[..., self.state_dim :].argmax(-1)
+        out, _ = self.net(th.cat([state, actions], dim=-1), task_ids, route, detach_params)
+        return out[..., 0]
+
+    def forward(self, obs: th.Tensor, actions: th.Tensor) -> tuple[th.Tensor, ...]:
+        """SB3's critic interface: a tuple of ``[B, 1]`` Q values (TopK routes)."""
+        return tuple(q.unsqueeze(-1) for q in self.q_values(obs, actions))
+
+
+class D2RPolicy(MultiTaskPolicy):
+    """D2R actor-critic policy (alias ``"D2RPolicy"``); defaults are the paper's MT10 network.
+
+    :param num_tasks: number of tasks (set by the algorithm from the env).
+    :param n_modules: routed modules (16).
+    :param module_dim: module width (128).
+    :param top_k: sources per module with Top-K routing (2).
+    :param routing: ``"topk"`` (MaskSoftmax over k sources), ``"hard"`` (top-1) or ``"soft"`` (all earlier
+        modules, full softmax) -- paper Fig. 7(a).
+    :param routing_level: ``"module"`` (D2R), ``"layer"`` or ``"model"`` -- paper Fig. 7(d).
+    :param n_layers: layers or chain length for the ``"layer"`` / ``"model"`` levels.
+    :param encoder_sizes: state-encoder hidden sizes (``[400, 400]``).
+    :param gate_sizes: gate MLP hidden sizes (``[256, 256]``).
+    :param resrouting_shortcut: ``"full"`` (authors' code) or ``"masked"`` (paper Eq. 11).
+    :param offpolicy_routing: routes of the actor loss: ``"resrouting"`` (stored behaviour routes with
+        ResRouting, default), ``"none"`` (stored routes, every path carries gradient: "w/o ResRouting"),
+        ``"target"`` (ignore stored routes, sample fresh ones: "w/ Target Routing") -- paper Fig. 7(b).
+    :param sample_k: SampleK when exploring (collection and critic TD routes); ``False`` uses TopK
+        ("w/o SampleK", Fig. 7(c)).
+    :param skip_max_batch: compute only reachable modules when acting on at most this many observations.
+    """
+
+    actor: D2RActor
+    critic: D2RCritic
+    critic_target: D2RCritic
+
+    def __init__(
+        self,
+        observation_space: spaces.Box,
+        action_space: spaces.Box,
+        lr_schedule: Schedule,
+        num_tasks: int,
+        n_modules: int = 16,
+        module_dim: int = 128,
+        top_k: int = 2,
+        routing: str = "topk",
+        routing_level: str = "module",
+        n_layers: int = 4,
+        encoder_sizes: Sequence[int] = (400, 400),
+        gate_sizes: Sequence[int] = (256, 256),
+        resrouting_shortcut: str = "full",
+        offpolicy_routing: str = "resrouting",
+        sample_k: bool = True,
+        skip_max_batch: int = 4,
+        n_critics: int = 2,
+        optimizer_class: type[th.optim.Optimizer] = th.optim.Adam,
+        optimizer_kwargs: dict[str, Any] | None = None,
+    ):
+        if offpolicy_routing not in OFFPOLICY_ROUTING:
+            raise ValueError(f"Unknown offpolicy_routing {offpolicy_routing!r}; choose one of {OFFPOLICY_ROUTING}.")
+        self.net_kwargs = dict(
+            n_modules=n_modules,
+            module_dim=module_dim,
+            top_k=top_k,
+            routing=routing,
+            routing_level=routing_level,
+            n_layers=n_layers,
+            encoder_sizes=tuple(encoder_sizes),
+            gate_sizes=tuple(gate_sizes),
+            resrouting_shortcut=resrouting_shortcut,
+        )
+        self.offpolicy_routing = offpolicy_routing
+        self.sample_k = sample_k
+        self.skip_max_batch = skip_max_batch
+        super().__init__(
+            observation_space, action_space, lr_schedule, num_tasks, n_critics, optimizer_class, optimizer_kwargs
+        )
+
+    def make_actor(self) -> D2RActor:
+        actor = D2RActor(self.obs_dim, self.action_dim, self.num_tasks, self.skip_max_batch, **self.net_kwargs)
+        actor.sample_k = self.sample_k
+        return actor
+
+    def make_critic(self) -> D2RCritic:
+        return D2RCritic(self.obs_dim, self.action_dim, self.num_tasks, self.n_critics, **self.net_kwargs)
+
+    def _get_constructor_parameters(self) -> dict[str, Any]:
+        data = super()._get_constructor_parameters()
+        data.update(
+            self.net_kwargs,
+            offpolicy_routing=self.offpolicy_routing,
+            sample_k=self.sample_k,
+            skip_max_batch=self.skip_max_batch,
+        )
+        return data
+
+    # --- routing --------------------------------------------------------------------------------------
+    @property
+    def resrouting(self) -> bool:
+        return self.offpolicy_routing == "resrouting"
+
+    def set_route_temperature(self, temperature: th.Tensor) -> None:
+        for net in (self.actor.net, self.critic.net, self.critic_target.net):
+            net.route_temperature.copy_(temperature)
+
+    @th.no_grad()
+    def route(self, obs: th.Tensor | np.ndarray, deterministic: bool = True) -> RoutingPath:
+        """Routing path of the actor for a batch of observations (TopK if deterministic, else SampleK)."""
+        obs_t = th.as_tensor(np.asarray(obs) if not isinstance(obs, th.Tensor) else obs, device=self.device)
+        obs_t = obs_t.float().reshape(-1, self.obs_dim)
+        state, task_ids = self.split_obs(obs_t)
+        request = RouteRequest(explore=self.sample_k and not deterministic)
+        path = self.actor.net.routing_path(state, task_ids, request)
+        return RoutingPath(*(t[0] for t in (path.edges, path.logits, path.active, path.num_active)))
+
+    @th.no_grad()
+    def critic_route(self, obs: th.Tensor, actions: th.Tensor, deterministic: bool = True) -> list[RoutingPath]:
+        """Routing paths of each critic for ``(obs, actions)``."""
+        state, task_ids = self.split_obs(obs)
+        request = RouteRequest(explore=self.sample_k and not deterministic)
+        path = self.critic.net.routing_path(th.cat([state, actions], -1), task_ids, request)
+        return [RoutingPath(path.edges[i], path.logits[i], path.active[i], path.num_active[i]) for i in range(self.n_critics)]
+
+    def routes_for_buffer(self, obs: np.ndarray, acted: bool) -> np.ndarray:
+        if acted and self.actor.last_route is not None:
+            return self.actor.last_route.cpu().numpy()
+        # Uniform warm-up actions (policy_warmup=False): store the route the policy would have sampled.
+        with th.no_grad():
+            obs_t = th.as_tensor(obs, device=self.device).float()
+            state, task_ids = self.split_obs(obs_t)
+            _, padded = self.actor.net.encode(state, task_ids)
+            sources = self.actor.net.choose_sources(padded, task_ids, RouteRequest(explore=self.sample_k))
+            return self.actor.net.graph.encode(sources[0]).cpu().numpy()
+
+    # --- the five calls of the multi-task SAC update (D2R_SPEC.md table 2.4) ------------------------------
+    def actor_loss_sample(
+        self, obs: th.Tensor, task_ids: th.Tensor, routes: th.Tensor | None
+    ) -> tuple[th.Tensor, th.Tensor]:
+        if self.offpolicy_routing == "target" or routes is None:
+            request = RouteRequest(explore=self.sample_k)
+        else:
+            request = RouteRequest(stored=routes.unsqueeze(0), resrouting=self.resrouting)
+        return self.actor.action_log_prob(obs, task_ids, request)
+
+    def target_sample(self, obs: th.Tensor, task_ids: th.Tensor) -> tuple[th.Tensor, th.Tensor]:
+        return self.actor.action_log_prob(obs, task_ids, TOPK)
+
+    def q_values(self, obs: th.Tensor, actions: th.Tensor, task_ids: th.Tensor) -> th.Tensor:
+        request = RouteRequest(explore=self.sample_k, resrouting=self.resrouting)
+        return self.critic.q_values(obs, actions, task_ids, request)
+
+    def q_values_for_actor(self, obs: th.Tensor, actions: th.Tensor, task_ids: th.Tensor) -> th.Tensor:
+        request = RouteRequest(resrouting=self.resrouting)
+        return self.critic.q_values(obs, actions, task_ids, request, detach_params=True)
+
+    def target_q_values(self, obs: th.Tensor, actions: th.Tensor, task_ids: th.Tensor) -> th.Tensor:
+        return self.critic_target.q_values(obs, actions, task_ids, TOPK)
