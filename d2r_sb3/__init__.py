@@ -5,7 +5,7 @@ headless rendering works without extra set-up.
 """
 
 from d2r_sb3.envs import make_mt_env  # noqa: I001  (first: sets MUJOCO_GL before mujoco is imported)
-from d2r_sb3.common import MultiTaskPolicy, MultiTaskReplayBuffer, MultiTaskSAC
+from d2r_sb3.common import MultiTaskPolicy, MultiTaskReplayBuffer, MultiTaskSAC, TaskEvaluation, evaluate_per_task
 from d2r_sb3.d2r import D2RSAC, D2RPolicy, RoutingPath
 
 __version__ = "0.1.0"
@@ -17,6 +17,8 @@ __all__ = [
     "MultiTaskReplayBuffer",
     "MultiTaskSAC",
     "RoutingPath",
+    "TaskEvaluation",
+    "evaluate_per_task",
     "__version__",
     "make_mt_env",
 ]
