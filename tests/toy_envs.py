@@ -12,7 +12,12 @@ import numpy as np
 from stable_baselines3.common.monitor import Monitor
 from stable_baselines3.common.vec_env import DummyVecEnv
 
-GOALS = np.array([[0.8, 0.0], [-0.8, 0.0], [0.0, 0.8], [0.0, -0.8]], dtype=np.float32)
+
+
+def goal_of(task: int, num_tasks: int) -> np.ndarray:
+    """Goals evenly spaced on a circle of radius 0.8 (4 tasks: right, up, left, down)."""
+    angle = 2 * np.pi * task / num_tasks
+    return (0.8 * np.array([np.cos(angle), np.sin(angle)])).astype(np.float32)
 
 
 class PointReach(gym.Env):
@@ -22,7 +27,7 @@ class PointReach(gym.Env):
         dim = 2 + state_pad + num_tasks
         self.observation_space = gym.spaces.Box(-np.inf, np.inf, (dim,), np.float32)
         self.action_space = gym.spaces.Box(-1.0, 1.0, (2,), np.float32)
-        self.goal = GOALS[task]
+        self.goal = goal_of(task, num_tasks)
 
     def _obs(self) -> np.ndarray:
         onehot = np.zeros(self.num_tasks, np.float32)

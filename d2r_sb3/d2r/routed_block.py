@@ -142,10 +142,11 @@ class RoutedBlockFunction(th.autograd.Function):
             else:
                 kept = keep[:, :, node].unsqueeze(-1)
                 to_full = view_part * kept
-                flat_rsg.index_add_(0, rows[node], (view_part - to_full).view(-1, dim))
+                flat_rsg.index_put_((rows[node],), (view_part - to_full).view(-1, dim), accumulate=True)
             if grad_shortcut is not None:
                 to_full = to_full + p * grad_shortcut.unsqueeze(2)
-            flat_full.index_add_(0, rows[node], to_full.reshape(-1, dim))
+            # index_put_ with accumulate is far faster than index_add_ on CPU (which adds row by row).
+            flat_full.index_put_((rows[node],), to_full.reshape(-1, dim), accumulate=True)
 
         route_back(n, grad_y, None)
         for node in range(n - 1, -1, -1):

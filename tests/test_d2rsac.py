@@ -1,0 +1,212 @@
+"""D2RSAC and the multi-task SAC core: formulas, masking, routing buffer, save/load and learning."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+import torch as th
+from stable_baselines3.common.logger import configure
+from stable_baselines3.common.monitor import Monitor
+from stable_baselines3.common.vec_env import DummyVecEnv
+from toy_envs import PointReach, make_point_reach
+
+from d2r_sb3 import D2RSAC, evaluate_per_task, make_mt_env
+from d2r_sb3.common.buffers import MultiTaskReplayBufferSamples
+
+TINY = dict(n_modules=4, module_dim=32, encoder_sizes=[64, 64], gate_sizes=[32])
+
+
+def tiny_model(env=None, **kwargs) -> D2RSAC:
+    env = env if env is not None else make_point_reach(4)
+    kwargs.setdefault("learning_starts", 200)
+    kwargs.setdefault("batch_size", 64)
+    kwargs.setdefault("buffer_size", 20_000)
+    return D2RSAC("D2RPolicy", env, policy_kwargs=dict(TINY), seed=0, **kwargs)
+
+
+def test_defaults_are_the_papers_mt10_configuration():
+    model = D2RSAC("D2RPolicy", make_point_reach(10), seed=0, buffer_size=10_000)
+    assert model.batch_size == 1280 and model.learning_starts == 40_000
+    assert model.ent_coef_optimizer.param_groups[0]["lr"] == 1e-4
+    assert model.log_ent_coef.shape == (10,) and model.max_log_ent_coef == 0.0
+    assert model.max_grad_norm == 1.0 and model.extreme_task_loss_threshold == 3e3
+    assert model.replay_buffer.stratified
+    assert D2RSAC("D2RPolicy", make_point_reach(10), seed=0).buffer_size == 1_000_000
+
+
+def test_route_temperature_and_task_weights_follow_eq_14():
+    model = tiny_model()
+    log_alpha = th.tensor([-1.0, -2.0, 0.0, -0.5])
+    model.log_ent_coef.data.copy_(log_alpha)
+    expected = 4 * th.softmax(-log_alpha, 0)
+    th.testing.assert_close(model.route_temperature(), expected)
+    th.testing.assert_close(model.task_weights(), expected)
+    assert abs(model.route_temperature().mean().item() - 1.0) < 1e-6
+    model._after_gradient_step()
+    for net in (model.actor.net, model.critic.net, model.critic_target.net):
+        th.testing.assert_close(net.route_temperature, expected)
+
+    paper = tiny_model(route_temperature_scale="paper")
+    paper.log_ent_coef.data.copy_(log_alpha)
+    th.testing.assert_close(paper.route_temperature(), th.softmax(-log_alpha, 0))
+    floor = tiny_model(min_route_temperature=0.5)
+    floor.log_ent_coef.data.copy_(th.tensor([0.0, -20.0, -20.0, -20.0]))
+    assert floor.route_temperature()[0].item() == 0.5
+    fixed = tiny_model(route_balancing=False)
+    fixed.log_ent_coef.data.copy_(log_alpha)
+    assert th.all(fixed.route_temperature() == 1.0)
+    plain = tiny_model(task_loss_reweighting=False)
+    assert th.all(plain.task_weights() == 1.0)
+
+
+def fill_buffer(model: D2RSAC, steps: int = 300) -> None:
+    model.learn(steps)  # learning_starts above `steps`: collection only
+
+
+def test_extreme_task_masking_zeroes_exactly_that_tasks_loss():
+    model = tiny_model(learning_starts=10_000)
+    fill_buffer(model)
+    data = model.replay_buffer.sample(64)
+    rewards = data.rewards.clone()
+    rewards[data.task_ids == 2] = 1e3  # task 2's TD error explodes
+    data = data._replace(rewards=rewards)
+    losses = model._task_losses(data)
+    loss, kept = model._combine_task_losses(losses)
+    assert kept.tolist() == [True, True, False, True]
+    per_task = losses["ent_coef_loss"] + model.task_weights() * (losses["actor_loss"] + losses["critic_loss"])
+    assert per_task[2] > 3e3
+    th.testing.assert_close(loss, per_task[[0, 1, 3]].sum() / 4)  # divided by T, masked task included
+    off = tiny_model(learning_starts=10_000, extreme_task_loss_threshold=None)
+    assert off._combine_task_losses(losses)[1].all()
+
+
+def test_stratified_batches_take_the_same_rows_from_every_task():
+    model = tiny_model(learning_starts=10_000)
+    fill_buffer(model)
+    data = model.replay_buffer.sample(64)
+    assert isinstance(data, MultiTaskReplayBufferSamples)
+    assert th.equal(data.task_ids, th.arange(4).repeat(16))
+    onehot = data.observations[:, -4:].argmax(-1)
+    assert th.equal(onehot, data.task_ids), "task id = env column = one-hot"
+    with pytest.raises(ValueError, match="multiple of 4"):
+        model.replay_buffer.sample(30)
+
+
+def test_routes_stored_at_collection_are_aligned_with_their_transitions():
+    # With TopK routes and no update yet, the stored route is a function of the stored observation.
+    model = tiny_model(learning_starts=10_000, sample_k=False)
+    fill_buffer(model, 200)
+    buffer = model.replay_buffer
+    assert buffer.routes.dtype == np.uint8 and buffer.routes.shape[1:] == (4, 4, 2)
+    assert buffer.routes[0].nbytes // 4 <= 34  # compact: at most 34 bytes per transition
+    obs = th.as_tensor(buffer.observations[: buffer.pos].reshape(-1, buffer.observations.shape[-1]))
+    state, task_ids = model.policy.split_obs(obs)
+    with th.no_grad():
+        _, sources = model.actor.net(state, task_ids)
+    expected = model.actor.net.graph.encode(sources[0]).numpy()
+    np.testing.assert_array_equal(buffer.routes[: buffer.pos].reshape(expected.shape), expected)
+    data = buffer.sample(64)
+    with th.no_grad():
+        _, sampled_sources = model.actor.net(*model.policy.split_obs(data.observations))
+    assert th.equal(data.routes, model.actor.net.graph.encode(sampled_sources[0]))
+
+
+def test_sampled_routes_are_stored_when_exploring():
+    model = tiny_model(learning_starts=10_000)
+    fill_buffer(model, 400)
+    routes = model.replay_buffer.routes[:100]
+    assert len({r.tobytes() for r in routes.reshape(-1, 8)}) > 1  # SampleK varies the route
+
+
+def test_save_and_load_round_trip_model_and_buffer(tmp_path):
+    env = make_point_reach(4)
+    model = tiny_model(env, learning_starts=200)
+    model.learn(400)
+    obs = env.reset()
+    actions, _ = model.predict(obs, deterministic=True)
+    model.save(tmp_path / "model")
+    model.save_replay_buffer(tmp_path / "buffer")
+    loaded = D2RSAC.load(tmp_path / "model", env=env)
+    np.testing.assert_array_equal(loaded.predict(obs, deterministic=True)[0], actions)
+    th.testing.assert_close(loaded.log_ent_coef, model.log_ent_coef)
+    th.testing.assert_close(loaded.actor.net.route_temperature, model.actor.net.route_temperature)
+    loaded.load_replay_buffer(tmp_path / "buffer")
+    np.testing.assert_array_equal(loaded.replay_buffer.routes, model.replay_buffer.routes)
+    loaded.learn(100, reset_num_timesteps=False)  # training continues after load
+    three_of_four = DummyVecEnv([lambda i=i: Monitor(PointReach(i, 4)) for i in range(3)])
+    with pytest.raises(ValueError, match="one sub-env per task"):
+        D2RSAC.load(tmp_path / "model", env=three_of_four)
+
+
+@pytest.mark.parametrize("offpolicy_routing", ["resrouting", "none", "target"])
+def test_ablation_options_train(offpolicy_routing):
+    model = tiny_model(offpolicy_routing=offpolicy_routing, sample_k=offpolicy_routing != "none")
+    model.learn(300)
+    assert model._n_updates > 0
+    assert all(th.isfinite(p).all() for p in model.policy.parameters())
+
+
+def test_plain_sac_is_one_configuration_away():
+    model = tiny_model(
+        per_task_ent_coef=False,
+        task_loss_reweighting=False,
+        extreme_task_loss_threshold=None,
+        max_grad_norm=None,
+        stratified_batches=False,
+        policy_warmup=False,
+        half_critic_loss=True,
+        max_log_ent_coef=None,
+    )
+    model.learn(400)
+    assert model.log_ent_coef.shape == (1,)
+    assert not model.replay_buffer.stratified
+    assert model.replay_buffer.routes is not None  # uniform warm-up still stores the policy's routes
+
+
+def test_bad_arguments_raise_clear_errors():
+    with pytest.raises(ValueError, match="both"):
+        D2RSAC("D2RPolicy", make_point_reach(4), sample_k=False, policy_kwargs=dict(sample_k=True))
+    with pytest.raises(ValueError, match="route_temperature_scale"):
+        tiny_model(route_temperature_scale="tasks")
+    with pytest.raises(ValueError, match="multiple of 4"):
+        tiny_model(batch_size=30, learning_starts=50).learn(100)
+
+
+def test_d2r_learns_every_task_of_a_cheap_multi_task_problem():
+    """Fails if the algorithm is broken: random actions never reach the goals, D2R reaches all four."""
+    eval_env = make_point_reach(4, seed=1)
+    assert evaluate_per_task(_RandomAgent(), eval_env, 4).mean_success == 0.0
+    model = tiny_model(learning_starts=400, batch_size=128, learning_rate=1e-3)
+    success = np.zeros(4)
+    for _ in range(10):  # at most 20k steps (~60 s here); typically solved by ~12k
+        model.learn(2000, reset_num_timesteps=False)
+        success = evaluate_per_task(model, eval_env, 4).success
+        if success.min() >= 0.75:
+            break
+    assert success.min() >= 0.75, f"per-task success {success} after {model.num_timesteps} steps"
+
+
+class _RandomAgent:
+    def predict(self, obs, state=None, episode_start=None, deterministic=False):
+        return np.random.uniform(-1, 1, (len(obs), 2)).astype(np.float32), None
+
+
+def test_short_learn_on_real_mt10_logs_per_task_alpha_and_temperature(tmp_path):
+    env = make_mt_env("MT10", goals="rand", preset="paper", seed=0, max_episode_steps=20)
+    model = D2RSAC("D2RPolicy", env, batch_size=40, learning_starts=100, buffer_size=5000, seed=0)
+    assert model.replay_buffer.handle_timeout_termination is False  # picked from the paper preset
+    model.set_logger(configure(str(tmp_path), ["csv"]))
+    model.learn(300, log_interval=1)
+    assert model._n_updates == 20
+    with open(tmp_path / "progress.csv") as f:
+        header = next(csv.reader(f))
+    for key in ("train/alpha/peg-insert-side", "train/temp/drawer-close", "train/critic_loss", "rollout/success_rate"):
+        assert key in header, key
+    model.save(tmp_path / "d2r_mt10")
+    loaded = D2RSAC.load(tmp_path / "d2r_mt10", env=env, buffer_size=1)
+    obs = env.reset()
+    np.testing.assert_array_equal(loaded.predict(obs, deterministic=True)[0], model.predict(obs, deterministic=True)[0])
+    path = loaded.policy.route(obs)
+    assert path.edges.shape == (10, 17, 16) and (path.num_active >= 2).all()
