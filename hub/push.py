@@ -1,0 +1,109 @@
+"""Publish a trained run on the Hugging Face Hub: stage the repo folder, then upload it.
+
+The staged folder mirrors rl-baselines3-zoo's Hub layout plus the safe weights (see
+:mod:`d2r_sb3.publishing`): ``<algo>-<EnvName>.zip``, ``config.yml``, ``env_kwargs.yml``, ``results.json``,
+``policy.safetensors`` + ``policy.json``, ``replay.mp4``, ``learning_curve.png`` and the ``README.md`` model card.
+
+Examples, from the repository root::
+
+    # look at what would be published (nothing is uploaded)
+    python hub/push.py --model logs/d2r/MT10-rand_1 --dry-run --stage-dir /tmp/d2r-MT10-rand
+    # publish (needs a token with write access: `hf auth login` or HF_TOKEN)
+    python hub/push.py --model logs/d2r/MT10-rand_1 --repo-id d2r-sb3/d2r-MT10-rand
+
+The default repo id is ``<org>/<algo>-<EnvName>`` (``d2r-sb3/d2r-MT10-rand``). The model zip is a pickle: publish
+only runs you trained yourself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from collections.abc import Sequence
+
+from d2r_sb3.hub import DEFAULT_ORG
+from d2r_sb3.publishing import push_to_hub, stage_repo
+from d2r_sb3.registry import ALGOS
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line interface."""
+    parser = argparse.ArgumentParser(
+        description="Stage a trained run as a Hugging Face Hub repo and upload it.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument(
+        "--model", required=True, help="Zoo run folder logs/<algo>/<EnvName>_<N> (or one of its zips)"
+    )
+    parser.add_argument("--repo-id", default=None, help="Hub repo id (default: <org>/<algo>-<EnvName>)")
+    parser.add_argument("--org", default=DEFAULT_ORG, help="Hub organisation of the default repo id")
+    parser.add_argument("--algo", default=None, choices=list(ALGOS), help="Algorithm (default: from the run)")
+    parser.add_argument(
+        "--load-best", action="store_true", help="Publish best_model.zip instead of the final model"
+    )
+    parser.add_argument(
+        "--stage-dir", default=None, help="Where to stage the files (default: a new temporary folder)"
+    )
+    parser.add_argument("--overwrite", action="store_true", help="Empty a non-empty --stage-dir first")
+    parser.add_argument("--dry-run", action="store_true", help="Stage only: list the files, upload nothing")
+    parser.add_argument("--no-video", action="store_true", help="Do not render replay.mp4")
+    parser.add_argument(
+        "--video-steps", type=int, default=None, help="Env steps in the replay (default: one episode)"
+    )
+    parser.add_argument(
+        "--n-eval-episodes", type=int, default=100, help="Episodes per task if the run has no results.json"
+    )
+    parser.add_argument("--private", action="store_true", help="Create the repo as private")
+    parser.add_argument(
+        "--token", default=None, help="Hugging Face token (default: HF_TOKEN or `hf auth login`)"
+    )
+    parser.add_argument("--revision", default=None, help="Branch to commit to (default: main)")
+    parser.add_argument("-m", "--commit-message", default=None, help="Commit message")
+    parser.add_argument("--device", default="cpu", help="PyTorch device for evaluation and rendering")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the exit code (2 on a user error, printed without a traceback)."""
+    args = build_parser().parse_args(argv)
+    stage_dir = args.stage_dir or tempfile.mkdtemp(prefix="d2r-hub-")
+    try:
+        staged = stage_repo(
+            args.model,
+            stage_dir,
+            repo_id=args.repo_id,
+            org=args.org,
+            algo=args.algo,
+            load_best=args.load_best,
+            video=None if args.no_video else "mp4",
+            video_steps=args.video_steps,
+            n_eval_episodes=args.n_eval_episodes,
+            overwrite=args.overwrite,
+            device=args.device,
+        )
+    except (OSError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(staged.describe())
+    if args.dry_run:
+        print(f"Dry run: nothing uploaded. Inspect {staged.folder}, then run again without --dry-run.")
+        return 0
+    try:
+        info = push_to_hub(
+            staged.folder,
+            staged.repo_id,
+            token=args.token,
+            private=args.private,
+            revision=args.revision,
+            commit_message=args.commit_message,
+        )
+    except (OSError, RuntimeError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"Uploaded to https://huggingface.co/{staged.repo_id} ({getattr(info, 'commit_url', info)})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,438 @@
+"""Tests of publishing (staging, model card, upload call, bundled package) and of d2r_sb3.hub downloads.
+
+Everything runs offline: HF_HUB_OFFLINE is on for every test, downloads read a real Hugging Face cache laid out on
+disk, and uploads only check the arguments given to ``HfApi.create_repo`` / ``HfApi.upload_folder``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import pickle
+import re
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import cloudpickle
+import huggingface_hub
+import imageio.v2 as imageio
+import numpy as np
+import pytest
+import torch as th
+import yaml
+from huggingface_hub import HfApi, ModelCard, constants
+
+import d2r_sb3.hub as hub
+from d2r_sb3 import D2RSAC, make_mt_env
+from d2r_sb3.hub import DEFAULT_REPO_ID, download_policy, load_from_hub
+from d2r_sb3.publishing import package_pretrained, push_to_hub, stage_repo
+from d2r_sb3.serialization import POLICY_CONFIG_FILE, POLICY_WEIGHTS_FILE, load_policy, save_policy
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TINY_D2R = dict(n_modules=4, module_dim=16, encoder_sizes=[32, 32], gate_sizes=[16])
+EPISODE_STEPS = 20  # short episodes keep the evaluation and the replay cheap
+FULL_REPO_FILES = {
+    "d2r-MT10-rand.zip",
+    "config.yml",
+    "args.yml",
+    "env_kwargs.yml",
+    "results.json",
+    "evaluations.json",
+    "learning_curve.png",
+    "replay.mp4",
+    POLICY_WEIGHTS_FILE,
+    POLICY_CONFIG_FILE,
+    "README.md",
+}
+BUNDLE_FILES = {
+    "config.yml",
+    "env_kwargs.yml",
+    "results.json",
+    "learning_curve.png",
+    "replay.gif",
+    POLICY_WEIGHTS_FILE,
+    POLICY_CONFIG_FILE,
+    "README.md",
+}
+
+
+@pytest.fixture(autouse=True)
+def offline_hub(tmp_path, monkeypatch):
+    """No test may reach the network or read the user's cache and token."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "default_hf_cache"))
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no_token"))
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
+
+
+@pytest.fixture
+def no_bundle(tmp_path, monkeypatch):
+    """Hide the package's bundled pretrained folder, so downloads go to the cache under test."""
+    monkeypatch.setattr(hub, "PRETRAINED_CACHE", tmp_path / "no_bundle")
+
+
+@pytest.fixture(scope="module")
+def env():
+    env = make_mt_env("MT10", seed=0, max_episode_steps=EPISODE_STEPS)
+    yield env
+    env.close()
+
+
+@pytest.fixture(scope="module")
+def model(env) -> D2RSAC:
+    model = D2RSAC(
+        "D2RPolicy", env, policy_kwargs=TINY_D2R, batch_size=20, learning_starts=100, buffer_size=1000, seed=0
+    )
+    model.learn(200)
+    return model
+
+
+@pytest.fixture(scope="module")
+def observations(env) -> np.ndarray:
+    rng = np.random.default_rng(0)
+    batches = [env.reset()]
+    for _ in range(2):
+        obs, *_ = env.step(rng.uniform(-1, 1, (env.num_envs, 4)).astype(np.float32))
+        batches.append(obs)
+    return np.concatenate(batches)
+
+
+def zoo_results(task_names: list[str]) -> dict[str, Any]:
+    """A results.json as zoo/train.py writes it (TaskEvaluation.to_dict() keys plus the run record)."""
+    success = {name: round(0.1 * i, 2) for i, name in enumerate(task_names)}
+    returns = {name: 10.0 + i for i, name in enumerate(task_names)}
+    return {
+        "algo": "d2r",
+        "env": "MT10-rand",
+        "seed": 0,
+        "task_names": task_names,
+        "success": success,
+        "mean_return": returns,
+        "std_return": {name: 1.0 for name in task_names},
+        "mean_length": {name: float(EPISODE_STEPS) for name in task_names},
+        "episodes": 100,
+        "deterministic": True,
+        "mean_success": float(np.mean(list(success.values()))),
+        "mean_return_over_tasks": float(np.mean(list(returns.values()))),
+        "total_timesteps": 200,
+        "wall_clock_s": {"train": 12.5, "final_eval": 3.0},
+    }
+
+
+def make_run(root: Path, model: D2RSAC, env: Any, with_results: bool) -> Path:
+    """A zoo run folder logs/d2r/MT10-rand_1 (contract 1), written by hand."""
+    run = root / "logs" / "d2r" / "MT10-rand_1"
+    meta = run / "MT10-rand"
+    meta.mkdir(parents=True)
+    model.save(run / "MT10-rand.zip")
+    (meta / "env_kwargs.yml").write_text(yaml.safe_dump(env.env_kwargs(), sort_keys=False))
+    config = {"policy": "D2RPolicy", "n_timesteps": 200, "batch_size": 20, "policy_kwargs": TINY_D2R}
+    (meta / "config.yml").write_text(yaml.safe_dump(config, sort_keys=False))
+    (meta / "args.yml").write_text(yaml.safe_dump({"algo": "d2r", "env": "MT10", "goals": "rand", "seed": 0}))
+    (meta / "command.txt").write_text("python zoo/train.py --algo d2r --env MT10 -n 200\n")
+    names = env.task_names
+    history = {
+        "task_names": names,
+        "n_eval_episodes": 2,
+        "deterministic": True,
+        "timesteps": [100, 200],
+        "timesteps_per_task": [10, 20],
+        "mean_success": [0.0, 0.1],
+        "mean_return": [1.0, 2.0],
+        "wall_time": [0.0, 1.0],
+        "success": {name: [0.0, 0.1] for name in names},
+        "return": {name: [1.0, 2.0] for name in names},
+    }
+    (run / "evaluations.json").write_text(json.dumps(history))
+    if with_results:
+        (run / "results.json").write_text(json.dumps(zoo_results(names)))
+    return run
+
+
+def actions(predictor: Any, obs: np.ndarray) -> np.ndarray:
+    return predictor.predict(obs, deterministic=True)[0]
+
+
+def load_script(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"hub_{name}", REPO_ROOT / "hub" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# --- staging ---------------------------------------------------------------------------------------------
+def test_stage_full_repo_evaluates_when_the_run_has_no_results(model, env, observations, tmp_path):
+    run = make_run(tmp_path, model, env, with_results=False)
+    staged = stage_repo(
+        run, tmp_path / "stage", n_eval_episodes=2, video_tasks=2, video_steps=3, video_size=64
+    )
+    folder = staged.folder
+    assert (staged.repo_id, staged.algo, staged.env_name) == ("d2r-sb3/d2r-MT10-rand", "d2r", "MT10-rand")
+    assert set(staged.files) == FULL_REPO_FILES == {p.name for p in folder.iterdir()}
+    assert all(name in staged.describe() for name in FULL_REPO_FILES)
+
+    results = json.loads((folder / "results.json").read_text())
+    assert results["episodes"] == 2 and set(results["success"]) == set(env.task_names)
+    assert results["n_timesteps"] == 200 and "evaluated_by" in results and "hardware" in results
+    assert yaml.safe_load((folder / "env_kwargs.yml").read_text()) == env.env_kwargs()
+
+    # Both the safe files and the zip act like the trained model.
+    expected = actions(model, observations)
+    np.testing.assert_array_equal(actions(load_policy(folder), observations), expected)
+    np.testing.assert_array_equal(actions(load_policy(folder / "d2r-MT10-rand.zip"), observations), expected)
+    policy_json = json.loads((folder / POLICY_CONFIG_FILE).read_text())
+    assert policy_json["metadata"]["repo_id"] == "d2r-sb3/d2r-MT10-rand"
+
+    frames = imageio.mimread(folder / "replay.mp4")
+    assert len(frames) == 3 and frames[0].shape == (64, 2 * 64, 3)
+    assert (folder / "learning_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    card = ModelCard.load(folder / "README.md")
+    assert card.data.library_name == "stable-baselines3"
+    assert {
+        "d2r_sb3",
+        "multi-task-reinforcement-learning",
+        "reinforcement-learning",
+        "Meta-World/MT10",
+    } <= set(card.data.tags)
+    metrics = {r.metric_type: r.metric_value for r in card.data.eval_results}
+    assert metrics["success_rate"] == pytest.approx(np.mean(list(results["success"].values())), abs=1e-4)
+    assert re.fullmatch(r"-?\d+\.\d\d \+/- \d+\.\d\d", metrics["mean_reward"])
+    assert all(r.dataset_type == "Meta-World/MT10" for r in card.data.eval_results)
+    text = card.text
+    for expected_text in [
+        *env.task_names,  # the per-task table
+        "T3S",  # the anchors of BENCHMARKS.md
+        "0.95",
+        "not directly comparable",
+        "mujoco-py",
+        "It is a pickle",
+        "python zoo/train.py --algo d2r --env MT10 -n 200",
+        "python zoo/evaluate.py --model d2r-sb3/d2r-MT10-rand",
+        f"{sum(p.numel() for p in model.policy.actor.parameters()):,}",
+        "@inproceedings{he2024d2r",
+        "@article{stable-baselines3",
+        "evaluated while staging",
+        "learning_curve.png",
+    ]:
+        assert expected_text in text, expected_text
+
+
+def test_stage_copies_the_run_results_and_reports_them(model, env, tmp_path):
+    run = make_run(tmp_path, model, env, with_results=True)
+    staged = stage_repo(run, tmp_path / "stage", video=None, repo_id="me/custom-name")
+    assert "replay.mp4" not in staged.files and staged.repo_id == "me/custom-name"
+    assert json.loads((staged.folder / "results.json").read_text()) == zoo_results(env.task_names)
+    card = ModelCard.load(staged.folder / "README.md")
+    metrics = {r.metric_type: r.metric_value for r in card.data.eval_results}
+    assert metrics["success_rate"] == pytest.approx(0.45)
+    assert metrics["mean_reward"] == "14.50 +/- 2.87"
+    assert "| window-close-v3 | 0.90 | 19.0 ± 1.0 | 100 |" in card.text
+    assert "Results from the run's `results.json`" in card.text
+    assert staged.mean_success == pytest.approx(0.45)
+
+
+def test_stage_rejects_bad_input(model, env, tmp_path):
+    run = make_run(tmp_path, model, env, with_results=True)
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "old.txt").write_text("stale")
+    with pytest.raises(FileExistsError, match="not empty"):
+        stage_repo(run, tmp_path / "busy", video=None)
+    staged = stage_repo(run, tmp_path / "busy", video=None, overwrite=True)
+    assert not (staged.folder / "old.txt").exists()
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        stage_repo(tmp_path / "no_run", tmp_path / "s1", video=None)
+    with pytest.raises(ValueError, match="Unknown algo"):
+        stage_repo(run, tmp_path / "s2", algo="ppo", video=None)
+    with pytest.raises(ValueError, match="video must be"):
+        stage_repo(run, tmp_path / "s3", video="avi")
+    (run / "results.json").write_text(json.dumps({"mean_success": 0.5}))
+    with pytest.raises(ValueError, match="no per-task success"):
+        stage_repo(run, tmp_path / "s4", video=None)
+
+
+# --- upload ----------------------------------------------------------------------------------------------
+@pytest.fixture
+def hub_calls(monkeypatch) -> list[tuple[str, tuple, dict]]:
+    """Record HfApi.create_repo / upload_folder instead of calling the Hub."""
+    calls: list[tuple[str, tuple, dict]] = []
+
+    def create_repo(self, *args: Any, **kwargs: Any) -> str:
+        calls.append(("create_repo", args, kwargs))
+        return "https://huggingface.co/" + (args[0] if args else kwargs["repo_id"])
+
+    def upload_folder(self, *args: Any, **kwargs: Any) -> str:
+        calls.append(("upload_folder", args, kwargs))
+        return "commit-url"
+
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # the two calls above are the only Hub access
+    return calls
+
+
+def test_push_cli_stages_then_uploads(model, env, tmp_path, hub_calls, capsys):
+    push = load_script("push")
+    run = make_run(tmp_path, model, env, with_results=True)
+    stage = tmp_path / "stage"
+    base = ["--model", str(run), "--stage-dir", str(stage), "--no-video", "--repo-id", "me/d2r-MT10-rand"]
+
+    assert push.main([*base, "--dry-run"]) == 0
+    assert hub_calls == [] and "Dry run" in capsys.readouterr().out
+    assert {p.name for p in stage.iterdir()} == FULL_REPO_FILES - {"replay.mp4"}
+
+    assert push.main([*base, "--overwrite", "--token", "hf_test", "--private", "-m", "first model"]) == 0
+    (name1, args1, kwargs1), (name2, args2, kwargs2) = hub_calls
+    assert name1 == "create_repo" and (args1 or (kwargs1["repo_id"],))[0] == "me/d2r-MT10-rand"
+    assert kwargs1["exist_ok"] is True and kwargs1["private"] is True and kwargs1["token"] == "hf_test"
+    assert name2 == "upload_folder" and args2 == ()
+    assert kwargs2["repo_id"] == "me/d2r-MT10-rand" and Path(kwargs2["folder_path"]) == stage
+    assert kwargs2["repo_type"] == "model" and kwargs2["commit_message"] == "first model"
+    assert kwargs2["token"] == "hf_test"
+    assert "Uploaded to https://huggingface.co/me/d2r-MT10-rand" in capsys.readouterr().out
+
+
+def test_push_without_token_or_offline_is_a_clear_error(model, env, tmp_path, hub_calls, monkeypatch, capsys):
+    push = load_script("push")
+    run = make_run(tmp_path, model, env, with_results=True)
+    args = ["--model", str(run), "--stage-dir", str(tmp_path / "stage"), "--no-video"]
+    assert push.main(args) == 2
+    assert "No Hugging Face token found" in capsys.readouterr().err and hub_calls == []
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(RuntimeError, match="HF_HUB_OFFLINE=1 is set"):
+        push_to_hub(tmp_path / "stage", "me/name", token="hf_test")
+    assert push.main(["--model", str(tmp_path / "missing")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+# --- downloads -------------------------------------------------------------------------------------------
+def populate_cache(cache: Path, repo_id: str, files: dict[str, bytes]) -> str:
+    """Lay out ``files`` as huggingface_hub's cache does: refs/main + snapshots/<commit>/."""
+    commit = "0123456789abcdef0123456789abcdef" + f"{len(files):08x}"
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    for name, data in files.items():
+        (snapshot / name).write_bytes(data)
+    return commit
+
+
+def policy_files(model: D2RSAC, folder: Path) -> dict[str, bytes]:
+    save_policy(model, folder)
+    return {name: (folder / name).read_bytes() for name in (POLICY_CONFIG_FILE, POLICY_WEIGHTS_FILE)}
+
+
+def test_load_from_hub_reads_the_cache_offline(model, observations, tmp_path, no_bundle, monkeypatch):
+    cache = tmp_path / "cache"
+    files = policy_files(model, tmp_path / "saved")
+    commit = populate_cache(cache, "org/d2r-MT10-rand", {**files, "results.json": b"{}"})
+
+    # Nothing on the Hub path may unpickle.
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("something was unpickled")
+
+    for module, name in [(pickle, "loads"), (pickle, "load"), (cloudpickle, "loads"), (th, "load")]:
+        monkeypatch.setattr(module, name, refuse)
+
+    folder = download_policy("org/d2r-MT10-rand", cache_dir=cache)
+    assert folder == cache / "models--org--d2r-MT10-rand" / "snapshots" / commit
+    loaded = load_from_hub("org/d2r-MT10-rand", cache_dir=cache)
+    assert loaded.source == "hf://org/d2r-MT10-rand" and loaded.algo == "d2r"
+    np.testing.assert_array_equal(actions(loaded, observations), actions(model, observations))
+    pinned = load_from_hub("org/d2r-MT10-rand", cache_dir=cache, revision=commit)
+    np.testing.assert_array_equal(actions(pinned, observations), actions(model, observations))
+    via_load_policy = load_policy("org/d2r-MT10-rand", cache_dir=cache)
+    np.testing.assert_array_equal(actions(via_load_policy, observations), actions(model, observations))
+    # local_files_only works without HF_HUB_OFFLINE too.
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    assert download_policy("org/d2r-MT10-rand", cache_dir=cache, local_files_only=True) == folder
+
+
+def test_download_errors_are_clear(model, tmp_path, no_bundle, monkeypatch):
+    cache = tmp_path / "cache"
+    files = policy_files(model, tmp_path / "saved")
+    populate_cache(cache, "org/only-json", {POLICY_CONFIG_FILE: files[POLICY_CONFIG_FILE]})
+    weights = files[POLICY_WEIGHTS_FILE]
+    populate_cache(cache, "org/truncated", {**files, POLICY_WEIGHTS_FILE: weights[: len(weights) // 2]})
+    populate_cache(cache, "org/good", files)
+
+    with pytest.raises(
+        FileNotFoundError, match=r"'org/absent' is not in the Hugging Face cache.*HF_HUB_OFFLINE"
+    ):
+        load_from_hub("org/absent", cache_dir=cache)
+    with pytest.raises(
+        FileNotFoundError, match=r"'org/good' \(revision 'v2'\) is not in the Hugging Face cache"
+    ):
+        load_from_hub("org/good", cache_dir=cache, revision="v2")
+    with pytest.raises(FileNotFoundError, match=r"'org/only-json' has no policy\.safetensors"):
+        load_from_hub("org/only-json", cache_dir=cache)
+    with pytest.raises(ValueError, match=r"files of 'org/truncated' are corrupted.*policy\.safetensors"):
+        load_from_hub("org/truncated", cache_dir=cache)
+    with pytest.raises(ValueError, match="Invalid Hub repo id"):
+        download_policy("not a repo id")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_policy("no/such/local/path")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    with pytest.raises(FileNotFoundError, match="local_files_only=True"):
+        download_policy("org/absent", cache_dir=cache, local_files_only=True)
+
+
+# --- the bundled pretrained policy -----------------------------------------------------------------------
+def test_package_pretrained_loads_offline_from_the_bundle(model, env, observations, tmp_path, monkeypatch):
+    package = load_script("package_pretrained")
+    run = make_run(tmp_path, model, env, with_results=True)
+    out = tmp_path / "pretrained"
+    assert package.main(["--model", str(run), "--out", str(out), "--video-steps", "8"]) == 0
+
+    repo = out / "models--d2r-sb3--d2r-MT10-rand"
+    commit = (repo / "refs" / "main").read_text()
+    assert re.fullmatch(r"[0-9a-f]{40}", commit)
+    snapshot = repo / "snapshots" / commit
+    assert {p.name for p in snapshot.iterdir()} == BUNDLE_FILES
+    assert sum(p.stat().st_size for p in snapshot.iterdir()) < 3 * 2**20
+    assert len(imageio.mimread(snapshot / "replay.gif")) == 2  # every 4th of 8 steps
+    assert "![replay](replay.gif)" in ModelCard.load(snapshot / "README.md").text
+
+    # The bundle answers first, offline, even with an empty cache.
+    monkeypatch.setattr(hub, "PRETRAINED_CACHE", out)
+    loaded = load_from_hub(DEFAULT_REPO_ID, cache_dir=tmp_path / "empty_cache")
+    np.testing.assert_array_equal(actions(loaded, observations), actions(model, observations))
+    assert loaded.metadata["repo_id"] == DEFAULT_REPO_ID
+    np.testing.assert_array_equal(
+        actions(load_policy(DEFAULT_REPO_ID), observations), actions(model, observations)
+    )
+    with pytest.raises(FileNotFoundError, match="not in the Hugging Face cache"):
+        load_from_hub(DEFAULT_REPO_ID, use_bundled=False)
+
+    # Packaging again replaces the bundle (one snapshot, refs/main pointing at it).
+    new_snapshot = package_pretrained(run, out, video=False)
+    assert [p.name for p in (repo / "snapshots").iterdir()] == [new_snapshot.name]
+    assert (repo / "refs" / "main").read_text() == new_snapshot.name != commit
+    assert "replay.gif" not in {p.name for p in new_snapshot.iterdir()}
+
+
+def test_bundled_pretrained_policy_loads_offline():
+    if not (hub.PRETRAINED_CACHE / f"models--{DEFAULT_REPO_ID.replace('/', '--')}").is_dir():
+        pytest.skip(
+            "the pretrained policy is not bundled in d2r_sb3/pretrained yet (hub/package_pretrained.py)"
+        )
+    loaded = load_from_hub()
+    assert loaded.num_tasks == 10 and loaded.env_kwargs["benchmark"] == "MT10"
+    obs = np.zeros((10, 49), dtype=np.float32)
+    obs[np.arange(10), 39 + np.arange(10)] = 1.0
+    assert actions(loaded, obs).shape == (10, 4)
+    folder = download_policy(DEFAULT_REPO_ID)
+    assert json.loads((folder / "results.json").read_text())["success"]
+    assert ModelCard.load(folder / "README.md").data.library_name == "stable-baselines3"
+
+
+def test_hub_module_exports():
+    assert hub.load_from_hub is load_from_hub and hub.download_policy is download_policy
+    assert {"load_from_hub", "download_policy"} <= set(hub.__all__)
+    assert huggingface_hub.__version__  # the real library, not a stub
