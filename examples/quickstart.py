@@ -18,7 +18,9 @@ from d2r_sb3 import D2RSAC, make_mt_env
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--benchmark", default="MT10", help="MT10, MT50 or a comma-separated task list")
     parser.add_argument("--steps", type=int, default=3000, help="env steps summed over tasks")
     parser.add_argument("--seed", type=int, default=0)
@@ -32,7 +34,9 @@ def main() -> None:
     model = D2RSAC("D2RPolicy", env, learning_starts=100 * T, seed=args.seed, verbose=1)
     start = time.time()
     model.learn(total_timesteps=args.steps, log_interval=1000)
-    print(f"trained {model.num_timesteps} env steps ({model._n_updates} updates) in {time.time() - start:.0f} s")
+    print(
+        f"trained {model.num_timesteps} env steps ({model._n_updates} updates) in {time.time() - start:.0f} s"
+    )
     model.save(args.save)
     model = D2RSAC.load(args.save, env=env, buffer_size=1)
 
@@ -47,7 +51,7 @@ def main() -> None:
         for i in np.flatnonzero(dones & ~finished):
             success[i] = infos[i]["is_success"]
             finished[i] = True
-    for name, s in zip(env.task_names, success):
+    for name, s in zip(env.task_names, success, strict=True):
         print(f"{name:28s} success {s:.0f}")
     print(f"mean success {success.mean():.2f}; modules used per step {np.mean(modules):.1f} of 16")
     env.close()

@@ -166,8 +166,16 @@ def stored_routes(net: RoutedNetwork, state, task_ids, explore: bool) -> th.Tens
 )
 def test_values_and_gradients_equal_the_reference(resrouting, shortcut, n_nets):
     th.manual_seed(0)
-    net = RoutedNetwork(12, 3, 5, n_nets=n_nets, module_dim=16, encoder_sizes=(24, 20), gate_sizes=(18,),
-                        resrouting_shortcut=shortcut).double()
+    net = RoutedNetwork(
+        12,
+        3,
+        5,
+        n_nets=n_nets,
+        module_dim=16,
+        encoder_sizes=(24, 20),
+        gate_sizes=(18,),
+        resrouting_shortcut=shortcut,
+    ).double()
     spread_gate(net, scale=0.7)
     state, task_ids = random_inputs(net, 17)
     state = state.double().requires_grad_(True)
@@ -180,7 +188,9 @@ def test_values_and_gradients_equal_the_reference(resrouting, shortcut, n_nets):
     fast_state = state.grad.clone()
     net.zero_grad()
     state.grad = None
-    ref = th.stack([reference_forward(net, e, state, task_ids, sources[e], resrouting, shortcut) for e in range(n_nets)])
+    ref = th.stack(
+        [reference_forward(net, e, state, task_ids, sources[e], resrouting, shortcut) for e in range(n_nets)]
+    )
     th.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
     (ref * weights).sum().backward()
     for name, p in net.named_parameters():
@@ -189,7 +199,9 @@ def test_values_and_gradients_equal_the_reference(resrouting, shortcut, n_nets):
     # ResRouting really masked something in these routes (otherwise the test proves little).
     if resrouting:
         _, padded = net.encode(state, task_ids)
-        assert not net.graph.keep_mask(padded, sources)[..., 1:, :][net.graph.slot_valid[1:].expand_as(sources[..., 1:, :])].all()
+        assert not net.graph.keep_mask(padded, sources)[..., 1:, :][
+            net.graph.slot_valid[1:].expand_as(sources[..., 1:, :])
+        ].all()
 
 
 # --- ResRouting gradient semantics on a hand-built route ------------------------------------------------
@@ -205,7 +217,9 @@ def handcrafted_block(shortcut: str, keep_j_at_i: bool | None):
     b_in = th.randn(1, 1, dim, dtype=th.float64, requires_grad=True)
     w_hid = th.randn(1, n - 1, dim, dim, dtype=th.float64, requires_grad=True)
     b_hid = th.rand(1, n - 1, dim, dtype=th.float64).add(0.5).requires_grad_(True)  # keep relus active
-    src = th.tensor([[0, 0], [0, 0], [1, 0], [2, 0], [3, 0]])  # node -> its two sources (slot 1 unused at node 1)
+    src = th.tensor(
+        [[0, 0], [0, 0], [1, 0], [2, 0], [3, 0]]
+    )  # node -> its two sources (slot 1 unused at node 1)
     p = th.tensor([[0.0, 0.0], [1.0, 0.0], [0.6, 0.4], [0.3, 0.7], [0.55, 0.45]], dtype=th.float64)
     sources = src.expand(1, 5, 5, 2).clone()
     weights = p.expand(1, 5, 5, 2).clone().requires_grad_(True)
@@ -213,7 +227,9 @@ def handcrafted_block(shortcut: str, keep_j_at_i: bool | None):
     if keep_j_at_i is not None:
         keep = th.ones(1, 5, 5, 2, dtype=th.bool)
         keep[:, :, 3, 0] = keep_j_at_i  # source j = module 2 of node i = module 3
-    plan = BlockPlan(is_input=(True, False, False, False), param_index=(0, 0, 1, 2), masked_shortcut=shortcut == "masked")
+    plan = BlockPlan(
+        is_input=(True, False, False, False), param_index=(0, 0, 1, 2), masked_shortcut=shortcut == "masked"
+    )
     y = routed_block(x0, w_in, b_in, w_hid, b_hid, weights, sources, keep, plan)
     y.sum().backward()
     return {"module_j": w_hid.grad[0, 1], "module_a": w_hid.grad[0, 0], "module_i": w_hid.grad[0, 2]}

@@ -202,11 +202,18 @@ def test_short_learn_on_real_mt10_logs_per_task_alpha_and_temperature(tmp_path):
     assert model._n_updates == 20
     with open(tmp_path / "progress.csv") as f:
         header = next(csv.reader(f))
-    for key in ("train/alpha/peg-insert-side", "train/temp/drawer-close", "train/critic_loss", "rollout/success_rate"):
+    for key in (
+        "train/alpha/peg-insert-side",
+        "train/temp/drawer-close",
+        "train/critic_loss",
+        "rollout/success_rate",
+    ):
         assert key in header, key
     model.save(tmp_path / "d2r_mt10")
     loaded = D2RSAC.load(tmp_path / "d2r_mt10", env=env, buffer_size=1)
     obs = env.reset()
-    np.testing.assert_array_equal(loaded.predict(obs, deterministic=True)[0], model.predict(obs, deterministic=True)[0])
+    np.testing.assert_array_equal(
+        loaded.predict(obs, deterministic=True)[0], model.predict(obs, deterministic=True)[0]
+    )
     path = loaded.policy.route(obs)
     assert path.edges.shape == (10, 17, 16) and (path.num_active >= 2).all()

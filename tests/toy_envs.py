@@ -13,7 +13,6 @@ from stable_baselines3.common.monitor import Monitor
 from stable_baselines3.common.vec_env import DummyVecEnv
 
 
-
 def goal_of(task: int, num_tasks: int) -> np.ndarray:
     """Goals evenly spaced on a circle of radius 0.8 (4 tasks: right, up, left, down)."""
     angle = 2 * np.pi * task / num_tasks

@@ -19,7 +19,13 @@ from stable_baselines3.common.vec_env import VecEnv
 class Predictor(Protocol):
     """Anything with SB3's ``predict`` (an algorithm or a policy)."""
 
-    def predict(self, observation: np.ndarray, state: Any = None, episode_start: Any = None, deterministic: bool = False) -> tuple[np.ndarray, Any]: ...
+    def predict(
+        self,
+        observation: np.ndarray,
+        state: Any = None,
+        episode_start: Any = None,
+        deterministic: bool = False,
+    ) -> tuple[np.ndarray, Any]: ...
 
 
 @dataclass
@@ -46,7 +52,7 @@ class TaskEvaluation:
         data.pop("per_episode_success")
         data.pop("per_episode_return")
         for key in ("success", "mean_return", "std_return", "mean_length"):
-            data[key] = {name: float(v) for name, v in zip(self.task_names, data[key])}
+            data[key] = {name: float(v) for name, v in zip(self.task_names, data[key], strict=True)}
         data["mean_success"] = self.mean_success
         data["mean_return_over_tasks"] = float(self.mean_return.mean())
         return data
@@ -58,7 +64,9 @@ class TaskEvaluation:
             lines.append(
                 f"| {name} | {self.success[i]:.2f} | {self.mean_return[i]:.1f} ± {self.std_return[i]:.1f} | {self.episodes} |"
             )
-        lines.append(f"| **mean** | **{self.mean_success:.3f}** | {self.mean_return.mean():.1f} | {self.episodes} |")
+        lines.append(
+            f"| **mean** | **{self.mean_success:.3f}** | {self.mean_return.mean():.1f} | {self.episodes} |"
+        )
         return "\n".join(lines)
 
 

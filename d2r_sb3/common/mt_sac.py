@@ -310,7 +310,7 @@ class MultiTaskSAC(SAC):
                 self.logger.record(f"train/{key}", float(stats[key].detach().mean()))
         if "kept" in stats:
             self.logger.record("train/masked_tasks", int((~stats["kept"]).sum()))
-        for name, alpha in zip(self.task_names, alphas):
+        for name, alpha in zip(self.task_names, alphas, strict=True):
             self.logger.record(f"train/alpha/{short_task_name(name)}", float(alpha))
 
     # --- helpers ----------------------------------------------------------------------------------------

@@ -89,7 +89,9 @@ class MultiTaskPolicy(BasePolicy):
             normalize_images=False,
         )
         if not isinstance(observation_space, spaces.Box) or len(observation_space.shape) != 1:
-            raise ValueError(f"{type(self).__name__} needs a flat Box observation space, got {observation_space}.")
+            raise ValueError(
+                f"{type(self).__name__} needs a flat Box observation space, got {observation_space}."
+            )
         obs_dim = observation_space.shape[0]
         if not 1 <= num_tasks < obs_dim:
             raise ValueError(
@@ -112,9 +114,13 @@ class MultiTaskPolicy(BasePolicy):
 
     def _build(self, lr_schedule: Schedule) -> None:
         self.actor = self.make_actor().to(self.device)
-        self.actor.optimizer = self.optimizer_class(self.actor.parameters(), lr=lr_schedule(1), **self.optimizer_kwargs)
+        self.actor.optimizer = self.optimizer_class(
+            self.actor.parameters(), lr=lr_schedule(1), **self.optimizer_kwargs
+        )
         self.critic = self.make_critic().to(self.device)
-        self.critic.optimizer = self.optimizer_class(self.critic.parameters(), lr=lr_schedule(1), **self.optimizer_kwargs)
+        self.critic.optimizer = self.optimizer_class(
+            self.critic.parameters(), lr=lr_schedule(1), **self.optimizer_kwargs
+        )
         self.critic_target = self.make_critic().to(self.device)
         self.critic_target.load_state_dict(self.critic.state_dict())
         self.critic_target.train(False)

@@ -56,11 +56,15 @@ class D2RSAC(MultiTaskSAC):
         # The routing choices live in the policy (they decide the routes of its calls); reject contradictions.
         for key, value in (("offpolicy_routing", offpolicy_routing), ("sample_k", sample_k)):
             if policy_kwargs.setdefault(key, value) != value:
-                raise ValueError(f"{key} is given both as a D2RSAC argument and in policy_kwargs with other values.")
+                raise ValueError(
+                    f"{key} is given both as a D2RSAC argument and in policy_kwargs with other values."
+                )
         self.route_balancing = route_balancing
         self.route_temperature_scale = route_temperature_scale
         self.min_route_temperature = min_route_temperature
-        super().__init__(policy, env, *args, policy_kwargs=policy_kwargs, _init_setup_model=_init_setup_model, **kwargs)
+        super().__init__(
+            policy, env, *args, policy_kwargs=policy_kwargs, _init_setup_model=_init_setup_model, **kwargs
+        )
 
     def route_temperature(self) -> th.Tensor:
         """Per-task routing temperature ``tau`` from the current entropy coefficients (Eq. 14)."""
@@ -76,5 +80,5 @@ class D2RSAC(MultiTaskSAC):
 
     def _log_train_stats(self, stats: dict[str, th.Tensor]) -> None:
         super()._log_train_stats(stats)
-        for name, tau in zip(self.task_names, self.route_temperature().cpu().tolist()):
+        for name, tau in zip(self.task_names, self.route_temperature().cpu().tolist(), strict=True):
             self.logger.record(f"train/temp/{short_task_name(name)}", tau)

@@ -9,7 +9,7 @@ Vocabulary (D2R_SPEC.md sections 1-2):
   16 modules this gives chunks of 1, 2, ..., 16 logits (136 in total), exactly the authors' layout.
 * A **route** picks up to ``k`` sources per node: ``sources[..., node, slot]`` holds module indices and
   ``slot_valid[node, slot]`` says which slots are used (module 2 has a single candidate, so one slot is empty).
-* **MaskSoftmax** (paper Eq. 8): the routing weights are the softmax of the *un-tempered* logits restricted to
+* **MaskSoftmax** (paper Eq. 5; Eq. 8 with stored routes): the routing weights are the softmax of the *un-tempered* logits restricted to
   the chosen sources. The temperature only changes which sources are drawn.
 * The **ResRouting mask** ``keep`` (paper Eq. 10) marks chosen sources whose full-softmax share exceeds
   ``1 / (number of candidates + 1)``; the others only pass gradient through the residual shortcut.
@@ -172,7 +172,7 @@ class RoutingGraph:
     def weights(self, padded: th.Tensor, sources: th.Tensor) -> th.Tensor:
         """Routing weights of the chosen sources, ``[..., n + 1, slots]`` (zero on invalid slots).
 
-        Top-K uses MaskSoftmax (softmax of the un-tempered logits over the chosen sources, Eq. 8); hard routing
+        Top-K uses MaskSoftmax (softmax of the un-tempered logits over the chosen sources, Eq. 5); hard routing
         keeps the full-softmax probability of its single source so the gate still learns (Switch-Transformer
         style); soft routing uses the full softmax over every candidate.
         """
