@@ -1,0 +1,414 @@
+"""The model zoo CLIs (zoo/train.py, enjoy.py, evaluate.py, plot.py) and the per-task training callbacks.
+
+The CLIs run for real as subprocesses (real MT10 envs, tiny D2R networks, 20-step episodes, a few hundred steps);
+helpers and error paths that need no separate process are called in-process.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import imageio.v2 as imageio
+import numpy as np
+import pytest
+import torch as th
+import yaml
+from stable_baselines3.common.logger import HumanOutputFormat
+from toy_envs import make_point_reach
+
+from d2r_sb3 import D2RSAC, make_mt_env
+from d2r_sb3.common.callbacks import MultiTaskCheckpointCallback, PerTaskEvalCallback
+from d2r_sb3.common.mt_sac import short_task_name
+from d2r_sb3.envs import benchmark_task_names
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))  # the zoo helpers are a top-level package next to d2r_sb3
+
+from zoo import plot, train  # noqa: E402
+from zoo.task_env import make_task_env  # noqa: E402
+from zoo.utils import ZooError, env_name, load_hyperparams, next_run_dir, parse_key_values  # noqa: E402
+
+MT10 = benchmark_task_names("MT10")
+SHORT = [short_task_name(name) for name in MT10]
+TINY_POLICY = "policy_kwargs:{n_modules: 4, module_dim: 16, encoder_sizes: [32, 32], gate_sizes: [16]}"
+TINY = ["--hyperparams", "batch_size:20", "learning_starts:100", "buffer_size:2000", TINY_POLICY]
+# 20-step episodes, evaluations of 1 episode every 10 steps per task (every 100 total steps).
+FAST = "--env-kwargs max_episode_steps:20 --eval-freq 10 --eval-episodes 1 --num-threads 1".split()
+
+
+def run_cli(script: str, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run ``python zoo/<script> args`` from the repository root, as a user would."""
+    return subprocess.run(
+        [sys.executable, f"zoo/{script}", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        # One torch thread: on a shared 2-core machine, two threads contending make tiny updates ~20x slower.
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **(env or {})},
+    )
+
+
+def check_ok(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == 0, (
+        f"exit {result.returncode}\nstdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-3000:]}"
+    )
+    return result.stdout
+
+
+def check_clean_error(result: subprocess.CompletedProcess) -> str:
+    """An expected failure: exit code 2, one 'error:' message, no traceback."""
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stderr.startswith("error: ")
+    return result.stderr
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """The in-process tests use one torch thread too (see run_cli)."""
+    threads = th.get_num_threads()
+    th.set_num_threads(1)
+    yield
+    th.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def logs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two tiny MT10 D2R runs: run 1 (300 steps, checkpoints with buffers, final eval) and run 2 (seed 1)."""
+    folder = tmp_path_factory.mktemp("logs")
+    check_ok(
+        run_cli(
+            "train.py",
+            *"--algo d2r --env MT10 --goals rand --seed 0 -n 300 -f".split(),
+            str(folder),
+            *TINY,
+            *FAST,
+            *"--save-freq 20 --save-replay-buffer --final-eval-episodes 1 --verbose 0".split(),
+        )
+    )
+    check_ok(
+        run_cli(
+            "train.py",
+            *"--env MT10 --seed 1 -n 200 --final-eval-episodes 0 --verbose 0 -f".split(),
+            str(folder),
+            *TINY,
+            *FAST,
+        )
+    )
+    return folder
+
+
+@pytest.fixture(scope="module")
+def run1(logs: Path) -> Path:
+    return logs / "d2r" / "MT10-rand_1"
+
+
+# --------------------------------------------------------------------------------------------------
+# train.py
+# --------------------------------------------------------------------------------------------------
+def test_train_writes_the_logs_layout(run1: Path):
+    assert sorted(p.name for p in run1.parent.iterdir()) == ["MT10-rand_1", "MT10-rand_2"]
+    for name in ("MT10-rand.zip", "best_model.zip", "progress.csv", "evaluations.json", "results.json"):
+        assert (run1 / name).is_file(), name
+    assert (run1 / "replay_buffer.pkl").is_file()
+    assert (run1 / "rl_model_200_steps.zip").is_file()
+    assert (run1 / "rl_model_replay_buffer_200_steps.pkl").is_file()
+
+    meta = run1 / "MT10-rand"
+    config = yaml.safe_load((meta / "config.yml").read_text())
+    assert config["policy"] == "D2RPolicy" and config["n_timesteps"] == 300
+    assert config["batch_size"] == 20 and config["buffer_size"] == 2000 and config["learning_starts"] == 100
+    assert config["policy_kwargs"]["n_modules"] == 4
+    assert config["policy_kwargs"]["top_k"] == 2  # merged into the YAML's policy_kwargs
+    assert config["ent_coef_lr"] == 1e-4  # from zoo/hyperparams/d2r.yml, section MT10-paper
+    args = yaml.safe_load((meta / "args.yml").read_text())
+    assert args["algo"] == "d2r" and args["seed"] == 0 and args["save_freq"] == 20
+    env_kwargs = yaml.safe_load((meta / "env_kwargs.yml").read_text())
+    assert (env_kwargs["benchmark"], env_kwargs["max_episode_steps"], env_kwargs["seed"]) == ("MT10", 20, 0)
+    assert "zoo/train.py" in (meta / "command.txt").read_text()
+
+    rows = list(csv.DictReader((run1 / "progress.csv").open()))
+    columns = set(rows[0])
+    assert {f"eval/success/{name}" for name in SHORT} <= columns
+    assert {"eval/success", "eval/return", "train/alpha/reach", "train/temp/reach"} <= columns
+    evaluated = [row for row in rows if row["eval/success"] != ""]
+    assert [int(row["time/total_timesteps"]) for row in evaluated] == [100, 200, 300]
+
+    history = json.loads((run1 / "evaluations.json").read_text())
+    assert history["timesteps"] == [100, 200, 300] and history["timesteps_per_task"] == [10, 20, 30]
+    assert history["task_names"] == MT10 and all(len(history["success"][name]) == 3 for name in MT10)
+
+    results = json.loads((run1 / "results.json").read_text())
+    assert set(results["success"]) == set(MT10) and 0.0 <= results["mean_success"] <= 1.0
+    assert results["episodes_per_task"] == 1 and results["seed"] == 0
+    assert results["total_timesteps"] == 300 and results["timesteps_per_task"] == 30
+    assert results["n_updates"] == 20  # one gradient step per vector step after the 100 warm-up steps
+    assert results["protocol"]["max_episode_steps"] == 20 and results["protocol"]["reward_scale"] == 0.1
+    versions = set(results["versions"])
+    assert {"d2r_sb3", "stable_baselines3", "torch", "metaworld", "mujoco", "python"} <= versions
+    assert {"cpu", "cpu_cores", "torch_threads", "gpu"} <= set(results["hardware"])
+    if "parameters" in results:  # d2r_sb3.baselines.params is optional
+        assert results["parameters"]["actor"] > 0
+
+
+def test_resume_continues_the_run_with_its_steps_and_buffer(run1: Path, tmp_path: Path):
+    before = pickle.loads((run1 / "replay_buffer.pkl").read_bytes())
+    n_rows = len(list(csv.DictReader((run1 / "progress.csv").open())))
+    with pytest.raises(ZooError, match="cannot change"):  # the run's settings are fixed
+        train.main(["--resume", str(run1), "--seed", "3"])
+
+    check_ok(
+        run_cli("train.py", "--resume", str(run1), *"-n 500 --final-eval-episodes 0 --verbose 0".split())
+    )
+
+    with zipfile.ZipFile(run1 / "MT10-rand.zip") as archive:
+        assert json.loads(archive.read("data"))["num_timesteps"] == 500
+    after = pickle.loads((run1 / "replay_buffer.pkl").read_bytes())
+    assert before.pos == 30 and after.pos == 50  # 30 + 20 more rows of 10 tasks
+    assert after.routes is not None and after.routes.shape == before.routes.shape
+    np.testing.assert_array_equal(after.routes[:30], before.routes[:30])
+    np.testing.assert_array_equal(after.observations[:30], before.observations[:30])
+    assert after.routes[30:50].any()  # the new rows got their routes too
+
+    rows = list(csv.DictReader((run1 / "progress.csv").open()))
+    assert len(rows) > n_rows and int(rows[-1]["time/total_timesteps"]) == 500
+    history = json.loads((run1 / "evaluations.json").read_text())
+    assert history["timesteps"] == [100, 200, 300, 400, 500]
+    assert (run1 / "rl_model_400_steps.zip").is_file()  # the checkpoint schedule keeps counting per task
+    assert not (run1 / "rl_model_replay_buffer_200_steps.pkl").exists()  # only the newest buffer is kept
+    assert len((run1 / "MT10-rand" / "command.txt").read_text().splitlines()) == 2
+    assert yaml.safe_load((run1 / "MT10-rand" / "config.yml").read_text())["n_timesteps"] == 500
+    assert not (run1 / "results.json").exists()  # no final evaluation this time: no stale results
+
+    # A crashed run (no final model) resumes from its newest checkpoint and that checkpoint's buffer.
+    crashed = tmp_path / "MT10-rand_7"
+    shutil.copytree(run1, crashed)
+    (crashed / "MT10-rand.zip").unlink()
+    steps, model_path, buffer_path = train.find_resume_point(crashed, "MT10-rand")
+    assert (steps, model_path.name) == (400, "rl_model_400_steps.zip")
+    assert buffer_path is not None and buffer_path.name == "rl_model_replay_buffer_400_steps.pkl"
+    train.drop_progress_after(crashed / "progress.csv", steps)  # the logs of the lost steps go
+    kept = list(csv.DictReader((crashed / "progress.csv").open()))
+    assert kept == [row for row in rows if int(row["time/total_timesteps"]) <= 400] and len(kept) < len(rows)
+
+
+def test_train_rejects_bad_input_clearly(tmp_path: Path):
+    with pytest.raises(ZooError, match="Unknown hyperparameter 'batchsize'"):
+        train.main(["--env", "MT10", "-f", str(tmp_path), "--hyperparams", "batchsize:20"])
+    with pytest.raises(ZooError, match="Set seed with --seed"):
+        train.main(["--env", "MT10", "-f", str(tmp_path), "--env-kwargs", "seed:3"])
+    with pytest.raises(ZooError, match="Unknown --env-kwargs key 'max_steps'"):
+        train.main(["--env", "MT10", "-f", str(tmp_path), "--env-kwargs", "max_steps:3"])
+    with pytest.raises(ZooError, match="Unknown benchmark"):
+        train.main(["--env", "MT11", "-f", str(tmp_path)])
+    with pytest.raises(ZooError, match="not a zoo run folder"):
+        train.main(["--resume", str(tmp_path)])
+    assert not list(tmp_path.iterdir())  # nothing written for a rejected command
+
+
+# --------------------------------------------------------------------------------------------------
+# enjoy.py
+# --------------------------------------------------------------------------------------------------
+def test_enjoy_writes_playable_mp4_and_gif(run1: Path, tmp_path: Path):
+    from zoo import enjoy
+
+    mp4 = tmp_path / "drawer.mp4"
+    out = check_ok(
+        run_cli(
+            "enjoy.py",
+            *("--task", "drawer-open", "--model", str(run1), "--video", str(mp4)),
+            *"--episodes 1 --env-kwargs max_episode_steps:20 --width 96 --height 64 --num-threads 1".split(),
+        )
+    )
+    assert "Episode 1: return" in out and "success rate" in out and "modules per step" in out
+    frames = imageio.mimread(mp4)
+    assert len(frames) == 20 and frames[0].shape == (64, 96, 3)
+
+    gif = tmp_path / "reach.gif"  # in-process: the same main() the script runs
+    argv = ["--task", "reach-v3", "--model", str(run1 / "best_model.zip"), "--video", str(gif)]
+    assert enjoy.main([*argv, *"--episodes 1 --env-kwargs max_episode_steps:20 --width 48".split()]) == 0
+    frames = imageio.mimread(gif)
+    assert len(frames) == 10 and frames[0].shape[:2] == (48, 48)  # every 2nd frame by default for GIFs
+
+
+def test_enjoy_unknown_task_lists_the_valid_tasks(run1: Path):
+    message = check_clean_error(run_cli("enjoy.py", "--task", "hammer", "--model", str(run1)))
+    assert "Unknown task 'hammer'" in message and "Valid tasks: " + ", ".join(SHORT) in message
+
+
+def test_enjoy_missing_model_says_how_to_get_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    hub_env = {"HF_HUB_CACHE": str(tmp_path)}
+    bundled = ROOT / "d2r_sb3" / "pretrained" / "models--d2r-sb3--d2r-MT10-rand"
+    if bundled.is_dir():  # the pretrained policy ships: a missing hub id takes the same path
+        message = check_clean_error(
+            run_cli("enjoy.py", "--task", "reach", "--model", "d2r-sb3/d2r-MT10-missing", env=hub_env)
+        )
+    else:  # until then the default model itself is missing
+        message = check_clean_error(run_cli("enjoy.py", "--task", "reach", env=hub_env))
+        assert "default pretrained policy 'd2r-sb3/d2r-MT10-rand'" in message
+    assert "python zoo/train.py" in message and "--model d2r-sb3/d2r-MT10-rand" in message
+
+    from zoo import enjoy
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ZooError, match="Cannot load the model .*does not exist"):
+        enjoy.main(["--task", "reach", "--model", str(tmp_path / "nothing.zip")])
+
+
+def test_task_env_matches_the_models_env_column():
+    """enjoy's one-task env sees exactly the observations of the task's column of the full env."""
+    kwargs = dict(benchmark="MT10", goals="rand", preset="paper", seed=3, max_episode_steps=4)
+    full = make_mt_env(**kwargs)
+    column = MT10.index("drawer-open-v3")
+    single = make_task_env(kwargs, "drawer-open", MT10)
+    rng = np.random.default_rng(0)
+    full_obs, (obs, _) = full.reset(), single.reset()
+    np.testing.assert_array_equal(full_obs[column], obs)
+    for _ in range(9):  # crosses two episode ends
+        actions = rng.uniform(-1, 1, (10, 4)).astype(np.float32)
+        full_obs, rewards, dones, infos = full.step(actions)
+        obs, reward, terminated, truncated, info = single.step(actions[column])
+        assert dones[column] == (terminated or truncated) and rewards[column] == pytest.approx(reward)
+        if dones[column]:
+            assert infos[column]["is_success"] == info["is_success"]
+            obs, _ = single.reset()
+        np.testing.assert_array_equal(full_obs[column], obs)
+    with pytest.raises(ValueError, match="not one of the model's tasks"):
+        make_task_env(kwargs, "hammer", MT10)
+
+
+# --------------------------------------------------------------------------------------------------
+# evaluate.py and plot.py
+# --------------------------------------------------------------------------------------------------
+def test_evaluate_prints_one_row_per_task(logs: Path, tmp_path: Path):
+    output = tmp_path / "results.json"
+    run2 = logs / "d2r" / "MT10-rand_2"
+    out = check_ok(
+        run_cli(
+            "evaluate.py",
+            *("--model", str(run2), "-o", str(output)),
+            *"--episodes 1 --env-kwargs max_episode_steps:5".split(),
+        )
+    )
+    rows = [line for line in out.splitlines() if line.startswith("| ") and "-v3 |" in line]
+    assert [row.split(" | ")[0][2:] for row in rows] == MT10
+    assert "| **mean** |" in out
+    results = json.loads(output.read_text())
+    assert set(results["success"]) == set(MT10) and results["episodes_per_task"] == 1
+    assert results["env_kwargs"]["max_episode_steps"] == 5 and results["env_kwargs"]["seed"] == 1
+
+
+def test_plot_draws_curves_from_two_runs(logs: Path, tmp_path: Path):
+    curves, grid = tmp_path / "curves.png", tmp_path / "grid.png"
+    pattern = str(logs / "d2r" / "MT10-rand_*")
+    out = check_ok(run_cli("plot.py", pattern, "-o", str(curves), "--per-task", str(grid)))
+    assert "d2r: success" in out and "mean, min/max" in out  # 2 seeds: mean with a min/max band
+    for path in (curves, grid):
+        image = imageio.imread(path)
+        assert image.ndim == 3 and image.shape[0] > 200 and image.std() > 0
+    message = check_clean_error(run_cli("plot.py", str(tmp_path / "nothing"), "-o", str(curves)))
+    assert "No run with an evaluations.json" in message
+
+
+def test_plot_aggregates_seeds_with_iqm_and_bootstrap():
+    values = np.array([[0.0, 0.2], [0.1, 0.4], [0.2, 0.6], [0.9, 1.0]])
+    np.testing.assert_allclose(plot.iqm(values), [0.15, 0.5])  # the middle two of four
+    curve = plot.aggregate(np.array([1, 2]), values, n_bootstrap=500)
+    assert curve.method.startswith("IQM")
+    assert np.all(curve.low <= curve.center) and np.all(curve.center <= curve.high)
+    long_run = (np.array([0.0, 10.0, 20.0]), np.array([0.0, 1.0, 2.0]))
+    short_run = (np.array([0.0, 10.0]), np.array([0.0, 0.5]))
+    steps, stacked = plot.align([long_run, short_run])
+    np.testing.assert_array_equal(steps, [0.0, 10.0])  # up to the shortest run
+    np.testing.assert_allclose(stacked, [[0.0, 1.0], [0.0, 0.5]])
+
+
+# --------------------------------------------------------------------------------------------------
+# Helpers and the library callbacks
+# --------------------------------------------------------------------------------------------------
+def test_hyperparameter_files_and_options(tmp_path: Path):
+    mt10, source = load_hyperparams("d2r", "MT10", "paper")
+    assert source.endswith("d2r.yml:MT10-paper")
+    assert (mt10["batch_size"], mt10["buffer_size"], mt10["learning_starts"]) == (1280, 1_000_000, 40_000)
+    assert mt10["n_timesteps"] == 1.5e7
+    mt50, _ = load_hyperparams("d2r", "MT50", "paper")
+    assert (mt50["batch_size"], mt50["buffer_size"], mt50["learning_starts"]) == (6400, 10_000_000, 200_000)
+    assert mt50["n_timesteps"] == 5.02e7
+    assert load_hyperparams("d2r", "custom", "paper")[1].endswith(":default")
+    with pytest.raises(ZooError, match="No hyperparameter file for algo 'nope'.*algos with a file: .*d2r"):
+        load_hyperparams("nope", "MT10", "paper")
+    flat = tmp_path / "config.yml"  # a run's config.yml can be passed back with -conf
+    flat.write_text(
+        "policy: D2RPolicy\nn_timesteps: 1000\nlearning_rate: 1e-3\npolicy_kwargs: {n_modules: 4}\n"
+    )
+    assert load_hyperparams("d2r", "MT50", "mw3", conf_file=flat)[0]["learning_rate"] == 1e-3
+    keyed = tmp_path / "keyed.yml"
+    keyed.write_text("MT10-paper: {batch_size: 10}\n")
+    with pytest.raises(ZooError, match="no section 'MT50-paper' and no 'default' section .*MT10-paper"):
+        load_hyperparams("d2r", "MT50", "paper", conf_file=keyed)
+
+    parsed = parse_key_values(
+        ["learning_rate:3e-4", "policy_kwargs:{n_modules: 4, gate_sizes: [16]}", "x:None"], "-p"
+    )
+    assert parsed == {"learning_rate": 3e-4, "policy_kwargs": {"n_modules": 4, "gate_sizes": [16]}, "x": None}
+    with pytest.raises(ZooError, match="key:value"):
+        parse_key_values(["batch_size=3"], "--hyperparams")
+
+    assert env_name("MT10", "rand", "paper") == "MT10-rand"
+    assert env_name("MT50", "fixed", "mw3") == "MT50-fixed-mw3"
+    (tmp_path / "d2r" / "MT10-rand_4").mkdir(parents=True)
+    (tmp_path / "d2r" / "MT10-rand-mw3_9").mkdir()
+    assert next_run_dir(tmp_path, "d2r", "MT10-rand") == tmp_path / "d2r" / "MT10-rand_5"
+
+
+def test_per_task_logger_keys_stay_unique_on_mt50():
+    """SB3's stdout logger truncates keys at 36 characters and raises on collisions."""
+    keys = {}
+    for name in benchmark_task_names("MT50"):
+        for prefix in ("eval/success/", "train/alpha/", "train/temp/"):
+            keys[prefix + short_task_name(name)] = 0.0
+    truncated = {HumanOutputFormat(sys.stdout)._truncate(key) for key in keys}
+    assert len(truncated) == len(keys)
+
+
+def test_callbacks_evaluate_per_task_and_resume_their_schedule(tmp_path: Path):
+    """PerTaskEvalCallback / MultiTaskCheckpointCallback on a cheap 4-task env, without the zoo."""
+    model = D2RSAC(
+        "D2RPolicy",
+        make_point_reach(4),
+        learning_starts=160,  # a few updates, in the second learn() only
+        batch_size=16,
+        buffer_size=1000,
+        policy_kwargs=dict(n_modules=4, module_dim=16, encoder_sizes=[32], gate_sizes=[16]),
+        seed=0,
+    )
+    evaluation = PerTaskEvalCallback(
+        make_point_reach(4), 10, 2, best_model_save_path=tmp_path, log_path=tmp_path
+    )
+    checkpoints = MultiTaskCheckpointCallback(15, tmp_path, save_replay_buffer=True)
+    model.learn(120, callback=[evaluation, checkpoints])
+    history = json.loads((tmp_path / "evaluations.json").read_text())
+    assert history["timesteps"] == [40, 80, 120] and history["n_eval_episodes"] == 2
+    assert len(history["success"]["task0"]) == 3 and (tmp_path / "best_model.zip").is_file()
+    assert (tmp_path / "rl_model_60_steps.zip").is_file() and (tmp_path / "rl_model_120_steps.zip").is_file()
+    assert [p.name for p in tmp_path.glob("*.pkl")] == ["rl_model_replay_buffer_120_steps.pkl"]
+
+    # A new callback on the same folder keeps the history and continues at the next multiple of 40 steps.
+    again = PerTaskEvalCallback(make_point_reach(4), 10, 2, log_path=tmp_path, verbose=0)
+    model.learn(80, callback=again, reset_num_timesteps=False)
+    assert json.loads((tmp_path / "evaluations.json").read_text())["timesteps"] == [40, 80, 120, 160, 200]
+    assert again.best_score >= (max(history["mean_success"]), -np.inf)
+    with pytest.raises(ValueError, match="eval env has 2 envs"):
+        model.learn(8, callback=PerTaskEvalCallback(make_point_reach(2), 10), reset_num_timesteps=False)
+    with pytest.raises(ValueError, match="positive integer"):
+        PerTaskEvalCallback(make_point_reach(4), eval_freq_per_task=0)

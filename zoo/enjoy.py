@@ -1,0 +1,258 @@
+"""Watch a multi-task policy solve one task: per-episode return and success, optional video or window.
+
+Examples, from the repository root::
+
+    python zoo/enjoy.py --task drawer-open                               # the bundled pretrained MT10 policy
+    python zoo/enjoy.py --task drawer-open --video drawer.mp4            # headless (EGL) video
+    python zoo/enjoy.py --task reach --video reach.gif --episodes 1      # small GIF: 256x256, every 2nd frame
+    python zoo/enjoy.py --task push --model logs/d2r/MT10-rand_1 --load-best --render human
+
+Only the chosen task is simulated; its observations (state, goal sequence, task one-hot at the model's index)
+are identical to the task's column of the model's training env (see ``zoo/task_env.py``). With a routing policy
+(D2R) the video shows the number of modules the route uses at every step.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as `python zoo/enjoy.py`: make the `zoo` package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import argparse  # noqa: E402
+import os  # noqa: E402
+from collections.abc import Sequence  # noqa: E402
+from typing import Any  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from d2r_sb3.envs import normalize_task_name  # noqa: E402
+from zoo.task_env import make_task_env  # noqa: E402
+from zoo.utils import (  # noqa: E402
+    HelpFormatter,
+    ZooError,
+    add_model_arguments,
+    load_model,
+    model_env_kwargs,
+    parse_key_values,
+    run_main,
+    set_num_threads,
+    short_name,
+)
+
+VIDEO_FORMATS = (".mp4", ".gif")
+DEFAULT_SIZE = {".mp4": 480, ".gif": 256}  # GIFs are uncompressed-ish: keep them small
+DEFAULT_FRAME_SKIP = {".mp4": 1, ".gif": 2}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line interface (rl-baselines3-zoo's ``enjoy.py`` names where they apply)."""
+    parser = argparse.ArgumentParser(
+        description="Run a multi-task policy on one task; print per-episode return and success.",
+        formatter_class=HelpFormatter,
+    )
+    parser.add_argument(
+        "--task", required=True, help="Task to run, e.g. drawer-open (the -v3 suffix is optional)"
+    )
+    add_model_arguments(parser)
+    parser.add_argument("--episodes", type=int, default=3, help="Number of episodes")
+    parser.add_argument(
+        "--video", metavar="PATH", help="Write the episodes to a .mp4 or .gif file (headless)"
+    )
+    parser.add_argument(
+        "--render", default="none", choices=["none", "human"], help="human: show a window (needs a display)"
+    )
+    parser.add_argument("--width", type=int, help="Video width in pixels (default: 480 for mp4, 256 for gif)")
+    parser.add_argument("--height", type=int, help="Video height in pixels (default: as the width)")
+    parser.add_argument(
+        "--camera", help="Meta-World camera: corner, corner2, corner3, topview, behindGripper, ..."
+    )
+    parser.add_argument("--fps", type=int, default=30, help="Frames per second of the video")
+    parser.add_argument(
+        "--frame-skip", type=int, help="Keep every N-th frame in the video (default: 1 for mp4, 2 for gif)"
+    )
+    parser.add_argument(
+        "--no-overlay", action="store_true", help="Do not write the task and module count on frames"
+    )
+    return parser
+
+
+def resolve_task(task: str, task_names: Sequence[str], benchmark: Any) -> str:
+    """Full name of ``task`` among the model's tasks; an error listing them otherwise."""
+    try:
+        full = normalize_task_name(task)
+    except ValueError:
+        full = None
+    if full not in task_names:
+        label = benchmark if isinstance(benchmark, str) else "its custom task list"
+        raise ZooError(
+            f"Unknown task {task!r} for this model ({label}, {len(task_names)} tasks). Valid tasks: "
+            f"{', '.join(short_name(name) for name in task_names)}."
+        )
+    return full
+
+
+def check_display() -> None:
+    """``--render human`` needs a display; say so instead of failing deep inside MuJoCo."""
+    if not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
+        raise ZooError(
+            "--render human needs a display (DISPLAY is not set). Record a video instead: --video out.mp4"
+        )
+    if os.environ.get("MUJOCO_GL", "glfw") in ("egl", "osmesa"):
+        raise ZooError(
+            f"--render human needs MUJOCO_GL=glfw, but MUJOCO_GL={os.environ['MUJOCO_GL']} (headless). Unset it, or "
+            "record a video instead: --video out.mp4"
+        )
+
+
+def overlay(frame: np.ndarray, lines: Sequence[str]) -> np.ndarray:
+    """Write ``lines`` in the top-left corner of a frame (white text on a dark box, readable on any scene)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    image = Image.fromarray(frame)
+    draw = ImageDraw.Draw(image)
+    size = max(10, frame.shape[0] // 24)
+    try:
+        font = ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1 has a single bitmap size
+        font = ImageFont.load_default()
+    text = "\n".join(lines)
+    left, top, right, bottom = draw.multiline_textbbox((4, 4), text, font=font)
+    draw.rectangle((left - 3, top - 3, right + 3, bottom + 3), fill=(0, 0, 0))
+    draw.multiline_text((4, 4), text, fill=(255, 255, 255), font=font)
+    return np.asarray(image)
+
+
+def write_video(path: Path, frames: list[np.ndarray], fps: int) -> None:
+    """Write frames as mp4 (h264 through imageio-ffmpeg) or GIF (duration per frame in ms, looping)."""
+    try:
+        import imageio.v2 as imageio
+    except ImportError:
+        raise ZooError(
+            "Writing videos needs imageio: pip install imageio imageio-ffmpeg (the [zoo] extra)."
+        ) from None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix.lower() == ".gif":
+        imageio.mimsave(path, frames, duration=1000 / fps, loop=0)
+        return
+    try:
+        imageio.mimsave(path, frames, fps=fps, macro_block_size=16)
+    except (ImportError, RuntimeError, ValueError) as err:  # imageio's error when no ffmpeg backend exists
+        raise ZooError(f"Cannot write {path}: {err}. Install imageio-ffmpeg, or write a .gif.") from None
+
+
+class ModuleCounter:
+    """Number of modules the policy's route uses for an observation (None for policies that do not route)."""
+
+    def __init__(self, loaded: Any, deterministic: bool) -> None:
+        self.loaded = loaded
+        self.deterministic = deterministic
+        self.enabled = hasattr(loaded.policy, "route")
+
+    def __call__(self, obs: np.ndarray) -> tuple[int, int] | None:
+        """``(active modules, total modules)`` of the route that acted on ``obs``."""
+        if not self.enabled:
+            return None
+        if not self.deterministic:
+            # A fresh sample would not be the route that acted; compute skipping recorded the real count.
+            computed = getattr(self.loaded.policy.actor, "last_modules_computed", None)
+            total = getattr(self.loaded.policy.actor.net, "n_modules", None)
+            return (int(computed), int(total)) if computed is not None and total is not None else None
+        path = self.loaded.route(obs[None], deterministic=True)
+        return int(path.num_active[0]), int(path.active.shape[-1])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point."""
+    args = build_parser().parse_args(argv)
+    if args.episodes < 1:
+        raise ZooError(f"--episodes must be >= 1, got {args.episodes}.")
+    video = Path(args.video) if args.video else None
+    if video is not None and video.suffix.lower() not in VIDEO_FORMATS:
+        raise ZooError(f"--video must end in {' or '.join(VIDEO_FORMATS)}, got {video.name!r}.")
+    if args.render == "human":
+        check_display()
+    set_num_threads(args.num_threads)
+
+    loaded = load_model(args.model, args.load_best, args.device)
+    overrides = parse_key_values(args.env_kwargs, "--env-kwargs")
+    overrides.update(
+        {key: value for key, value in (("seed", args.seed), ("goals", args.goals)) if value is not None}
+    )
+    env_kwargs = model_env_kwargs(loaded, overrides)
+    task = resolve_task(args.task, loaded.task_names, env_kwargs["benchmark"])
+
+    render: dict[str, Any] = {}
+    frame_skip = 1
+    if video is not None:
+        suffix = video.suffix.lower()
+        width = args.width or DEFAULT_SIZE[suffix]
+        render = dict(
+            render_mode="rgb_array", width=width, height=args.height or width, camera_name=args.camera
+        )
+        frame_skip = args.frame_skip or DEFAULT_FRAME_SKIP[suffix]
+        if frame_skip < 1:
+            raise ZooError(f"--frame-skip must be >= 1, got {frame_skip}.")
+    elif args.render == "human":
+        render = dict(render_mode="human", camera_name=args.camera)
+    try:
+        env = make_task_env(env_kwargs, task, loaded.task_names, **render)
+    except (ValueError, TypeError) as err:
+        raise ZooError(f"Cannot build the env of {short_name(task)}: {err}") from None
+
+    deterministic = not args.stochastic
+    count_modules = ModuleCounter(loaded, deterministic)
+    print(
+        f"{loaded.source}: {short_name(task)} ({args.episodes} episode{'s' * (args.episodes > 1)}, "
+        f"{'deterministic' if deterministic else 'stochastic'} policy)"
+    )
+    frames: list[np.ndarray] = []
+    returns, successes = [], []
+    try:
+        for episode in range(1, args.episodes + 1):
+            obs, _ = env.reset()
+            done, episode_return, length, step = False, 0.0, 0, 0
+            modules_used: list[int] = []
+            info: dict[str, Any] = {}
+            while not done:
+                action, _ = loaded.predict(obs[None], deterministic=deterministic)
+                modules = count_modules(obs)
+                if modules is not None:
+                    modules_used.append(modules[0])
+                if video is not None and step % frame_skip == 0:
+                    frame = env.render()
+                    if not args.no_overlay:
+                        lines = [f"{short_name(task)}  episode {episode}"]
+                        if modules is not None:
+                            lines.append(f"modules: {modules[0]}/{modules[1]}")
+                        frame = overlay(frame, lines)
+                    frames.append(frame)
+                elif args.render == "human":
+                    env.render()
+                obs, reward, terminated, truncated, info = env.step(action[0])
+                episode_return += float(reward)
+                length += 1
+                step += 1
+                done = terminated or truncated
+            success = bool(info.get("is_success", False))
+            returns.append(episode_return)
+            successes.append(success)
+            routing = f", {np.mean(modules_used):.1f} modules per step" if modules_used else ""
+            print(
+                f"Episode {episode}: return {episode_return:.2f}, success {success}, {length} steps{routing}"
+            )
+    finally:
+        env.close()  # frees the rendering context now (EGL complains when it is freed at exit)
+    print(
+        f"Mean over {len(returns)} episode{'s' * (len(returns) > 1)}: return {np.mean(returns):.2f} ± {np.std(returns):.2f}, "
+        f"success rate {np.mean(successes):.2f}"
+    )
+    if video is not None:
+        write_video(video, frames, args.fps)
+        print(f"Wrote {video} ({len(frames)} frames)")
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)
