@@ -9,6 +9,8 @@ from d2r_sb3.common import MultiTaskPolicy, MultiTaskReplayBuffer, MultiTaskSAC,
 from d2r_sb3.d2r import D2RSAC, D2RPolicy, RoutingPath
 from d2r_sb3.serialization import LoadedPolicy, load_policy, save_policy  # noqa: I001  (after the policies)
 from d2r_sb3.hub import load_from_hub
+from d2r_sb3.baselines import MHSACPolicy, MTSACPolicy, SMPolicy, WideMHSACPolicy  # registers the aliases
+from d2r_sb3.common.params import parameter_counts
 
 __version__ = "0.1.0"
 
@@ -16,15 +18,20 @@ __all__ = [
     "D2RSAC",
     "D2RPolicy",
     "LoadedPolicy",
+    "MHSACPolicy",
+    "MTSACPolicy",
     "MultiTaskPolicy",
     "MultiTaskReplayBuffer",
     "MultiTaskSAC",
     "RoutingPath",
+    "SMPolicy",
     "TaskEvaluation",
+    "WideMHSACPolicy",
     "evaluate_per_task",
     "load_from_hub",
     "load_policy",
     "__version__",
     "make_mt_env",
+    "parameter_counts",
     "save_policy",
 ]

@@ -48,6 +48,7 @@ from stable_baselines3.common.logger import CSVOutputFormat, Logger, configure  
 from d2r_sb3.common.callbacks import MultiTaskCheckpointCallback, PerTaskEvalCallback  # noqa: E402
 from d2r_sb3.common.evaluation import evaluate_per_task  # noqa: E402
 from d2r_sb3.common.mt_sac import MultiTaskSAC  # noqa: E402
+from d2r_sb3.common.params import parameter_counts  # noqa: E402
 from d2r_sb3.envs import GOAL_MODES, PRESETS, MultiTaskVecEnv, make_mt_env  # noqa: E402
 from d2r_sb3.registry import ALGOS  # noqa: E402
 from zoo.utils import (  # noqa: E402
@@ -524,12 +525,7 @@ def final_evaluation(setup: RunSetup, train_seconds: float) -> dict[str, Any]:
         "versions": versions(),
         "hardware": hardware(),
     }
-    try:
-        from d2r_sb3.baselines.params import parameter_counts
-
-        results["parameters"] = parameter_counts(model.policy)
-    except ImportError:
-        pass
+    results["parameters"] = parameter_counts(model.policy)
     if args.verbose >= 1:
         print(result.markdown())
     return results
@@ -553,12 +549,6 @@ def train(setup: RunSetup) -> int:
             f"Training {args.algo} on {setup.name} ({num_tasks} tasks) for {remaining} steps "
             f"({remaining // num_tasks} per task); logs in {run_dir}"
         )
-        try:
-            from d2r_sb3.baselines.params import format_parameter_counts, parameter_counts
-
-            print(format_parameter_counts(parameter_counts(model.policy), type(model.policy).__name__))
-        except ImportError:
-            pass
     log_interval = args.log_interval if args.log_interval > 0 else num_tasks
     callbacks = make_callbacks(setup)
     start = time.time()

@@ -33,6 +33,7 @@ from stable_baselines3.common.utils import polyak_update
 from torch.nn import functional as F
 
 from d2r_sb3.common.buffers import MultiTaskReplayBuffer, MultiTaskReplayBufferSamples
+from d2r_sb3.common.params import format_parameter_counts, parameter_counts
 from d2r_sb3.common.policies import MultiTaskPolicy
 
 SelfMultiTaskSAC = TypeVar("SelfMultiTaskSAC", bound="MultiTaskSAC")
@@ -182,6 +183,8 @@ class MultiTaskSAC(SAC):
         else:
             self.ent_coef_tensor = th.full((n_coefs,), float(self.ent_coef), device=self.device)
         self._after_gradient_step()
+        if self.verbose >= 1:
+            print(format_parameter_counts(parameter_counts(self.policy), type(self.policy).__name__))
 
     def _excluded_save_params(self) -> list[str]:
         return [*super()._excluded_save_params(), "_last_routes"]
