@@ -31,7 +31,6 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
-import platform
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -43,6 +42,7 @@ import yaml
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, get_token
 
 from d2r_sb3.common.evaluation import evaluate_per_task
+from d2r_sb3.common.provenance import hardware, versions
 from d2r_sb3.hub import DEFAULT_ORG, DEFAULT_REPO_ID, PRETRAINED_CACHE, is_repo_id, repo_id_for
 from d2r_sb3.registry import ALGOS
 from d2r_sb3.serialization import (
@@ -349,42 +349,6 @@ def _protocol(env_kwargs: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
-def _versions() -> dict[str, str]:
-    import importlib.metadata
-
-    found = {"python": platform.python_version()}
-    for dist in (
-        "d2r_sb3",
-        "stable-baselines3",
-        "torch",
-        "gymnasium",
-        "metaworld",
-        "mujoco",
-        "huggingface-hub",
-    ):
-        try:
-            found[dist] = importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            found[dist] = "not installed"
-    return found
-
-
-def _hardware() -> dict[str, Any]:
-    import os
-
-    import torch as th
-
-    cpu = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    gpu = th.cuda.get_device_name(0) if th.cuda.is_available() else None
-    return {"cpu": cpu, "cpu_cores": os.cpu_count(), "torch_threads": th.get_num_threads(), "gpu": gpu}
-
-
 # --- media -----------------------------------------------------------------------------------------------
 def record_replay(
     policy: LoadedPolicy,
@@ -617,7 +581,7 @@ def build_model_card(
         has_curve=has_curve,
         video_file=video_file,
         video_tasks=", ".join(n.removesuffix("-v3") for n in video_tasks or []),
-        versions=results.get("versions") or _versions(),
+        versions=results.get("versions") or versions(),
         protocol=_protocol(env_kwargs),
         steps_text=steps_text,
         seeds_text=f"seeds {seeds}" if isinstance(seeds, list) else f"seed {seeds}, one run",
@@ -790,8 +754,8 @@ def stage_repo(
             "env_kwargs": env_kwargs,
             "eval_datetime": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "evaluated_by": "d2r_sb3.publishing.stage_repo (the run had no results.json)",
-            "versions": _versions(),
-            "hardware": _hardware(),
+            "versions": versions(),
+            "hardware": hardware(),
         }
         origin = (
             f"The run had no `{RESULTS_FILE}`: evaluated while staging with `evaluate_per_task` "

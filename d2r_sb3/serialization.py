@@ -40,6 +40,7 @@ from stable_baselines3.common.utils import get_device
 
 from d2r_sb3.common.mt_sac import MultiTaskSAC
 from d2r_sb3.common.policies import MultiTaskPolicy
+from d2r_sb3.common.provenance import versions
 from d2r_sb3.d2r.d2r import D2RSAC
 from d2r_sb3.registry import ALGOS
 
@@ -318,24 +319,6 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _versions() -> dict[str, str]:
-    import platform
-
-    import safetensors
-    import stable_baselines3
-
-    from d2r_sb3 import __version__
-
-    return {
-        "d2r_sb3": __version__,
-        "python": platform.python_version(),
-        "torch": th.__version__,
-        "stable_baselines3": stable_baselines3.__version__,
-        "safetensors": safetensors.__version__,
-    }
-
-
-# --- save ----------------------------------------------------------------------------------------------
 def save_policy(
     model_or_policy: MultiTaskSAC | MultiTaskPolicy,
     folder: str | Path,
@@ -398,7 +381,7 @@ def save_policy(
     config = {
         "format_version": FORMAT_VERSION,
         "library": "d2r_sb3",
-        "library_version": _versions()["d2r_sb3"],
+        "library_version": versions()["d2r_sb3"],
         "algo": algo,
         "policy_class": alias,
         "policy_kwargs": _policy_kwargs(policy),
@@ -409,7 +392,7 @@ def save_policy(
         "env_kwargs": env_kwargs,
         "metadata": info,
         "weights_sha256": _sha256(weights_path),
-        "versions": _versions(),
+        "versions": versions(),
     }
     try:
         text = json.dumps(config, indent=2, allow_nan=False)

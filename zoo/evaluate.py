@@ -25,18 +25,17 @@ from collections.abc import Sequence  # noqa: E402
 from datetime import datetime, timezone  # noqa: E402
 
 from d2r_sb3.common.evaluation import evaluate_per_task  # noqa: E402
+from d2r_sb3.common.provenance import hardware, versions  # noqa: E402
 from d2r_sb3.envs import make_mt_env  # noqa: E402
 from zoo.utils import (  # noqa: E402
     HelpFormatter,
     ZooError,
     add_model_arguments,
-    hardware,
     load_model,
     model_env_kwargs,
     parse_key_values,
     run_main,
     set_num_threads,
-    versions,
     write_json,
 )
 

@@ -49,6 +49,7 @@ from d2r_sb3.common.callbacks import MultiTaskCheckpointCallback, PerTaskEvalCal
 from d2r_sb3.common.evaluation import evaluate_per_task  # noqa: E402
 from d2r_sb3.common.mt_sac import MultiTaskSAC  # noqa: E402
 from d2r_sb3.common.params import parameter_counts  # noqa: E402
+from d2r_sb3.common.provenance import hardware, versions  # noqa: E402
 from d2r_sb3.envs import GOAL_MODES, PRESETS, MultiTaskVecEnv, make_mt_env  # noqa: E402
 from d2r_sb3.registry import ALGOS  # noqa: E402
 from zoo.utils import (  # noqa: E402
@@ -57,7 +58,6 @@ from zoo.utils import (  # noqa: E402
     apply_overrides,
     env_name,
     explicit_options,
-    hardware,
     list_checkpoints,
     load_hyperparams,
     next_run_dir,
@@ -68,7 +68,6 @@ from zoo.utils import (  # noqa: E402
     run_env_name,
     run_main,
     set_num_threads,
-    versions,
     write_json,
     write_yaml,
 )

@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib.metadata
 import json
 import os
-import platform
 import re
 import sys
 from collections.abc import Callable, Sequence
@@ -312,47 +310,6 @@ def write_json(path: Path, data: Any) -> None:
 def read_yaml(path: Path) -> Any:
     """Read a YAML file written by :func:`write_yaml`."""
     return yaml.safe_load(path.read_text())
-
-
-def versions() -> dict[str, str]:
-    """Versions of the packages a result depends on."""
-    names = {
-        "d2r_sb3": "d2r_sb3",
-        "stable_baselines3": "stable-baselines3",
-        "torch": "torch",
-        "gymnasium": "gymnasium",
-        "metaworld": "metaworld",
-        "mujoco": "mujoco",
-        "numpy": "numpy",
-    }
-    found = {"python": platform.python_version()}
-    for key, dist in names.items():
-        try:
-            found[key] = importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            found[key] = "not installed"
-    return found
-
-
-def hardware() -> dict[str, Any]:
-    """CPU model, core count, torch threads and GPU name (None without CUDA)."""
-    import torch as th
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "cpu_cores": os.cpu_count(),
-        "torch_threads": th.get_num_threads(),
-        "gpu": th.cuda.get_device_name(0) if th.cuda.is_available() else None,
-        "platform": platform.platform(),
-    }
 
 
 def set_num_threads(num_threads: int) -> None:

@@ -1,0 +1,54 @@
+"""Where a result came from: package versions and hardware, stored with every results file and checkpoint."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+import torch as th
+
+# Key in the report -> distribution name on PyPI.
+_PACKAGES = {
+    "d2r_sb3": "d2r_sb3",
+    "stable_baselines3": "stable-baselines3",
+    "torch": "torch",
+    "gymnasium": "gymnasium",
+    "metaworld": "metaworld",
+    "mujoco": "mujoco",
+    "numpy": "numpy",
+    "safetensors": "safetensors",
+    "huggingface_hub": "huggingface-hub",
+}
+
+
+def versions() -> dict[str, str]:
+    """Python and the versions of the packages a result depends on ("not installed" when absent)."""
+    found = {"python": platform.python_version()}
+    for key, dist in _PACKAGES.items():
+        try:
+            found[key] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            found[key] = "not installed"
+    return found
+
+
+def hardware() -> dict[str, Any]:
+    """CPU model, core count, torch threads, GPU name (``None`` without CUDA) and platform."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cpu_cores": os.cpu_count(),
+        "torch_threads": th.get_num_threads(),
+        "gpu": th.cuda.get_device_name(0) if th.cuda.is_available() else None,
+        "platform": platform.platform(),
+    }
