@@ -652,7 +652,8 @@ def _commands(run: Run, algo: str, env_kwargs: dict[str, Any], repo_id: str) -> 
             f"--preset {env_kwargs.get('preset', 'paper')} --seed {args.get('seed', 0)}"
         )
     evaluate = (
-        f"python zoo/evaluate.py --model {repo_id} --episodes 100\npython zoo/enjoy.py --model {repo_id}"
+        f"python zoo/evaluate.py --model {repo_id} --episodes 100\n"
+        f"python zoo/enjoy.py --model {repo_id} --task drawer-close --video drawer-close.mp4"
     )
     return train, evaluate
 
