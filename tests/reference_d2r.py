@@ -20,11 +20,15 @@ def reference_forward(
     sources: th.Tensor,
     resrouting: bool,
     shortcut: str = "full",
+    routing: str = "topk",
 ) -> th.Tensor:
     """Output ``[B, out_dim]`` of ensemble member ``member`` for explicit routes.
 
     :param sources: ``[B, n + 1, k]`` chosen source modules per node (as the library picks them; rows with
         fewer candidates than ``k`` use only their first ``min(k, i)`` slots).
+    :param routing: ``"topk"`` weighs the chosen sources by the softmax over their logits only (MaskSoftmax);
+        ``"hard"`` and ``"soft"`` use the full-softmax probabilities of the chosen sources (with ``"soft"``,
+        ``sources`` lists every earlier module).
     """
     n = net.n_modules
     k = sources.shape[-1]
@@ -53,7 +57,10 @@ def reference_forward(
         offset += node
         used = min(k, node)
         chosen = sources[:, node, :used]
-        probs = th.softmax(chunk.gather(1, chosen), dim=1)  # MaskSoftmax over the chosen sources
+        if routing == "topk":
+            probs = th.softmax(chunk.gather(1, chosen), dim=1)  # MaskSoftmax over the chosen sources
+        else:
+            probs = th.softmax(chunk, dim=1).gather(1, chosen)  # full-softmax share of each chosen source
         p = th.zeros_like(chunk).scatter(1, chosen, probs)
         keep = th.softmax(chunk, dim=1).detach() > 1.0 / (node + 1)
         full = th.stack(o, dim=1)  # [B, node, D]

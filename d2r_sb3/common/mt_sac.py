@@ -248,10 +248,18 @@ class MultiTaskSAC(SAC):
             critic_loss = 0.5 * critic_loss
         q_pi = policy.q_values_for_actor(data.observations, actions_pi, task_ids).min(0).values
         actor_loss = alpha * log_prob - q_pi
+        # The values of _per_task_mean, with the task counts computed once and without th.bincount (which sizes
+        # its output from the data: a host sync on a GPU).
+        counts = log_prob.new_zeros(self.num_tasks).index_add_(0, task_ids, log_prob.new_ones(task_ids.shape))
+        counts = counts.clamp_(min=1)
+
+        def per_task_mean(values: th.Tensor) -> th.Tensor:
+            return values.new_zeros(self.num_tasks).index_add_(0, task_ids, values) / counts
+
         return {
-            "ent_coef_loss": self._per_task_mean(ent_coef_loss, task_ids),
-            "actor_loss": self._per_task_mean(actor_loss, task_ids),
-            "critic_loss": self._per_task_mean(critic_loss, task_ids),
+            "ent_coef_loss": per_task_mean(ent_coef_loss),
+            "actor_loss": per_task_mean(actor_loss),
+            "critic_loss": per_task_mean(critic_loss),
         }
 
     def _combine_task_losses(self, losses: dict[str, th.Tensor]) -> tuple[th.Tensor, th.Tensor]:

@@ -20,8 +20,9 @@ from dataclasses import dataclass
 
 import torch as th
 from torch import nn
+from torch.nn import functional as F
 
-from d2r_sb3.d2r.routed_block import BlockPlan, _flat_rows, _linear, _mix, routed_block
+from d2r_sb3.d2r.routed_block import BlockPlan, _flat_rows, _linear, _node_major, routed_block, run_nodes
 from d2r_sb3.d2r.routing import RoutingGraph, RoutingPath
 
 SHORTCUT_MODES: tuple[str, ...] = ("full", "masked")
@@ -74,7 +75,9 @@ class EnsembleMLP(nn.Module):
 
     def __init__(self, n_nets: int, sizes: Sequence[int], final_relu: bool):
         super().__init__()
-        self.layers = nn.ModuleList(EnsembleLinear(n_nets, a, b) for a, b in zip(sizes[:-1], sizes[1:]))
+        self.layers = nn.ModuleList(
+            EnsembleLinear(n_nets, a, b) for a, b in zip(sizes[:-1], sizes[1:], strict=True)
+        )
         self.final_relu = final_relu
 
     def forward(self, x: th.Tensor, detach: bool = False) -> th.Tensor:
@@ -122,7 +125,9 @@ class RoutedNetwork(nn.Module):
     ):
         super().__init__()
         if resrouting_shortcut not in SHORTCUT_MODES:
-            raise ValueError(f"Unknown resrouting_shortcut {resrouting_shortcut!r}; choose one of {SHORTCUT_MODES}.")
+            raise ValueError(
+                f"Unknown resrouting_shortcut {resrouting_shortcut!r}; choose one of {SHORTCUT_MODES}."
+            )
         if len(encoder_sizes) < 1:
             raise ValueError("encoder_sizes needs at least one layer size")
         self.num_tasks = num_tasks
@@ -159,27 +164,157 @@ class RoutedNetwork(nn.Module):
             param_index=tuple(param_index),
             masked_shortcut=resrouting_shortcut == "masked",
         )
+        self._register_routing_tables()
+
+    def _register_routing_tables(self) -> None:
+        """Index tables of the fast routing path (non-persistent buffers: they follow ``.to(device)`` and stay
+        out of the state dict)."""
+        graph, n = self.graph, self.n_modules
+        # Padded logits as one gather from [logits, -inf, 0]: off-candidate entries read the -inf column, rows of
+        # input nodes the 0 column (the same values as RoutingGraph.padded_logits).
+        pad_index = graph.flat_index.clone()
+        pad_index[~graph.candidates] = graph.num_logits
+        pad_index[graph.n_candidates == 0] = graph.num_logits + 1
+        self.register_buffer("_pad_index", pad_index.flatten(), persistent=False)
+        self.register_buffer("_pad_fill", th.tensor([float("-inf"), 0.0]), persistent=False)
+        # Flat logit position of edge (node, source): the chosen logits are gathered without padding.
+        self.register_buffer("_edge_position", graph.flat_index.clamp(min=0).flatten(), persistent=False)
+        self.register_buffer("_node_offset", th.arange(n + 1).view(n + 1, 1) * n, persistent=False)
+        self.register_buffer("_slot_valid", graph.slot_valid.clone(), persistent=False)
+        self._slots_used = graph.slot_valid.sum(-1).tolist()  # sources used per node (slots fill from 0)
+        self.register_buffer("_routed_index", th.tensor(graph.routed_nodes), persistent=False)
+        self.register_buffer("_keep_threshold", graph.keep_threshold[:, None].clone(), persistent=False)
+        # Per node, its candidate modules and their flat logit positions (single-observation TopK in Python).
+        self._candidates = [
+            (
+                th.nonzero(graph.candidates[node]).flatten().tolist(),
+                graph.flat_index[node][graph.candidates[node]].tolist(),
+            )
+            for node in range(n + 1)
+        ]
 
     # ----------------------------------------------------------------------------------------------------
-    def encode(self, state: th.Tensor, task_ids: th.Tensor, detach: bool = False) -> tuple[th.Tensor, th.Tensor]:
+    def encode(
+        self, state: th.Tensor, task_ids: th.Tensor, detach: bool = False
+    ) -> tuple[th.Tensor, th.Tensor]:
         """State and task encodings: ``(x0 [E, B, embed], padded gate logits [E, B, n + 1, n])``."""
+        x0, logits = self._encode_flat(state, task_ids, detach)
+        return x0, self._pad(logits)
+
+    def _encode_flat(
+        self, state: th.Tensor, task_ids: th.Tensor, detach: bool
+    ) -> tuple[th.Tensor, th.Tensor]:
+        """``(x0 [E, B, embed], flat gate logits [E, B, L])``."""
         ens = self.n_nets
         if state.dim() == 2:
             state = state.unsqueeze(0).expand(ens, -1, -1)
         f_pre = self.state_encoder(state, detach)
         task_w = self.task_encoder.weight.detach() if detach else self.task_encoder.weight
         task_b = self.task_encoder.bias.detach() if detach else self.task_encoder.bias
-        # H(onehot) = W[:, task] + b: a lookup instead of a matmul with a one-hot.
-        task_embedding = task_w.transpose(1, 2)[:, task_ids] + task_b.unsqueeze(1)
+        # H(onehot) = W onehot + b as a batched matmul: exact (one product by 1, the rest by 0), and both its
+        # passes are GEMMs (a lookup's backward is a slow scatter of B rows into T).
+        onehot = th.nn.functional.one_hot(task_ids, self.num_tasks).to(f_pre.dtype).expand(ens, -1, -1)
+        task_embedding = th.baddbmm(task_b.unsqueeze(1), onehot, task_w.transpose(1, 2))
         gate_logits = self.gate(task_embedding * f_pre, detach)  # gate input is taken before the ReLU
-        return th.relu(f_pre), self.graph.padded_logits(gate_logits)
+        return th.relu(f_pre), gate_logits
+
+    def _pad(self, logits: th.Tensor) -> th.Tensor:
+        """Flat logits ``[E, B, L]`` -> padded ``[E, B, n + 1, n]`` (values of ``RoutingGraph.padded_logits``)."""
+        lead = logits.shape[:-1]
+        extended = th.cat([logits, self._pad_fill.to(logits.dtype).expand(*lead, 2)], dim=-1)
+        padded = extended.gather(-1, self._pad_index.expand(*lead, -1))
+        return padded.view(*lead, self.n_modules + 1, self.n_modules)
+
+    def _route(
+        self, logits: th.Tensor, task_ids: th.Tensor, route: RouteRequest
+    ) -> tuple[th.Tensor, th.Tensor, th.Tensor | None]:
+        """``(sources, weights, keep)`` for flat gate logits.
+
+        Sources and ResRouting masks need no gradient, so the padded logits are built without one; with Top-K
+        routing the weights come straight from the chosen logits (a softmax over two logits is a sigmoid of
+        their difference), so no padded tensor enters the autograd graph.
+        """
+        if self.graph.routing != "topk":
+            padded = self._pad(logits)
+            sources = self.choose_sources(padded.detach(), task_ids, route)
+            keep = self._keep_mask(padded.detach(), sources) if route.resrouting else None
+            # Hard and soft routing weigh each chosen source by its full-softmax probability.
+            return sources, th.softmax(padded, dim=-1).gather(-1, sources) * self._slot_valid, keep
+        with th.no_grad():
+            padded = self._pad(logits.detach())
+            sources = self.choose_sources(padded, task_ids, route)
+            keep = self._keep_mask(padded, sources) if route.resrouting else None
+        return sources, self._topk_weights(logits, sources), keep
+
+    def _topk_weights(self, logits: th.Tensor, sources: th.Tensor) -> th.Tensor:
+        """MaskSoftmax weights ``[E, B, n + 1, k]`` of the chosen sources, from the flat logits."""
+        lead = logits.shape[:-1]
+        position = self._edge_position[self._node_offset + sources]  # [E or 1, B, n + 1, k]
+        position = position.expand(*lead, *position.shape[-2:])
+        chosen = logits.gather(-1, position.reshape(*lead, -1)).view(position.shape)
+        valid = self._slot_valid
+        if chosen.shape[-1] == 2:
+            # softmax(a, b) = (sigmoid(a - b), sigmoid(b - a)); a single valid source gets weight 1.
+            diff = th.where(valid[:, 1], chosen[..., 0] - chosen[..., 1], float("inf"))
+            probs = th.sigmoid(th.stack([diff, -diff], dim=-1))
+        else:
+            unused = th.where(valid.any(-1, keepdim=True), float("-inf"), 0.0).to(chosen.dtype)
+            probs = th.softmax(th.where(valid, chosen, unused), dim=-1)
+        return probs * valid
 
     def choose_sources(self, padded: th.Tensor, task_ids: th.Tensor, route: RouteRequest) -> th.Tensor:
         """Module indices ``[E, B, n + 1, slots]`` of the chosen sources for this request."""
         if route.stored is not None:
-            return self.graph.decode(route.stored).expand(self.n_nets, -1, -1, -1)
+            return self._decode(route.stored).expand(self.n_nets, -1, -1, -1)
         temperature = self.route_temperature[task_ids] if route.explore else None
-        return self.graph.select(padded, temperature, route.explore)
+        if self.graph.routing == "topk" and self.graph.slots == 2:
+            return self._select_top2(padded, temperature, route.explore)
+        return self._select(padded, temperature, route.explore)
+
+    # The routing helpers below compute exactly what RoutingGraph's methods compute, with index tables kept on
+    # the network's device (RoutingGraph moves its CPU tables to the device on every call: a host-to-device
+    # copy, which synchronises a GPU).
+    def _decode(self, route: th.Tensor) -> th.Tensor:
+        """:meth:`RoutingGraph.decode`: stored ``uint8 [..., routed nodes, k]`` -> long ``[..., n + 1, k]``."""
+        sources = th.zeros(
+            *route.shape[:-2], self.n_modules + 1, self.graph.slots, dtype=th.long, device=route.device
+        )
+        return sources.index_copy_(-2, self._routed_index, route.long())
+
+    @th.no_grad()
+    def _select(self, padded: th.Tensor, temperature: th.Tensor | None, explore: bool) -> th.Tensor:
+        """:meth:`RoutingGraph.select` (any routing function and ``k``)."""
+        if self.graph.routing == "soft":
+            sources = th.arange(self.graph.slots, device=padded.device).expand(*padded.shape[:-1], -1)
+        else:
+            scores = padded
+            if explore:
+                tau = temperature[..., None, None] if temperature is not None else 1.0
+                uniform = th.rand_like(padded).clamp_(min=1e-20)
+                scores = padded / tau - th.log(-th.log(uniform))
+            sources = scores.topk(self.graph.slots, dim=-1).indices
+        return th.where(self._slot_valid, sources, 0)
+
+    def _keep_mask(self, padded: th.Tensor, sources: th.Tensor) -> th.Tensor:
+        """:meth:`RoutingGraph.keep_mask`: kept iff the full-softmax share > 1 / (candidates + 1)."""
+        with th.no_grad():
+            return th.softmax(padded, dim=-1).gather(-1, sources) > self._keep_threshold
+
+    @th.no_grad()
+    def _select_top2(self, padded: th.Tensor, temperature: th.Tensor | None, explore: bool) -> th.Tensor:
+        """:meth:`RoutingGraph.select` for ``k = 2`` with two ``max`` passes instead of ``topk`` (several times
+        faster on rows of 16). Same draws from the random stream; ties (probability 0 with real logits) may pick
+        another of the tied sources than ``topk``."""
+        scores = padded
+        if explore:
+            # Gumbel-top-k, as in RoutingGraph.select.
+            tau = temperature[..., None, None] if temperature is not None else 1.0
+            gumbel = th.rand_like(padded).clamp_(min=1e-20).log_().neg_().log_()
+            scores = (padded / tau).sub_(gumbel)
+        first = scores.max(dim=-1, keepdim=True).indices
+        second = scores.scatter(-1, first, float("-inf")).max(dim=-1, keepdim=True).indices
+        sources = th.cat([first, second], dim=-1)
+        return th.where(self._slot_valid, sources, 0)
 
     def forward(
         self,
@@ -197,10 +332,8 @@ class RoutedNetwork(nn.Module):
             the actor loss, which must not train the critic).
         :return: ``(out [E, B, out_dim], sources [E, B, n + 1, slots])``.
         """
-        x0, padded = self.encode(state, task_ids, detach_params)
-        sources = self.choose_sources(padded, task_ids, route)
-        weights = self.graph.weights(padded, sources)
-        keep = self.graph.keep_mask(padded, sources) if route.resrouting else None
+        x0, logits = self._encode_flat(state, task_ids, detach_params)
+        sources, weights, keep = self._route(logits, task_ids, route)
         params = (self.w_in, self.b_in, self.w_hid, self.b_hid)
         if detach_params:
             params = tuple(p.detach() for p in params)
@@ -213,34 +346,147 @@ class RoutedNetwork(nn.Module):
         """Inference forward that computes only the modules some chosen path reaches from the output.
 
         The gate does not depend on module outputs, so the route (and hence the set of active modules) is
-        known before any module runs. For batch-1 control a route reaches ~5-8 of 16 modules. Values equal
-        :meth:`forward`'s. Returns ``(out, sources, number of modules computed)``.
+        known before any module runs. For batch-1 control a route reaches ~4-8 of 16 modules. Sources equal
+        :meth:`forward`'s and outputs too, up to rounding. Returns ``(out, sources, number of modules computed)``.
+
+        Built for small batches, where per-operation overhead dominates: reachability is a set walk over the
+        route as Python ints, and a single observation indexes its sources directly (no gathers).
         """
-        x0, padded = self.encode(state, task_ids)
-        sources = self.choose_sources(padded, task_ids, route)
-        weights = self.graph.weights(padded, sources)
-        path = self.graph.path(padded, sources)
-        needed = path.active.flatten(0, -2).any(0).tolist()  # union over ensemble and batch
-        ens, batch = x0.shape[:2]
-        n_slots = sources.shape[-1]
+        if self.n_nets == 1 and state.shape[-2] == 1:
+            x0, logits = self._encode_single(state, task_ids)
+            if self.graph.routing == "topk" and not route.explore and route.stored is None:
+                route_list, weight_list = self._top_k_single(logits.view(-1).tolist())
+                needed = self._reachable([[route_list]])
+                y = self._single_path(x0[0], route_list, weight_list, needed)
+                out = F.linear(y, self.head.weight[0], self.head.bias[0]).unsqueeze(0)
+                flat = [source for node in route_list for source in node]
+                sources = th.tensor(flat, device=x0.device).view(1, 1, self.n_modules + 1, -1)
+                return out, sources, len(needed)
+        else:
+            x0, logits = self._encode_flat(state, task_ids, False)
+        sources, weights, _ = self._route(logits, task_ids, route)
+        sources = sources.expand(weights.shape)
+        route_list = sources.tolist()  # [E][B][n + 1][k]
+        needed = self._reachable(route_list)
+        if x0.shape[0] * x0.shape[1] == 1:
+            y = self._single_path(x0[0], route_list[0][0], weights[0, 0].tolist(), needed)
+            out = F.linear(y, self.head.weight[0], self.head.bias[0])
+            return out.unsqueeze(0), sources, len(needed)
+        mask = [node in needed for node in range(self.n_modules)]
         rows = _flat_rows(sources, self.n_modules)
-        outputs = x0.new_zeros(ens, self.n_modules, batch, self.module_dim)  # unreached modules stay 0
-        flat_outputs = outputs.view(-1, self.module_dim)
+        y, _ = run_nodes(
+            x0,
+            self.w_in,
+            self.b_in,
+            self.w_hid,
+            self.b_hid,
+            _node_major(weights),
+            rows,
+            self.plan,
+            needed=mask,
+        )
+        return self.head(y), sources, len(needed)
 
-        def mix_sources(node: int) -> th.Tensor:
-            gathered = flat_outputs.index_select(0, rows[node]).view(ens, batch, n_slots, self.module_dim)
-            return _mix(gathered, weights[:, :, node])
+    def _encode_single(self, state: th.Tensor, task_ids: th.Tensor) -> tuple[th.Tensor, th.Tensor]:
+        """:meth:`_encode_flat` for one observation and one network, with plain 2-D ops (fewer, cheaper calls)."""
+        f_pre = state.reshape(1, -1)
+        layers = self.state_encoder.layers
+        for i, layer in enumerate(layers):
+            f_pre = F.linear(f_pre, layer.weight[0], layer.bias[0])
+            if i < len(layers) - 1:
+                f_pre = f_pre.relu_()
+        task = task_ids.reshape(-1)
+        gate_input = (
+            self.task_encoder.weight[0].index_select(1, task).t() + self.task_encoder.bias[0]
+        ) * f_pre
+        layers = self.gate.layers
+        for i, layer in enumerate(layers):
+            gate_input = F.linear(gate_input, layer.weight[0], layer.bias[0])
+            if i < len(layers) - 1:
+                gate_input = gate_input.relu_()
+        return th.relu(f_pre).unsqueeze(0), gate_input.unsqueeze(0)
 
-        for node in range(self.n_modules):
-            if not needed[node]:
-                continue
-            k = self.plan.param_index[node]
-            if self.plan.is_input[node]:
-                outputs[:, node] = th.relu(_linear(x0, self.w_in[:, k], self.b_in[:, k]))
+    def _top_k_single(self, logits: list[float]) -> tuple[list[list[int]], list[list[float]]]:
+        """TopK sources and MaskSoftmax weights of one observation from its flat gate logits, in plain Python.
+
+        The same choice as :meth:`_select_top2` (the first of tied maxima wins), unused slots hold module 0 with
+        weight 0. For a single observation this is several times cheaper than a dozen small tensor operations.
+        """
+        k = self.graph.slots
+        route, weights = [], []
+        for modules, positions in self._candidates:
+            if k == 2 and len(positions) >= 2:
+                # One pass keeping the best two (strict '>' keeps the first of tied values, like max()).
+                first = second = -1
+                best = runner = -math.inf
+                for i, p in enumerate(positions):
+                    value = logits[p]
+                    if value > best:
+                        second, runner, first, best = first, best, i, value
+                    elif second < 0 or value > runner:
+                        second, runner = i, value
+                order = [first, second]
             else:
-                u = mix_sources(node)
-                outputs[:, node] = th.relu(_linear(u, self.w_hid[:, k], self.b_hid[:, k])) + u
-        return self.head(mix_sources(self.n_modules)), sources, sum(needed)
+                values = [logits[p] for p in positions]
+                order = []
+                for _ in range(min(k, len(values))):
+                    order.append(
+                        max((i for i in range(len(values)) if i not in order), key=values.__getitem__)
+                    )
+            chosen = [logits[positions[i]] for i in order]
+            top = max(chosen, default=0.0)
+            exps = [math.exp(v - top) for v in chosen]
+            total = sum(exps)
+            padding = k - len(order)
+            route.append([modules[i] for i in order] + [0] * padding)
+            weights.append([e / total for e in exps] + [0.0] * padding)
+        return route, weights
+
+    def _encode_route(self, sources: th.Tensor) -> th.Tensor:
+        """:meth:`RoutingGraph.encode` for sources from this network (unused slots already hold 0)."""
+        return sources.index_select(-2, self._routed_index).to(th.uint8)
+
+    def _reachable(self, route_list: list) -> set[int]:
+        """Modules reachable backward from the output node along the chosen edges, union over ``[E][B]``."""
+        n = self.n_modules
+        slots_used = self._slots_used
+        needed: set[int] = set()
+        for member in route_list:
+            for sample in member:  # each sample has its own route: walk it with its own visited set
+                reached: set[int] = set()
+                stack = [n]
+                while stack:
+                    node = stack.pop()
+                    for source in sample[node][: slots_used[node]]:
+                        if source not in reached:
+                            reached.add(source)
+                            stack.append(source)
+                needed |= reached
+        return needed
+
+    def _single_path(self, x0: th.Tensor, route: list, weights: list, needed: set[int]) -> th.Tensor:
+        """Routed block for one observation (``x0 [1, Din]``): only ``needed`` modules, sources by index."""
+        plan = self.plan
+        outputs: list[th.Tensor | None] = [None] * self.n_modules
+        slots_used = self._slots_used
+
+        def mix(node: int) -> th.Tensor:
+            used = slots_used[node]
+            sources, coefficients = route[node][:used], weights[node][:used]
+            mixed = outputs[sources[0]] * coefficients[0]
+            for source, coefficient in zip(sources[1:], coefficients[1:], strict=True):
+                mixed = mixed.add_(outputs[source], alpha=coefficient)
+            return mixed
+
+        w_in, b_in, w_hid, b_hid = self.w_in[0], self.b_in[0], self.w_hid[0], self.b_hid[0]
+        for node in sorted(needed):
+            k = plan.param_index[node]
+            if plan.is_input[node]:
+                outputs[node] = F.linear(x0, w_in[k], b_in[k]).relu_()
+            else:
+                u = mix(node)
+                outputs[node] = F.linear(u, w_hid[k], b_hid[k]).relu_().add_(u)
+        return mix(self.n_modules)
 
     @th.no_grad()
     def routing_path(self, state: th.Tensor, task_ids: th.Tensor, route: RouteRequest = TOPK) -> RoutingPath:

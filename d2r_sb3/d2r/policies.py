@@ -60,7 +60,7 @@ class D2RActor(nn.Module):
         else:
             out, sources = self.net(state, task_ids, route)
             self.last_modules_computed = self.net.n_modules
-        self.last_route = self.net.graph.encode(sources[0])
+        self.last_route = self.net._encode_route(sources[0])
         mean, log_std = out[0].chunk(2, dim=-1)
         return squashed_gaussian(mean, log_std, deterministic, with_log_prob=False)[0]
 
@@ -168,6 +168,9 @@ class D2RPolicy(MultiTaskPolicy):
         self.offpolicy_routing = offpolicy_routing
         self.sample_k = sample_k
         self.skip_max_batch = skip_max_batch
+        if optimizer_kwargs is None and optimizer_class is th.optim.Adam:
+            # The multi-tensor Adam gives bitwise the same steps as the default per-parameter loop, faster.
+            optimizer_kwargs = {"foreach": True}
         super().__init__(
             observation_space, action_space, lr_schedule, num_tasks, n_critics, optimizer_class, optimizer_kwargs
         )

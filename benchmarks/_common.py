@@ -1,0 +1,98 @@
+"""Shared helpers of the benchmark scripts: machine description, interleaved timing, Markdown tables.
+
+Timing protocol (../shared/BENCHMARKS.md): every candidate runs in the same process, interleaved (one repeat of
+each in turn, the order alternating between repeats), after warm-up; we report the median over repeats and the
+median of the per-repeat ratios, which cancels most of the drift on a shared machine.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+
+import torch as th
+
+
+def set_threads(threads: int) -> None:
+    """Use ``threads`` intra-op threads (and one inter-op thread) for the whole benchmark."""
+    if threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {threads}.")
+    th.set_num_threads(threads)
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def machine_lines() -> list[str]:
+    """Markdown bullet lines describing where and how a benchmark ran."""
+    lines = [
+        f"- date: {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}",
+        f"- CPU: {cpu_model()}, {os.cpu_count()} logical cores; torch threads: {th.get_num_threads()}",
+        f"- torch {th.__version__}, Python {platform.python_version()}",
+    ]
+    if th.cuda.is_available():
+        lines.append(f"- GPU: {th.cuda.get_device_name(0)}")
+    try:
+        load = os.getloadavg()
+        lines.append(
+            f"- load average at the end: {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1 / 5 / 15 min)"
+        )
+    except OSError:
+        pass
+    return lines
+
+
+def interleaved(
+    candidates: dict[str, Callable[[], None]],
+    repeats: int,
+    warmup: int = 1,
+    sync: Callable[[], None] | None = None,
+) -> dict[str, list[float]]:
+    """Seconds per call of every candidate, ``repeats`` times each, interleaved.
+
+    :param candidates: name -> function to time (one call = one measured unit of work).
+    :param repeats: measured calls per candidate.
+    :param warmup: untimed calls per candidate first.
+    :param sync: called before reading the clock (``torch.cuda.synchronize`` on a GPU).
+    """
+    sync = sync or (lambda: None)
+    for _ in range(warmup):
+        for fn in candidates.values():
+            fn()
+    names = list(candidates)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for rep in range(repeats):
+        for name in names if rep % 2 == 0 else reversed(names):
+            sync()
+            start = time.perf_counter()
+            candidates[name]()
+            sync()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def median(values: Sequence[float]) -> float:
+    return statistics.median(values)
+
+
+def paired_ratio(times: dict[str, list[float]], name: str, reference: str) -> float:
+    """Median over repeats of ``time[name] / time[reference]`` (the repeats were interleaved)."""
+    return statistics.median(a / b for a, b in zip(times[name], times[reference], strict=True))
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)

@@ -1,0 +1,111 @@
+"""End-to-end ``learn()`` on MT10: env steps per second and where the time goes (target 4 of issue 6).
+
+    python benchmarks/bench_e2e.py                        # 1 thread, 300 vector steps after 100 of warm-up
+    python benchmarks/bench_e2e.py --threads 2 --steps 500 --vec-env subproc
+
+D2R (``D2RSAC``, default MT10 network) and SB3's ``SAC("MlpPolicy", net_arch=[400, 400, 400])`` learn on the same
+MT10 env (one sub-env per task, 10 transitions per vector step), batch 1280, one gradient step per vector step.
+The clock is split into: env (``VecEnv.step``), acting (policy inference and, for D2R, storing the routes), train
+(gradient steps, including replay sampling) and the rest (buffer writes, callbacks, logging).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch as th
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import machine_lines, markdown_table, set_threads  # noqa: E402
+
+from d2r_sb3 import D2RSAC, make_mt_env  # noqa: E402
+
+
+class Clock:
+    """Accumulates the wall time spent inside wrapped callables."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    def wrap(self, name: str, fn):
+        self.seconds.setdefault(name, 0.0)
+
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.seconds[name] += time.perf_counter() - start
+
+        return timed
+
+
+def run(name: str, model, env, warmup_steps: int, steps: int) -> list[str]:
+    n_envs = env.num_envs
+    model.learn(warmup_steps * n_envs)  # fills the buffer past learning_starts and warms every code path
+    clock = Clock()
+    model.train = clock.wrap("train", model.train)
+    model._sample_action = clock.wrap("acting", model._sample_action)
+    env.step_wait = clock.wrap("env", env.step_wait)
+    start = time.perf_counter()
+    model.learn(steps * n_envs, reset_num_timesteps=False)
+    total = time.perf_counter() - start
+    del model.train, model._sample_action, env.step_wait  # back to the class methods
+    parts = {key: clock.seconds[key] for key in ("env", "acting", "train")}
+    parts["other"] = total - sum(parts.values())
+    share = {key: f"{100 * value / total:.0f} %" for key, value in parts.items()}
+    updates_per_s = steps / clock.seconds["train"]
+    return [
+        name,
+        f"{steps * n_envs / total:.0f}",
+        share["env"],
+        share["acting"],
+        share["train"],
+        share["other"],
+        f"{1000 / updates_per_s:.0f}",
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=300, help="timed vector env steps (x10 transitions)")
+    parser.add_argument("--warmup", type=int, default=130, help="untimed vector steps first (>= batch / 10)")
+    parser.add_argument("--batch", type=int, default=1280)
+    parser.add_argument("--vec-env", default="dummy", choices=["dummy", "subproc"])
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    set_threads(args.threads)
+    from stable_baselines3 import SAC
+
+    rows = []
+    for name in ("SB3 SAC, MlpPolicy [400, 400, 400]", "D2R (D2RSAC, default MT10 network)"):
+        env = make_mt_env("MT10", seed=args.seed, vec_env=args.vec_env)
+        common = dict(batch_size=args.batch, buffer_size=100_000, learning_starts=args.batch, seed=args.seed)
+        if name.startswith("D2R"):
+            model = D2RSAC("D2RPolicy", env, **common)
+        else:
+            model = SAC("MlpPolicy", env, policy_kwargs=dict(net_arch=[400, 400, 400]), **common)
+        rows.append(run(name, model, env, args.warmup, args.steps))
+        env.close()
+    print(
+        f"## learn() on MT10, batch {args.batch}, {args.threads} thread(s), {args.vec_env} VecEnv, "
+        f"{args.steps} vector steps ({args.steps * 10} env steps)\n"
+    )
+    print(
+        markdown_table(
+            ["model", "env steps / s", "env", "acting", "train", "other", "ms per gradient step"], rows
+        )
+    )
+    print("\n" + "\n".join(machine_lines()))
+
+
+if __name__ == "__main__":
+    th.manual_seed(0)
+    main()

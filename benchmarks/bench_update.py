@@ -1,0 +1,133 @@
+"""Milliseconds per SAC gradient step: D2R vs SB3's MLP SAC on the same MT10 data (target 1 of issue 6).
+
+    python benchmarks/bench_update.py                 # 2 threads, batch 1280, 7 interleaved repeats
+    python benchmarks/bench_update.py --threads 1 --repeats 9
+
+One gradient step = everything ``model.train(gradient_steps, batch_size)`` does per step: replay sampling, actor,
+twin critics, targets, entropy coefficient(s), backward, gradient clipping (D2R), Adam, Polyak update and, for
+D2R, the per-task routing temperatures. The replay buffers of all models hold the same transitions, collected
+on MT10 by the untrained D2R policy. A second table times the actor network alone (forward + backward at
+batch 1280 with stored routes and ResRouting): the authors-style dense computation vs the optimised block.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch as th
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import interleaved, machine_lines, markdown_table, median, paired_ratio, set_threads  # noqa: E402
+from naive_d2r import naive_forward  # noqa: E402
+
+from d2r_sb3 import D2RSAC, MultiTaskSAC, make_mt_env  # noqa: E402
+from d2r_sb3.d2r.network import RouteRequest  # noqa: E402
+
+MLP_ARCH = [400, 400, 400]
+
+
+def copy_replay(source, target) -> None:
+    """Copy the transitions of one replay buffer into another with the same ``[size, n_envs, ...]`` layout."""
+    n = source.buffer_size if source.full else source.pos
+    for name in ("observations", "next_observations", "actions", "rewards", "dones", "timeouts"):
+        getattr(target, name)[:n] = getattr(source, name)[:n]
+    target.pos, target.full = n % target.buffer_size, source.full or n == target.buffer_size
+
+
+def build_models(batch: int, collect_steps: int, seed: int, device: str = "cpu"):
+    """MT10 env and the three models, whose replay buffers hold the same collected transitions."""
+    from stable_baselines3 import SAC
+
+    import d2r_sb3.baselines  # noqa: F401  (registers MTSACPolicy)
+
+    env = make_mt_env("MT10", seed=seed)
+    buffer_size = max(collect_steps * env.num_envs, batch) + env.num_envs
+    common = dict(batch_size=batch, buffer_size=buffer_size, seed=seed, device=device)
+    d2r = D2RSAC("D2RPolicy", env, learning_starts=10**9, **common)
+    d2r.learn(collect_steps * env.num_envs)  # collection only (learning_starts is never reached)
+    mtsac = MultiTaskSAC(
+        "MTSACPolicy", env, learning_starts=0, policy_kwargs=dict(net_arch=MLP_ARCH), **common
+    )
+    sb3 = SAC("MlpPolicy", env, learning_starts=0, policy_kwargs=dict(net_arch=MLP_ARCH), **common)
+    for model in (mtsac, sb3):
+        copy_replay(d2r.replay_buffer, model.replay_buffer)
+    for model in (d2r, mtsac, sb3):
+        model._setup_learn(0)  # a logger, as learn() would have set up
+    return env, {
+        "SB3 SAC, MlpPolicy [400, 400, 400]": sb3,
+        "MT-SAC (MultiTaskSAC, MLP [400, 400, 400])": mtsac,
+        "D2R (D2RSAC, default MT10 network)": d2r,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=1280)
+    parser.add_argument("--repeats", type=int, default=7, help="interleaved timed repeats (median reported)")
+    parser.add_argument("--steps", type=int, default=3, help="gradient steps per timed repeat")
+    parser.add_argument("--collect", type=int, default=300, help="vector env steps collected for the replay")
+    parser.add_argument("--no-network", action="store_true", help="skip the network-only table")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    set_threads(args.threads)
+    th.manual_seed(args.seed)
+    np.random.seed(args.seed)
+
+    env, models = build_models(args.batch, args.collect, args.seed)
+    candidates = {name: (lambda m=model: m.train(args.steps, args.batch)) for name, model in models.items()}
+    times = interleaved(candidates, args.repeats, warmup=2)
+    reference = next(iter(models))
+    rows = []
+    for name in models:
+        ms = 1000 * median(times[name]) / args.steps
+        rows.append([name, f"{ms:.1f}", f"{paired_ratio(times, name, reference):.2f}"])
+    print(f"## SAC gradient step, batch {args.batch}, {args.threads} thread(s)\n")
+    print(markdown_table(["model", "ms per gradient step", f"ratio to {reference.split(',')[0]}"], rows))
+
+    if not args.no_network:
+        d2r = models["D2R (D2RSAC, default MT10 network)"]
+        data = d2r.replay_buffer.sample(args.batch)
+        net = d2r.policy.actor.net
+        state, task_ids = d2r.policy.split_obs(data.observations)
+        request = RouteRequest(stored=data.routes.unsqueeze(0), resrouting=True)
+
+        def fast() -> None:
+            out, _ = net(state, task_ids, request)
+            out.square().sum().backward()
+
+        def naive() -> None:
+            naive_forward(net, state, task_ids, request).square().sum().backward()
+
+        net_times = interleaved({"naive": naive, "optimised": fast}, args.repeats, warmup=1)
+        net.zero_grad(set_to_none=True)
+        print(f"\n## Actor network forward + backward, batch {args.batch} (stored routes, ResRouting)\n")
+        print(
+            markdown_table(
+                ["implementation", "ms", "ratio to naive"],
+                [
+                    [
+                        "naive: dense per-node mix over all earlier modules, plain autograd",
+                        f"{1000 * median(net_times['naive']):.1f}",
+                        "1.00",
+                    ],
+                    [
+                        "optimised: routed block with hand-written pulling backward",
+                        f"{1000 * median(net_times['optimised']):.1f}",
+                        f"{paired_ratio(net_times, 'optimised', 'naive'):.2f}",
+                    ],
+                ],
+            )
+        )
+    print("\n" + "\n".join(machine_lines()))
+    env.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,135 @@
+"""Where the time of one D2R gradient step goes (torch.profiler), by phase and by kind of work.
+
+    python benchmarks/profile_update.py              # 1 thread, 5 profiled steps, MT10 data, batch 1280
+
+Phases are the five policy calls of the multi-task SAC update (D2R_SPEC.md table 2.4), the backward pass and the
+optimiser steps; inside each phase the self time of every operator is put in one bucket: matrix products,
+the routed block's gathers (``embedding_bag``), other tensor operations, and Python/dispatch overhead (the
+time spent in the phase that no operator accounts for).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch as th
+from torch.profiler import ProfilerActivity, profile, record_function
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import machine_lines, markdown_table, set_threads  # noqa: E402
+from bench_update import build_models  # noqa: E402
+
+MATMUL = {"aten::bmm", "aten::baddbmm", "aten::baddbmm_", "aten::mm", "aten::addmm", "aten::matmul"}
+GATHER = {"aten::_embedding_bag_forward_only", "aten::embedding_bag", "aten::index_select"}
+POLICY_CALLS = ("actor_loss_sample", "target_sample", "q_values", "q_values_for_actor", "target_q_values")
+
+
+def instrument(model) -> None:
+    """Wrap the policy calls, the backward pass and the optimiser steps in named profiler ranges."""
+    policy = model.policy
+
+    def ranged(name, fn):
+        def wrapper(*args, **kwargs):
+            with record_function(f"phase: {name}"):
+                return fn(*args, **kwargs)
+
+        return wrapper
+
+    for name in POLICY_CALLS:
+        setattr(policy, name, ranged(name, getattr(policy, name)))
+    for optimizer in (model.actor.optimizer, model.critic.optimizer, model.ent_coef_optimizer):
+        optimizer.step = ranged("optimizer steps", optimizer.step)
+    backward = th.Tensor.backward
+    th.Tensor.backward = lambda self, *a, **k: ranged("backward", backward)(self, *a, **k)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--batch", type=int, default=1280)
+    args = parser.parse_args()
+    set_threads(args.threads)
+    env, models = build_models(args.batch, 150, seed=0)
+    model = models["D2R (D2RSAC, default MT10 network)"]
+    instrument(model)
+    model.train(2, args.batch)  # warm-up
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        with record_function("phase: whole step"):
+            model.train(args.steps, args.batch)
+    events = prof.events()
+    total = next(e for e in events if e.name == "phase: whole step").cpu_time_total / args.steps / 1000
+
+    def phase_of(event) -> str | None:
+        node = event
+        while node is not None:
+            if node.name.startswith("phase: ") and node.name != "phase: whole step":
+                return node.name[len("phase: ") :]
+            node = node.cpu_parent
+        return "other (losses, replay sampling, clipping, target update, routing temperature)"
+
+    buckets: dict[str, dict[str, float]] = {}
+    phase_totals: dict[str, float] = {}
+    for event in events:
+        if event.name.startswith("phase: "):
+            if event.name != "phase: whole step":
+                key = event.name[len("phase: ") :]
+                phase_totals[key] = phase_totals.get(key, 0.0) + event.cpu_time_total
+            continue
+        phase = phase_of(event)
+        if event.name in MATMUL:
+            kind = "matmul"
+        elif event.name in GATHER:
+            kind = "gathers"
+        elif event.name.startswith("RoutedBlockFunction"):
+            kind = "python"  # the Python bodies of the routed block's forward and backward
+        else:
+            kind = "other ops"
+        buckets.setdefault(phase, {}).setdefault(kind, 0.0)
+        buckets[phase][kind] += event.self_cpu_time_total
+    rows = []
+    order = [*POLICY_CALLS, "backward", "optimizer steps"]
+    for phase in [*order, *sorted(set(buckets) - set(order))]:
+        parts = {k: v / args.steps / 1000 for k, v in buckets.get(phase, {}).items()}
+        in_phase = phase_totals.get(phase, sum(buckets.get(phase, {}).values())) / args.steps / 1000
+        python = parts.get("python", 0.0) + max(in_phase - sum(parts.values()), 0.0)
+        rows.append(
+            [
+                phase,
+                f"{in_phase:.1f}",
+                f"{parts.get('matmul', 0):.1f}",
+                f"{parts.get('gathers', 0):.1f}",
+                f"{parts.get('other ops', 0):.1f}",
+                f"{python:.1f}",
+            ]
+        )
+    print(
+        f"## One D2R gradient step, batch {args.batch}, {args.threads} thread(s): {total:.0f} ms under the profiler\n"
+    )
+    print(
+        markdown_table(
+            ["phase", "ms", "matmul", "gathers (embedding_bag)", "other ops", "Python / dispatch"], rows
+        )
+    )
+    print("\nLargest operators (self time per step):\n")
+    top = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:15]
+    print(
+        markdown_table(
+            ["operator", "ms per step", "calls per step"],
+            [
+                [e.key, f"{e.self_cpu_time_total / args.steps / 1000:.1f}", f"{e.count / args.steps:.0f}"]
+                for e in top
+            ],
+        )
+    )
+    print("\n" + "\n".join(machine_lines()))
+    env.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,246 @@
+"""The optimised D2R code paths (issue 6) against the plain reference implementation and the dense forward.
+
+Covers every routing function (topk / hard / soft), ResRouting off / "full" shortcut / "masked" shortcut, one
+network and a twin-critic ensemble, float64 (equal to rounding) and float32 (equal to float32 precision), the
+CPU (pulling) and the GPU (pushing, sync-free) backward strategies, and compute skipping at inference.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch as th
+from gymnasium import spaces
+from reference_d2r import reference_forward
+
+import d2r_sb3.d2r.routed_block as routed_block_module
+from d2r_sb3.d2r import D2RPolicy, RoutedNetwork, RouteRequest
+
+RESROUTING = {"off": (False, "full"), "full": (True, "full"), "masked": (True, "masked")}
+
+
+def small_net(routing: str = "topk", shortcut: str = "full", n_nets: int = 1, **kwargs) -> RoutedNetwork:
+    th.manual_seed(0)
+    net = RoutedNetwork(
+        12,
+        3,
+        5,
+        n_nets=n_nets,
+        n_modules=kwargs.pop("n_modules", 7),
+        module_dim=16,
+        encoder_sizes=(24, 20),
+        gate_sizes=(18,),
+        routing=routing,
+        resrouting_shortcut=shortcut,
+        **kwargs,
+    )
+    # Far-from-uniform gates, so that routes differ between samples and ResRouting masks some edges.
+    gen = th.Generator().manual_seed(1)
+    last = net.gate.layers[-1]
+    with th.no_grad():
+        last.bias.copy_(0.7 * th.randn(last.bias.shape, generator=gen))
+        last.weight.mul_(10.0)
+    return net
+
+
+def inputs(batch: int = 19, dtype=th.float64, seed: int = 2):
+    gen = th.Generator().manual_seed(seed)
+    return th.randn(batch, 12, generator=gen).to(dtype), th.randint(0, 3, (batch,), generator=gen)
+
+
+def fast_and_reference(
+    net: RoutedNetwork, reference_net: RoutedNetwork, state, task_ids, request, shortcut, routing
+):
+    """Outputs and gradients (parameters and state) of the library and of the reference on the same routes."""
+    state = state.clone().requires_grad_(True)
+    th.manual_seed(3)  # SampleK draws
+    out, sources = net(state, task_ids, request)
+    upstream = th.randn(out.shape, generator=th.Generator().manual_seed(4), dtype=th.float64).to(out.dtype)
+    (out * upstream).sum().backward()
+    fast = {name: p.grad.double() for name, p in net.named_parameters()}
+    fast["state"] = state.grad.double()
+
+    ref_state = state.detach().double().requires_grad_(True)
+    ref = th.stack(
+        [
+            reference_forward(
+                reference_net,
+                e,
+                ref_state,
+                task_ids,
+                sources[e].expand(state.shape[0], -1, -1),
+                request.resrouting,
+                shortcut,
+                routing,
+            )
+            for e in range(net.n_nets)
+        ]
+    )
+    (ref * upstream.double()).sum().backward()
+    slow = {name: p.grad for name, p in reference_net.named_parameters()}
+    slow["state"] = ref_state.grad
+    return out.double(), ref, fast, slow
+
+
+@pytest.mark.parametrize("strategy", ["pull", "push"])
+@pytest.mark.parametrize("n_nets", [1, 2])
+@pytest.mark.parametrize("resrouting", list(RESROUTING))
+@pytest.mark.parametrize("routing", ["topk", "hard", "soft"])
+def test_values_and_gradients_equal_the_reference_in_float64(
+    routing, resrouting, n_nets, strategy, monkeypatch
+):
+    monkeypatch.setattr(routed_block_module, "_FORCE_PUSH", strategy == "push")
+    use_rr, shortcut = RESROUTING[resrouting]
+    net = small_net(routing, shortcut, n_nets).double()
+    state, task_ids = inputs()
+    requests = [RouteRequest(explore=True, resrouting=use_rr), RouteRequest(explore=False, resrouting=use_rr)]
+    if routing != "soft":  # stored behaviour routes (the actor loss): both chosen sources may be masked
+        with th.no_grad():
+            _, padded = net.encode(state, task_ids)
+            chosen = net.choose_sources(padded, task_ids, RouteRequest(explore=True))
+        requests.append(RouteRequest(stored=net.graph.encode(chosen[0]).unsqueeze(0), resrouting=use_rr))
+    for request in requests:
+        net.zero_grad(set_to_none=True)
+        reference_net = copy.deepcopy(net)
+        out, ref, fast, slow = fast_and_reference(
+            net, reference_net, state, task_ids, request, shortcut, routing
+        )
+        th.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
+        for name in slow:
+            th.testing.assert_close(fast[name], slow[name], rtol=1e-9, atol=1e-12, msg=f"gradient of {name}")
+
+
+@pytest.mark.parametrize("resrouting", list(RESROUTING))
+@pytest.mark.parametrize("routing", ["topk", "soft"])
+def test_float32_matches_the_float64_reference_to_float32_precision(routing, resrouting):
+    use_rr, shortcut = RESROUTING[resrouting]
+    reference_net = small_net(routing, shortcut, n_nets=2).double()
+    net = copy.deepcopy(reference_net).float()
+    state, task_ids = inputs(dtype=th.float32)
+    with th.no_grad():  # routes from the float64 network, so both sides route identically
+        _, padded = reference_net.encode(state.double(), task_ids)
+        chosen = reference_net.choose_sources(padded, task_ids, RouteRequest(explore=True))
+    request = RouteRequest(stored=reference_net.graph.encode(chosen[0]).unsqueeze(0), resrouting=use_rr)
+    if routing == "soft":
+        request = RouteRequest(resrouting=use_rr)
+    out, ref, fast, slow = fast_and_reference(net, reference_net, state, task_ids, request, shortcut, routing)
+    th.testing.assert_close(out, ref, rtol=1e-4, atol=1e-6)
+    for name in slow:
+        scale = slow[name].abs().max().clamp(min=1e-6)
+        th.testing.assert_close(
+            fast[name] / scale, slow[name] / scale, rtol=0, atol=1e-4, msg=f"gradient of {name}"
+        )
+
+
+def test_forward_without_gradient_equals_the_differentiable_forward():
+    net = small_net(n_nets=2)
+    state, task_ids = inputs(dtype=th.float32)
+    request = RouteRequest(explore=True, resrouting=True)
+    th.manual_seed(5)
+    with_grad, sources = net(state, task_ids, request)
+    th.manual_seed(5)
+    with th.no_grad():
+        without, same_sources = net(state, task_ids, request)
+    assert th.equal(sources, same_sources)
+    th.testing.assert_close(without, with_grad.detach(), rtol=0, atol=0)
+
+
+def test_two_pending_graphs_backpropagate_independently():
+    """The backward pass reuses scratch memory between calls: graphs alive at the same time must not mix."""
+    net = small_net(n_nets=2)
+    first, second = inputs(dtype=th.float32, seed=6), inputs(dtype=th.float32, seed=7)
+    request = RouteRequest(resrouting=True)
+
+    def grads(*batches) -> dict[str, th.Tensor]:
+        net.zero_grad(set_to_none=True)
+        outs = [net(state, task_ids, request)[0].square().sum() for state, task_ids in batches]
+        for out in reversed(outs):
+            out.backward()
+        return {name: p.grad.clone() for name, p in net.named_parameters()}
+
+    together = grads(first, second)
+    alone = [grads(first), grads(second)]
+    for name in together:
+        th.testing.assert_close(together[name], alone[0][name] + alone[1][name], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("level", ["module", "layer", "model"])
+@pytest.mark.parametrize("routing", ["topk", "hard", "soft"])
+def test_compute_skipping_gives_the_dense_outputs(routing, level):
+    net = small_net(routing, n_modules=8, routing_level=level, n_layers=4)
+    state, task_ids = inputs(batch=6, dtype=th.float32)
+    with th.no_grad():
+        for batch in (state[:1], state[1:4]):
+            ids = task_ids[: len(batch)] if len(batch) == 1 else task_ids[1:4]
+            for explore in (False, True):
+                request = RouteRequest(explore=explore)
+                th.manual_seed(8)
+                dense, dense_sources = net(batch, ids, request)
+                th.manual_seed(8)
+                skipped, sources, computed = net.forward_skipping(batch, ids, request)
+                assert th.equal(sources, dense_sources), (routing, level, explore)
+                th.testing.assert_close(skipped, dense, rtol=1e-5, atol=1e-6)
+                th.manual_seed(8)
+                active = net.routing_path(batch, ids, request).active.flatten(0, -2).any(0)
+                assert computed == int(active.sum()) <= net.n_modules
+
+
+def test_actor_skips_modules_and_acts_like_the_dense_actor():
+    obs_space = spaces.Box(-np.inf, np.inf, (49,), np.float32)
+    policy = D2RPolicy(obs_space, spaces.Box(-1.0, 1.0, (4,), np.float32), lambda _: 3e-4, num_tasks=10)
+    policy.set_training_mode(False)
+    gen = th.Generator().manual_seed(9)
+    obs = th.zeros(30, 49)
+    obs[:, :39] = th.randn(30, 39, generator=gen)
+    obs[th.arange(30), 39 + th.arange(30) % 10] = 1.0
+    actor = policy.actor
+    computed = []
+    with th.no_grad():
+        for row in obs:
+            actor.skip_max_batch = 0
+            dense = actor(row[None], deterministic=True)
+            dense_route = actor.last_route.clone()
+            actor.skip_max_batch = 4
+            skipped = actor(row[None], deterministic=True)
+            computed.append(actor.last_modules_computed)
+            th.testing.assert_close(skipped, dense, rtol=1e-5, atol=1e-6)
+            assert th.equal(actor.last_route, dense_route)
+    assert computed == policy.route(obs).num_active.tolist()
+    assert max(computed) < 16
+
+
+def test_gpu_strategy_reads_nothing_back_to_the_host(monkeypatch):
+    """The losses and backward pass of a D2R step with the GPU (push) strategy never read a tensor on the host.
+
+    Proxy on the CPU for "no device syncs in the training step" (a CUDA graph / torch.compile prerequisite):
+    every Python-level read-back is made to fail while the step runs.
+    """
+    from toy_envs import make_point_reach
+
+    from d2r_sb3 import D2RSAC
+
+    model = D2RSAC(
+        "D2RPolicy",
+        make_point_reach(4),
+        learning_starts=10_000,
+        batch_size=64,
+        buffer_size=2_000,
+        seed=0,
+        policy_kwargs=dict(n_modules=6, module_dim=16, encoder_sizes=[32, 32], gate_sizes=[16]),
+    )
+    model.learn(100)  # collection only
+    data = model.replay_buffer.sample(64)
+    monkeypatch.setattr(routed_block_module, "_FORCE_PUSH", True)
+
+    def host_read(*args, **kwargs):
+        raise AssertionError("a tensor was read back to the host during the training step")
+
+    for name in ("tolist", "item", "numpy", "__bool__", "__int__", "__float__", "__index__"):
+        monkeypatch.setattr(th.Tensor, name, host_read)
+    loss, _ = model._combine_task_losses(model._task_losses(data))
+    loss.backward()
+    monkeypatch.undo()
+    grads = [p.grad for p in (*model.actor.parameters(), *model.critic.parameters())]
+    assert all(g is not None and th.isfinite(g).all() for g in grads)
