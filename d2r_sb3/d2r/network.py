@@ -167,23 +167,13 @@ class RoutedNetwork(nn.Module):
         self._register_routing_tables()
 
     def _register_routing_tables(self) -> None:
-        """Index tables of the fast routing path (non-persistent buffers: they follow ``.to(device)`` and stay
-        out of the state dict)."""
+        """Index tables of the fast Top-K weight path (non-persistent buffers: they follow ``.to(device)`` and
+        stay out of the state dict); the graph's own tables live in :class:`RoutingGraph`."""
         graph, n = self.graph, self.n_modules
-        # Padded logits as one gather from [logits, -inf, 0]: off-candidate entries read the -inf column, rows of
-        # input nodes the 0 column (the same values as RoutingGraph.padded_logits).
-        pad_index = graph.flat_index.clone()
-        pad_index[~graph.candidates] = graph.num_logits
-        pad_index[graph.n_candidates == 0] = graph.num_logits + 1
-        self.register_buffer("_pad_index", pad_index.flatten(), persistent=False)
-        self.register_buffer("_pad_fill", th.tensor([float("-inf"), 0.0]), persistent=False)
         # Flat logit position of edge (node, source): the chosen logits are gathered without padding.
         self.register_buffer("_edge_position", graph.flat_index.clamp(min=0).flatten(), persistent=False)
         self.register_buffer("_node_offset", th.arange(n + 1).view(n + 1, 1) * n, persistent=False)
-        self.register_buffer("_slot_valid", graph.slot_valid.clone(), persistent=False)
         self._slots_used = graph.slot_valid.sum(-1).tolist()  # sources used per node (slots fill from 0)
-        self.register_buffer("_routed_index", th.tensor(graph.routed_nodes), persistent=False)
-        self.register_buffer("_keep_threshold", graph.keep_threshold[:, None].clone(), persistent=False)
         # Per node, its candidate modules and their flat logit positions (single-observation TopK in Python).
         self._candidates = [
             (
@@ -199,7 +189,7 @@ class RoutedNetwork(nn.Module):
     ) -> tuple[th.Tensor, th.Tensor]:
         """State and task encodings: ``(x0 [E, B, embed], padded gate logits [E, B, n + 1, n])``."""
         x0, logits = self._encode_flat(state, task_ids, detach)
-        return x0, self._pad(logits)
+        return x0, self.graph.padded_logits(logits)
 
     def _encode_flat(
         self, state: th.Tensor, task_ids: th.Tensor, detach: bool
@@ -218,13 +208,6 @@ class RoutedNetwork(nn.Module):
         gate_logits = self.gate(task_embedding * f_pre, detach)  # gate input is taken before the ReLU
         return th.relu(f_pre), gate_logits
 
-    def _pad(self, logits: th.Tensor) -> th.Tensor:
-        """Flat logits ``[E, B, L]`` -> padded ``[E, B, n + 1, n]`` (values of ``RoutingGraph.padded_logits``)."""
-        lead = logits.shape[:-1]
-        extended = th.cat([logits, self._pad_fill.to(logits.dtype).expand(*lead, 2)], dim=-1)
-        padded = extended.gather(-1, self._pad_index.expand(*lead, -1))
-        return padded.view(*lead, self.n_modules + 1, self.n_modules)
-
     def _route(
         self, logits: th.Tensor, task_ids: th.Tensor, route: RouteRequest
     ) -> tuple[th.Tensor, th.Tensor, th.Tensor | None]:
@@ -235,15 +218,15 @@ class RoutedNetwork(nn.Module):
         their difference), so no padded tensor enters the autograd graph.
         """
         if self.graph.routing != "topk":
-            padded = self._pad(logits)
+            padded = self.graph.padded_logits(logits)
             sources = self.choose_sources(padded.detach(), task_ids, route)
-            keep = self._keep_mask(padded.detach(), sources) if route.resrouting else None
+            keep = self.graph.keep_mask(padded.detach(), sources) if route.resrouting else None
             # Hard and soft routing weigh each chosen source by its full-softmax probability.
-            return sources, th.softmax(padded, dim=-1).gather(-1, sources) * self._slot_valid, keep
+            return sources, th.softmax(padded, dim=-1).gather(-1, sources) * self.graph.slot_valid, keep
         with th.no_grad():
-            padded = self._pad(logits.detach())
+            padded = self.graph.padded_logits(logits.detach())
             sources = self.choose_sources(padded, task_ids, route)
-            keep = self._keep_mask(padded, sources) if route.resrouting else None
+            keep = self.graph.keep_mask(padded, sources) if route.resrouting else None
         return sources, self._topk_weights(logits, sources), keep
 
     def _topk_weights(self, logits: th.Tensor, sources: th.Tensor) -> th.Tensor:
@@ -252,7 +235,7 @@ class RoutedNetwork(nn.Module):
         position = self._edge_position[self._node_offset + sources]  # [E or 1, B, n + 1, k]
         position = position.expand(*lead, *position.shape[-2:])
         chosen = logits.gather(-1, position.reshape(*lead, -1)).view(position.shape)
-        valid = self._slot_valid
+        valid = self.graph.slot_valid
         if chosen.shape[-1] == 2:
             # softmax(a, b) = (sigmoid(a - b), sigmoid(b - a)); a single valid source gets weight 1.
             diff = th.where(valid[:, 1], chosen[..., 0] - chosen[..., 1], float("inf"))
@@ -265,56 +248,9 @@ class RoutedNetwork(nn.Module):
     def choose_sources(self, padded: th.Tensor, task_ids: th.Tensor, route: RouteRequest) -> th.Tensor:
         """Module indices ``[E, B, n + 1, slots]`` of the chosen sources for this request."""
         if route.stored is not None:
-            return self._decode(route.stored).expand(self.n_nets, -1, -1, -1)
+            return self.graph.decode(route.stored).expand(self.n_nets, -1, -1, -1)
         temperature = self.route_temperature[task_ids] if route.explore else None
-        if self.graph.routing == "topk" and self.graph.slots == 2:
-            return self._select_top2(padded, temperature, route.explore)
-        return self._select(padded, temperature, route.explore)
-
-    # The routing helpers below compute exactly what RoutingGraph's methods compute, with index tables kept on
-    # the network's device (RoutingGraph moves its CPU tables to the device on every call: a host-to-device
-    # copy, which synchronises a GPU).
-    def _decode(self, route: th.Tensor) -> th.Tensor:
-        """:meth:`RoutingGraph.decode`: stored ``uint8 [..., routed nodes, k]`` -> long ``[..., n + 1, k]``."""
-        sources = th.zeros(
-            *route.shape[:-2], self.n_modules + 1, self.graph.slots, dtype=th.long, device=route.device
-        )
-        return sources.index_copy_(-2, self._routed_index, route.long())
-
-    @th.no_grad()
-    def _select(self, padded: th.Tensor, temperature: th.Tensor | None, explore: bool) -> th.Tensor:
-        """:meth:`RoutingGraph.select` (any routing function and ``k``)."""
-        if self.graph.routing == "soft":
-            sources = th.arange(self.graph.slots, device=padded.device).expand(*padded.shape[:-1], -1)
-        else:
-            scores = padded
-            if explore:
-                tau = temperature[..., None, None] if temperature is not None else 1.0
-                uniform = th.rand_like(padded).clamp_(min=1e-20)
-                scores = padded / tau - th.log(-th.log(uniform))
-            sources = scores.topk(self.graph.slots, dim=-1).indices
-        return th.where(self._slot_valid, sources, 0)
-
-    def _keep_mask(self, padded: th.Tensor, sources: th.Tensor) -> th.Tensor:
-        """:meth:`RoutingGraph.keep_mask`: kept iff the full-softmax share > 1 / (candidates + 1)."""
-        with th.no_grad():
-            return th.softmax(padded, dim=-1).gather(-1, sources) > self._keep_threshold
-
-    @th.no_grad()
-    def _select_top2(self, padded: th.Tensor, temperature: th.Tensor | None, explore: bool) -> th.Tensor:
-        """:meth:`RoutingGraph.select` for ``k = 2`` with two ``max`` passes instead of ``topk`` (several times
-        faster on rows of 16). Same draws from the random stream; ties (probability 0 with real logits) may pick
-        another of the tied sources than ``topk``."""
-        scores = padded
-        if explore:
-            # Gumbel-top-k, as in RoutingGraph.select.
-            tau = temperature[..., None, None] if temperature is not None else 1.0
-            gumbel = th.rand_like(padded).clamp_(min=1e-20).log_().neg_().log_()
-            scores = (padded / tau).sub_(gumbel)
-        first = scores.max(dim=-1, keepdim=True).indices
-        second = scores.scatter(-1, first, float("-inf")).max(dim=-1, keepdim=True).indices
-        sources = th.cat([first, second], dim=-1)
-        return th.where(self._slot_valid, sources, 0)
+        return self.graph.select(padded, temperature, route.explore)
 
     def forward(
         self,
@@ -409,7 +345,7 @@ class RoutedNetwork(nn.Module):
     def _top_k_single(self, logits: list[float]) -> tuple[list[list[int]], list[list[float]]]:
         """TopK sources and MaskSoftmax weights of one observation from its flat gate logits, in plain Python.
 
-        The same choice as :meth:`_select_top2` (the first of tied maxima wins), unused slots hold module 0 with
+        The same choice as :meth:`RoutingGraph.select` (the first of tied maxima wins), unused slots hold module 0 with
         weight 0. For a single observation this is several times cheaper than a dozen small tensor operations.
         """
         k = self.graph.slots
@@ -441,10 +377,6 @@ class RoutedNetwork(nn.Module):
             route.append([modules[i] for i in order] + [0] * padding)
             weights.append([e / total for e in exps] + [0.0] * padding)
         return route, weights
-
-    def _encode_route(self, sources: th.Tensor) -> th.Tensor:
-        """:meth:`RoutingGraph.encode` for sources from this network (unused slots already hold 0)."""
-        return sources.index_select(-2, self._routed_index).to(th.uint8)
 
     def _reachable(self, route_list: list) -> set[int]:
         """Modules reachable backward from the output node along the chosen edges, union over ``[E][B]``."""

@@ -60,7 +60,7 @@ class D2RActor(nn.Module):
         else:
             out, sources = self.net(state, task_ids, route)
             self.last_modules_computed = self.net.n_modules
-        self.last_route = self.net._encode_route(sources[0])
+        self.last_route = self.net.graph.encode(sources[0])
         mean, log_std = out[0].chunk(2, dim=-1)
         return squashed_gaussian(mean, log_std, deterministic, with_log_prob=False)[0]
 
