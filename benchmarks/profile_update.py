@@ -117,7 +117,7 @@ def main() -> None:
         )
     )
     print("\nLargest operators (self time per step):\n")
-    top = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:15]
+    top = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:30]
     print(
         markdown_table(
             ["operator", "ms per step", "calls per step"],
