@@ -5,7 +5,13 @@ headless rendering works without extra set-up.
 """
 
 from d2r_sb3.envs import make_mt_env  # noqa: I001  (first: sets MUJOCO_GL before mujoco is imported)
-from d2r_sb3.common import MultiTaskPolicy, MultiTaskReplayBuffer, MultiTaskSAC, TaskEvaluation, evaluate_per_task
+from d2r_sb3.common import (
+    MultiTaskPolicy,
+    MultiTaskReplayBuffer,
+    MultiTaskSAC,
+    TaskEvaluation,
+    evaluate_per_task,
+)
 from d2r_sb3.d2r import D2RSAC, D2RPolicy, RoutingPath
 from d2r_sb3.serialization import LoadedPolicy, load_policy, save_policy  # noqa: I001  (after the policies)
 from d2r_sb3.hub import load_from_hub

@@ -154,7 +154,9 @@ class MultiTaskSAC(SAC):
             names = getattr(self.env, "task_names", None)
             self.task_names = list(names) if names is not None else [f"task{i}" for i in range(self.n_envs)]
             self.buffer_size = buffer_size or default_buffer_size(self.num_tasks)
-            self.learning_starts = WARMUP_STEPS_PER_TASK * self.num_tasks if learning_starts is None else learning_starts
+            self.learning_starts = (
+                WARMUP_STEPS_PER_TASK * self.num_tasks if learning_starts is None else learning_starts
+            )
             self.batch_size = batch_size or BATCH_PER_TASK * self.num_tasks
             self.replay_buffer_kwargs.setdefault("stratified", stratified_batches)
             # The env preset knows whether its time limit is a true terminal (paper) or a truncation (mw3).
@@ -178,7 +180,9 @@ class MultiTaskSAC(SAC):
             init = float(self.ent_coef.split("_")[1]) if "_" in self.ent_coef else 1.0
             if init <= 0:
                 raise ValueError(f"The initial entropy coefficient must be > 0, got {init}.")
-            self.log_ent_coef = th.full((n_coefs,), float(np.log(init)), device=self.device).requires_grad_(True)
+            self.log_ent_coef = th.full((n_coefs,), float(np.log(init)), device=self.device).requires_grad_(
+                True
+            )
             self.ent_coef_optimizer = th.optim.Adam([self.log_ent_coef], lr=self.ent_coef_lr)
         else:
             self.ent_coef_tensor = th.full((n_coefs,), float(self.ent_coef), device=self.device)
@@ -240,7 +244,9 @@ class MultiTaskSAC(SAC):
             next_actions, next_log_prob = policy.target_sample(data.next_observations, task_ids)
             next_q = policy.target_q_values(data.next_observations, next_actions, task_ids).min(0).values
             gamma = self.gamma if data.discounts is None else data.discounts.flatten()
-            target_q = data.rewards.flatten() + (1 - data.dones.flatten()) * gamma * (next_q - alpha * next_log_prob)
+            target_q = data.rewards.flatten() + (1 - data.dones.flatten()) * gamma * (
+                next_q - alpha * next_log_prob
+            )
 
         current_q = policy.q_values(data.observations, data.actions, task_ids)  # [n_critics, B]
         critic_loss = (current_q - target_q).square().sum(0)
@@ -280,7 +286,10 @@ class MultiTaskSAC(SAC):
     def _gradient_step(self, data: MultiTaskReplayBufferSamples) -> dict[str, th.Tensor]:
         losses = self._task_losses(data)
         loss, kept = self._combine_task_losses(losses)
-        groups = [(self.actor.optimizer, self.actor.parameters()), (self.critic.optimizer, self.critic.parameters())]
+        groups = [
+            (self.actor.optimizer, self.actor.parameters()),
+            (self.critic.optimizer, self.critic.parameters()),
+        ]
         if self.ent_coef_optimizer is not None:
             groups.append((self.ent_coef_optimizer, [self.log_ent_coef]))
         for optimizer, _ in groups:
@@ -334,5 +343,7 @@ class MultiTaskSAC(SAC):
                 # SB3 raises for a missing optional dependency; a bar is not worth failing a run for.
                 kwargs["progress_bar"] = False
                 if self.verbose:
-                    print("progress_bar needs `pip install rich tqdm` (the [zoo] extra); continuing without it.")
+                    print(
+                        "progress_bar needs `pip install rich tqdm` (the [zoo] extra); continuing without it."
+                    )
         return super().learn(*args, **kwargs)

@@ -27,7 +27,9 @@ class D2RActor(nn.Module):
     reaches are computed (compute skipping; the number computed is kept in :attr:`last_modules_computed`).
     """
 
-    def __init__(self, obs_dim: int, action_dim: int, num_tasks: int, skip_max_batch: int = 4, **net_kwargs: Any):
+    def __init__(
+        self, obs_dim: int, action_dim: int, num_tasks: int, skip_max_batch: int = 4, **net_kwargs: Any
+    ):
         super().__init__()
         self.num_tasks = num_tasks
         self.state_dim = obs_dim - num_tasks
@@ -153,7 +155,9 @@ class D2RPolicy(MultiTaskPolicy):
         optimizer_kwargs: dict[str, Any] | None = None,
     ):
         if offpolicy_routing not in OFFPOLICY_ROUTING:
-            raise ValueError(f"Unknown offpolicy_routing {offpolicy_routing!r}; choose one of {OFFPOLICY_ROUTING}.")
+            raise ValueError(
+                f"Unknown offpolicy_routing {offpolicy_routing!r}; choose one of {OFFPOLICY_ROUTING}."
+            )
         self.net_kwargs = dict(
             n_modules=n_modules,
             module_dim=module_dim,
@@ -172,11 +176,19 @@ class D2RPolicy(MultiTaskPolicy):
             # The multi-tensor Adam gives bitwise the same steps as the default per-parameter loop, faster.
             optimizer_kwargs = {"foreach": True}
         super().__init__(
-            observation_space, action_space, lr_schedule, num_tasks, n_critics, optimizer_class, optimizer_kwargs
+            observation_space,
+            action_space,
+            lr_schedule,
+            num_tasks,
+            n_critics,
+            optimizer_class,
+            optimizer_kwargs,
         )
 
     def make_actor(self) -> D2RActor:
-        actor = D2RActor(self.obs_dim, self.action_dim, self.num_tasks, self.skip_max_batch, **self.net_kwargs)
+        actor = D2RActor(
+            self.obs_dim, self.action_dim, self.num_tasks, self.skip_max_batch, **self.net_kwargs
+        )
         actor.sample_k = self.sample_k
         return actor
 
@@ -213,12 +225,17 @@ class D2RPolicy(MultiTaskPolicy):
         return RoutingPath(*(t[0] for t in (path.edges, path.logits, path.active, path.num_active)))
 
     @th.no_grad()
-    def critic_route(self, obs: th.Tensor, actions: th.Tensor, deterministic: bool = True) -> list[RoutingPath]:
+    def critic_route(
+        self, obs: th.Tensor, actions: th.Tensor, deterministic: bool = True
+    ) -> list[RoutingPath]:
         """Routing paths of each critic for ``(obs, actions)``."""
         state, task_ids = self.split_obs(obs)
         request = RouteRequest(explore=self.sample_k and not deterministic)
         path = self.critic.net.routing_path(th.cat([state, actions], -1), task_ids, request)
-        return [RoutingPath(path.edges[i], path.logits[i], path.active[i], path.num_active[i]) for i in range(self.n_critics)]
+        return [
+            RoutingPath(path.edges[i], path.logits[i], path.active[i], path.num_active[i])
+            for i in range(self.n_critics)
+        ]
 
     def routes_for_buffer(self, obs: np.ndarray, acted: bool) -> np.ndarray:
         if acted and self.actor.last_route is not None:
