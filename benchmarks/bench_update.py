@@ -28,6 +28,7 @@ from d2r_sb3 import D2RSAC, MultiTaskSAC, make_mt_env  # noqa: E402
 from d2r_sb3.d2r.network import RouteRequest  # noqa: E402
 
 MLP_ARCH = [400, 400, 400]
+D2R_BF16 = "D2R, train_precision=bfloat16 (mixed precision, opt-in)"
 
 
 def copy_replay(source, target) -> None:
@@ -35,11 +36,17 @@ def copy_replay(source, target) -> None:
     n = source.buffer_size if source.full else source.pos
     for name in ("observations", "next_observations", "actions", "rewards", "dones", "timeouts"):
         getattr(target, name)[:n] = getattr(source, name)[:n]
+    if getattr(source, "routes", None) is not None and hasattr(target, "routes"):
+        target.routes = source.routes.copy()
     target.pos, target.full = n % target.buffer_size, source.full or n == target.buffer_size
 
 
 def build_models(batch: int, collect_steps: int, seed: int, device: str = "cpu"):
-    """MT10 env and the three models, whose replay buffers hold the same collected transitions."""
+    """MT10 env and the models, whose replay buffers hold the same collected transitions.
+
+    The two D2R models hold the same weights; the second computes its gradient steps in bfloat16 (mixed
+    precision, ``train_precision="bfloat16"``, not the default).
+    """
     from stable_baselines3 import SAC
 
     import d2r_sb3.baselines  # noqa: F401  (registers MTSACPolicy)
@@ -53,14 +60,23 @@ def build_models(batch: int, collect_steps: int, seed: int, device: str = "cpu")
         "MTSACPolicy", env, learning_starts=0, policy_kwargs=dict(net_arch=MLP_ARCH), **common
     )
     sb3 = SAC("MlpPolicy", env, learning_starts=0, policy_kwargs=dict(net_arch=MLP_ARCH), **common)
-    for model in (mtsac, sb3):
+    d2r_bf16 = D2RSAC(
+        "D2RPolicy",
+        env,
+        learning_starts=10**9,
+        policy_kwargs=dict(train_precision="bfloat16"),
+        **common,
+    )
+    d2r_bf16.policy.load_state_dict(d2r.policy.state_dict())
+    for model in (mtsac, sb3, d2r_bf16):
         copy_replay(d2r.replay_buffer, model.replay_buffer)
-    for model in (d2r, mtsac, sb3):
+    for model in (d2r, mtsac, sb3, d2r_bf16):
         model._setup_learn(0)  # a logger, as learn() would have set up
     return env, {
         "SB3 SAC, MlpPolicy [400, 400, 400]": sb3,
         "MT-SAC (MultiTaskSAC, MLP [400, 400, 400])": mtsac,
         "D2R (D2RSAC, default MT10 network)": d2r,
+        D2R_BF16: d2r_bf16,
     }
 
 

@@ -23,7 +23,8 @@ def tiny_model(env=None, **kwargs) -> D2RSAC:
     kwargs.setdefault("learning_starts", 200)
     kwargs.setdefault("batch_size", 64)
     kwargs.setdefault("buffer_size", 20_000)
-    return D2RSAC("D2RPolicy", env, policy_kwargs=dict(TINY), seed=0, **kwargs)
+    kwargs.setdefault("policy_kwargs", dict(TINY))
+    return D2RSAC("D2RPolicy", env, seed=0, **kwargs)
 
 
 def test_defaults_are_the_papers_mt10_configuration():
@@ -174,11 +175,18 @@ def test_bad_arguments_raise_clear_errors():
         tiny_model(batch_size=30, learning_starts=50).learn(100)
 
 
-def test_d2r_learns_every_task_of_a_cheap_multi_task_problem():
-    """Fails if the algorithm is broken: random actions never reach the goals, D2R reaches all four."""
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_d2r_learns_every_task_of_a_cheap_multi_task_problem(precision):
+    """Fails if the algorithm is broken: random actions never reach the goals, D2R reaches all four (also when
+    its gradient steps compute in bfloat16)."""
     eval_env = make_point_reach(4, seed=1)
     assert evaluate_per_task(_RandomAgent(), eval_env, 4).mean_success == 0.0
-    model = tiny_model(learning_starts=400, batch_size=128, learning_rate=1e-3)
+    model = tiny_model(
+        learning_starts=400,
+        batch_size=128,
+        learning_rate=1e-3,
+        policy_kwargs=dict(TINY, train_precision=precision),
+    )
     success = np.zeros(4)
     for _ in range(10):  # at most 20k steps (~60 s here); typically solved by ~12k
         model.learn(2000, reset_num_timesteps=False)

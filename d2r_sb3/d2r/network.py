@@ -65,8 +65,10 @@ class EnsembleLinear(nn.Module):
         _uniform_(self.weight, 1.0 / math.sqrt(self.weight.shape[1]))
         nn.init.constant_(self.bias, 0.1)
 
-    def forward(self, x: th.Tensor, detach: bool = False) -> th.Tensor:
+    def forward(self, x: th.Tensor, detach: bool = False, dtype: th.dtype | None = None) -> th.Tensor:
         weight, bias = (self.weight.detach(), self.bias.detach()) if detach else (self.weight, self.bias)
+        if dtype is not None:  # reduced-precision compute; the parameters themselves stay float32
+            weight, bias = weight.to(dtype), bias.to(dtype)
         return _linear(x, weight, bias)
 
 
@@ -80,9 +82,9 @@ class EnsembleMLP(nn.Module):
         )
         self.final_relu = final_relu
 
-    def forward(self, x: th.Tensor, detach: bool = False) -> th.Tensor:
+    def forward(self, x: th.Tensor, detach: bool = False, dtype: th.dtype | None = None) -> th.Tensor:
         for i, layer in enumerate(self.layers):
-            x = layer(x, detach)
+            x = layer(x, detach, dtype)
             if i < len(self.layers) - 1 or self.final_relu:
                 x = th.relu(x)
         return x
@@ -192,20 +194,27 @@ class RoutedNetwork(nn.Module):
         return x0, self.graph.padded_logits(logits)
 
     def _encode_flat(
-        self, state: th.Tensor, task_ids: th.Tensor, detach: bool
+        self, state: th.Tensor, task_ids: th.Tensor, detach: bool, dtype: th.dtype | None = None
     ) -> tuple[th.Tensor, th.Tensor]:
-        """``(x0 [E, B, embed], flat gate logits [E, B, L])``."""
+        """``(x0 [E, B, embed], flat gate logits [E, B, L])``.
+
+        With a reduced-precision ``dtype`` the encoders and the gate compute in it and ``x0`` stays in it,
+        while the gate logits come back in the parameters' dtype: routes, routing weights and ResRouting masks
+        are always decided in full precision.
+        """
         ens = self.n_nets
         if state.dim() == 2:
             state = state.unsqueeze(0).expand(ens, -1, -1)
-        f_pre = self.state_encoder(state, detach)
-        task_w = self.task_encoder.weight.detach() if detach else self.task_encoder.weight
-        task_b = self.task_encoder.bias.detach() if detach else self.task_encoder.bias
+        if dtype is not None:
+            state = state.to(dtype)
+        f_pre = self.state_encoder(state, detach, dtype)
         # H(onehot) = W onehot + b as a batched matmul: exact (one product by 1, the rest by 0), and both its
         # passes are GEMMs (a lookup's backward is a slow scatter of B rows into T).
         onehot = th.nn.functional.one_hot(task_ids, self.num_tasks).to(f_pre.dtype).expand(ens, -1, -1)
-        task_embedding = th.baddbmm(task_b.unsqueeze(1), onehot, task_w.transpose(1, 2))
-        gate_logits = self.gate(task_embedding * f_pre, detach)  # gate input is taken before the ReLU
+        task_embedding = self.task_encoder(onehot, detach, dtype)
+        gate_logits = self.gate(task_embedding * f_pre, detach, dtype)  # gate input is taken before the ReLU
+        if dtype is not None:
+            gate_logits = gate_logits.to(self.task_encoder.weight.dtype)
         return th.relu(f_pre), gate_logits
 
     def _route(
@@ -258,6 +267,7 @@ class RoutedNetwork(nn.Module):
         task_ids: th.Tensor,
         route: RouteRequest = TOPK,
         detach_params: bool = False,
+        compute_dtype: th.dtype | None = None,
     ) -> tuple[th.Tensor, th.Tensor]:
         """Run the network.
 
@@ -266,14 +276,24 @@ class RoutedNetwork(nn.Module):
         :param route: how to route (TopK by default).
         :param detach_params: use detached parameters, so gradients reach the inputs only (the Q value in
             the actor loss, which must not train the critic).
-        :return: ``(out [E, B, out_dim], sources [E, B, n + 1, slots])``.
+        :param compute_dtype: ``None`` (float32) or a reduced precision such as ``th.bfloat16`` for the
+            matrix products and the routed block's activations (mixed precision: the parameters, the
+            routing decisions, the head and the output stay float32).
+        :return: ``(out [E, B, out_dim], sources [E, B, n + 1, slots])`` (``out`` in the parameters' dtype).
         """
-        x0, logits = self._encode_flat(state, task_ids, detach_params)
+        if compute_dtype == self.head.weight.dtype:
+            compute_dtype = None  # the plain path: no casts
+        x0, logits = self._encode_flat(state, task_ids, detach_params, compute_dtype)
         sources, weights, keep = self._route(logits, task_ids, route)
         params = (self.w_in, self.b_in, self.w_hid, self.b_hid)
         if detach_params:
             params = tuple(p.detach() for p in params)
+        if compute_dtype is not None:
+            params = tuple(p.to(compute_dtype) for p in params)
+            weights = weights.to(compute_dtype)
         y = routed_block(x0, *params, weights, sources, keep, self.plan)
+        if compute_dtype is not None:
+            y = y.to(self.head.weight.dtype)  # the head (Q value, action mean / log-std) in full precision
         return self.head(y, detach_params), sources
 
     # ----------------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from d2r_sb3.d2r.network import TOPK, RoutedNetwork, RouteRequest
 from d2r_sb3.d2r.routing import RoutingPath
 
 OFFPOLICY_ROUTING: tuple[str, ...] = ("resrouting", "none", "target")
+TRAIN_PRECISIONS: dict[str, th.dtype] = {"float32": th.float32, "bfloat16": th.bfloat16}
 
 
 class D2RActor(nn.Module):
@@ -44,12 +45,16 @@ class D2RActor(nn.Module):
         return obs[..., : self.state_dim], obs[..., self.state_dim :].argmax(-1)
 
     def distribution(
-        self, obs: th.Tensor, task_ids: th.Tensor | None = None, route: RouteRequest = TOPK
+        self,
+        obs: th.Tensor,
+        task_ids: th.Tensor | None = None,
+        route: RouteRequest = TOPK,
+        compute_dtype: th.dtype | None = None,
     ) -> tuple[th.Tensor, th.Tensor, th.Tensor]:
         """``(mean, log_std, sources)`` for a batch of observations."""
         state, onehot_ids = self.split_obs(obs)
         task_ids = onehot_ids if task_ids is None else task_ids
-        out, sources = self.net(state, task_ids, route)
+        out, sources = self.net(state, task_ids, route, compute_dtype=compute_dtype)
         mean, log_std = out[0].chunk(2, dim=-1)
         return mean, log_std, sources
 
@@ -67,10 +72,14 @@ class D2RActor(nn.Module):
         return squashed_gaussian(mean, log_std, deterministic, with_log_prob=False)[0]
 
     def action_log_prob(
-        self, obs: th.Tensor, task_ids: th.Tensor | None = None, route: RouteRequest = TOPK
+        self,
+        obs: th.Tensor,
+        task_ids: th.Tensor | None = None,
+        route: RouteRequest = TOPK,
+        compute_dtype: th.dtype | None = None,
     ) -> tuple[th.Tensor, th.Tensor]:
         """Sampled action and its log-probability under the given routing (TopK by default)."""
-        mean, log_std, _ = self.distribution(obs, task_ids, route)
+        mean, log_std, _ = self.distribution(obs, task_ids, route, compute_dtype)
         return squashed_gaussian(mean, log_std)  # type: ignore[return-value]
 
 
@@ -93,12 +102,13 @@ class D2RCritic(nn.Module):
         task_ids: th.Tensor | None = None,
         route: RouteRequest = TOPK,
         detach_params: bool = False,
+        compute_dtype: th.dtype | None = None,
     ) -> th.Tensor:
         """``[n_critics, B]`` Q values. The critic input is ``[s, a]`` plus the task (spec section 1)."""
         state = obs[..., : self.state_dim]
         if task_ids is None:
             task_ids = obs[..., self.state_dim :].argmax(-1)
-        out, _ = self.net(th.cat([state, actions], dim=-1), task_ids, route, detach_params)
+        out, _ = self.net(th.cat([state, actions], dim=-1), task_ids, route, detach_params, compute_dtype)
         return out[..., 0]
 
     def forward(self, obs: th.Tensor, actions: th.Tensor) -> tuple[th.Tensor, ...]:
@@ -126,6 +136,11 @@ class D2RPolicy(MultiTaskPolicy):
     :param sample_k: SampleK when exploring (collection and critic TD routes); ``False`` uses TopK
         ("w/o SampleK", Fig. 7(c)).
     :param skip_max_batch: compute only reachable modules when acting on at most this many observations.
+    :param train_precision: ``"float32"`` (default) or ``"bfloat16"``: precision of the matrix products and
+        routed-block activations in the five network calls of a gradient step (mixed precision: parameters,
+        optimiser, routing decisions, heads and losses stay float32). Acting, evaluation and the saved
+        policy are always float32. Not in the paper; see the README's Performance section for its measured
+        speed and learning effect.
     """
 
     actor: D2RActor
@@ -150,6 +165,7 @@ class D2RPolicy(MultiTaskPolicy):
         offpolicy_routing: str = "resrouting",
         sample_k: bool = True,
         skip_max_batch: int = 4,
+        train_precision: str = "float32",
         n_critics: int = 2,
         optimizer_class: type[th.optim.Optimizer] = th.optim.Adam,
         optimizer_kwargs: dict[str, Any] | None = None,
@@ -157,6 +173,10 @@ class D2RPolicy(MultiTaskPolicy):
         if offpolicy_routing not in OFFPOLICY_ROUTING:
             raise ValueError(
                 f"Unknown offpolicy_routing {offpolicy_routing!r}; choose one of {OFFPOLICY_ROUTING}."
+            )
+        if train_precision not in TRAIN_PRECISIONS:
+            raise ValueError(
+                f"Unknown train_precision {train_precision!r}; choose one of {tuple(TRAIN_PRECISIONS)}."
             )
         self.net_kwargs = dict(
             n_modules=n_modules,
@@ -172,6 +192,9 @@ class D2RPolicy(MultiTaskPolicy):
         self.offpolicy_routing = offpolicy_routing
         self.sample_k = sample_k
         self.skip_max_batch = skip_max_batch
+        self.train_precision = train_precision
+        # None = float32: the networks' plain path (no casts at all).
+        self._train_dtype = None if train_precision == "float32" else TRAIN_PRECISIONS[train_precision]
         if optimizer_kwargs is None and optimizer_class is th.optim.Adam:
             # The multi-tensor Adam gives bitwise the same steps as the default per-parameter loop, faster.
             optimizer_kwargs = {"foreach": True}
@@ -202,6 +225,7 @@ class D2RPolicy(MultiTaskPolicy):
             offpolicy_routing=self.offpolicy_routing,
             sample_k=self.sample_k,
             skip_max_batch=self.skip_max_batch,
+            train_precision=self.train_precision,
         )
         return data
 
@@ -256,18 +280,20 @@ class D2RPolicy(MultiTaskPolicy):
             request = RouteRequest(explore=self.sample_k)
         else:
             request = RouteRequest(stored=routes.unsqueeze(0), resrouting=self.resrouting)
-        return self.actor.action_log_prob(obs, task_ids, request)
+        return self.actor.action_log_prob(obs, task_ids, request, self._train_dtype)
 
     def target_sample(self, obs: th.Tensor, task_ids: th.Tensor) -> tuple[th.Tensor, th.Tensor]:
-        return self.actor.action_log_prob(obs, task_ids, TOPK)
+        return self.actor.action_log_prob(obs, task_ids, TOPK, self._train_dtype)
 
     def q_values(self, obs: th.Tensor, actions: th.Tensor, task_ids: th.Tensor) -> th.Tensor:
         request = RouteRequest(explore=self.sample_k, resrouting=self.resrouting)
-        return self.critic.q_values(obs, actions, task_ids, request)
+        return self.critic.q_values(obs, actions, task_ids, request, compute_dtype=self._train_dtype)
 
     def q_values_for_actor(self, obs: th.Tensor, actions: th.Tensor, task_ids: th.Tensor) -> th.Tensor:
         request = RouteRequest(resrouting=self.resrouting)
-        return self.critic.q_values(obs, actions, task_ids, request, detach_params=True)
+        return self.critic.q_values(
+            obs, actions, task_ids, request, detach_params=True, compute_dtype=self._train_dtype
+        )
 
     def target_q_values(self, obs: th.Tensor, actions: th.Tensor, task_ids: th.Tensor) -> th.Tensor:
-        return self.critic_target.q_values(obs, actions, task_ids, TOPK)
+        return self.critic_target.q_values(obs, actions, task_ids, TOPK, compute_dtype=self._train_dtype)
