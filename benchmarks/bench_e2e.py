@@ -3,7 +3,7 @@
     python benchmarks/bench_e2e.py                        # 1 thread, 300 vector steps after 100 of warm-up
     python benchmarks/bench_e2e.py --threads 2 --steps 500 --vec-env subproc
 
-D2R (``D2RSAC``, default MT10 network) and SB3's ``SAC("MlpPolicy", net_arch=[400, 400, 400])`` learn on the same
+D2R (``D2RSAC``, default MT10 network; then with the opt-in ``train_precision="bfloat16"``) and SB3's ``SAC("MlpPolicy", net_arch=[400, 400, 400])`` learn on the same
 MT10 env (one sub-env per task, 10 transitions per vector step), batch 1280, one gradient step per vector step.
 The clock is split into: env (``VecEnv.step``), acting (policy inference and, for D2R, storing the routes), train
 (gradient steps, including replay sampling) and the rest (buffer writes, callbacks, logging).
@@ -85,11 +85,15 @@ def main() -> None:
     from stable_baselines3 import SAC
 
     rows = []
-    for name in ("SB3 SAC, MlpPolicy [400, 400, 400]", "D2R (D2RSAC, default MT10 network)"):
+    d2r_precisions = {
+        "D2R (D2RSAC, default MT10 network)": "float32",
+        "D2R, train_precision=bfloat16 (opt-in)": "bfloat16",
+    }
+    for name in ("SB3 SAC, MlpPolicy [400, 400, 400]", *d2r_precisions):
         env = make_mt_env("MT10", seed=args.seed, vec_env=args.vec_env)
         common = dict(batch_size=args.batch, buffer_size=100_000, learning_starts=args.batch, seed=args.seed)
-        if name.startswith("D2R"):
-            model = D2RSAC("D2RPolicy", env, **common)
+        if name in d2r_precisions:
+            model = D2RSAC("D2RPolicy", env, policy_kwargs=dict(train_precision=d2r_precisions[name]), **common)
         else:
             model = SAC("MlpPolicy", env, policy_kwargs=dict(net_arch=[400, 400, 400]), **common)
         rows.append(run(name, model, env, args.warmup, args.steps))
