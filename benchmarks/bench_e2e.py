@@ -93,7 +93,9 @@ def main() -> None:
         env = make_mt_env("MT10", seed=args.seed, vec_env=args.vec_env)
         common = dict(batch_size=args.batch, buffer_size=100_000, learning_starts=args.batch, seed=args.seed)
         if name in d2r_precisions:
-            model = D2RSAC("D2RPolicy", env, policy_kwargs=dict(train_precision=d2r_precisions[name]), **common)
+            model = D2RSAC(
+                "D2RPolicy", env, policy_kwargs=dict(train_precision=d2r_precisions[name]), **common
+            )
         else:
             model = SAC("MlpPolicy", env, policy_kwargs=dict(net_arch=[400, 400, 400]), **common)
         rows.append(run(name, model, env, args.warmup, args.steps))

@@ -31,7 +31,9 @@ PRECISIONS = ("float32", "bfloat16")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--steps", type=int, default=150_000, help="env steps per run, summed over tasks")
     parser.add_argument("--eval-every", type=int, default=50_000, help="env steps between evaluations")

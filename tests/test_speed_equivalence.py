@@ -173,7 +173,9 @@ def _relative_error(value: th.Tensor, reference: th.Tensor) -> float:
 @pytest.mark.parametrize("strategy", ["pull", "push"])
 @pytest.mark.parametrize("n_nets", [1, 2])
 @pytest.mark.parametrize("resrouting", list(RESROUTING))
-def test_bfloat16_compute_only_rounds_the_float32_values_and_gradients(resrouting, n_nets, strategy, monkeypatch):
+def test_bfloat16_compute_only_rounds_the_float32_values_and_gradients(
+    resrouting, n_nets, strategy, monkeypatch
+):
     """Mixed precision (train_precision="bfloat16"): on the same stored routes, outputs and every gradient are
     the float32 ones up to bfloat16 rounding (8 bits of mantissa: ~0.4 % per operation), outputs and gradients
     come back in float32, and the float32 path is untouched (compute_dtype=float32 is the plain path)."""
@@ -230,7 +232,8 @@ def test_bfloat16_training_leaves_acting_in_float32():
     obs[th.arange(30), 39 + th.arange(30) % 10] = 1.0
     for batch in (obs[:1], obs):
         np.testing.assert_array_equal(
-            mixed.predict(batch.numpy(), deterministic=True)[0], full.predict(batch.numpy(), deterministic=True)[0]
+            mixed.predict(batch.numpy(), deterministic=True)[0],
+            full.predict(batch.numpy(), deterministic=True)[0],
         )
     task_ids = obs[:, 39:].argmax(-1)
     actions, log_prob = mixed.target_sample(obs, task_ids)
