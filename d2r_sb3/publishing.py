@@ -146,6 +146,10 @@ episodes per task; an episode succeeds if it succeeds at any step). Mean return 
 
 {% if has_curve %}![Success rate during training](learning_curve.png)
 {% endif %}{% if video_file %}Replay of {{ video_tasks }}: {% if video_file.endswith(".gif") %}![replay]({{ video_file }}){% else %}[{{ video_file }}]({{ video_file }}){% endif %}
+{% endif %}{% if notes %}
+### About this run
+
+{{ notes }}
 {% endif %}
 ### Published numbers, for orientation only
 
@@ -480,6 +484,7 @@ def build_model_card(
     results_origin: str = "",
     seeds: Any = None,
     video_tasks: list[str] | None = None,
+    notes: str | None = None,
 ) -> ModelCard:
     """Build the model card (``README.md``) of a published policy.
 
@@ -499,6 +504,8 @@ def build_model_card(
     :param results_origin: one sentence saying where the results come from.
     :param seeds: training seed(s) of the run.
     :param video_tasks: tasks shown in the replay.
+    :param notes: Markdown written by the publisher under "About this run" (e.g. how and why the run's
+        settings differ from the paper's).
     :return: the :class:`huggingface_hub.ModelCard`.
     """
     benchmark = _benchmark_label(env_kwargs)
@@ -605,6 +612,7 @@ def build_model_card(
         else "# config.yml was not found",
         d2r_bibtex=D2R_BIBTEX,
         sb3_bibtex=SB3_BIBTEX,
+        notes=notes.strip() if notes else None,
     )
 
 
@@ -674,6 +682,7 @@ def stage_repo(
     video_size: int | None = None,
     overwrite: bool = False,
     device: str = "cpu",
+    notes: str | None = None,
 ) -> StagedRepo:
     """Write everything a published checkpoint holds into ``stage_dir`` (see the module docstring).
 
@@ -691,6 +700,7 @@ def stage_repo(
     :param video_size: pixels per task tile (default 256 for mp4, 128 for GIF).
     :param overwrite: empty a non-empty ``stage_dir`` first.
     :param device: torch device used to evaluate and render.
+    :param notes: Markdown for the card's "About this run" section.
     :return: the :class:`StagedRepo`.
     """
     if video not in ("mp4", "gif", None):
@@ -820,6 +830,7 @@ def stage_repo(
         seeds=next(
             (d[k] for d in (results, args, config) for k in ("seeds", "seed") if d.get(k) is not None), None
         ),
+        notes=notes,
     )
     card.save(stage_dir / "README.md")
     files.append("README.md")
@@ -889,6 +900,7 @@ def package_pretrained(
     n_eval_episodes: int = 100,
     video_steps: int | None = None,
     device: str = "cpu",
+    notes: str | None = None,
 ) -> Path:
     """Write a run's policy-only files into a Hugging Face cache layout that :mod:`d2r_sb3.hub` reads offline.
 
@@ -905,6 +917,7 @@ def package_pretrained(
     :param n_eval_episodes: episodes per task if the run has no ``results.json``.
     :param video_steps: env steps in the GIF (default: one episode).
     :param device: torch device for evaluation and rendering.
+    :param notes: Markdown for the model card's "About this run" section.
     :return: the snapshot folder.
     """
     if not is_repo_id(repo_id):
@@ -921,6 +934,7 @@ def package_pretrained(
             n_eval_episodes=n_eval_episodes,
             video_steps=video_steps,
             device=device,
+            notes=notes,
         )
         commit = _content_commit(staged.folder)
         repo_folder = out_dir / f"models--{repo_id.replace('/', '--')}"

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from d2r_sb3.hub import DEFAULT_REPO_ID, PRETRAINED_CACHE
 from d2r_sb3.publishing import package_pretrained
@@ -43,6 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--n-eval-episodes", type=int, default=100, help="Episodes per task if the run has no results.json"
     )
     parser.add_argument("--device", default="cpu", help="PyTorch device for evaluation and rendering")
+    parser.add_argument(
+        "--notes",
+        default=None,
+        metavar="FILE",
+        help="Markdown file for the model card's 'About this run' section (e.g. how the run differs from the paper)",
+    )
     return parser
 
 
@@ -59,6 +66,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             video_steps=args.video_steps,
             n_eval_episodes=args.n_eval_episodes,
             device=args.device,
+            notes=Path(args.notes).read_text() if args.notes else None,
         )
     except (OSError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -21,6 +21,7 @@ import argparse
 import sys
 import tempfile
 from collections.abc import Sequence
+from pathlib import Path
 
 from d2r_sb3.hub import DEFAULT_ORG
 from d2r_sb3.publishing import push_to_hub, stage_repo
@@ -61,6 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--revision", default=None, help="Branch to commit to (default: main)")
     parser.add_argument("-m", "--commit-message", default=None, help="Commit message")
     parser.add_argument("--device", default="cpu", help="PyTorch device for evaluation and rendering")
+    parser.add_argument(
+        "--notes",
+        default=None,
+        metavar="FILE",
+        help="Markdown file for the model card's 'About this run' section (e.g. how the run differs from the paper)",
+    )
     return parser
 
 
@@ -81,6 +88,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             n_eval_episodes=args.n_eval_episodes,
             overwrite=args.overwrite,
             device=args.device,
+            notes=Path(args.notes).read_text() if args.notes else None,
         )
     except (OSError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -233,6 +233,7 @@ def test_stage_copies_the_run_results_and_reports_them(model, env, tmp_path):
     assert metrics["mean_reward"] == "14.50 +/- 2.87"
     assert "| window-close-v3 | 0.90 | 19.0 ± 1.0 | 100 |" in card.text
     assert "Results from the run's `results.json`" in card.text
+    assert "About this run" not in card.text  # no notes given
     assert staged.mean_success == pytest.approx(0.45)
 
 
@@ -281,9 +282,15 @@ def test_push_cli_stages_then_uploads(model, env, tmp_path, hub_calls, capsys):
     stage = tmp_path / "stage"
     base = ["--model", str(run), "--stage-dir", str(stage), "--no-video", "--repo-id", "me/d2r-MT10-rand"]
 
-    assert push.main([*base, "--dry-run"]) == 0
+    notes = tmp_path / "notes.md"
+    notes.write_text("Trained at **batch 320** instead of 1280 to fit a CPU budget.\n")
+    assert push.main([*base, "--dry-run", "--notes", str(notes)]) == 0
     assert hub_calls == [] and "Dry run" in capsys.readouterr().out
     assert {p.name for p in stage.iterdir()} == FULL_REPO_FILES - {"replay.mp4"}
+    card_text = ModelCard.load(stage / "README.md").text
+    assert "### About this run\n\nTrained at **batch 320** instead of 1280 to fit a CPU budget." in card_text
+    assert push.main([*base, "--dry-run", "--overwrite", "--notes", str(tmp_path / "absent.md")]) == 2
+    assert "absent.md" in capsys.readouterr().err
 
     assert push.main([*base, "--overwrite", "--token", "hf_test", "--private", "-m", "first model"]) == 0
     (name1, args1, kwargs1), (name2, args2, kwargs2) = hub_calls
