@@ -96,9 +96,9 @@ def reachable_modules(edges: np.ndarray) -> np.ndarray:
     return active
 
 
-def independent_count(model: D2RSAC, n_episodes: int) -> dict:
+def independent_count(model: D2RSAC, n_episodes: int, env_factory=make_env) -> dict:
     """Per-task lists of (active modules, chosen edges) and the success rates, collected here directly."""
-    env = make_env()  # same seed as the analysed env: the very same episodes
+    env = env_factory()  # same seed as the analysed env: the very same episodes
     per_task = {i: {"active": [], "edges": []} for i in range(env.num_envs)}
 
     def on_step(obs: np.ndarray, counting: np.ndarray) -> None:
@@ -275,6 +275,33 @@ def test_write_report_writes_every_file(default_net_analysis, tmp_path: Path) ->
         assert_png(path)
     assert report.notes and "fewer routing steps" in report.notes[0]
     assert report.markdown.read_text().startswith("| task | modules used (mean ± std)")
+
+
+@pytest.mark.slow
+def test_mt50_analysis_counts_and_pictures(tmp_path: Path) -> None:
+    """MT50: one entry per task, per-task counts equal to a direct count from the routes, every picture."""
+
+    def make_mt50():
+        return make_mt_env("MT50", max_episode_steps=5, seed=0)
+
+    env = make_mt50()
+    model = make_model(env)
+    analysis = analyze_routing(model, env, n_episodes=1)
+    env.close()
+    assert [task.name for task in analysis.tasks] == env.task_names and len(analysis.tasks) == 50
+    direct = independent_count(model, 1, env_factory=make_mt50)
+    for i, task in enumerate(analysis.tasks):
+        active = np.array(direct["per_task"][i]["active"])
+        assert task.steps == len(active) == 5
+        assert task.modules_mean == pytest.approx(active.sum(-1).mean())
+        assert np.allclose(task.module_frequency, active.mean(0))
+    report = write_report(
+        analysis, tmp_path / "mt50", graph_tasks=["reach", "bin-picking"], embedding_samples_per_task=5
+    )
+    data = json.loads((tmp_path / "mt50" / "routing.json").read_text())
+    assert list(data["tasks"]) == env.task_names
+    for path in report.files()[2:]:
+        assert_png(path)
 
 
 # --------------------------------------------------------------------------------------------------------
