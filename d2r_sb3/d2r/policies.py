@@ -193,8 +193,7 @@ class D2RPolicy(MultiTaskPolicy):
         self.sample_k = sample_k
         self.skip_max_batch = skip_max_batch
         self.train_precision = train_precision
-        # None = float32: the networks' plain path (no casts at all).
-        self._train_dtype = None if train_precision == "float32" else TRAIN_PRECISIONS[train_precision]
+        self._train_dtype = TRAIN_PRECISIONS[train_precision]  # float32: the networks' plain path, no casts
         if optimizer_kwargs is None and optimizer_class is th.optim.Adam:
             # The multi-tensor Adam gives bitwise the same steps as the default per-parameter loop, faster.
             optimizer_kwargs = {"foreach": True}
