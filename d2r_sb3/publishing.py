@@ -43,6 +43,7 @@ from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, get_tok
 
 from d2r_sb3.common.evaluation import evaluate_per_task
 from d2r_sb3.common.provenance import hardware, versions
+from d2r_sb3.envs import normalize_task_name
 from d2r_sb3.hub import DEFAULT_ORG, DEFAULT_REPO_ID, PRETRAINED_CACHE, is_repo_id, repo_id_for
 from d2r_sb3.registry import ALGOS
 from d2r_sb3.serialization import (
@@ -719,6 +720,13 @@ def stage_repo(
     sb3_model = loaded.model
     if sb3_model is None:  # (load_policy returns the algorithm for every zip)
         raise ValueError(f"{run.model_zip} did not load as an SB3 model.")
+    if isinstance(video_tasks, list):  # checked before the evaluation and rendering, not after
+        video_tasks = [normalize_task_name(name) for name in video_tasks]
+        unknown = [name for name in video_tasks if name not in loaded.task_names]
+        if unknown:
+            raise ValueError(
+                f"Replay tasks {unknown} are not tasks of this policy; its tasks: {', '.join(loaded.task_names)}."
+            )
     env_kwargs = run.read_yaml("env_kwargs.yml") or loaded.env_kwargs
     args = run.read_yaml("args.yml")
     config = run.read_yaml("config.yml")
@@ -899,6 +907,7 @@ def package_pretrained(
     video: bool = True,
     n_eval_episodes: int = 100,
     video_steps: int | None = None,
+    video_tasks: int | list[str] = 3,
     device: str = "cpu",
     notes: str | None = None,
 ) -> Path:
@@ -916,6 +925,7 @@ def package_pretrained(
     :param video: include ``replay.gif``.
     :param n_eval_episodes: episodes per task if the run has no ``results.json``.
     :param video_steps: env steps in the GIF (default: one episode).
+    :param video_tasks: number of tasks (the first ones) or their names in the GIF.
     :param device: torch device for evaluation and rendering.
     :param notes: Markdown for the model card's "About this run" section.
     :return: the snapshot folder.
@@ -933,6 +943,7 @@ def package_pretrained(
             video="gif" if video else None,
             n_eval_episodes=n_eval_episodes,
             video_steps=video_steps,
+            video_tasks=video_tasks,
             device=device,
             notes=notes,
         )

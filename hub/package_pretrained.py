@@ -41,6 +41,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--video-steps", type=int, default=None, help="Env steps in the GIF (default: one episode)"
     )
     parser.add_argument(
+        "--video-tasks",
+        nargs="+",
+        default=None,
+        metavar="TASK",
+        help="Tasks shown side by side in the replay (default: the first three)",
+    )
+    parser.add_argument(
         "--n-eval-episodes", type=int, default=100, help="Episodes per task if the run has no results.json"
     )
     parser.add_argument("--device", default="cpu", help="PyTorch device for evaluation and rendering")
@@ -64,6 +71,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             load_best=args.load_best,
             video=not args.no_video,
             video_steps=args.video_steps,
+            video_tasks=args.video_tasks or 3,
             n_eval_episodes=args.n_eval_episodes,
             device=args.device,
             notes=Path(args.notes).read_text() if args.notes else None,

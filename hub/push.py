@@ -53,6 +53,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--video-steps", type=int, default=None, help="Env steps in the replay (default: one episode)"
     )
     parser.add_argument(
+        "--video-tasks",
+        nargs="+",
+        default=None,
+        metavar="TASK",
+        help="Tasks shown side by side in the replay (default: the first three)",
+    )
+    parser.add_argument(
         "--n-eval-episodes", type=int, default=100, help="Episodes per task if the run has no results.json"
     )
     parser.add_argument("--private", action="store_true", help="Create the repo as private")
@@ -85,6 +92,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             load_best=args.load_best,
             video=None if args.no_video else "mp4",
             video_steps=args.video_steps,
+            video_tasks=args.video_tasks or 3,
             n_eval_episodes=args.n_eval_episodes,
             overwrite=args.overwrite,
             device=args.device,

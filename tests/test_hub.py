@@ -395,7 +395,8 @@ def test_package_pretrained_loads_offline_from_the_bundle(model, env, observatio
     package = load_script("package_pretrained")
     run = make_run(tmp_path, model, env, with_results=True)
     out = tmp_path / "pretrained"
-    assert package.main(["--model", str(run), "--out", str(out), "--video-steps", "8"]) == 0
+    base = ["--model", str(run), "--out", str(out), "--video-steps", "8"]
+    assert package.main([*base, "--video-tasks", "drawer-close", "reach-v3"]) == 0
 
     repo = out / "models--d2r-sb3--d2r-MT10-rand"
     commit = (repo / "refs" / "main").read_text()
@@ -404,7 +405,10 @@ def test_package_pretrained_loads_offline_from_the_bundle(model, env, observatio
     assert {p.name for p in snapshot.iterdir()} == BUNDLE_FILES
     assert sum(p.stat().st_size for p in snapshot.iterdir()) < 3 * 2**20
     assert len(imageio.mimread(snapshot / "replay.gif")) == 2  # every 4th of 8 steps
-    assert "![replay](replay.gif)" in ModelCard.load(snapshot / "README.md").text
+    card_text = ModelCard.load(snapshot / "README.md").text
+    assert "Replay of drawer-close, reach: ![replay](replay.gif)" in card_text
+    assert imageio.mimread(snapshot / "replay.gif")[0].shape[1] == 2 * 128  # two task tiles side by side
+    assert package.main([*base, "--video-tasks", "drawer-closed"]) == 2  # checked before any work
 
     # The bundle answers first, offline, even with an empty cache.
     monkeypatch.setattr(hub, "PRETRAINED_CACHE", out)
