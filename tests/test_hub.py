@@ -10,6 +10,7 @@ import importlib.util
 import json
 import pickle
 import re
+import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -428,18 +429,47 @@ def test_package_pretrained_loads_offline_from_the_bundle(model, env, observatio
     assert "replay.gif" not in {p.name for p in new_snapshot.iterdir()}
 
 
-def test_bundled_pretrained_policy_loads_offline():
-    if not (hub.PRETRAINED_CACHE / f"models--{DEFAULT_REPO_ID.replace('/', '--')}").is_dir():
-        pytest.skip(
-            "the pretrained policy is not bundled in d2r_sb3/pretrained yet (hub/package_pretrained.py)"
-        )
-    loaded = load_from_hub()
+BUNDLED_REPO_IDS = sorted(
+    folder.name.removeprefix("models--").replace("--", "/", 1)
+    for folder in hub.PRETRAINED_CACHE.glob("models--*")
+)
+
+
+def test_the_default_pretrained_policy_is_bundled():
+    """The README's main job (zoo/enjoy.py --task drawer-open) runs this bundle, offline."""
+    assert DEFAULT_REPO_ID in BUNDLED_REPO_IDS
+
+
+@pytest.mark.parametrize("repo_id", BUNDLED_REPO_IDS)
+def test_bundled_pretrained_policies_load_without_pickle_and_run_drawer_open(repo_id, monkeypatch):
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("something was unpickled")
+
+    with monkeypatch.context() as blocked:  # only while loading: Meta-World itself unpickles its task data
+        for module, name in [(pickle, "loads"), (pickle, "load"), (cloudpickle, "loads"), (th, "load")]:
+            blocked.setattr(module, name, refuse)
+        loaded = load_from_hub(repo_id)
     assert loaded.num_tasks == 10 and loaded.env_kwargs["benchmark"] == "MT10"
-    obs = np.zeros((10, 49), dtype=np.float32)
-    obs[np.arange(10), 39 + np.arange(10)] = 1.0
-    assert actions(loaded, obs).shape == (10, 4)
-    folder = download_policy(DEFAULT_REPO_ID)
-    assert json.loads((folder / "results.json").read_text())["success"]
+    assert loaded.metadata["repo_id"] == repo_id
+
+    sys.path.insert(0, str(REPO_ROOT))  # the zoo's single-task env (zoo/ is not installed)
+    try:
+        from zoo.task_env import make_task_env
+    finally:
+        sys.path.remove(str(REPO_ROOT))
+    env = make_task_env(loaded.env_kwargs, "drawer-open", loaded.task_names, max_episode_steps=20)
+    obs, _ = env.reset()
+    for _ in range(20):
+        action, _ = loaded.predict(obs, deterministic=True)
+        obs, reward, terminated, truncated, info = env.step(action)
+        assert np.isfinite(reward)
+    assert terminated or truncated
+    assert info["is_success"] in (0.0, 1.0)
+    env.close()
+
+    folder = download_policy(repo_id)
+    results = json.loads((folder / "results.json").read_text())
+    assert set(results["success"]) == set(loaded.task_names)
     assert ModelCard.load(folder / "README.md").data.library_name == "stable-baselines3"
 
 
