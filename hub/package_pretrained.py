@@ -16,10 +16,9 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 from d2r_sb3.hub import DEFAULT_REPO_ID, PRETRAINED_CACHE
-from d2r_sb3.publishing import package_pretrained
+from d2r_sb3.publishing import add_staging_arguments, package_pretrained, staging_options
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,35 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Write a run's safe policy files into the bundled pretrained folder (Hub-cache layout).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument(
-        "--model", required=True, help="Zoo run folder logs/<algo>/<EnvName>_<N> (or one of its zips)"
-    )
+    add_staging_arguments(parser, replay_file="replay.gif")
     parser.add_argument("--repo-id", default=DEFAULT_REPO_ID, help="Hub repo id the bundle answers to")
     parser.add_argument("--out", default=str(PRETRAINED_CACHE), help="Cache folder to write into")
-    parser.add_argument(
-        "--load-best", action="store_true", help="Bundle best_model.zip instead of the final model"
-    )
-    parser.add_argument("--no-video", action="store_true", help="Do not render replay.gif")
-    parser.add_argument(
-        "--video-steps", type=int, default=None, help="Env steps in the GIF (default: one episode)"
-    )
-    parser.add_argument(
-        "--video-tasks",
-        nargs="+",
-        default=None,
-        metavar="TASK",
-        help="Tasks shown side by side in the replay (default: the first three)",
-    )
-    parser.add_argument(
-        "--n-eval-episodes", type=int, default=100, help="Episodes per task if the run has no results.json"
-    )
-    parser.add_argument("--device", default="cpu", help="PyTorch device for evaluation and rendering")
-    parser.add_argument(
-        "--notes",
-        default=None,
-        metavar="FILE",
-        help="Markdown file for the model card's 'About this run' section (e.g. how the run differs from the paper)",
-    )
     return parser
 
 
@@ -68,13 +41,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.model,
             args.out,
             repo_id=args.repo_id,
-            load_best=args.load_best,
             video=not args.no_video,
-            video_steps=args.video_steps,
-            video_tasks=args.video_tasks or 3,
-            n_eval_episodes=args.n_eval_episodes,
-            device=args.device,
-            notes=Path(args.notes).read_text() if args.notes else None,
+            **staging_options(args),
         )
     except (OSError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)

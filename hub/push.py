@@ -21,10 +21,9 @@ import argparse
 import sys
 import tempfile
 from collections.abc import Sequence
-from pathlib import Path
 
 from d2r_sb3.hub import DEFAULT_ORG
-from d2r_sb3.publishing import push_to_hub, stage_repo
+from d2r_sb3.publishing import add_staging_arguments, push_to_hub, stage_repo, staging_options
 from d2r_sb3.registry import ALGOS
 
 
@@ -34,47 +33,21 @@ def build_parser() -> argparse.ArgumentParser:
         description="Stage a trained run as a Hugging Face Hub repo and upload it.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument(
-        "--model", required=True, help="Zoo run folder logs/<algo>/<EnvName>_<N> (or one of its zips)"
-    )
+    add_staging_arguments(parser, replay_file="replay.mp4")
     parser.add_argument("--repo-id", default=None, help="Hub repo id (default: <org>/<algo>-<EnvName>)")
     parser.add_argument("--org", default=DEFAULT_ORG, help="Hub organisation of the default repo id")
     parser.add_argument("--algo", default=None, choices=list(ALGOS), help="Algorithm (default: from the run)")
-    parser.add_argument(
-        "--load-best", action="store_true", help="Publish best_model.zip instead of the final model"
-    )
     parser.add_argument(
         "--stage-dir", default=None, help="Where to stage the files (default: a new temporary folder)"
     )
     parser.add_argument("--overwrite", action="store_true", help="Empty a non-empty --stage-dir first")
     parser.add_argument("--dry-run", action="store_true", help="Stage only: list the files, upload nothing")
-    parser.add_argument("--no-video", action="store_true", help="Do not render replay.mp4")
-    parser.add_argument(
-        "--video-steps", type=int, default=None, help="Env steps in the replay (default: one episode)"
-    )
-    parser.add_argument(
-        "--video-tasks",
-        nargs="+",
-        default=None,
-        metavar="TASK",
-        help="Tasks shown side by side in the replay (default: the first three)",
-    )
-    parser.add_argument(
-        "--n-eval-episodes", type=int, default=100, help="Episodes per task if the run has no results.json"
-    )
     parser.add_argument("--private", action="store_true", help="Create the repo as private")
     parser.add_argument(
         "--token", default=None, help="Hugging Face token (default: HF_TOKEN or `hf auth login`)"
     )
     parser.add_argument("--revision", default=None, help="Branch to commit to (default: main)")
     parser.add_argument("-m", "--commit-message", default=None, help="Commit message")
-    parser.add_argument("--device", default="cpu", help="PyTorch device for evaluation and rendering")
-    parser.add_argument(
-        "--notes",
-        default=None,
-        metavar="FILE",
-        help="Markdown file for the model card's 'About this run' section (e.g. how the run differs from the paper)",
-    )
     return parser
 
 
@@ -89,14 +62,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             repo_id=args.repo_id,
             org=args.org,
             algo=args.algo,
-            load_best=args.load_best,
             video=None if args.no_video else "mp4",
-            video_steps=args.video_steps,
-            video_tasks=args.video_tasks or 3,
-            n_eval_episodes=args.n_eval_episodes,
             overwrite=args.overwrite,
-            device=args.device,
-            notes=Path(args.notes).read_text() if args.notes else None,
+            **staging_options(args),
         )
     except (OSError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
