@@ -160,7 +160,7 @@ episodes per task; an episode succeeds if it succeeds at any step). Mean return 
 The first row is what we measured for this model, reported as it is even when far below the published
 numbers. These are **not directly comparable**: this model runs on Meta-World 3 (`-v3` envs, mujoco {{ versions.get("mujoco", "3") }}),
 while the papers used Meta-World v2 envs on mujoco-py, with other episode lengths, goal sampling and step budgets.
-This run: {{ protocol }}; {{ steps_text }}.
+This run: {{ protocol }}; env steps trained: {{ steps_text }}.
 
 | method | {{ benchmark }} fixed goals | {{ benchmark }} random goals | source |
 |---|---|---|---|
