@@ -44,7 +44,7 @@ from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, get_tok
 
 from d2r_sb3.common.evaluation import evaluate_per_task
 from d2r_sb3.common.provenance import hardware, versions
-from d2r_sb3.envs import normalize_task_name
+from d2r_sb3.envs import task_index
 from d2r_sb3.hub import DEFAULT_ORG, DEFAULT_REPO_ID, PRETRAINED_CACHE, is_repo_id, repo_id_for
 from d2r_sb3.registry import ALGOS
 from d2r_sb3.serialization import (
@@ -724,12 +724,9 @@ def stage_repo(
     if sb3_model is None:  # (load_policy returns the algorithm for every zip)
         raise ValueError(f"{run.model_zip} did not load as an SB3 model.")
     if isinstance(video_tasks, list):  # checked before the evaluation and rendering, not after
-        video_tasks = [normalize_task_name(name) for name in video_tasks]
-        unknown = [name for name in video_tasks if name not in loaded.task_names]
-        if unknown:
-            raise ValueError(
-                f"Replay tasks {unknown} are not tasks of this policy; its tasks: {', '.join(loaded.task_names)}."
-            )
+        video_tasks = [
+            loaded.task_names[task_index(loaded.task_names, name, "the policy")] for name in video_tasks
+        ]
     env_kwargs = run.read_yaml("env_kwargs.yml") or loaded.env_kwargs
     args = run.read_yaml("args.yml")
     config = run.read_yaml("config.yml")

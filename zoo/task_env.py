@@ -19,7 +19,7 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 
-from d2r_sb3.envs import make_mt_env, normalize_task_name
+from d2r_sb3.envs import make_mt_env, task_index
 
 
 class TaskOneHot(gym.ObservationWrapper):
@@ -64,11 +64,9 @@ def make_task_env(
     :return: The env; close it when done (it may hold a rendering context).
     :raises ValueError: If ``task`` is not one of ``task_names``.
     """
-    full_name = normalize_task_name(task)
+    index = task_index(task_names, task, owner="the model")
     names = list(task_names)
-    if full_name not in names:
-        raise ValueError(f"Task {full_name!r} is not one of the model's tasks: {', '.join(names)}.")
-    index = names.index(full_name)
+    full_name = names[index]
     kwargs = {**env_kwargs, **overrides, "vec_env": "dummy"}
     benchmark = kwargs.pop("benchmark")
     if kwargs.get("goals") == "mw3" and isinstance(benchmark, str):

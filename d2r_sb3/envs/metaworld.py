@@ -66,6 +66,7 @@ __all__ = [
     "benchmark_task_names",
     "make_mt_env",
     "normalize_task_name",
+    "task_index",
 ]
 
 GoalMode = Literal["fixed", "rand", "mw3"]
@@ -150,6 +151,19 @@ def normalize_task_name(name: str) -> str:
             f"{', '.join(sorted(_ALL_TASKS))}"
         )
     return full
+
+
+def task_index(task_names: Sequence[str], task: str, owner: str = "this env") -> int:
+    """Index of ``task`` (with or without ``-v3``) in ``task_names``: its env column and one-hot position.
+
+    :param owner: what the tasks belong to, for the error message (``"this env"``, ``"the model"``).
+    :raises ValueError: If ``task`` is not a Meta-World task or not one of ``task_names`` (the message lists them).
+    """
+    full = normalize_task_name(task)
+    names = list(task_names)
+    if full not in names:
+        raise ValueError(f"Task {full!r} is not one of {owner}'s tasks: {', '.join(names)}.")
+    return names.index(full)
 
 
 def benchmark_task_names(benchmark: str | Sequence[str]) -> list[str]:
@@ -448,10 +462,7 @@ class MultiTaskVecEnv(VecEnvWrapper):
 
     def task_index(self, task_name: str) -> int:
         """Env column / one-hot index of a task (name with or without ``-v3``)."""
-        full = normalize_task_name(task_name)
-        if full not in self.task_names:
-            raise ValueError(f"Task {full!r} is not in this env; its tasks: {', '.join(self.task_names)}")
-        return self.task_names.index(full)
+        return task_index(self.task_names, task_name)
 
     def env_kwargs(self) -> dict[str, Any]:
         """Keyword arguments that rebuild this env with :func:`make_mt_env` (plain JSON/YAML types)."""
