@@ -39,9 +39,6 @@ EPISODE_STEPS = 20
 EPISODES = 2
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
-if str(REPO_ROOT) not in sys.path:  # the zoo scripts are a package at the repository root, not installed
-    sys.path.insert(0, str(REPO_ROOT))
-
 
 def make_env():
     return make_mt_env("MT10", max_episode_steps=EPISODE_STEPS, seed=0)

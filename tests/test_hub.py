@@ -10,7 +10,6 @@ import importlib.util
 import json
 import pickle
 import re
-import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -29,6 +28,7 @@ from d2r_sb3 import D2RSAC, make_mt_env
 from d2r_sb3.hub import DEFAULT_REPO_ID, download_policy, load_from_hub
 from d2r_sb3.publishing import package_pretrained, push_to_hub, stage_repo
 from d2r_sb3.serialization import POLICY_CONFIG_FILE, POLICY_WEIGHTS_FILE, load_policy, save_policy
+from zoo.task_env import make_task_env
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TINY_D2R = dict(n_modules=4, module_dim=16, encoder_sizes=[32, 32], gate_sizes=[16])
@@ -452,11 +452,6 @@ def test_bundled_pretrained_policies_load_without_pickle_and_run_drawer_open(rep
     assert loaded.num_tasks == 10 and loaded.env_kwargs["benchmark"] == "MT10"
     assert loaded.metadata["repo_id"] == repo_id
 
-    sys.path.insert(0, str(REPO_ROOT))  # the zoo's single-task env (zoo/ is not installed)
-    try:
-        from zoo.task_env import make_task_env
-    finally:
-        sys.path.remove(str(REPO_ROOT))
     env = make_task_env(loaded.env_kwargs, "drawer-open", loaded.task_names, max_episode_steps=20)
     obs, _ = env.reset()
     for _ in range(20):

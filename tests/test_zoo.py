@@ -28,14 +28,11 @@ from d2r_sb3 import D2RSAC, make_mt_env
 from d2r_sb3.common.callbacks import MultiTaskCheckpointCallback, PerTaskEvalCallback
 from d2r_sb3.common.mt_sac import short_task_name
 from d2r_sb3.envs import benchmark_task_names
+from zoo import plot, train
+from zoo.task_env import make_task_env
+from zoo.utils import ZooError, env_name, load_hyperparams, next_run_dir, parse_key_values
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))  # the zoo helpers are a top-level package next to d2r_sb3
-
-from zoo import plot, train  # noqa: E402
-from zoo.task_env import make_task_env  # noqa: E402
-from zoo.utils import ZooError, env_name, load_hyperparams, next_run_dir, parse_key_values  # noqa: E402
 
 MT10 = benchmark_task_names("MT10")
 SHORT = [short_task_name(name) for name in MT10]
