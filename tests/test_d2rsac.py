@@ -83,6 +83,80 @@ def test_extreme_task_masking_zeroes_exactly_that_tasks_loss():
     assert off._combine_task_losses(losses)[1].all()
 
 
+def _reference_step_with_a_clip_per_critic(model: D2RSAC, data: MultiTaskReplayBufferSamples) -> None:
+    """One update written plainly: each network clipped with torch's own clip_grad_norm_, each critic alone."""
+    losses = model._task_losses(data)
+    loss, _ = model._combine_task_losses(losses)
+    optimizers = [model.actor.optimizer, model.critic.optimizer, model.ent_coef_optimizer]
+    for optimizer in optimizers:
+        optimizer.zero_grad()
+    loss.backward()
+    th.nn.utils.clip_grad_norm_(list(model.actor.parameters()), 1.0)
+    for critic in range(model.policy.n_critics):  # critic i alone, as a network of its own
+        alone = []
+        for param in model.critic.parameters():
+            copy_ = th.nn.Parameter(param.detach()[critic].clone())
+            copy_.grad = param.grad[critic].clone()
+            alone.append(copy_)
+        th.nn.utils.clip_grad_norm_(alone, 1.0)
+        for param, copy_ in zip(model.critic.parameters(), alone, strict=True):
+            param.grad[critic] = copy_.grad
+    th.nn.utils.clip_grad_norm_([model.log_ent_coef], 1.0)
+    for optimizer in optimizers:
+        optimizer.step()
+
+
+def test_each_critic_is_clipped_on_its_own_gradient_norm():
+    import copy
+
+    model = tiny_model(learning_starts=10_000)
+    fill_buffer(model)
+    data = model.replay_buffer.sample(64)
+    data = data._replace(rewards=data.rewards * 50.0)  # large TD errors: every clip is active
+    reference = copy.deepcopy(model)
+    # The premise: both critics' gradients are above the limit and differ, so joint clipping would differ.
+    loss, _ = reference._combine_task_losses(reference._task_losses(data))
+    loss.backward()
+    norms = [
+        th.linalg.vector_norm(th.stack([p.grad[i].norm() for p in reference.critic.parameters()])).item()
+        for i in range(2)
+    ]
+    assert min(norms) > 1.0 and abs(norms[0] - norms[1]) > 1e-3 * max(norms), norms
+    reference = copy.deepcopy(model)
+
+    th.manual_seed(123)
+    model._gradient_step(data)
+    th.manual_seed(123)
+    _reference_step_with_a_clip_per_critic(reference, data)
+    # The clipped gradients are the same (the optimiser steps read them; Adam's first step then moves tiny
+    # gradients by ~lr whatever their scale, so parameters would hide a wrong clip).
+    for (name, got), expected in zip(
+        model.policy.named_parameters(), reference.policy.parameters(), strict=True
+    ):
+        if got.grad is not None:
+            th.testing.assert_close(got.grad, expected.grad, rtol=1e-5, atol=1e-9, msg=name)
+    th.testing.assert_close(model.log_ent_coef.grad, reference.log_ent_coef.grad)
+    for critic in range(2):
+        norm = th.linalg.vector_norm(th.stack([p.grad[critic].norm() for p in model.critic.parameters()]))
+        assert norm.item() == pytest.approx(1.0, rel=1e-4)  # joint clipping would leave them unequal, below 1
+
+
+def test_clip_per_member_matches_torch_on_one_member_and_leaves_small_gradients():
+    from d2r_sb3.common.clipping import clip_grad_norm_per_member_
+
+    params = [th.nn.Parameter(th.ones(3, 4)), th.nn.Parameter(th.ones(3))]
+    params[0].grad = th.tensor([[3.0] * 4, [0.1] * 4, [1.0] * 4])
+    params[1].grad = th.tensor([4.0, 0.1, 0.0])
+    norms = clip_grad_norm_per_member_(params, 1.0, 3)
+    th.testing.assert_close(norms, th.tensor([(36 + 16) ** 0.5, (0.04 + 0.01) ** 0.5, 2.0]))
+    for member in range(3):
+        clipped = th.linalg.vector_norm(th.cat([p.grad[member].flatten() for p in params])).item()
+        assert clipped == pytest.approx(min(1.0, norms[member].item()), rel=1e-5)
+    assert params[1].grad[1].item() == pytest.approx(0.1)  # under the limit: untouched
+    with pytest.raises(ValueError, match=r"shape \[3, ...\]"):
+        clip_grad_norm_per_member_([th.nn.Parameter(th.ones(2, 2))], 1.0, 3)
+
+
 def test_stratified_batches_take_the_same_rows_from_every_task():
     model = tiny_model(learning_starts=10_000)
     fill_buffer(model)

@@ -6,7 +6,7 @@ configuration away:
 * one entropy coefficient per task (``log alpha`` vector, its own Adam lr 1e-4, clamp ``log alpha <= 0``);
 * per-task loss reweighting ``w = T * softmax(-log alpha)`` on the actor and critic losses;
 * extreme-task masking: a task whose loss exceeds a threshold (3e3) is dropped for that gradient step;
-* gradient-norm clipping per network (1.0);
+* gradient-norm clipping per network (1.0): the actor, each critic of the twin pair, and ``log alpha``;
 * stratified batches (``B / T`` samples from every task);
 * warm-up with the current policy instead of uniform random actions;
 * the replay-buffer timeout setting that matches the env preset.
@@ -33,6 +33,7 @@ from stable_baselines3.common.utils import polyak_update
 from torch.nn import functional as F
 
 from d2r_sb3.common.buffers import MultiTaskReplayBuffer, MultiTaskReplayBufferSamples
+from d2r_sb3.common.clipping import clip_grad_norm_per_member_
 from d2r_sb3.common.params import format_parameter_counts, parameter_counts
 from d2r_sb3.common.policies import MultiTaskPolicy
 
@@ -69,7 +70,8 @@ class MultiTaskSAC(SAC):
     :param per_task_ent_coef: one entropy coefficient per task (``False``: one shared coefficient).
     :param task_loss_reweighting: weight task ``t``'s actor and critic losses by ``T * softmax(-log alpha)_t``.
     :param extreme_task_loss_threshold: drop a task's loss for a step when it exceeds this (``None``: off).
-    :param max_grad_norm: gradient-norm clip per network and for ``log alpha`` (``None``: off).
+    :param max_grad_norm: gradient-norm clip of the actor, of each critic separately and of ``log alpha``
+        (``None``: off).
     :param stratified_batches: the same number of samples from each task per batch.
     :param policy_warmup: collect the warm-up steps with the current policy instead of uniform actions.
     :param half_critic_loss: SB3's ``0.5 * MSE`` critic loss (the authors use the plain squared error).
@@ -286,18 +288,15 @@ class MultiTaskSAC(SAC):
     def _gradient_step(self, data: MultiTaskReplayBufferSamples) -> dict[str, th.Tensor]:
         losses = self._task_losses(data)
         loss, kept = self._combine_task_losses(losses)
-        groups = [
-            (self.actor.optimizer, self.actor.parameters()),
-            (self.critic.optimizer, self.critic.parameters()),
-        ]
+        optimizers = [self.actor.optimizer, self.critic.optimizer]
         if self.ent_coef_optimizer is not None:
-            groups.append((self.ent_coef_optimizer, [self.log_ent_coef]))
-        for optimizer, _ in groups:
+            optimizers.append(self.ent_coef_optimizer)
+        for optimizer in optimizers:
             optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        for optimizer, params in groups:
-            if self.max_grad_norm is not None:
-                th.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
+        if self.max_grad_norm is not None:
+            self._clip_gradients(self.max_grad_norm)
+        for optimizer in optimizers:
             optimizer.step()
         if self.ent_coef_optimizer is not None and self.max_log_ent_coef is not None:
             with th.no_grad():
@@ -308,6 +307,16 @@ class MultiTaskSAC(SAC):
             polyak_update(self.batch_norm_stats, self.batch_norm_stats_target, 1.0)
         self._after_gradient_step()
         return {**losses, "kept": kept}
+
+    def _clip_gradients(self, max_norm: float) -> None:
+        """Clip the actor, each critic and ``log alpha`` to ``max_norm`` separately (the authors' clipping).
+
+        The twin critics are one ensemble module; each critic is clipped on its own norm, not on their joint one.
+        """
+        th.nn.utils.clip_grad_norm_(self.actor.parameters(), max_norm)
+        clip_grad_norm_per_member_(self.critic.parameters(), max_norm, self.policy.n_critics)
+        if self.ent_coef_optimizer is not None:
+            th.nn.utils.clip_grad_norm_([self.log_ent_coef], max_norm)
 
     def _after_gradient_step(self) -> None:
         """Hook run after every gradient step (D2R refreshes its routing temperatures here)."""
