@@ -39,6 +39,7 @@ from stable_baselines3.common.save_util import json_to_data
 from stable_baselines3.common.utils import get_device
 
 from d2r_sb3.common.mt_sac import MultiTaskSAC
+from d2r_sb3.common.nonfinite import first_nonfinite_tensor
 from d2r_sb3.common.policies import MultiTaskPolicy
 from d2r_sb3.common.provenance import versions
 from d2r_sb3.d2r.d2r import D2RSAC
@@ -338,7 +339,8 @@ def save_policy(
     :param metadata: extra JSON-able information (e.g. training steps, results).
     :return: the folder.
     :raises TypeError: if given something other than a multi-task model or policy.
-    :raises ValueError: if the policy class has no registered alias or a value is not JSON-able.
+    :raises ValueError: if the policy class has no registered alias, a value is not JSON-able or a weight is not
+        finite (NaN or infinite; nothing is written then).
     """
     model = model_or_policy if isinstance(model_or_policy, BaseAlgorithm) else None
     policy = model.policy if model is not None else model_or_policy
@@ -372,11 +374,18 @@ def save_policy(
     if model is not None:
         info.setdefault("num_timesteps", int(model.num_timesteps))
 
+    # safetensors refuses tensors that share memory or are views: store contiguous copies on the CPU.
+    tensors = {name: t.detach().cpu().contiguous().clone() for name, t in policy.actor.state_dict().items()}
+    broken = first_nonfinite_tensor(tensors.items())
+    if broken is not None:
+        raise ValueError(
+            f"The actor's {broken} holds NaN or infinite values; save_policy refuses to write broken weights. "
+            "Load a checkpoint from before the values went non-finite and save that (training raises "
+            "NonFiniteTrainingError when they do)."
+        )
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     weights_path = folder / POLICY_WEIGHTS_FILE
-    # safetensors refuses tensors that share memory or are views: store contiguous copies on the CPU.
-    tensors = {name: t.detach().cpu().contiguous().clone() for name, t in policy.actor.state_dict().items()}
     save_file(tensors, str(weights_path), metadata={"format": "pt", "policy_class": alias})
     config = {
         "format_version": FORMAT_VERSION,

@@ -118,8 +118,12 @@ def test_train_writes_the_logs_layout(run1: Path):
     for name in ("MT10-rand.zip", "best_model.zip", "progress.csv", "evaluations.json", "results.json"):
         assert (run1 / name).is_file(), name
     assert (run1 / "replay_buffer.pkl").is_file()
-    assert (run1 / "rl_model_200_steps.zip").is_file()
-    assert (run1 / "rl_model_replay_buffer_200_steps.pkl").is_file()
+    # Training checkpoints every 20 steps per task (200 total) and at the end; the newest 2 are kept.
+    checkpoints = sorted(p.name for p in (run1 / "checkpoints").iterdir())
+    assert checkpoints == ["step_000000000200", "step_000000000300"]
+    for name in ("manifest.json", "model.zip", "replay_buffer.npz", "state.json"):
+        assert (run1 / "checkpoints" / "step_000000000300" / name).is_file(), name
+    assert not (run1 / ".lock").read_text()  # released: it names no owner
 
     meta = run1 / "MT10-rand"
     config = yaml.safe_load((meta / "config.yml").read_text())
@@ -180,22 +184,34 @@ def test_resume_continues_the_run_with_its_steps_and_buffer(run1: Path, tmp_path
     assert len(rows) > n_rows and int(rows[-1]["time/total_timesteps"]) == 500
     history = json.loads((run1 / "evaluations.json").read_text())
     assert history["timesteps"] == [100, 200, 300, 400, 500]
-    assert (run1 / "rl_model_400_steps.zip").is_file()  # the checkpoint schedule keeps counting per task
-    assert not (run1 / "rl_model_replay_buffer_200_steps.pkl").exists()  # only the newest buffer is kept
+    # The checkpoint schedule keeps counting per task (400), the final one (500); older ones are pruned.
+    assert sorted(p.name for p in (run1 / "checkpoints").iterdir()) == [
+        "step_000000000400",
+        "step_000000000500",
+    ]
     assert len((run1 / "MT10-rand" / "command.txt").read_text().splitlines()) == 2
     assert yaml.safe_load((run1 / "MT10-rand" / "config.yml").read_text())["n_timesteps"] == 500
     assert not (run1 / "results.json").exists()  # no final evaluation this time: no stale results
 
-    # A crashed run (no final model) resumes from its newest checkpoint and that checkpoint's buffer.
-    crashed = tmp_path / "MT10-rand_7"
-    shutil.copytree(run1, crashed)
-    (crashed / "MT10-rand.zip").unlink()
-    steps, model_path, buffer_path = train.find_resume_point(crashed, "MT10-rand")
+    # A run written before training checkpoints existed (rl_model_<steps>_steps.zip and its pickled buffer)
+    # resumes from its newest model and buffer.
+    legacy = tmp_path / "MT10-rand_7"
+    shutil.copytree(run1, legacy)
+    shutil.rmtree(legacy / "checkpoints")
+    shutil.copy(legacy / "MT10-rand.zip", legacy / "rl_model_400_steps.zip")
+    shutil.copy(legacy / "replay_buffer.pkl", legacy / "rl_model_replay_buffer_400_steps.pkl")
+    (legacy / "MT10-rand.zip").unlink()
+    steps, model_path, buffer_path = train.find_resume_point(legacy, "MT10-rand")
     assert (steps, model_path.name) == (400, "rl_model_400_steps.zip")
     assert buffer_path is not None and buffer_path.name == "rl_model_replay_buffer_400_steps.pkl"
-    train.drop_progress_after(crashed / "progress.csv", steps)  # the logs of the lost steps go
-    kept = list(csv.DictReader((crashed / "progress.csv").open()))
+    train.drop_progress_after(legacy / "progress.csv", steps)  # the logs of the lost steps go
+    kept = list(csv.DictReader((legacy / "progress.csv").open()))
     assert kept == [row for row in rows if int(row["time/total_timesteps"]) <= 400] and len(kept) < len(rows)
+    out = check_ok(
+        run_cli("train.py", "--resume", str(legacy), *"-n 600 --final-eval-episodes 0 --verbose 1".split())
+    )
+    assert "from rl_model_400_steps.zip at 400 steps" in out
+    assert (legacy / "checkpoints" / "step_000000000600").is_dir()
 
 
 def test_train_rejects_bad_input_clearly(tmp_path: Path):

@@ -35,6 +35,8 @@ import inspect  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import shlex  # noqa: E402
+import shutil  # noqa: E402
+import signal  # noqa: E402
 import time  # noqa: E402
 import zipfile  # noqa: E402
 from collections.abc import Sequence  # noqa: E402
@@ -45,11 +47,23 @@ from typing import Any  # noqa: E402
 from stable_baselines3.common.callbacks import BaseCallback, CallbackList  # noqa: E402
 from stable_baselines3.common.logger import CSVOutputFormat, Logger, configure  # noqa: E402
 
-from d2r_sb3.common.callbacks import MultiTaskCheckpointCallback, PerTaskEvalCallback  # noqa: E402
+from d2r_sb3.common.callbacks import PerTaskEvalCallback  # noqa: E402
+from d2r_sb3.common.checkpoints import (  # noqa: E402
+    Checkpoint,
+    CheckpointError,
+    CheckpointStore,
+    TrainingCheckpointCallback,
+    TrainingInterrupted,
+    atomic_save,
+    load_buffer,
+    restore_training_state,
+)
 from d2r_sb3.common.evaluation import evaluate_per_task  # noqa: E402
 from d2r_sb3.common.mt_sac import MultiTaskSAC  # noqa: E402
+from d2r_sb3.common.nonfinite import NonFiniteTrainingError  # noqa: E402
 from d2r_sb3.common.params import parameter_counts  # noqa: E402
 from d2r_sb3.common.provenance import hardware, versions  # noqa: E402
+from d2r_sb3.common.run_lock import RunLock, RunLockedError  # noqa: E402
 from d2r_sb3.envs import GOAL_MODES, PRESETS, MultiTaskVecEnv, make_mt_env  # noqa: E402
 from d2r_sb3.registry import ALGOS  # noqa: E402
 from zoo.utils import (  # noqa: E402
@@ -158,17 +172,30 @@ def build_parser() -> argparse.ArgumentParser:
         help="Episodes per task of the final evaluation (0: skip)",
     )
     parser.add_argument(
-        "--save-freq", type=int, default=-1, help="Save a checkpoint every N env steps per task (<= 0: never)"
+        "--save-freq",
+        type=int,
+        default=-1,
+        help="Write a training checkpoint every N env steps per task (<= 0: not by steps)",
+    )
+    parser.add_argument(
+        "--save-interval-minutes",
+        type=float,
+        default=30.0,
+        help="Write a training checkpoint every M minutes of wall-clock (<= 0: not by time)",
+    )
+    parser.add_argument(
+        "--keep-checkpoints", type=int, default=2, help="Number of newest training checkpoints kept"
     )
     parser.add_argument(
         "--save-replay-buffer",
         action="store_true",
-        help="Save the replay buffer at the end and with every checkpoint (needed to resume)",
+        help="Also write the replay buffer in SB3's format (replay_buffer.pkl) beside the final model "
+        "(checkpoints always hold it)",
     )
     parser.add_argument(
         "--resume",
         metavar="RUN_DIR",
-        help="Continue the run in RUN_DIR (newest checkpoint or final model, its replay buffer and step count)",
+        help="Continue the run in RUN_DIR from its newest valid checkpoint (exactly where it stopped)",
     )
     parser.add_argument("--vec-env", default="dummy", choices=["dummy", "subproc"], help="VecEnv type")
     parser.add_argument("--device", default="auto", help="PyTorch device (cpu, cuda, auto)")
@@ -200,6 +227,10 @@ class RunSetup:
     model: MultiTaskSAC
     n_timesteps: int
     resumed_from: str | None
+    lock: RunLock
+    training_state: dict[str, Any] | None = (
+        None  # from the checkpoint resumed (restored just before learning)
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -283,14 +314,19 @@ def new_run(args: argparse.Namespace, command: str) -> RunSetup:
     policy = hyperparams.pop("policy", default_policy)
     check_hyperparams(cls, policy, hyperparams, source)
 
+    check_writable_folder(Path(args.log_folder), "-f/--log-folder")
     env = build_env(env_kwargs)
     name = env_name(env.benchmark, env.goals, env.preset)
-    run_dir = next_run_dir(args.log_folder, args.algo, name)
+    run_dir, lock = create_run_dir(args.log_folder, args.algo, name)
     try:
         model = cls(policy, env, seed=args.seed, device=args.device, verbose=args.verbose, **hyperparams)
     except (ValueError, TypeError) as err:
+        lock.release()
+        shutil.rmtree(run_dir, ignore_errors=True)
         raise ZooError(f"Cannot build {cls.__name__} with the hyperparameters of {source}: {err}") from None
     if model.replay_buffer.stratified and model.batch_size % env.num_tasks:
+        lock.release()
+        shutil.rmtree(run_dir, ignore_errors=True)
         raise ZooError(
             f"batch_size={model.batch_size} must be a multiple of the {env.num_tasks} tasks (stratified batches "
             f"take batch_size / T samples of every task), e.g. {128 * env.num_tasks}."
@@ -307,7 +343,62 @@ def new_run(args: argparse.Namespace, command: str) -> RunSetup:
     (meta / "command.txt").write_text(command + "\n")
     if args.verbose >= 1:
         print(f"Hyperparameters from {source}; run folder {run_dir}")
-    return RunSetup(args, run_dir, name, env, env.env_kwargs(), model, int(n_timesteps), resumed_from=None)
+    return RunSetup(
+        args, run_dir, name, env, env.env_kwargs(), model, int(n_timesteps), resumed_from=None, lock=lock
+    )
+
+
+MIN_FREE_BYTES = 100 * 2**20
+
+
+def check_writable_folder(folder: Path, flag: str) -> None:
+    """Fail early, before any env or model is built, when ``folder`` cannot hold a run.
+
+    :raises ZooError: If it is a file, cannot be created or written, or its disk has under 100 MB free.
+    """
+    if folder.exists() and not folder.is_dir():
+        raise ZooError(f"{flag} {folder} is a file, not a folder: pass a folder for the run logs.")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as err:
+        raise ZooError(
+            f"{flag} {folder} is not writable ({err.strerror or err}): pass a folder you can write to."
+        ) from None
+    free = shutil.disk_usage(folder).free
+    if free < MIN_FREE_BYTES:
+        raise ZooError(
+            f"{flag} {folder} has only {free / 2**20:.0f} MB free; a run needs room for its checkpoints "
+            f"(about the size of the replay buffer each): free some space or pass another folder."
+        )
+
+
+def create_run_dir(log_folder: str | Path, algo: str, name: str) -> tuple[Path, RunLock]:
+    """Create the next free ``<log_folder>/<algo>/<name>_<N>`` and lock it (two new runs never share a folder)."""
+    for _ in range(100):
+        run_dir = next_run_dir(log_folder, algo, name)
+        try:
+            run_dir.mkdir(parents=True)
+        except FileExistsError:
+            continue  # taken by a run started at the same moment: try the next number
+        lock = RunLock(run_dir)
+        lock.acquire()
+        return run_dir, lock
+    raise ZooError(f"Could not create a new run folder under {Path(log_folder) / algo}.")
+
+
+def lock_run(run_dir: Path) -> RunLock:
+    """Lock an existing run folder for this process, or stop with a clear error if another process writes it."""
+    lock = RunLock(run_dir)
+    try:
+        warning = lock.acquire()
+    except RunLockedError as err:
+        raise ZooError(str(err)) from None
+    if warning is not None:
+        print(f"Warning: {warning}.", file=sys.stderr)
+    return lock
 
 
 def command_line(argv: Sequence[str] | None) -> str:
@@ -386,14 +477,34 @@ def drop_progress_after(path: Path, num_timesteps: int) -> None:
             csv.writer(file, lineterminator="\n").writerows(kept)
 
 
-def resume_run(args: argparse.Namespace, explicit: set[str], command: str) -> RunSetup:
-    """Load the newest model of a run (and its replay buffer) to continue it in the same folder.
+CHECKPOINTS_DIR = "checkpoints"
+
+
+def checkpoint_store(run_dir: Path, keep: int = 2) -> CheckpointStore:
+    """The training checkpoints of a run: ``<run_dir>/checkpoints/step_<steps>/``."""
+    if keep < 1:
+        raise ZooError(f"--keep-checkpoints must be >= 1, got {keep}.")
+    return CheckpointStore(run_dir / CHECKPOINTS_DIR, keep=keep)
+
+
+def _warn(message: str) -> None:
+    print(f"Warning: {message}", file=sys.stderr)
+
+
+def resume_run(args: argparse.Namespace, explicit: set[str], command: str) -> RunSetup | None:
+    """Load the newest valid checkpoint of a run to continue it in the same folder, exactly where it stopped.
+
+    Runs written before training checkpoints existed resume from their newest ``rl_model_<steps>_steps.zip`` or
+    final model (and its pickled replay buffer, if any), with new episodes.
 
     :param args: The parsed flags.
     :param explicit: The flags given on the command line (the others come from the run's ``args.yml``).
     :param command: The command line, appended to ``command.txt``.
+    :return: The set-up, or None when the run already has the requested steps (nothing is changed then).
     """
     run_dir = Path(args.resume)
+    if not run_dir.is_dir():
+        raise ZooError(f"--resume {run_dir}: no such folder.")
     name = run_env_name(run_dir)
     meta = run_dir / name
     if not (meta / "args.yml").is_file():
@@ -416,32 +527,77 @@ def resume_run(args: argparse.Namespace, explicit: set[str], command: str) -> Ru
     env_kwargs = read_yaml(meta / "env_kwargs.yml")
     if "vec_env" in explicit:
         env_kwargs["vec_env"] = args.vec_env
+    check_writable_folder(run_dir, "--resume")
+    lock = lock_run(run_dir)
+    try:
+        return _load_resume_point(effective, run_dir, name, env_kwargs, n_timesteps, config, command, lock)
+    except BaseException:
+        lock.release()
+        raise
 
-    steps, model_path, buffer_path = find_resume_point(run_dir, name)
+
+def _load_resume_point(
+    args: argparse.Namespace,
+    run_dir: Path,
+    name: str,
+    env_kwargs: dict[str, Any],
+    n_timesteps: int,
+    config: dict[str, Any],
+    command: str,
+    lock: RunLock,
+) -> RunSetup | None:
+    store = checkpoint_store(run_dir, args.keep_checkpoints)
+    checkpoint: Checkpoint | None = store.latest(report=_warn)
+    if checkpoint is not None:
+        steps, model_path, buffer_path = (
+            checkpoint.num_timesteps,
+            checkpoint.model_path,
+            checkpoint.buffer_path,
+        )
+        origin = f"{CHECKPOINTS_DIR}/{checkpoint.path.name}"
+    elif store.list():
+        raise ZooError(
+            f"Every checkpoint in {store.root} is damaged (see the warnings above); nothing to resume from."
+        )
+    else:  # a run written before training checkpoints existed
+        steps, model_path, buffer_path = find_resume_point(run_dir, name)
+        origin = model_path.name
+    if n_timesteps <= steps:
+        print(
+            f"{run_dir} already has {steps} steps (target {n_timesteps}); nothing to do and nothing changed. "
+            f"Pass -n N with N > {steps} to train further."
+        )
+        lock.release()
+        return None
+
     drop_progress_after(run_dir / "progress.csv", steps)
     env = build_env(env_kwargs)
-    cls = ALGOS[effective.algo][0]
-    model = cls.load(model_path, env=env, device=effective.device)
-    model.verbose = effective.verbose
-    if buffer_path is not None:
-        model.load_replay_buffer(buffer_path)
+    cls = ALGOS[args.algo][0]
+    model = cls.load(model_path, env=env, device=args.device)
+    model.verbose = args.verbose
+    if buffer_path is None:
+        _warn(f"no replay buffer was saved with {origin}; continuing with an empty buffer.")
+    elif checkpoint is not None:
+        load_buffer(model.replay_buffer, buffer_path)
     else:
-        print(
-            f"Warning: no replay buffer saved with {model_path.name}; continuing with an empty buffer "
-            f"(train with --save-replay-buffer to keep it).",
-            file=sys.stderr,
-        )
-    if effective.verbose >= 1:
-        buffer_note = f" and {buffer_path.name}" if buffer_path is not None else ""
-        print(
-            f"Resuming {run_dir} from {model_path.name}{buffer_note} at {steps} steps (target {n_timesteps})."
-        )
+        model.load_replay_buffer(buffer_path)
+    if args.verbose >= 1:
+        print(f"Resuming {run_dir} from {origin} at {steps} steps (target {n_timesteps}).")
     if n_timesteps != config["n_timesteps"]:
-        write_yaml(meta / "config.yml", {**config, "n_timesteps": n_timesteps})
-    with open(meta / "command.txt", "a") as file:
+        write_yaml(run_dir / name / "config.yml", {**config, "n_timesteps": n_timesteps})
+    with open(run_dir / name / "command.txt", "a") as file:
         file.write(command + "\n")
     return RunSetup(
-        effective, run_dir, name, env, env_kwargs, model, n_timesteps, resumed_from=model_path.name
+        args,
+        run_dir,
+        name,
+        env,
+        env_kwargs,
+        model,
+        n_timesteps,
+        resumed_from=origin,
+        lock=lock,
+        training_state=checkpoint.state() if checkpoint is not None else None,
     )
 
 
@@ -464,28 +620,82 @@ def make_logger(run_dir: Path, verbose: int, resumed: bool) -> Logger:
     return logger
 
 
-def make_callbacks(setup: RunSetup) -> list[BaseCallback]:
-    """The periodic per-task evaluation and checkpoints requested by the flags."""
+@dataclass
+class Callbacks:
+    """The callbacks of a run: the periodic evaluation (if any) and the training checkpoints."""
+
+    evaluation: PerTaskEvalCallback | None
+    checkpoints: TrainingCheckpointCallback
+
+    def as_list(self) -> list[BaseCallback]:
+        return [c for c in (self.evaluation, self.checkpoints) if c is not None]
+
+
+def make_callbacks(setup: RunSetup) -> Callbacks:
+    """The periodic per-task evaluation and the training checkpoints requested by the flags."""
     args, run_dir = setup.args, setup.run_dir
-    callbacks: list[BaseCallback] = []
+    evaluation = None
     if args.eval_freq > 0:
-        callbacks.append(
-            PerTaskEvalCallback(
-                build_env(setup.env_kwargs),  # separate env, same seed as the training env
-                eval_freq_per_task=args.eval_freq,
-                n_eval_episodes=args.eval_episodes,
-                best_model_save_path=run_dir,
-                log_path=run_dir,
-                verbose=args.verbose,
-            )
+        evaluation = PerTaskEvalCallback(
+            build_env(setup.env_kwargs),  # separate env, same seed as the training env
+            eval_freq_per_task=args.eval_freq,
+            n_eval_episodes=args.eval_episodes,
+            best_model_save_path=run_dir,
+            log_path=run_dir,
+            verbose=args.verbose,
         )
-    if args.save_freq > 0:
-        callbacks.append(
-            MultiTaskCheckpointCallback(
-                args.save_freq, run_dir, save_replay_buffer=args.save_replay_buffer, verbose=args.verbose
-            )
-        )
-    return callbacks
+    checkpoints = TrainingCheckpointCallback(
+        checkpoint_store(run_dir, args.keep_checkpoints),
+        save_freq_per_task=args.save_freq if args.save_freq > 0 else None,
+        save_interval_minutes=args.save_interval_minutes if args.save_interval_minutes > 0 else None,
+        extra_state=(lambda: {"evaluation": evaluation.state_dict()}) if evaluation is not None else None,
+        verbose=args.verbose,
+    )
+    return Callbacks(evaluation, checkpoints)
+
+
+def restore_callbacks_and_state(setup: RunSetup, callbacks: Callbacks) -> None:
+    """Put the evaluation history and every RNG, counter and episode back as the checkpoint saved them."""
+    state = setup.training_state
+    if state is None:
+        return
+    saved_evaluation = state["callbacks"].get("evaluation")
+    if callbacks.evaluation is not None and saved_evaluation is not None:
+        callbacks.evaluation.load_state_dict(saved_evaluation)
+    problems: list[str] = []
+    exact = restore_training_state(setup.model, state, warn=problems.append)
+    if not exact:
+        _warn(f"the resume is not exact ({'; '.join(problems)}): the env starts new episodes.")
+    elif setup.args.verbose >= 1:
+        print("Resumed exactly where the checkpoint was taken (episodes replayed, RNG states restored).")
+
+
+STOP_SIGNALS = {signal.SIGINT: 130, signal.SIGTERM: 143}
+
+
+class StopOnSignal:
+    """While active, SIGINT / SIGTERM ask the checkpoint callback to checkpoint and stop (a 2nd SIGINT aborts)."""
+
+    def __init__(self, checkpoints: TrainingCheckpointCallback) -> None:
+        self.checkpoints = checkpoints
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.received is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = signum
+        self.checkpoints.request_stop()
+        print(f"{signal.Signals(signum).name}: writing a checkpoint, then stopping.", file=sys.stderr)
+
+    def __enter__(self) -> StopOnSignal:
+        for signum in STOP_SIGNALS:
+            self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
 
 
 def final_evaluation(setup: RunSetup, train_seconds: float) -> dict[str, Any]:
@@ -530,15 +740,22 @@ def final_evaluation(setup: RunSetup, train_seconds: float) -> dict[str, Any]:
     return results
 
 
+def _last_checkpoint_note(callbacks: Callbacks) -> str:
+    store = callbacks.checkpoints.store
+    checkpoints = store.list()
+    if not checkpoints:
+        return f"No checkpoint was written yet (they go to {store.root})."
+    return f"The last good checkpoint is {checkpoints[0].path}; continue with: python zoo/train.py --resume {{run}}"
+
+
 def train(setup: RunSetup) -> int:
-    """Learn up to ``setup.n_timesteps``, save the final model (and buffer) and write results.json."""
+    """Learn up to ``setup.n_timesteps``, checkpoint, save the final model and write results.json.
+
+    :return: The exit code: 0, 130 / 143 after SIGINT / SIGTERM (checkpointed), 1 when training failed
+        (non-finite values, a write error); the last good checkpoint is untouched then.
+    """
     args, model, run_dir = setup.args, setup.model, setup.run_dir
     remaining = setup.n_timesteps - model.num_timesteps
-    if remaining <= 0:
-        print(
-            f"{run_dir} already has {model.num_timesteps} of {setup.n_timesteps} steps; pass a larger -n to continue."
-        )
-        return 0
     if setup.resumed_from is not None:
         (run_dir / "results.json").unlink(missing_ok=True)  # it describes the previous final model
     model.set_logger(make_logger(run_dir, args.verbose, resumed=setup.resumed_from is not None))
@@ -550,35 +767,47 @@ def train(setup: RunSetup) -> int:
         )
     log_interval = args.log_interval if args.log_interval > 0 else num_tasks
     callbacks = make_callbacks(setup)
+    restore_callbacks_and_state(setup, callbacks)
     start = time.time()
-    interrupted = False
-    try:
-        model.learn(
-            remaining,
-            callback=CallbackList(callbacks),
-            log_interval=log_interval,
-            progress_bar=args.progress,
-            reset_num_timesteps=setup.resumed_from is None,
-        )
-    except KeyboardInterrupt:
-        interrupted = True
-        print("Training interrupted: saving the model.", file=sys.stderr)
-    finally:
-        for callback in callbacks:
-            if isinstance(callback, PerTaskEvalCallback):
-                callback.eval_env.close()
+    failure: str | None = None
+    with StopOnSignal(callbacks.checkpoints) as stop:
+        try:
+            model.learn(
+                remaining,
+                callback=CallbackList(callbacks.as_list()),
+                log_interval=log_interval,
+                progress_bar=args.progress,
+                reset_num_timesteps=setup.resumed_from is None,
+            )
+            final_checkpoint = callbacks.checkpoints.save()
+        except TrainingInterrupted as stopped:
+            print(
+                f"Stopped at {model.num_timesteps} steps; checkpoint {stopped.checkpoint.path}. "
+                f"Continue with: python zoo/train.py --resume {run_dir}",
+                file=sys.stderr,
+            )
+            return STOP_SIGNALS.get(stop.received or signal.SIGINT, 130)
+        except NonFiniteTrainingError as err:
+            failure = f"training stopped: {err}"
+        except (CheckpointError, OSError) as err:
+            failure = f"a write failed: {err}"
+        finally:
+            if callbacks.evaluation is not None:
+                callbacks.evaluation.eval_env.close()
+    if failure is not None:
+        print(f"error: {failure}", file=sys.stderr)
+        print(_last_checkpoint_note(callbacks).format(run=run_dir), file=sys.stderr)
+        return 1
     train_seconds = time.time() - start
 
-    model_path = run_dir / f"{setup.name}.zip"
-    model.save(model_path)
+    model_path = atomic_save(model, run_dir / f"{setup.name}.zip")
     if args.save_replay_buffer:
-        model.save_replay_buffer(run_dir / "replay_buffer.pkl")
+        tmp = run_dir / f".replay_buffer.tmp-{os.getpid()}.pkl"
+        model.save_replay_buffer(tmp)
+        os.replace(tmp, run_dir / "replay_buffer.pkl")
     if args.verbose >= 1:
-        print(f"Saved {model_path} ({model.num_timesteps} steps)")
+        print(f"Saved {model_path} and {final_checkpoint.path} ({model.num_timesteps} steps)")
     setup.env.close()
-    if interrupted:
-        print(f"Continue with: python zoo/train.py --resume {run_dir}", file=sys.stderr)
-        return 130
     if args.final_eval_episodes > 0:
         write_json(run_dir / "results.json", final_evaluation(setup, train_seconds))
     return 0
@@ -597,9 +826,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     set_num_threads(args.num_threads)
     if args.resume:
         setup = resume_run(args, explicit_options(parser, argv), command_line(argv))
+        if setup is None:
+            return 0
     else:
         setup = new_run(args, command_line(argv))
-    return train(setup)
+    try:
+        return train(setup)
+    finally:
+        setup.lock.release()
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from d2r_sb3.common.buffers import MultiTaskReplayBuffer, MultiTaskReplayBufferS
 from d2r_sb3.common.callbacks import MultiTaskCheckpointCallback, PerTaskEvalCallback
 from d2r_sb3.common.evaluation import TaskEvaluation, evaluate_per_task
 from d2r_sb3.common.mt_sac import MultiTaskSAC
+from d2r_sb3.common.nonfinite import NonFiniteTrainingError
 from d2r_sb3.common.policies import MultiTaskPolicy, squashed_gaussian
 
 __all__ = [
@@ -12,6 +13,7 @@ __all__ = [
     "MultiTaskReplayBuffer",
     "MultiTaskReplayBufferSamples",
     "MultiTaskSAC",
+    "NonFiniteTrainingError",
     "PerTaskEvalCallback",
     "TaskEvaluation",
     "evaluate_per_task",

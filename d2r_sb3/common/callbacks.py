@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +26,10 @@ import numpy as np
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.vec_env import VecEnv
 
+from d2r_sb3.common.checkpoints import atomic_save, atomic_write_bytes
 from d2r_sb3.common.evaluation import TaskEvaluation, evaluate_per_task
 from d2r_sb3.common.mt_sac import short_task_name
+from d2r_sb3.common.nonfinite import first_nonfinite_tensor
 
 __all__ = ["MultiTaskCheckpointCallback", "PerTaskEvalCallback"]
 
@@ -38,6 +41,14 @@ def _check_freq(name: str, value: int) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise ValueError(f"{name} must be a positive integer (env steps per task), got {value!r}.")
     return int(value)
+
+
+def _has_method(env: VecEnv, name: str) -> bool:
+    try:
+        env.get_attr(name, indices=[0])
+    except AttributeError:
+        return False
+    return True
 
 
 class _PerTaskPeriod:
@@ -171,7 +182,11 @@ class PerTaskEvalCallback(BaseCallback):
         return True
 
     def evaluate(self) -> TaskEvaluation:
-        """Run one evaluation now: log it, record it in the history and save the best model."""
+        """Run one evaluation now: log it, record it in the history and save the best model.
+
+        A policy with a non-finite weight is never saved as the best model nor counted as a new best (a warning
+        says so).
+        """
         result = evaluate_per_task(
             self.model, self.eval_env, n_episodes=self.n_eval_episodes, deterministic=self.deterministic
         )
@@ -187,18 +202,45 @@ class PerTaskEvalCallback(BaseCallback):
 
         score = (result.mean_success, mean_return)
         is_best = score > self.best_score
+        broken = first_nonfinite_tensor(self.model.policy.state_dict().items()) if is_best else None
+        if broken is not None:  # never keep non-finite weights as the best model, nor count them as a best
+            is_best = False
+            warnings.warn(
+                f"Eval num_timesteps={self.num_timesteps}: the policy's {broken} is not finite, so this "
+                f"evaluation is not counted as a new best and {BEST_MODEL_NAME}.zip is not written.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         if is_best:
             self.best_score = score
             if self.best_model_save_path is not None:
-                self.model.save(self.best_model_save_path / BEST_MODEL_NAME)
+                atomic_save(self.model, self.best_model_save_path / BEST_MODEL_NAME)
         if self.verbose >= 1:
-            marker = " (new best)" if is_best else ""
+            marker = " (new best)" if is_best else " (non-finite weights: not saved)" if broken else ""
             print(
                 f"Eval num_timesteps={self.num_timesteps}: success {result.mean_success:.3f}, "
                 f"return {mean_return:.2f}{marker}"
             )
         self.logger.dump(self.num_timesteps)
         return result
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a training checkpoint keeps of this callback: the history, the best score and the eval env's RNG.
+
+        With :meth:`load_state_dict` a resumed run evaluates on the same goals as the uninterrupted one would.
+        """
+        rng = self.eval_env.env_method("rng_state") if _has_method(self.eval_env, "rng_state") else None
+        return {"history": self.history, "best_score": list(self.best_score), "eval_env_rng": rng}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` before ``learn()`` (it rewrites ``evaluations.json`` from the saved history)."""
+        if state.get("eval_env_rng") is not None and _has_method(self.eval_env, "set_rng_state"):
+            for index, rng in enumerate(state["eval_env_rng"]):
+                self.eval_env.env_method("set_rng_state", rng, indices=[index])
+        self.best_score = tuple(state["best_score"])  # type: ignore[assignment]
+        self.history = state["history"]
+        if self.evaluations_path is not None and self.history:
+            self._write_history()
 
     def _record(self, result: TaskEvaluation, mean_return: float) -> None:
         history = self.history
@@ -210,11 +252,15 @@ class PerTaskEvalCallback(BaseCallback):
         for i, name in enumerate(self.task_names):
             history["success"][name].append(float(result.success[i]))
             history["return"][name].append(float(result.mean_return[i]))
+        if self.evaluations_path is not None:
+            self._write_history()
+
+    def _write_history(self) -> None:
         path = self.evaluations_path
-        if path is not None:
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text(json.dumps(history, indent=1) + "\n")
-            tmp.replace(path)  # atomic: a plot reading the file mid-run never sees half of it
+        assert path is not None
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Atomic: a plot reading the file mid-run, or a crash, never leaves half of it.
+        atomic_write_bytes(path, (json.dumps(self.history, indent=1) + "\n").encode())
 
 
 class MultiTaskCheckpointCallback(BaseCallback):

@@ -11,6 +11,10 @@ configuration away:
 * warm-up with the current policy instead of uniform random actions;
 * the replay-buffer timeout setting that matches the env preset.
 
+A NaN guard (:mod:`d2r_sb3.common.nonfinite`) is always on: a gradient step with a non-finite loss or gradient
+is skipped, ``max_nonfinite_steps`` such steps in a row, a non-finite parameter, action, reward or observation
+raise :class:`~d2r_sb3.common.nonfinite.NonFiniteTrainingError`.
+
 One gradient step evaluates every loss with the parameters from before the step, averages each loss inside
 every task, sums the per-task losses, and does **one** backward pass followed by one optimizer step per
 network (the authors' order; SB3 updates alpha, then the critic, then the actor).
@@ -20,6 +24,7 @@ The task id of a transition is its env column: build the env with one env per ta
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, ClassVar, TypeVar
 
 import numpy as np
@@ -34,6 +39,12 @@ from torch.nn import functional as F
 
 from d2r_sb3.common.buffers import MultiTaskReplayBuffer, MultiTaskReplayBufferSamples
 from d2r_sb3.common.clipping import clip_grad_norm_per_member_
+from d2r_sb3.common.nonfinite import (
+    NonFiniteTrainingError,
+    all_finite,
+    first_nonfinite_tensor,
+    nonfinite_rows,
+)
 from d2r_sb3.common.params import format_parameter_counts, parameter_counts
 from d2r_sb3.common.policies import MultiTaskPolicy
 
@@ -75,6 +86,11 @@ class MultiTaskSAC(SAC):
     :param stratified_batches: the same number of samples from each task per batch.
     :param policy_warmup: collect the warm-up steps with the current policy instead of uniform actions.
     :param half_critic_loss: SB3's ``0.5 * MSE`` critic loss (the authors use the plain squared error).
+    :param max_nonfinite_steps: a gradient step whose loss or gradients (actor, critics, ``log alpha``) are not
+        finite is skipped (no optimizer step, no target update) with a warning; this many such steps in a row
+        raise :class:`~d2r_sb3.common.nonfinite.NonFiniteTrainingError` (an int >= 1; 1: raise at the first).
+        A non-finite parameter after an optimizer step, a non-finite action from the policy and a non-finite
+        reward or observation from the env always raise at once.
     """
 
     policy_aliases: ClassVar[dict[str, type[BasePolicy]]] = {}
@@ -107,6 +123,7 @@ class MultiTaskSAC(SAC):
         stratified_batches: bool = True,
         policy_warmup: bool = True,
         half_critic_loss: bool = False,
+        max_nonfinite_steps: int = 3,
         target_update_interval: int = 1,
         stats_window_size: int = 100,
         tensorboard_log: str | None = None,
@@ -116,6 +133,15 @@ class MultiTaskSAC(SAC):
         device: th.device | str = "auto",
         _init_setup_model: bool = True,
     ):
+        if (
+            isinstance(max_nonfinite_steps, bool)
+            or not isinstance(max_nonfinite_steps, (int, np.integer))
+            or max_nonfinite_steps < 1
+        ):
+            raise ValueError(
+                "max_nonfinite_steps must be an int >= 1 (consecutive skipped non-finite gradient steps before "
+                f"training stops), got {max_nonfinite_steps!r}."
+            )
         super().__init__(
             policy,
             env,
@@ -150,6 +176,9 @@ class MultiTaskSAC(SAC):
         self.max_grad_norm = max_grad_norm
         self.policy_warmup = policy_warmup
         self.half_critic_loss = half_critic_loss
+        # (a model saved before this option existed loads with these constructor values)
+        self.max_nonfinite_steps = int(max_nonfinite_steps)
+        self._nonfinite_steps = 0  # consecutive skipped gradient steps; not saved
         self._last_routes: np.ndarray | None = None
         if self.env is not None:  # (when loading, these come back from the saved data)
             self.num_tasks = self.n_envs
@@ -193,7 +222,7 @@ class MultiTaskSAC(SAC):
             print(format_parameter_counts(parameter_counts(self.policy), type(self.policy).__name__))
 
     def _excluded_save_params(self) -> list[str]:
-        return [*super()._excluded_save_params(), "_last_routes"]
+        return [*super()._excluded_save_params(), "_last_routes", "_nonfinite_steps"]
 
     # --- collection -------------------------------------------------------------------------------------
     def _sample_action(
@@ -203,13 +232,78 @@ class MultiTaskSAC(SAC):
             learning_starts = 0  # never uniform: warm up with the (untrained) policy, as the authors do
         uniform = self.num_timesteps < learning_starts and not (self.use_sde and self.use_sde_at_warmup)
         actions, buffer_actions = super()._sample_action(learning_starts, action_noise, n_envs)
+        if not np.isfinite(actions).all():  # raise before the env sees it (Meta-World's error is obscure)
+            self._raise_nonfinite_actions(actions)
         self._last_routes = self.policy.routes_for_buffer(self._last_obs, acted=not uniform)
         return actions, buffer_actions
 
-    def _store_transition(self, replay_buffer: ReplayBuffer, *args: Any, **kwargs: Any) -> None:
+    def _raise_nonfinite_actions(self, actions: np.ndarray) -> None:
+        rows = nonfinite_rows(actions)
+        obs_rows = set(nonfinite_rows(self._last_obs).tolist()) if self._last_obs is not None else set()
+        if obs_rows & set(rows.tolist()):  # only the first obs after env.reset() is not checked on arrival
+            bad = sorted(obs_rows & set(rows.tolist()))
+            raise NonFiniteTrainingError(
+                "observation",
+                self.num_timesteps,
+                self._n_updates,
+                [self.task_names[i] for i in bad],
+                f"The observation of env column(s) {bad} (from env.reset()) is not finite, so the policy's action "
+                "is not either; the env was not stepped.",
+            )
+        bad_param = first_nonfinite_tensor(self.policy.actor.named_parameters())
+        cause = (
+            f"the actor's parameter {bad_param!r} is not finite"
+            if bad_param is not None
+            else "the actor's parameters and the observations are finite, so its computation overflowed"
+        )
+        raise NonFiniteTrainingError(
+            "action",
+            self.num_timesteps,
+            self._n_updates,
+            [self.task_names[i] for i in rows],
+            f"The actions the policy chose for env column(s) {rows.tolist()} are not finite ({cause}).",
+        )
+
+    def _store_transition(
+        self,
+        replay_buffer: ReplayBuffer,
+        buffer_action: np.ndarray,
+        new_obs: np.ndarray | dict[str, np.ndarray],
+        reward: np.ndarray,
+        dones: np.ndarray,
+        infos: list[dict[str, Any]],
+    ) -> None:
+        self._check_env_output(new_obs, reward, dones, infos)  # before anything is written to the buffer
         if self._last_routes is not None:
             replay_buffer.add_routes(self._last_routes)  # written at buffer.pos, which add() then advances
-        super()._store_transition(replay_buffer, *args, **kwargs)
+        super()._store_transition(replay_buffer, buffer_action, new_obs, reward, dones, infos)
+
+    def _check_env_output(
+        self,
+        new_obs: np.ndarray | dict[str, np.ndarray],
+        reward: np.ndarray,
+        dones: np.ndarray,
+        infos: list[dict[str, Any]],
+    ) -> None:
+        """Raise :class:`NonFiniteTrainingError` if the env returned a non-finite reward or observation."""
+        bad_reward = nonfinite_rows(reward)
+        bad_obs = set(nonfinite_rows(new_obs).tolist())
+        for i in np.flatnonzero(dones):  # the true last observation of an episode that just ended
+            terminal = infos[i].get("terminal_observation")
+            if terminal is not None and not all_finite(terminal):
+                bad_obs.add(int(i))
+        if not len(bad_reward) and not bad_obs:
+            return
+        kind, rows = ("reward", bad_reward.tolist()) if len(bad_reward) else ("observation", sorted(bad_obs))
+        values = f" (rewards: {[float(np.asarray(reward)[i]) for i in rows]})" if kind == "reward" else ""
+        also = " Its observation was not finite either." if kind == "reward" and bad_obs else ""
+        raise NonFiniteTrainingError(
+            kind,
+            self.num_timesteps,
+            self._n_updates,
+            [self.task_names[i] for i in rows],
+            f"The env returned a non-finite {kind} in env column(s) {rows}{values}.{also}",
+        )
 
     # --- update -----------------------------------------------------------------------------------------
     def _entropy_coefficients(self) -> th.Tensor:
@@ -295,12 +389,20 @@ class MultiTaskSAC(SAC):
             optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.max_grad_norm is not None:
-            self._clip_gradients(self.max_grad_norm)
+            grad_stats = self._clip_gradients(self.max_grad_norm)  # the norms before clipping
+        else:
+            grad_stats = self._gradient_sums(optimizers)
+        # NaN guard: one host sync decides whether the loss and every gradient are finite.
+        if not bool(th.isfinite(th.cat([loss.detach().reshape(1).float(), grad_stats.float()])).all()):
+            self._skip_nonfinite_step(optimizers, losses, loss, grad_stats)
+            return {**losses, "kept": kept}
+        self._nonfinite_steps = 0
         for optimizer in optimizers:
             optimizer.step()
         if self.ent_coef_optimizer is not None and self.max_log_ent_coef is not None:
             with th.no_grad():
                 self.log_ent_coef.clamp_(max=self.max_log_ent_coef)
+        self._check_parameters(optimizers)
         self._n_updates += 1
         if self._n_updates % self.target_update_interval == 0:
             polyak_update(self.critic.parameters(), self.critic_target.parameters(), self.tau)
@@ -308,15 +410,132 @@ class MultiTaskSAC(SAC):
         self._after_gradient_step()
         return {**losses, "kept": kept}
 
-    def _clip_gradients(self, max_norm: float) -> None:
+    def _clip_gradients(self, max_norm: float) -> th.Tensor:
         """Clip the actor, each critic and ``log alpha`` to ``max_norm`` separately (the authors' clipping).
 
         The twin critics are one ensemble module; each critic is clipped on its own norm, not on their joint one.
+
+        :return: the gradient norms before clipping, in the order of :meth:`_gradient_norm_names`.
         """
-        th.nn.utils.clip_grad_norm_(self.actor.parameters(), max_norm)
-        clip_grad_norm_per_member_(self.critic.parameters(), max_norm, self.policy.n_critics)
+        actor_norm = th.nn.utils.clip_grad_norm_(self.actor.parameters(), max_norm).reshape(1)
+        norms = [
+            actor_norm,
+            clip_grad_norm_per_member_(self.critic.parameters(), max_norm, self.policy.n_critics),
+        ]
         if self.ent_coef_optimizer is not None:
-            th.nn.utils.clip_grad_norm_([self.log_ent_coef], max_norm)
+            norms.append(th.nn.utils.clip_grad_norm_([self.log_ent_coef], max_norm).reshape(1))
+        return th.cat([norm.to(actor_norm.device) for norm in norms])
+
+    def _gradient_sums(self, optimizers: list[th.optim.Optimizer]) -> th.Tensor:
+        """Sum of the gradients of each optimizer's parameters (no clipping): finite iff every gradient is.
+
+        Cheaper than norms on a CPU (a sum only reads each gradient once); a sum of finite gradients overflows only
+        when they are near float32's limit, which a stable run never reaches.
+        """
+        sums = []
+        for optimizer in optimizers:
+            grads = [
+                p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None
+            ]
+            sums.append(
+                th.stack([g.sum() for g in grads]).sum() if grads else th.zeros((), device=self.device)
+            )
+        return th.stack(sums)
+
+    def _gradient_norm_names(self) -> list[str]:
+        """The networks of :meth:`_clip_gradients`' norms (or of :meth:`_gradient_sums` without clipping)."""
+        critics = (
+            [f"critic {i}" for i in range(self.policy.n_critics)]
+            if self.max_grad_norm is not None
+            else ["critics"]
+        )
+        return ["actor", *critics, *(["log alpha"] if self.ent_coef_optimizer is not None else [])]
+
+    # --- NaN guard --------------------------------------------------------------------------------------
+    def _skip_nonfinite_step(
+        self,
+        optimizers: list[th.optim.Optimizer],
+        losses: dict[str, th.Tensor],
+        loss: th.Tensor,
+        grad_stats: th.Tensor,
+    ) -> None:
+        """Drop a gradient step whose loss or gradients are not finite; raise after too many in a row."""
+        for optimizer in optimizers:
+            optimizer.zero_grad(set_to_none=True)
+        self._nonfinite_steps += 1
+        per_task = {
+            key: losses[key].detach().float().cpu() for key in ("actor_loss", "critic_loss", "ent_coef_loss")
+        }
+        bad = th.zeros(self.num_tasks, dtype=th.bool)
+        for values in per_task.values():
+            bad |= ~th.isfinite(values)
+        bad_tasks = th.nonzero(bad).flatten().tolist()
+        total = float(loss.detach())
+        kind = "loss" if bad_tasks or not np.isfinite(total) else "gradient"
+        if bad_tasks:
+            shown = bad_tasks
+        else:  # no task's loss is non-finite: show the tasks with the largest critic losses
+            shown = th.argsort(per_task["critic_loss"].abs(), descending=True)[:3].tolist()
+
+        def task_losses(i: int) -> str:
+            return ", ".join(f"{key}={float(values[i]):.4g}" for key, values in per_task.items())
+
+        values = "; ".join(f"{self.task_names[i]}: {task_losses(i)}" for i in shown)
+        bad_grads = [
+            name
+            for name, value in zip(
+                self._gradient_norm_names(), grad_stats.detach().float().cpu(), strict=True
+            )
+            if not th.isfinite(value)
+        ]
+        detail = (
+            f"Total loss {total:.4g}; non-finite gradients in: {', '.join(bad_grads) or 'none'}. "
+            f"Per-task losses ({'non-finite tasks' if bad_tasks else 'largest critic losses'}): {values}."
+        )
+        tasks = [self.task_names[i] for i in bad_tasks]
+        if self._nonfinite_steps >= self.max_nonfinite_steps:
+            raise NonFiniteTrainingError(
+                kind,
+                self.num_timesteps,
+                self._n_updates,
+                tasks,
+                f"{detail} That is {self._nonfinite_steps} non-finite gradient steps in a row "
+                f"(max_nonfinite_steps={self.max_nonfinite_steps}); each was skipped.",
+            )
+        warnings.warn(
+            f"Skipped a gradient step with a non-finite {kind} at env step {self.num_timesteps} (after "
+            f"{self._n_updates} updates), task(s): {', '.join(tasks) or 'none singled out'}. {detail} "
+            f"({self._nonfinite_steps} in a row; training stops at max_nonfinite_steps={self.max_nonfinite_steps}.)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+    def _guarded_parameters(self) -> list[tuple[str, th.Tensor]]:
+        """Every tensor the optimizers update: actor and critic parameters and ``log alpha``."""
+        named = [(f"actor.{n}", p) for n, p in self.actor.named_parameters()]
+        named += [(f"critic.{n}", p) for n, p in self.critic.named_parameters()]
+        if self.ent_coef_optimizer is not None:
+            named.append(("log_ent_coef", self.log_ent_coef))
+        return named
+
+    def _check_parameters(self, optimizers: list[th.optim.Optimizer]) -> None:
+        """Raise :class:`NonFiniteTrainingError` at once if an optimizer step left a non-finite parameter."""
+        params = [p for optimizer in optimizers for group in optimizer.param_groups for p in group["params"]]
+        # The sum of the per-parameter sums is finite iff every value is (barring an overflow, checked below).
+        with th.no_grad():
+            if bool(th.isfinite(th.stack([p.sum() for p in params]).sum())):
+                return
+        name = first_nonfinite_tensor((n, p.detach()) for n, p in self._guarded_parameters())
+        if name is None:
+            return  # finite values whose sum overflowed
+        raise NonFiniteTrainingError(
+            "parameter",
+            self.num_timesteps,
+            self._n_updates,
+            [],
+            f"The optimizer step of update {self._n_updates + 1} (its loss and gradients were finite) made {name} "
+            "non-finite; the shared weights of every task are affected.",
+        )
 
     def _after_gradient_step(self) -> None:
         """Hook run after every gradient step (D2R refreshes its routing temperatures here)."""

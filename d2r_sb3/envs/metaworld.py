@@ -54,7 +54,7 @@ from stable_baselines3.common.monitor import Monitor
 from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecEnv, VecEnvWrapper
 from stable_baselines3.common.vec_env.base_vec_env import VecEnvStepReturn
 
-from d2r_sb3.envs.wrappers import EpisodeLimit, EpisodeSuccess
+from d2r_sb3.envs.wrappers import EpisodeLimit, EpisodeReplay, EpisodeSuccess
 
 __all__ = [
     "GOAL_MODES",
@@ -386,8 +386,10 @@ def _build_sub_env(spec: _SubEnvSpec) -> gym.Env:
     )
     env = EpisodeLimit(env, spec.max_episode_steps, terminal=spec.time_limit_terminal)
     env = EpisodeSuccess(env)
-    # Outermost, so SB3 logs rollout/ep_rew_mean (scaled reward) and is_success per episode.
-    return Monitor(env, info_keywords=("is_success",))
+    # SB3 logs rollout/ep_rew_mean (scaled reward) and is_success per episode from the Monitor.
+    env = Monitor(env, info_keywords=("is_success",))
+    # Outermost, so that a training checkpoint can rebuild the current episode through every wrapper.
+    return EpisodeReplay(env)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -5,11 +5,13 @@ They only depend on Gymnasium (no MuJoCo), so they work on any env and are easy 
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Sequence
 from typing import Any, SupportsFloat
 
 import gymnasium as gym
 
-__all__ = ["EpisodeLimit", "EpisodeSuccess"]
+__all__ = ["EpisodeLimit", "EpisodeReplay", "EpisodeSuccess"]
 
 
 class EpisodeLimit(gym.Wrapper):
@@ -92,3 +94,53 @@ class EpisodeSuccess(gym.Wrapper):
     ) -> tuple[Any, dict[str, Any]]:
         self._succeeded = False
         return self.env.reset(seed=seed, options=options)
+
+
+class EpisodeReplay(gym.Wrapper):
+    """Make the current episode reproducible: it can be rebuilt exactly from its start and its actions.
+
+    At every reset it remembers the state of the unwrapped env's RNG (``env.unwrapped.np_random``) *before*
+    the reset draws from it. :meth:`replay_episode` sets that state again, resets and re-applies the actions
+    taken since, which rebuilds the simulator state, the observation and every wrapper's counters below this
+    one, without saving any simulator state. Training checkpoints use it to resume mid-episode bit for bit
+    (the actions come from the replay buffer). It must be the outermost wrapper, so the replay passes through
+    all the others, and the env must draw every random number from ``np_random`` (Meta-World does).
+
+    :param env: The env to wrap.
+    """
+
+    def __init__(self, env: gym.Env) -> None:
+        super().__init__(env)
+        self._episode_start_rng_state: dict[str, Any] | None = None
+
+    @property
+    def episode_start_rng_state(self) -> dict[str, Any] | None:
+        """The RNG state the current episode's reset started from (``None`` before the first reset)."""
+        return copy.deepcopy(self._episode_start_rng_state)
+
+    def rng_state(self) -> dict[str, Any]:
+        """The current state of the unwrapped env's RNG (a numpy ``bit_generator.state`` mapping)."""
+        return copy.deepcopy(self.env.unwrapped.np_random.bit_generator.state)
+
+    def set_rng_state(self, state: dict[str, Any]) -> None:
+        """Set the unwrapped env's RNG state (for example to continue an evaluation env's goal sequence)."""
+        self.env.unwrapped.np_random.bit_generator.state = copy.deepcopy(state)
+
+    def reset(
+        self, *, seed: int | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[Any, dict[str, Any]]:
+        self._episode_start_rng_state = self.rng_state()
+        return self.env.reset(seed=seed, options=options)
+
+    def replay_episode(self, start_rng_state: dict[str, Any], actions: Sequence[Any]) -> Any:
+        """Rebuild an episode: reset from ``start_rng_state``, then step ``actions``; returns the last observation.
+
+        :raises RuntimeError: If the episode ends before the last action (the actions are not this episode's).
+        """
+        self.set_rng_state(start_rng_state)
+        obs, _ = self.reset()
+        for i, action in enumerate(actions):
+            obs, _, terminated, truncated, _ = self.step(action)
+            if (terminated or truncated) and i < len(actions) - 1:
+                raise RuntimeError(f"The replayed episode ended after {i + 1} of {len(actions)} actions.")
+        return obs
