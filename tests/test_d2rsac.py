@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import csv
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -14,6 +17,7 @@ from toy_envs import PointReach, make_point_reach
 
 from d2r_sb3 import D2RSAC, evaluate_per_task, make_mt_env
 from d2r_sb3.common.buffers import MultiTaskReplayBufferSamples
+from d2r_sb3.common.precision import bfloat16_is_native
 
 TINY = dict(n_modules=4, module_dim=32, encoder_sizes=[64, 64], gate_sizes=[32])
 
@@ -261,6 +265,13 @@ def test_d2r_learns_every_task_of_a_cheap_multi_task_problem(precision):
         learning_rate=1e-3,
         policy_kwargs=dict(TINY, train_precision=precision),
     )
+    # bfloat16 is used only where it is native (it is ~20x slower than float32 elsewhere): float32 otherwise.
+    native = precision == "bfloat16" and bfloat16_is_native("cpu")
+    expected = "bfloat16" if native else "float32"
+    if precision == "bfloat16" and not native:
+        with pytest.warns(UserWarning, match="not native on this cpu"):
+            assert model.policy.effective_train_precision == expected
+    assert model.policy.effective_train_precision == expected
     success = np.zeros(4)
     for _ in range(10):  # at most 20k steps (~60 s here); typically solved by ~12k
         model.learn(2000, reset_num_timesteps=False)
@@ -270,9 +281,38 @@ def test_d2r_learns_every_task_of_a_cheap_multi_task_problem(precision):
     assert success.min() >= 0.75, f"per-task success {success} after {model.num_timesteps} steps"
 
 
+def test_bfloat16_falls_back_to_float32_with_a_warning_where_it_is_not_native():
+    """An AVX2-only CPU, emulated: oneDNN limited to AVX2 (torch then has no native bfloat16 products)."""
+    code = (
+        "import warnings, torch as th\n"
+        "from d2r_sb3.common.precision import bfloat16_is_native\n"
+        "from d2r_sb3.d2r.policies import D2RPolicy\n"
+        "from gymnasium import spaces\n"
+        "import numpy as np\n"
+        "obs = spaces.Box(-1, 1, (8,), np.float32); act = spaces.Box(-1, 1, (2,), np.float32)\n"
+        "policy = D2RPolicy(obs, act, lambda _: 3e-4, num_tasks=4, n_modules=4, module_dim=8,\n"
+        "                   encoder_sizes=[8], gate_sizes=[8], train_precision='bfloat16')\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    print(bfloat16_is_native('cpu'), policy.effective_train_precision, policy.train_precision)\n"
+        "print(caught[0].message if caught else 'no warning')\n"
+    )
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    first, second = out.stdout.splitlines()
+    assert first == "False float32 bfloat16"  # requested bfloat16 is kept (saved), float32 is used here
+    assert "not native on this cpu" in second and "gradient steps run in float32" in second
+
+
 class _RandomAgent:
+    """Uniform random actions from its own seeded generator (the premise must not depend on test order)."""
+
+    def __init__(self) -> None:
+        self.rng = np.random.default_rng(0)
+
     def predict(self, obs, state=None, episode_start=None, deterministic=False):
-        return np.random.uniform(-1, 1, (len(obs), 2)).astype(np.float32), None
+        return self.rng.uniform(-1, 1, (len(obs), 2)).astype(np.float32), None
 
 
 def test_short_learn_on_real_mt10_logs_per_task_alpha_and_temperature(tmp_path):

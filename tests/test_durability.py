@@ -10,6 +10,7 @@ import csv
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -109,9 +110,20 @@ def assert_same_outcome(got: dict, expected: dict, note: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """The uninterrupted run."""
-    return outcome(new_run(tmp_path_factory.mktemp("reference")))
+def reference_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The uninterrupted run (tests that change a run work on a copy)."""
+    return new_run(tmp_path_factory.mktemp("reference"))
+
+
+@pytest.fixture(scope="module")
+def reference(reference_run: Path) -> dict:
+    return outcome(reference_run)
+
+
+def copy_run(run: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "d2r" / run.name
+    shutil.copytree(run, copy)
+    return copy
 
 
 def wait_for(predicate, timeout: float = 120.0, step: float = 0.001) -> None:
@@ -191,24 +203,30 @@ def test_sigterm_and_sigint_checkpoint_then_exit_and_the_resume_is_exact(referen
     assert_same_outcome(outcome(run), reference, "stopped by SIGTERM and SIGINT")
 
 
-def test_damaged_newest_checkpoint_falls_back_to_the_one_before(reference: dict, tmp_path: Path):
-    run = new_run(tmp_path, "--keep-checkpoints", "3", "-n", "500", "--final-eval-episodes", "0")
+def test_damaged_newest_checkpoint_falls_back_to_the_one_before(
+    reference_run: Path, reference: dict, tmp_path: Path
+):
+    run = copy_run(reference_run, tmp_path)
     store = CheckpointStore(run / "checkpoints")
-    newest, previous = store.list()[:2]
-    assert (newest.num_timesteps, previous.num_timesteps) == (500, 490)
+    newest, previous = store.list()
+    assert (newest.num_timesteps, previous.num_timesteps) == (600, 560)  # the final one and the last periodic
     with open(newest.model_path, "r+b") as file:  # a truncated zip, as a kill or a full disk leaves it
         file.truncate(newest.model_path.stat().st_size // 2)
-    (run / "checkpoints" / ".partial-560-99999").mkdir()  # an interrupted write
-    (run / "checkpoints" / ".partial-560-99999" / "model.zip").write_bytes(b"half")
-    out = check_ok(run_train("--resume", str(run), "-n", "600", "--final-eval-episodes", "2"))
+    (run / "checkpoints" / ".partial-630-99999").mkdir()  # an interrupted write
+    (run / "checkpoints" / ".partial-630-99999" / "model.zip").write_bytes(b"half")
+    (run / f"{NAME}.zip").unlink()  # as if the run had been killed while writing its end
+    (run / "results.json").unlink()
+    out = check_ok(run_train("--resume", str(run)))
     assert "skipping a damaged checkpoint" in out and "model.zip has" in out
-    assert "from checkpoints/step_000000000490 at 490 steps" in out
-    assert not (run / "checkpoints" / ".partial-560-99999").exists()
+    assert "from checkpoints/step_000000000560 at 560 steps" in out
+    assert not (run / "checkpoints" / ".partial-630-99999").exists()
     assert_same_outcome(outcome(run), reference, "resumed from the checkpoint before a damaged one")
 
 
-def test_a_second_writer_is_refused_and_a_dead_writers_lock_is_taken_over(tmp_path: Path):
-    run = new_run(tmp_path, "-n", "200", "--final-eval-episodes", "0")
+def test_a_second_writer_is_refused_and_a_dead_writers_lock_is_taken_over(
+    reference_run: Path, tmp_path: Path
+):
+    run = copy_run(reference_run, tmp_path)
     first = start_train("--resume", str(run), "-n", "100000")
     wait_for(lambda: '"pid"' in (run / ".lock").read_text())
     second = run_train("--resume", str(run), "-n", "100000")
@@ -217,7 +235,7 @@ def test_a_second_writer_is_refused_and_a_dead_writers_lock_is_taken_over(tmp_pa
     first.send_signal(signal.SIGKILL)  # its lock file stays behind, naming a dead process
     first.wait()
     assert str(first.pid) in (run / ".lock").read_text()
-    third = run_train("--resume", str(run), "-n", "400", "--final-eval-episodes", "0")
+    third = run_train("--resume", str(run), "-n", "100")  # nothing to do, but the lock is taken first
     assert f"took over the lock of {run} left by PID {first.pid}" in check_ok(third)
     # In-process too: the lock is exclusive while held.
     lock = RunLock(run)
@@ -227,15 +245,15 @@ def test_a_second_writer_is_refused_and_a_dead_writers_lock_is_taken_over(tmp_pa
     lock.release()
 
 
-def test_resume_with_no_more_steps_to_do_changes_nothing(tmp_path: Path):
-    run = new_run(tmp_path, "-n", "200", "--final-eval-episodes", "0")
+def test_resume_with_no_more_steps_to_do_changes_nothing(reference_run: Path, tmp_path: Path):
+    run = copy_run(reference_run, tmp_path)
     before = {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file() and p.name != ".lock"}
-    for extra in ([], ["-n", "200"], ["-n", "100"]):
+    for extra in ([], ["-n", "100"]):
         out = check_ok(run_train("--resume", str(run), *extra))
-        assert "nothing to do and nothing changed" in out and "already has 200 steps" in out
+        assert "nothing to do and nothing changed" in out and "already has 600 steps" in out
     after = {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file() and p.name != ".lock"}
     assert after == before
-    assert yaml.safe_load((run / NAME / "config.yml").read_text())["n_timesteps"] == 200
+    assert yaml.safe_load((run / NAME / "config.yml").read_text())["n_timesteps"] == 600
 
 
 def test_an_unusable_log_folder_is_refused_before_anything_is_built(tmp_path: Path):

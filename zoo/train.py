@@ -7,15 +7,16 @@ Examples, from the repository root::
     # a quick run with overridden hyperparameters and env settings
     python zoo/train.py --algo d2r --env MT10 -n 200000 --hyperparams batch_size:640 policy_kwargs:"{routing: soft}" \\
         --env-kwargs max_episode_steps:100
-    # checkpoints with their replay buffer, then continue the run after a crash (same folder)
-    python zoo/train.py --algo d2r --env MT50 --save-freq 100000 --save-replay-buffer
+    # a checkpoint every 10 minutes; after a crash, continue the run exactly where its last checkpoint was taken
+    python zoo/train.py --algo d2r --env MT50 --save-interval-minutes 10
     python zoo/train.py --resume logs/d2r/MT50-rand_1
 
 A run writes ``<log-folder>/<algo>/<EnvName>_<N>/`` (EnvName = ``MT10-rand``, or ``MT10-rand-mw3`` for another preset):
-``<EnvName>.zip`` (final model), ``best_model.zip``, ``rl_model_<steps>_steps.zip`` checkpoints (and their
-``rl_model_replay_buffer_<steps>_steps.pkl`` with ``--save-replay-buffer``), ``replay_buffer.pkl``,
-``progress.csv``, ``evaluations.json`` (per-task evaluation history), ``results.json`` (final evaluation) and
-``<EnvName>/`` with ``config.yml`` (resolved hyperparameters), ``args.yml``, ``env_kwargs.yml`` and ``command.txt``.
+``<EnvName>.zip`` (final model), ``best_model.zip``, ``checkpoints/step_<steps>/`` (training checkpoints, see
+:mod:`d2r_sb3.common.checkpoints`; the newest ``--keep-checkpoints`` are kept), ``replay_buffer.pkl`` (with
+``--save-replay-buffer``), ``progress.csv``, ``evaluations.json`` (per-task evaluation history), ``results.json``
+(final evaluation), ``.lock`` (held while a process writes the run) and ``<EnvName>/`` with ``config.yml`` (resolved
+hyperparameters), ``args.yml``, ``env_kwargs.yml`` and ``command.txt``.
 
 Step counts: ``-n`` is the total number of env steps (summed over tasks, as SB3 counts them); ``--eval-freq`` and
 ``--save-freq`` are in env steps **per task** (the paper evaluates every 10,000 steps per task).

@@ -26,8 +26,9 @@ import numpy as np
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.vec_env import VecEnv
 
-from d2r_sb3.common.checkpoints import atomic_save, atomic_write_bytes
+from d2r_sb3.common.checkpoints import atomic_save
 from d2r_sb3.common.evaluation import TaskEvaluation, evaluate_per_task
+from d2r_sb3.common.files import atomic_write_bytes
 from d2r_sb3.common.mt_sac import short_task_name
 from d2r_sb3.common.nonfinite import first_nonfinite_tensor
 

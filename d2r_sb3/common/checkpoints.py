@@ -38,7 +38,6 @@ Usage (the zoo's ``train.py`` does this)::
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import os
 import random
@@ -56,6 +55,8 @@ from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.buffers import ReplayBuffer
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.vec_env import VecEnv
+
+from d2r_sb3.common.files import atomic_write_bytes, fsync_dir, fsync_file, sha256_file
 
 __all__ = [
     "Checkpoint",
@@ -95,40 +96,6 @@ class TrainingInterrupted(Exception):  # noqa: N818 - it is a stop request, not 
 # --------------------------------------------------------------------------------------------------
 # Files
 # --------------------------------------------------------------------------------------------------
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as file:
-        os.fsync(file.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers (and a crash) see the old file or the new one, never half."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def atomic_save(model: BaseAlgorithm, path: str | Path) -> Path:
     """``model.save(path)`` written atomically (a temporary file renamed into place); returns the ``.zip`` path."""
     path = Path(path)
@@ -137,7 +104,7 @@ def atomic_save(model: BaseAlgorithm, path: str | Path) -> Path:
     tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.zip")
     try:
         model.save(tmp)
-        _fsync_file(tmp)
+        fsync_file(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -427,7 +394,7 @@ class Checkpoint:
                 raise CheckpointError(
                     f"{self.path}: {name} has {path.stat().st_size} bytes, the manifest says {entry['size']}"
                 )
-            if _sha256(path) != entry["sha256"]:
+            if sha256_file(path) != entry["sha256"]:
                 raise CheckpointError(f"{self.path}: {name} does not match its checksum")
 
 
@@ -487,24 +454,24 @@ class CheckpointStore:
             shutil.rmtree(partial, ignore_errors=True)
             partial.mkdir()
             model.save(partial / MODEL_FILE)
-            _fsync_file(partial / MODEL_FILE)
+            fsync_file(partial / MODEL_FILE)
             buffer = getattr(model, "replay_buffer", None)
             if include_buffer and buffer is not None:
                 save_buffer(buffer, partial / BUFFER_FILE)
             atomic_write_bytes(partial / STATE_FILE, json.dumps(state).encode())
             files = {
-                path.name: {"size": path.stat().st_size, "sha256": _sha256(path)}
+                path.name: {"size": path.stat().st_size, "sha256": sha256_file(path)}
                 for path in sorted(partial.iterdir())
             }
             manifest = {"format": CHECKPOINT_FORMAT, "num_timesteps": steps, "files": files}
             atomic_write_bytes(partial / MANIFEST_FILE, json.dumps(manifest, indent=1).encode())
-            _fsync_dir(partial)
+            fsync_dir(partial)
             if final.exists():  # the same step reached again after resuming from an older checkpoint
                 stale = self.root / f"{_PARTIAL_PREFIX}stale-{steps}-{os.getpid()}"
                 os.replace(final, stale)
                 shutil.rmtree(stale, ignore_errors=True)
             os.replace(partial, final)
-            _fsync_dir(self.root)
+            fsync_dir(self.root)
         except OSError as err:
             shutil.rmtree(partial, ignore_errors=True)
             raise CheckpointError(

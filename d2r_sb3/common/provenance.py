@@ -10,6 +10,8 @@ from typing import Any
 
 import torch as th
 
+from d2r_sb3.common.precision import cpu_flags
+
 # Key in the report -> distribution name on PyPI.
 _PACKAGES = {
     "d2r_sb3": "d2r_sb3",
@@ -36,7 +38,8 @@ def versions() -> dict[str, str]:
 
 
 def hardware() -> dict[str, Any]:
-    """CPU model, core count, torch threads, GPU name (``None`` without CUDA) and platform."""
+    """CPU model, core count, the CPU flags that set kernel speed, torch threads, GPU name (``None`` without CUDA)
+    and platform."""
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -48,6 +51,7 @@ def hardware() -> dict[str, Any]:
     return {
         "cpu": cpu,
         "cpu_cores": os.cpu_count(),
+        "cpu_flags": list(cpu_flags()),  # the ones that decide float32 / bfloat16 speed
         "torch_threads": th.get_num_threads(),
         "gpu": th.cuda.get_device_name(0) if th.cuda.is_available() else None,
         "platform": platform.platform(),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -12,6 +13,7 @@ from stable_baselines3.common.type_aliases import Schedule
 from torch import nn
 
 from d2r_sb3.common.policies import MultiTaskPolicy, squashed_gaussian
+from d2r_sb3.common.precision import bfloat16_is_native, cpu_flags
 from d2r_sb3.d2r.network import TOPK, RoutedNetwork, RouteRequest
 from d2r_sb3.d2r.routing import RoutingPath
 
@@ -139,8 +141,11 @@ class D2RPolicy(MultiTaskPolicy):
     :param train_precision: ``"float32"`` (default) or ``"bfloat16"``: precision of the matrix products and
         routed-block activations in the five network calls of a gradient step (mixed precision: parameters,
         optimiser, routing decisions, heads and losses stay float32). Acting, evaluation and the saved
-        policy are always float32. Not in the paper; see the README's Performance section for its measured
-        speed and learning effect.
+        policy are always float32. bfloat16 is only used where it is native
+        (:func:`~d2r_sb3.common.precision.bfloat16_is_native`: a CPU with ``avx512_bf16`` / ``amx_bf16``, or a
+        GPU); elsewhere it would be slower than float32, so the gradient steps run in float32 with a warning
+        (:attr:`effective_train_precision`). Not in the paper; see the README's Performance section for its
+        measured speed and learning effect.
     """
 
     actor: D2RActor
@@ -193,7 +198,7 @@ class D2RPolicy(MultiTaskPolicy):
         self.sample_k = sample_k
         self.skip_max_batch = skip_max_batch
         self.train_precision = train_precision
-        self._train_dtype = TRAIN_PRECISIONS[train_precision]  # float32: the networks' plain path, no casts
+        self._train_dtype_for: dict[str, th.dtype] = {}  # device type -> the dtype actually used there
         if optimizer_kwargs is None and optimizer_class is th.optim.Adam:
             # The multi-tensor Adam gives bitwise the same steps as the default per-parameter loop, faster.
             optimizer_kwargs = {"foreach": True}
@@ -216,6 +221,29 @@ class D2RPolicy(MultiTaskPolicy):
 
     def make_critic(self) -> D2RCritic:
         return D2RCritic(self.obs_dim, self.action_dim, self.num_tasks, self.n_critics, **self.net_kwargs)
+
+    @property
+    def _train_dtype(self) -> th.dtype:
+        """The dtype of the gradient steps' products on this policy's device (float32: the plain path, no casts)."""
+        kind = self.device.type
+        if kind not in self._train_dtype_for:
+            dtype = TRAIN_PRECISIONS[self.train_precision]
+            if dtype == th.bfloat16 and not bfloat16_is_native(self.device):
+                flags = ", ".join(cpu_flags()) or "unknown"
+                warnings.warn(
+                    f"train_precision='bfloat16' is not native on this {kind} (CPU flags: {flags}; it needs "
+                    f"avx512_bf16 or amx_bf16, or a GPU), where it would be slower than float32: the gradient steps "
+                    f"run in float32 instead.",
+                    stacklevel=2,
+                )
+                dtype = th.float32
+            self._train_dtype_for[kind] = dtype
+        return self._train_dtype_for[kind]
+
+    @property
+    def effective_train_precision(self) -> str:
+        """``"float32"`` or ``"bfloat16"``: what the gradient steps use on this device (see ``train_precision``)."""
+        return "bfloat16" if self._train_dtype == th.bfloat16 else "float32"
 
     def _get_constructor_parameters(self) -> dict[str, Any]:
         data = super()._get_constructor_parameters()

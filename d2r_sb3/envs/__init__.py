@@ -13,7 +13,7 @@ from d2r_sb3.envs.metaworld import (
     normalize_task_name,
     task_index,
 )
-from d2r_sb3.envs.wrappers import EpisodeLimit, EpisodeSuccess
+from d2r_sb3.envs.wrappers import EpisodeLimit, EpisodeReplay, EpisodeSuccess
 
 __all__ = [
     "GOAL_MODES",
@@ -21,6 +21,7 @@ __all__ = [
     "PRESETS",
     "EnvPreset",
     "EpisodeLimit",
+    "EpisodeReplay",
     "EpisodeSuccess",
     "MetaWorldTaskEnv",
     "MultiTaskVecEnv",

@@ -1,0 +1,46 @@
+"""Crash-safe file writing and checksums, shared by checkpoints, evaluation logs and the safe policy format."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+__all__ = ["atomic_write_bytes", "fsync_dir", "fsync_file", "sha256_file"]
+
+
+def fsync_file(path: Path) -> None:
+    """Flush a written file to the disk (so that a rename after it cannot expose an empty file after a crash)."""
+    with open(path, "rb") as file:
+        os.fsync(file.fileno())
+
+
+def fsync_dir(path: Path) -> None:
+    """Flush a folder's entries (renames and new files in it) to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file, read in 4 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers (and a crash) see the old file or the new one, never half."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
