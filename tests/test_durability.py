@@ -146,6 +146,44 @@ def checkpoint_names(run: Path) -> list[str]:
         return []
 
 
+@pytest.mark.parametrize("goals, preset", [("rand", "paper"), ("mw3", "mw3"), ("fixed", "paper")])
+def test_in_process_resume_from_any_checkpoint_is_exact_for_every_goal_mode(goals, preset, tmp_path: Path):
+    """The library API: checkpoints mid-episode (every 37 vector steps of 20-step episodes), each resumed."""
+    from d2r_sb3 import make_mt_env
+    from d2r_sb3.common.checkpoints import TrainingCheckpointCallback, load_buffer, restore_training_state
+
+    def env():
+        return make_mt_env(
+            ["reach", "drawer-close"], goals=goals, preset=preset, max_episode_steps=20, seed=0
+        )
+
+    def model(venv):
+        kwargs = dict(n_modules=4, module_dim=16, encoder_sizes=[32], gate_sizes=[16])
+        return D2RSAC(
+            "D2RPolicy",
+            venv,
+            seed=0,
+            batch_size=16,
+            learning_starts=60,
+            buffer_size=2000,
+            policy_kwargs=kwargs,
+        )
+
+    uninterrupted = model(env())
+    uninterrupted.learn(300)
+    store = CheckpointStore(tmp_path, keep=3)
+    model(env()).learn(300, callback=TrainingCheckpointCallback(store, save_freq_per_task=37))
+    assert [c.num_timesteps for c in store.list()] == [296, 222, 148]
+    for checkpoint in store.list():
+        resumed = D2RSAC.load(checkpoint.model_path, env=env())
+        load_buffer(resumed.replay_buffer, checkpoint.buffer_path)
+        assert restore_training_state(resumed, checkpoint.state()), "not exact"
+        resumed.learn(300 - resumed.num_timesteps, reset_num_timesteps=False)
+        for got, expected in zip(resumed.policy.parameters(), uninterrupted.policy.parameters(), strict=True):
+            assert th.equal(got, expected), checkpoint.num_timesteps
+        assert resumed._episode_num == uninterrupted._episode_num
+
+
 @pytest.mark.slow
 def test_sigkill_at_random_moments_and_during_checkpoint_writes_resumes_bit_identical(
     reference: dict, tmp_path: Path

@@ -200,8 +200,11 @@ def test_the_eval_callback_never_saves_nonfinite_weights_as_the_best_model(tmp_p
     with th.no_grad():
         broken.actor.net.head.bias[0, 0] = math.nan
     callback = callback_for(broken, tmp_path / "broken")
-    with pytest.warns(RuntimeWarning, match="net.head.bias is not finite.*best_model.zip is not written"):
-        callback.evaluate()
+    with pytest.warns(
+        RuntimeWarning, match="net.head.bias is not finite.*not evaluated.*best_model.zip is not written"
+    ):
+        assert callback.evaluate() is None
+    assert callback.history["timesteps"] == []  # nothing recorded either
     assert not (tmp_path / "broken" / "best_model.zip").exists()
     assert callback.best_score == (-np.inf, -np.inf)
     # The same evaluation of finite weights is a new best and is saved.

@@ -182,12 +182,21 @@ class PerTaskEvalCallback(BaseCallback):
             self.evaluate()
         return True
 
-    def evaluate(self) -> TaskEvaluation:
+    def evaluate(self) -> TaskEvaluation | None:
         """Run one evaluation now: log it, record it in the history and save the best model.
 
-        A policy with a non-finite weight is never saved as the best model nor counted as a new best (a warning
-        says so).
+        A policy with a non-finite weight is not evaluated (its actions would be garbage), never saved as the best
+        model nor counted as a best: a warning says so and ``None`` is returned.
         """
+        broken = first_nonfinite_tensor(self.model.policy.state_dict().items())
+        if broken is not None:
+            warnings.warn(
+                f"Eval num_timesteps={self.num_timesteps}: the policy's {broken} is not finite, so it is not "
+                f"evaluated and {BEST_MODEL_NAME}.zip is not written.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return None
         result = evaluate_per_task(
             self.model, self.eval_env, n_episodes=self.n_eval_episodes, deterministic=self.deterministic
         )
@@ -203,21 +212,12 @@ class PerTaskEvalCallback(BaseCallback):
 
         score = (result.mean_success, mean_return)
         is_best = score > self.best_score
-        broken = first_nonfinite_tensor(self.model.policy.state_dict().items()) if is_best else None
-        if broken is not None:  # never keep non-finite weights as the best model, nor count them as a best
-            is_best = False
-            warnings.warn(
-                f"Eval num_timesteps={self.num_timesteps}: the policy's {broken} is not finite, so this "
-                f"evaluation is not counted as a new best and {BEST_MODEL_NAME}.zip is not written.",
-                RuntimeWarning,
-                stacklevel=2,
-            )
         if is_best:
             self.best_score = score
             if self.best_model_save_path is not None:
                 atomic_save(self.model, self.best_model_save_path / BEST_MODEL_NAME)
         if self.verbose >= 1:
-            marker = " (new best)" if is_best else " (non-finite weights: not saved)" if broken else ""
+            marker = " (new best)" if is_best else ""
             print(
                 f"Eval num_timesteps={self.num_timesteps}: success {result.mean_success:.3f}, "
                 f"return {mean_return:.2f}{marker}"

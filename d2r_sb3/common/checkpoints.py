@@ -267,6 +267,7 @@ def capture_training_state(model: BaseAlgorithm, callbacks: dict[str, Any] | Non
         "rng": _global_rng_states(),
         "action_space_rng": _to_json(model.action_space.np_random.bit_generator.state),
         "nonfinite_steps": int(getattr(model, "_nonfinite_steps", 0)),
+        "pending_logs": _pending_logs(model),
         "episodes": None,
         "callbacks": callbacks or {},
         "wall_time": time.time(),
@@ -277,6 +278,29 @@ def capture_training_state(model: BaseAlgorithm, callbacks: dict[str, Any] | Non
             "start_rng": [_to_json(s) for s in env.get_attr("episode_start_rng_state")],
         }
     return state
+
+
+def _pending_logs(model: BaseAlgorithm) -> list[list[Any]]:
+    """Values recorded but not yet written (e.g. the last ``train/*`` losses, which the next dump writes)."""
+    logger = getattr(model, "_logger", None)
+    if logger is None:
+        return []
+    pending = []
+    for key, value in logger.name_to_value.items():
+        if isinstance(value, np.generic):
+            value = value.item()
+        if isinstance(value, (bool, int, float, str)) or value is None:
+            excluded = logger.name_to_excluded.get(key)
+            pending.append([key, value, list(excluded) if excluded is not None else None])
+    return pending
+
+
+def _restore_pending_logs(model: BaseAlgorithm, pending: list[list[Any]]) -> None:
+    logger = getattr(model, "_logger", None)
+    if logger is None:
+        return
+    for key, value, excluded in pending:
+        logger.record(key, value, exclude=tuple(excluded) if excluded is not None else None)
 
 
 def _episode_actions(buffer: ReplayBuffer, env_index: int, steps: int) -> np.ndarray | None:
@@ -313,8 +337,9 @@ def restore_training_state(
 ) -> bool:
     """Put a freshly loaded model and its env back where :func:`capture_training_state` found them.
 
-    Restores the episode counter and statistics, the env's current episodes (replayed from the replay buffer,
-    which must be loaded first) and, last, every RNG state. Returns ``True`` when the resume is exact: the
+    Restores the episode counter and statistics, the logged values not yet written (set the model's logger
+    first), the env's current episodes (replayed from the replay buffer, which must be loaded first) and, last,
+    every RNG state. Returns ``True`` when the resume is exact: the
     rebuilt observations equal the saved ones. Otherwise the env is reset (new episodes from its seed) and
     ``warn`` is told why.
     """
@@ -345,6 +370,7 @@ def restore_training_state(
     elif env is not None:
         model._last_obs = env.reset()  # type: ignore[assignment]
         model._last_episode_starts = np.ones(env.num_envs, dtype=bool)
+    _restore_pending_logs(model, state.get("pending_logs", []))
     model.action_space.np_random.bit_generator.state = _from_json(state["action_space_rng"])
     _set_global_rng_states(state["rng"])
     return exact
