@@ -46,7 +46,7 @@ def load_actor_policy(model: str | None, env, seed: int) -> D2RPolicy:
         return D2RPolicy(env.observation_space, env.action_space, lambda _: 3e-4, num_tasks=env.num_envs)
     from d2r_sb3 import load_policy
 
-    policy = load_policy(model).policy
+    policy = load_policy(model, allow_pickle=True).policy  # your own trained model
     if not isinstance(policy, D2RPolicy):
         raise SystemExit(f"--model must hold a D2R policy, got {type(policy).__name__}.")
     return policy

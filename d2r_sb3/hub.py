@@ -47,6 +47,7 @@ __all__ = [
     "DEFAULT_REPO_ID",
     "DOWNLOAD_PATTERNS",
     "PRETRAINED_CACHE",
+    "HubPolicyNotFoundError",
     "download_policy",
     "is_repo_id",
     "load_from_hub",
@@ -67,6 +68,18 @@ DOWNLOAD_PATTERNS = [
 ]
 """What :func:`download_policy` fetches: the safe policy files and small records, not the zip or the video."""
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+class HubPolicyNotFoundError(FileNotFoundError):
+    """The repo is neither bundled nor cached and cannot be downloaded, or the Hub has no such repo.
+
+    :param reason: ``"offline"`` (downloads disabled), ``"unreachable"`` (the Hub did not answer) or ``"no_repo"``
+        (the Hub answered that the repo does not exist or is private).
+    """
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason
 
 
 def repo_id_for(algo: str, env_name: str, org: str = DEFAULT_ORG) -> str:
@@ -127,10 +140,11 @@ def download_policy(
     :param use_bundled: look in the bundled pretrained folder first (``False``: always ask the Hub cache/network,
         e.g. to get a newer ``main``).
     :return: the snapshot folder holding ``policy.json`` and ``policy.safetensors``.
-    :raises FileNotFoundError: if the policy is not cached and cannot be downloaded (offline), or the repo has no
-        safe policy files.
+    :raises HubPolicyNotFoundError: (a :class:`FileNotFoundError`) if the policy is not cached and cannot be
+        downloaded (offline, Hub unreachable), or the Hub has no such repo.
+    :raises FileNotFoundError: if the repo has no safe policy files.
     :raises ValueError: on an invalid repo id or corrupted files.
-    :raises OSError: on other Hub errors (repository or revision not found, network failure).
+    :raises OSError: on other Hub errors (gated repo, revision not found, failed download).
     """
     _check_repo_id(repo_id)
     folder = _from_bundle(repo_id, revision) if use_bundled else None
@@ -149,19 +163,28 @@ def download_policy(
             )
         except (LocalEntryNotFoundError, OfflineModeIsEnabled) as error:
             if local_files_only or constants.HF_HUB_OFFLINE:
-                reason = "downloads are disabled (HF_HUB_OFFLINE=1 or local_files_only=True)"
+                reason = "offline"
+                why = "downloads are disabled (HF_HUB_OFFLINE=1 or local_files_only=True)"
                 fix = "Download it once with network access (unset HF_HUB_OFFLINE)"
             else:
-                reason = f"the Hub could not be reached ({error})"
+                reason = "unreachable"
+                why = f"the Hub could not be reached ({error})"
                 fix = "Check the network connection"
-            raise FileNotFoundError(
+            raise HubPolicyNotFoundError(
                 f"The policy {where} is not in the Hugging Face cache ({cache_dir or constants.HF_HUB_CACHE}) and "
-                f"{reason}. {fix}, or pass cache_dir= where it is cached."
+                f"{why}. {fix}, or point HF_HUB_CACHE at the cache folder that holds it.",
+                reason,
             ) from error
-        except (GatedRepoError, RepositoryNotFoundError) as error:
+        except GatedRepoError as error:  # (a RepositoryNotFoundError: caught first)
             raise OSError(
-                f"The Hub repo {repo_id!r} does not exist or is private/gated: check the id (published policies "
-                f"are named <org>/<algo>-<EnvName>, e.g. {DEFAULT_REPO_ID!r}) or log in with `hf auth login`."
+                f"The Hub repo {repo_id!r} is gated: accept its conditions on huggingface.co and log in with "
+                "`hf auth login`."
+            ) from error
+        except RepositoryNotFoundError as error:
+            raise HubPolicyNotFoundError(
+                f"The Hub repo {repo_id!r} does not exist or is private: check the id (published policies "
+                f"are named <org>/<algo>-<EnvName>, e.g. {DEFAULT_REPO_ID!r}) or log in with `hf auth login`.",
+                "no_repo",
             ) from error
         except RevisionNotFoundError as error:
             raise OSError(
@@ -174,7 +197,7 @@ def download_policy(
         raise FileNotFoundError(
             f"The Hub repo {where} has no {' / '.join(missing)} (looked in {folder}): it was not published in the "
             "safe policy format. Publish it with `python hub/push.py`, or download its SB3 zip yourself and load "
-            "it with d2r_sb3.load_policy (a pickle: trusted sources only)."
+            "it with d2r_sb3.load_policy(path, allow_pickle=True) (a pickle: trusted sources only)."
         )
     try:
         check_policy_folder(folder)
@@ -200,7 +223,8 @@ def load_from_hub(
     :param local_files_only: only look in the caches (``None``: follow ``HF_HUB_OFFLINE``).
     :param use_bundled: try the package's bundled pretrained folder first.
     :param device: torch device of the policy.
-    :return: the :class:`~d2r_sb3.serialization.LoadedPolicy`.
+    :return: the :class:`~d2r_sb3.serialization.LoadedPolicy` (``origin`` says whether the bundled snapshot or the
+        Hugging Face cache was used).
     """
     folder = download_policy(
         repo_id,
@@ -209,6 +233,9 @@ def load_from_hub(
         local_files_only=local_files_only,
         use_bundled=use_bundled,
     )
-    loaded = load_policy(folder, device=device)
-    loaded.source = f"hf://{repo_id}" + (f"@{revision}" if revision else "")
+    loaded = load_policy(folder, device=device)  # a Path: always the local snapshot folder
+    label = repo_id + (f"@{revision}" if revision else "")
+    loaded.source = f"hf://{label}"
+    bundled = folder.resolve().is_relative_to(PRETRAINED_CACHE.resolve())
+    loaded.origin = f"Hub repo {label} ({'bundled snapshot' if bundled else f'Hugging Face cache, {folder}'})"
     return loaded

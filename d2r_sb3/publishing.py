@@ -719,7 +719,8 @@ def stage_repo(
             )
         shutil.rmtree(stage_dir)
     run = read_run(model, load_best=load_best)
-    loaded = load_policy(run.model_zip, device=device)  # a pickle: runs trained locally only
+    # The run's own zip (a pickle): staging is for runs the user trained, so unpickling it is their choice.
+    loaded = load_policy(run.model_zip, device=device, allow_pickle=True)
     sb3_model = loaded.model
     if sb3_model is None:  # (load_policy returns the algorithm for every zip)
         raise ValueError(f"{run.model_zip} did not load as an SB3 model.")

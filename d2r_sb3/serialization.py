@@ -10,23 +10,29 @@ The **safe policy format** is a folder with two files:
   spaces, the task names, the :func:`~d2r_sb3.make_mt_env` keyword arguments, free-form metadata and the
   SHA-256 of the weights file.
 
-:func:`load_policy` also reads SB3 ``.zip`` files, zoo log folders (``logs/<algo>/<EnvName>_<N>/``) and Hugging
-Face Hub repo ids (through :func:`d2r_sb3.hub.download_policy`). SB3 zips are pickles: load only zips you trust
-(your own training runs); use the safe format to share policies.
+:func:`load_policy` also reads SB3 ``.zip`` files, zoo run folders (``logs/<algo>/<EnvName>_<N>/``) and Hugging
+Face Hub repo ids (through :func:`d2r_sb3.hub.download_policy`). SB3 zips are pickles, and unpickling can run
+arbitrary code: :func:`load_policy` refuses them unless called with ``allow_pickle=True`` (the zoo scripts:
+``--allow-pickle``). Zoo runs carry the safe files too (:func:`write_safe_policy`: ``<run>/policy/`` for the final
+model, ``<run>/best_policy/`` for ``best_model.zip``), and those are what a run folder loads by default.
+:func:`resolve_model` is the one rule that decides whether a name is a local path or a Hub repo id.
 """
 
 from __future__ import annotations
 
-import hashlib
+import copy
 import inspect
 import json
 import math
+import os
 import re
+import shutil
 import warnings
 import zipfile
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch as th
@@ -35,9 +41,10 @@ from gymnasium import spaces
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from stable_baselines3.common.base_class import BaseAlgorithm
-from stable_baselines3.common.save_util import json_to_data
+from stable_baselines3.common.save_util import json_to_data, load_from_zip_file
 from stable_baselines3.common.utils import get_device
 
+from d2r_sb3.common.files import sha256_file
 from d2r_sb3.common.mt_sac import MultiTaskSAC
 from d2r_sb3.common.nonfinite import first_nonfinite_tensor
 from d2r_sb3.common.policies import MultiTaskPolicy
@@ -47,14 +54,22 @@ from d2r_sb3.registry import ALGOS
 
 __all__ = [
     "FORMAT_VERSION",
+    "HUB_PREFIX",
     "POLICY_CONFIG_FILE",
     "POLICY_WEIGHTS_FILE",
+    "RUN_BEST_POLICY_DIR",
+    "RUN_POLICY_DIR",
     "LoadedPolicy",
+    "ModelLocation",
+    "ModelNotFoundError",
+    "PickleNotAllowedError",
     "check_policy_folder",
     "find_model_zip",
     "load_policy",
     "read_policy_config",
+    "resolve_model",
     "save_policy",
+    "write_safe_policy",
 ]
 
 FORMAT_VERSION = 1
@@ -73,6 +88,25 @@ REQUIRED_KEYS = (
 _TRAINING_ONLY_KWARGS = ("optimizer_class", "optimizer_kwargs")
 # Objects that SB3 would unpickle from a zip's "data"; replaced so loading never rebuilds schedules.
 _ZIP_CUSTOM_OBJECTS = {"learning_rate": 0.0, "lr_schedule": lambda _: 0.0}
+# Entries of an SB3 zip's "data" that loading a policy cannot do without.
+ZIP_REQUIRED_KEYS = ("policy_class", "policy_kwargs", "observation_space", "action_space", "n_envs")
+RUN_POLICY_DIR = "policy"
+"""Subfolder of a zoo run holding the safe files of the final model (written by :func:`write_safe_policy`)."""
+RUN_BEST_POLICY_DIR = "best_policy"
+"""Subfolder of a zoo run holding the safe files of ``best_model.zip`` (written by :func:`write_safe_policy`)."""
+BEST_MODEL_ZIP = "best_model.zip"
+HUB_PREFIX = "hf://"
+"""Prefix that marks a name as a Hugging Face Hub repo id, never a local path: ``hf://d2r-sb3/d2r-MT10-rand``."""
+_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+_EXPLICIT_LOCAL_PREFIXES = ("/", "./", "../", "~", ".\\", "..\\")
+
+
+class PickleNotAllowedError(ValueError):
+    """Loading this file would unpickle Python objects (an SB3 ``.zip``) and ``allow_pickle`` is off."""
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """Nothing to load: no such local file or folder (and, for an ``owner/name`` name, no such Hub repo)."""
 
 
 # --- the loaded policy -----------------------------------------------------------------------------------
@@ -89,6 +123,8 @@ class LoadedPolicy:
     :param metadata: free-form information saved with the policy (training steps, results, ...).
     :param source: where the policy was loaded from.
     :param model: the full algorithm when loaded from an SB3 zip (``None`` for the safe format).
+    :param origin: what was loaded, for people: ``"local folder logs/d2r/MT10-rand_1/policy"``,
+        ``"Hub repo d2r-sb3/d2r-MT10-rand (bundled snapshot)"``, ... (default: ``source``).
     """
 
     def __init__(
@@ -100,6 +136,7 @@ class LoadedPolicy:
         metadata: dict[str, Any] | None = None,
         source: str | None = None,
         model: MultiTaskSAC | None = None,
+        origin: str | None = None,
     ):
         self.policy = policy
         self.algo = algo
@@ -108,6 +145,7 @@ class LoadedPolicy:
         self.metadata = dict(metadata or {})
         self.source = source
         self.model = model
+        self.origin = origin or source
 
     @property
     def num_tasks(self) -> int:
@@ -312,14 +350,6 @@ def _policy_kwargs(policy: MultiTaskPolicy) -> dict[str, Any]:
     }
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for chunk in iter(lambda: file.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def save_policy(
     model_or_policy: MultiTaskSAC | MultiTaskPolicy,
     folder: str | Path,
@@ -327,6 +357,7 @@ def save_policy(
     algo: str | None = None,
     env_kwargs: dict[str, Any] | None = None,
     metadata: dict[str, Any] | None = None,
+    task_names: list[str] | None = None,
 ) -> Path:
     """Write the safe policy format (``policy.safetensors`` + ``policy.json``) into ``folder``.
 
@@ -337,6 +368,7 @@ def save_policy(
     :param env_kwargs: :func:`~d2r_sb3.make_mt_env` kwargs of the env; default ``model.env.env_kwargs()``
         when the model has such an env.
     :param metadata: extra JSON-able information (e.g. training steps, results).
+    :param task_names: task of each one-hot index; default ``model.task_names``, else the benchmark's tasks.
     :return: the folder.
     :raises TypeError: if given something other than a multi-task model or policy.
     :raises ValueError: if the policy class has no registered alias, a value is not JSON-able or a weight is not
@@ -359,7 +391,7 @@ def save_policy(
         )
         env_kwargs = env_kwargs_fn() if callable(env_kwargs_fn) else {}
     env_kwargs = {k: _encode_kwarg(f"env_kwargs.{k}", v) for k, v in env_kwargs.items()}
-    task_names = list(getattr(model, "task_names", None) or [])
+    task_names = list(task_names or getattr(model, "task_names", None) or [])
     if not task_names and "benchmark" in env_kwargs:
         from d2r_sb3.envs.metaworld import benchmark_task_names
 
@@ -400,7 +432,7 @@ def save_policy(
         "task_names": task_names,
         "env_kwargs": env_kwargs,
         "metadata": info,
-        "weights_sha256": _sha256(weights_path),
+        "weights_sha256": sha256_file(weights_path),
         "versions": versions(),
     }
     try:
@@ -413,14 +445,140 @@ def save_policy(
     return folder
 
 
+def _save_policy_atomically(model_or_policy: Any, folder: Path, **kwargs: Any) -> Path:
+    """:func:`save_policy` into a hidden sibling folder renamed into place: readers never see half a policy."""
+    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+    old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        save_policy(model_or_policy, tmp, **kwargs)
+        if folder.exists():
+            os.replace(folder, old)
+        os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+    return folder
+
+
+def write_safe_policy(
+    model: MultiTaskSAC,
+    run_dir: str | Path,
+    *,
+    model_zip: str | Path | None = None,
+    env_kwargs: dict[str, Any] | None = None,
+) -> list[Path]:
+    """Write the safe policy files of a zoo run, so that loading the run never needs unpickling.
+
+    - ``<run_dir>/policy/``: the final model (``model``, in memory);
+    - ``<run_dir>/best_policy/``: ``<run_dir>/best_model.zip`` if it exists. Only its weights are read, with
+      ``torch.load(weights_only=True)`` (tensors and plain containers, no Python objects), into a copy of
+      ``model``'s policy (same architecture); its pickled ``data`` is never unpickled.
+
+    Each folder is written to a temporary folder and renamed into place. ``policy.json`` records the zip it
+    was written from (``metadata.source_zip`` and its SHA-256), so that :func:`load_policy` warns when the zip was
+    replaced later (e.g. by an interrupted ``--resume``). A folder that cannot be written (broken weights, a full
+    disk) only gives a warning: the zips, saved before, stay the run's record.
+
+    ``zoo/train.py`` calls it right after saving the final model::
+
+        model_path = atomic_save(model, run_dir / f"{setup.name}.zip")
+        write_safe_policy(model, run_dir, model_zip=model_path)
+
+    For a run written before this existed: ``write_safe_policy(load_policy(run, allow_pickle=True).model, run,
+    model_zip=find_model_zip(run))`` (a pickle: your own runs only).
+
+    :param model: the trained algorithm (final model of the run).
+    :param run_dir: the run folder ``logs/<algo>/<EnvName>_<N>``.
+    :param model_zip: the final model's zip, recorded in ``policy.json`` (``None``: not recorded).
+    :param env_kwargs: :func:`~d2r_sb3.make_mt_env` kwargs; default ``model.env.env_kwargs()``.
+    :return: the folders written.
+    """
+    run_dir = Path(run_dir)
+    if env_kwargs is None:
+        env_kwargs_fn = getattr(getattr(model, "env", None), "env_kwargs", None)
+        env_kwargs = env_kwargs_fn() if callable(env_kwargs_fn) else {}
+    task_names = list(getattr(model, "task_names", None) or []) or None
+    algo = _infer_algo(model, model.policy)
+    written = []
+    jobs: list[tuple[Path, Any]] = [(run_dir / RUN_POLICY_DIR, None)]
+    if (run_dir / BEST_MODEL_ZIP).is_file():
+        jobs.append((run_dir / RUN_BEST_POLICY_DIR, run_dir / BEST_MODEL_ZIP))
+    for folder, best_zip in jobs:
+        try:
+            if best_zip is None:
+                metadata: dict[str, Any] = {"num_timesteps": int(model.num_timesteps)}
+                if model_zip is not None:
+                    metadata.update(
+                        source_zip=Path(model_zip).name, source_zip_sha256=sha256_file(Path(model_zip))
+                    )
+                source: Any = model
+            else:
+                source, metadata = _policy_from_zip_weights(model, best_zip)
+            _save_policy_atomically(
+                source, folder, algo=algo, env_kwargs=env_kwargs, metadata=metadata, task_names=task_names
+            )
+            written.append(folder)
+        except (ValueError, OSError) as error:
+            what = "best_model.zip" if best_zip is not None else "the final model"
+            warnings.warn(
+                f"Could not write the safe policy files of {what} to {folder}: {error}. The run loads only with "
+                "allow_pickle=True (--allow-pickle) until they are written (d2r_sb3.serialization."
+                "write_safe_policy).",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+    return written
+
+
+def _policy_from_zip_weights(model: MultiTaskSAC, path: Path) -> tuple[MultiTaskPolicy, dict[str, Any]]:
+    """A copy of ``model.policy`` holding the weights of the SB3 zip ``path`` (its ``data`` is not unpickled)."""
+    data = _check_zip(path)  # plain JSON: nothing is unpickled
+    _, params, _ = load_from_zip_file(path, load_data=False, device="cpu")  # torch.load(weights_only=True)
+    if "policy" not in params:
+        raise ValueError(f"{path} holds no policy.pth: not an SB3 model zip.")
+    policy = copy.deepcopy(model.policy)
+    try:
+        policy.load_state_dict(params["policy"], strict=True)
+    except RuntimeError as error:
+        raise ValueError(f"{path} does not match the architecture of the final model: {error}") from error
+    metadata: dict[str, Any] = {"source_zip": path.name, "source_zip_sha256": sha256_file(path)}
+    if isinstance(data.get("num_timesteps"), int):
+        metadata["num_timesteps"] = data["num_timesteps"]
+    return policy, metadata
+
+
 # --- safe load -----------------------------------------------------------------------------------------
+def _check_task_names(config: Mapping[str, Any], path: Path) -> None:
+    num_tasks, names = config["num_tasks"], config["task_names"]
+    if not isinstance(num_tasks, int) or isinstance(num_tasks, bool) or num_tasks < 1:
+        raise ValueError(f"{path}: num_tasks must be a positive integer, got {num_tasks!r}.")
+    kwargs = config.get("policy_kwargs")
+    if isinstance(kwargs, dict) and "num_tasks" in kwargs and kwargs["num_tasks"] != num_tasks:
+        raise ValueError(
+            f"{path}: num_tasks={num_tasks} but policy_kwargs.num_tasks={kwargs['num_tasks']!r} (the width of the "
+            "task one-hot); the file is inconsistent. Re-save the policy with d2r_sb3.save_policy."
+        )
+    if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+        raise ValueError(f"{path}: task_names must be a list of strings, got {names!r}.")
+    if len(names) != num_tasks:
+        raise ValueError(
+            f"{path}: task_names has {len(names)} entries but the policy has num_tasks={num_tasks} (one name per "
+            f"one-hot index): {names}. The file is inconsistent; re-save the policy with d2r_sb3.save_policy."
+        )
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        raise ValueError(f"{path}: task_names lists {duplicates} more than once.")
+
+
 def read_policy_config(folder: str | Path) -> dict[str, Any]:
     """Read and validate ``policy.json`` of a safe policy folder (no weights are read).
 
     :param folder: the folder holding ``policy.json``.
     :return: the parsed configuration.
     :raises FileNotFoundError: if the file is missing.
-    :raises ValueError: if it is not valid JSON, lacks required keys or has another format version.
+    :raises ValueError: if it is not valid JSON, lacks required keys, has another format version, or its task
+        names do not match ``num_tasks`` (one name per one-hot index).
     """
     path = Path(folder) / POLICY_CONFIG_FILE
     if not path.is_file():
@@ -445,6 +603,7 @@ def read_policy_config(folder: str | Path) -> dict[str, Any]:
             f"{FORMAT_VERSION}; install the d2r_sb3 version that wrote it (library_version="
             f"{config.get('library_version')!r})."
         )
+    _check_task_names(config, path)
     return config
 
 
@@ -464,7 +623,7 @@ def check_policy_folder(folder: str | Path) -> dict[str, Any]:
             f"{weights} does not exist; the folder holds {POLICY_CONFIG_FILE} but no weights."
         )
     expected = config.get("weights_sha256")
-    if expected is not None and _sha256(weights) != expected:
+    if expected is not None and sha256_file(weights) != expected:
         raise ValueError(
             f"{weights} is corrupted: its SHA-256 does not match weights_sha256 in {POLICY_CONFIG_FILE}. "
             "Download or save it again."
@@ -481,11 +640,35 @@ def check_policy_folder(folder: str | Path) -> dict[str, Any]:
 
 def _read_weights(path: Path, device: str) -> dict[str, th.Tensor]:
     try:
-        return load_file(str(path), device=device)
+        tensors = load_file(str(path), device=device)
     except SafetensorError as error:
         raise ValueError(
             f"{path} is not a valid safetensors file ({error}); download or save it again."
         ) from error
+    broken = first_nonfinite_tensor(tensors.items())
+    if broken is not None:
+        raise ValueError(
+            f"{path}: the tensor {broken!r} holds NaN or infinite values; refusing to load broken weights. Save "
+            "the policy again from a checkpoint taken before training diverged."
+        )
+    return tensors
+
+
+def _warn_if_stale(folder: Path, config: Mapping[str, Any]) -> None:
+    """Warn when the zip a run's safe folder was written from has been replaced since."""
+    metadata = config.get("metadata") or {}
+    name, digest = metadata.get("source_zip"), metadata.get("source_zip_sha256")
+    if not (isinstance(name, str) and isinstance(digest, str)) or Path(name).name != name:
+        return
+    zip_path = folder.parent / name
+    if zip_path.is_file() and sha256_file(zip_path) != digest:
+        warnings.warn(
+            f"{folder} was written from an earlier {name} (the zip has changed since): it may be out of date. "
+            f"Rewrite it with d2r_sb3.serialization.write_safe_policy, or load {zip_path} itself with "
+            "allow_pickle=True (--allow-pickle; a pickle: your own runs only).",
+            UserWarning,
+            stacklevel=4,
+        )
 
 
 def _load_safe(folder: Path, device: str) -> LoadedPolicy:
@@ -508,6 +691,11 @@ def _load_safe(folder: Path, device: str) -> LoadedPolicy:
         policy = aliases[alias](observation_space, action_space, lambda _: 0.0, **policy_kwargs)
     except (TypeError, ValueError) as error:
         raise ValueError(f"{where}: cannot build {alias} from the saved policy_kwargs: {error}") from error
+    if policy.num_tasks != config["num_tasks"]:
+        raise ValueError(
+            f"{where}: num_tasks={config['num_tasks']} but the policy built from it has a task one-hot of width "
+            f"{policy.num_tasks}; re-save the policy with d2r_sb3.save_policy."
+        )
     policy.to(get_device(device))
     weights_path = folder / POLICY_WEIGHTS_FILE
     state_dict = _read_weights(weights_path, str(policy.device))
@@ -518,6 +706,7 @@ def _load_safe(folder: Path, device: str) -> LoadedPolicy:
             f"{weights_path} does not match the {alias} described in {POLICY_CONFIG_FILE}: {error}"
         ) from error
     policy.set_training_mode(False)
+    _warn_if_stale(folder, config)
     return LoadedPolicy(
         policy,
         algo=config.get("algo"),
@@ -525,17 +714,79 @@ def _load_safe(folder: Path, device: str) -> LoadedPolicy:
         env_kwargs=dict(config.get("env_kwargs") or {}),
         metadata=dict(config.get("metadata") or {}),
         source=str(folder),
+        origin=f"local folder {folder}",
     )
 
 
 # --- SB3 zips and zoo log folders ------------------------------------------------------------------------
-def _zip_policy_class(path: Path) -> type | None:
-    """The policy class stored in an SB3 zip's ``data`` (unpickles it: trusted files only)."""
+def _check_zip(path: Path) -> dict[str, Any]:
+    """The ``data`` of an SB3 zip as plain JSON (serialized objects stay base64 text: nothing is unpickled).
+
+    :raises ValueError: if ``path`` is not a zip, has no ``data`` or ``policy.pth``, or ``data`` lacks keys.
+    """
     try:
         with zipfile.ZipFile(path) as archive:
-            data = json_to_data(archive.read("data").decode(), custom_objects=_ZIP_CUSTOM_OBJECTS)
-    except (zipfile.BadZipFile, KeyError) as error:
+            names = archive.namelist()
+            if "data" not in names:
+                raise ValueError(
+                    f"{path} is not an SB3 model zip: it has no 'data' entry (it holds {names}); save models with "
+                    "model.save(path)."
+                )
+            text = archive.read("data")
+    except zipfile.BadZipFile as error:
         raise ValueError(f"{path} is not an SB3 model zip ({error}).") from error
+    try:
+        data = json.loads(text.decode())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path} is not an SB3 model zip: its 'data' is not JSON ({error}).") from error
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} is not an SB3 model zip: its 'data' is not a JSON object.")
+    missing = [key for key in ZIP_REQUIRED_KEYS if key not in data]
+    if missing:
+        raise ValueError(
+            f"{path} is not a complete SB3 model zip: its 'data' lacks {missing} (an SB3 model.save writes "
+            f"{list(ZIP_REQUIRED_KEYS)}). The file is damaged or was not written by Stable-Baselines3."
+        )
+    if "policy.pth" not in names:
+        raise ValueError(f"{path} is not a complete SB3 model zip: it has no policy.pth (the weights).")
+    if "num_tasks" not in data:
+        raise ValueError(
+            f"{path} is an SB3 zip but not of a d2r_sb3 multi-task model (MultiTaskSAC / D2RSAC): its 'data' has "
+            "no num_tasks."
+        )
+    return data
+
+
+def _local_name(path: Path) -> str:
+    """``path`` as a string that :func:`resolve_model` reads as local (``./`` in front of a relative path)."""
+    return str(path) if path.is_absolute() else f"./{path}"
+
+
+def _pickle_refusal(path: Path, run_dir: Path | None) -> str:
+    message = (
+        f"{path} is an SB3 .zip: loading it unpickles Python objects, and unpickling a file can run arbitrary "
+        "code. Load it only if you trust where it came from (e.g. your own training run): pass "
+        "allow_pickle=True to load_policy, or --allow-pickle to the zoo scripts. "
+    )
+    if run_dir is not None:
+        best = path.name == BEST_MODEL_ZIP
+        folder = run_dir / (RUN_BEST_POLICY_DIR if best else RUN_POLICY_DIR)
+        return message + (
+            f"Safe files need no opt-in: this run has no {folder} (policy.json + policy.safetensors), which "
+            "zoo/train.py writes at the end of a run; write them once for an older run with "
+            f"d2r_sb3.serialization.write_safe_policy(load_policy({_local_name(run_dir)!r}, allow_pickle=True)"
+            f".model, {_local_name(run_dir)!r})."
+        )
+    return message + (
+        "Or use the safe policy files (policy.json + policy.safetensors, never unpickled): convert the zip once "
+        f"with d2r_sb3.save_policy(load_policy({_local_name(path)!r}, allow_pickle=True).model, './my_policy')."
+    )
+
+
+def _zip_policy_class(path: Path) -> type | None:
+    """The policy class stored in an SB3 zip's ``data`` (unpickles it: only after the allow_pickle check)."""
+    with zipfile.ZipFile(path) as archive:
+        data = json_to_data(archive.read("data").decode(), custom_objects=_ZIP_CUSTOM_OBJECTS)
     return data.get("policy_class")
 
 
@@ -566,21 +817,44 @@ def _env_kwargs_near(zip_path: Path) -> dict[str, Any]:
     return {}
 
 
-def _load_zip(path: Path, device: str) -> LoadedPolicy:
+def _load_zip(path: Path, device: str, allow_pickle: bool, run_dir: Path | None = None) -> LoadedPolicy:
+    _check_zip(path)  # plain JSON checks first: a damaged zip gets a clear error, and nothing is unpickled
+    if not allow_pickle:
+        raise PickleNotAllowedError(_pickle_refusal(path, run_dir))
     algo, algo_cls = _algo_of_zip(path)
     # Same as rl-zoo's enjoy: a 1-row buffer and constant schedules, so loading allocates nothing big.
-    model = algo_cls.load(path, device=device, buffer_size=1, custom_objects=_ZIP_CUSTOM_OBJECTS)
+    try:
+        model = algo_cls.load(path, device=device, buffer_size=1, custom_objects=_ZIP_CUSTOM_OBJECTS)
+    except (KeyError, AttributeError, TypeError) as error:
+        raise ValueError(
+            f"{path} is not a complete SB3 model zip: loading it failed with {type(error).__name__}: {error}. The "
+            "file is damaged or was written by another algorithm or library version."
+        ) from error
     model.policy.set_training_mode(False)
+    broken = first_nonfinite_tensor(model.policy.actor.state_dict().items())
+    if broken is not None:
+        raise ValueError(
+            f"{path}: the actor's tensor {broken!r} holds NaN or infinite values; refusing to load broken weights. "
+            "Load a checkpoint from before training diverged."
+        )
+    num_tasks = int(model.policy.num_tasks)
+    task_names = list(getattr(model, "task_names", None) or [f"task{i}" for i in range(num_tasks)])
+    if len(task_names) != num_tasks:
+        raise ValueError(
+            f"{path}: task_names has {len(task_names)} entries but the policy has {num_tasks} tasks (one name per "
+            "one-hot index); the file is inconsistent."
+        )
     if algo is None:
         algo = _infer_algo(model, model.policy)
     return LoadedPolicy(
         model.policy,
         algo=algo,
-        task_names=list(getattr(model, "task_names", [f"task{i}" for i in range(model.policy.num_tasks)])),
+        task_names=task_names,
         env_kwargs=_env_kwargs_near(path),
         metadata={"num_timesteps": int(model.num_timesteps)},
         source=str(path),
         model=model,
+        origin=f"local SB3 zip {path} (unpickled: allow_pickle)",
     )
 
 
@@ -619,63 +893,207 @@ def find_model_zip(folder: str | Path, load_best: bool = False) -> Path | None:
     return None
 
 
+# --- which model a name means: one rule ------------------------------------------------------------------
+@dataclass(frozen=True)
+class ModelLocation:
+    """Where a model name points, as decided by :func:`resolve_model` (nothing is read yet).
+
+    :param kind: ``"local"`` (a file or folder) or ``"hub"`` (a Hugging Face Hub repo).
+    :param name: the name as given.
+    :param path: the local path (``kind == "local"``), user-expanded.
+    :param repo_id: the repo id ``"owner/name"`` (``kind == "hub"``).
+    :param explicit: an explicit local path (``./``, ``../``, ``/``, ``~``, a ``Path`` object) or an explicit Hub
+        id (``hf://``).
+    :param shadowed: for a Hub id, an existing local path of the same name that is *not* used.
+    """
+
+    kind: Literal["local", "hub"]
+    name: str
+    path: Path | None = None
+    repo_id: str | None = None
+    explicit: bool = False
+    shadowed: Path | None = None
+
+
+def _looks_like_repo_id(text: str) -> bool:
+    return (
+        _REPO_ID.fullmatch(text) is not None
+        and not text.endswith(".zip")
+        and not any(part in (".", "..") for part in text.split("/"))
+    )
+
+
+def _safe_source(path: Path, load_best: bool = False) -> Path | None:
+    """The safe policy folder that loading ``path`` would read, or ``None`` if it needs a zip (or is missing)."""
+    if path.is_file():
+        return path.parent if path.name in (POLICY_CONFIG_FILE, POLICY_WEIGHTS_FILE) else None
+    if not path.is_dir():
+        return None
+    if (path / POLICY_CONFIG_FILE).is_file() or (path / POLICY_WEIGHTS_FILE).is_file():
+        return path
+    run_policy = path / (RUN_BEST_POLICY_DIR if load_best else RUN_POLICY_DIR)
+    return run_policy if (run_policy / POLICY_CONFIG_FILE).is_file() else None
+
+
+def resolve_model(model: str | os.PathLike[str], *, load_best: bool = False) -> ModelLocation:
+    """Decide whether ``model`` names a local file or folder or a Hugging Face Hub repo (the rule of
+    :func:`load_policy`; nothing is loaded and the Hub is not asked).
+
+    1. ``hf://owner/name`` is a Hub repo.
+    2. A ``Path`` object, or a string starting with ``/``, ``./``, ``../`` or ``~``, is a local path.
+    3. A string of the form ``owner/name`` (one slash, Hub-id characters, not ending in ``.zip``) is a Hub repo,
+       unless a local path of that name holds safe policy files (``policy.json`` + ``policy.safetensors``, or a
+       zoo run's ``policy/`` / ``best_policy/`` with them): then it is that local path. A local path of that
+       name without safe files (e.g. a folder holding only SB3 zips) is never used; :func:`load_policy` warns
+       that it was skipped.
+    4. Any other string (``logs/d2r/MT10-rand_1``, ``my_policy``, ``model.zip``) is a local path.
+
+    :param model: the name.
+    :param load_best: for a zoo run folder, the safe files looked for are ``best_policy/`` (else ``policy/``).
+    :return: the :class:`ModelLocation`.
+    :raises ValueError: on ``hf://`` followed by something that is not ``owner/name``.
+    """
+    if not isinstance(model, str):
+        path = Path(model).expanduser()
+        return ModelLocation("local", str(model), path=path, explicit=True)
+    if model.startswith(HUB_PREFIX):
+        repo_id = model[len(HUB_PREFIX) :]
+        if not _looks_like_repo_id(repo_id):
+            raise ValueError(f"Invalid Hub repo id {repo_id!r} in {model!r}: expected hf://owner/name.")
+        return ModelLocation("hub", model, repo_id=repo_id, explicit=True)
+    path = Path(model).expanduser()
+    explicit = model.startswith(_EXPLICIT_LOCAL_PREFIXES) or model in (".", "..") or os.path.isabs(model)
+    if explicit or not _looks_like_repo_id(model):
+        return ModelLocation("local", model, path=path, explicit=explicit)
+    if _safe_source(path, load_best) is not None:
+        return ModelLocation("local", model, path=path)
+    return ModelLocation("hub", model, repo_id=model, shadowed=path if path.exists() else None)
+
+
+def _skipped_local(location: ModelLocation) -> str:
+    what = "folder" if location.shadowed is not None and location.shadowed.is_dir() else "file"
+    return (
+        f"A local {what} {location.name} exists but was NOT used: it holds no safe policy files (policy.json + "
+        "policy.safetensors), and a name of the form owner/name means a Hub repo unless a local path of that "
+        f"name holds them. To load the local {what}, pass ./{location.name} (an SB3 .zip there also needs "
+        "allow_pickle=True / --allow-pickle: it is a pickle, for files you trust only)."
+    )
+
+
+def _not_found(location: ModelLocation, error: Exception) -> ModelNotFoundError:
+    """The error for an ``owner/name`` that is neither a local path with safe files nor a findable Hub repo."""
+    reason = getattr(error, "reason", None)
+    if reason == "no_repo":
+        hub = "and it is not a Hub repo either (the Hugging Face Hub has no repo of that name)"
+    else:
+        hub = "and it is not a cached Hub repo either (neither bundled with d2r_sb3 nor in the Hugging Face cache"
+        hub += "; HF_HUB_OFFLINE=1, so the Hub itself was not asked)" if reason == "offline" else ")"
+    if location.shadowed is None:
+        first = f"{location.name!r} does not exist: no such file or folder in {Path.cwd()}, {hub}."
+    else:
+        first = f"{location.name!r} was read as a Hub repo id (owner/name), {hub}. {_skipped_local(location)}"
+    return ModelNotFoundError(
+        f"{first} Check the name: published policies are Hub repo ids such as 'd2r-sb3/d2r-MT10-rand'; zoo runs "
+        "are folders such as logs/d2r/MT10-rand_1."
+    )
+
+
 # --- public loader -------------------------------------------------------------------------------------
+def _load_local(location: ModelLocation, device: str, load_best: bool, allow_pickle: bool) -> LoadedPolicy:
+    path = location.path
+    assert path is not None
+    if not path.exists():
+        message = f"{location.name!r} does not exist: no such file or folder"
+        message += "" if path.is_absolute() else f" in {Path.cwd()}"
+        if not location.explicit:  # a name that could have been a Hub id is handled by _not_found
+            message += "; it is not a Hub repo id either (those are owner/name, e.g. 'd2r-sb3/d2r-MT10-rand')"
+        raise ModelNotFoundError(message + ".")
+    safe = _safe_source(path, load_best)
+    if safe is not None:
+        return _load_safe(safe, device)
+    if path.is_file():
+        if path.suffix == ".zip":
+            return _load_zip(path, device, allow_pickle)
+        raise ValueError(
+            f"{path} is neither an SB3 .zip nor a safe policy file; pass a .zip, a folder with "
+            f"{POLICY_CONFIG_FILE}, a zoo log folder or a Hub repo id."
+        )
+    zip_path = find_model_zip(path, load_best)
+    if zip_path is not None:
+        return _load_zip(zip_path, device, allow_pickle, run_dir=path)
+    raise FileNotFoundError(
+        f"{path} holds neither {POLICY_CONFIG_FILE} (safe policy folder) nor a model .zip (zoo log folder)."
+    )
+
+
 def load_policy(
-    model: str | Path,
+    model: str | os.PathLike[str],
     *,
     device: str = "cpu",
     revision: str | None = None,
     cache_dir: str | Path | None = None,
     load_best: bool = False,
     local_files_only: bool | None = None,
+    allow_pickle: bool = False,
 ) -> LoadedPolicy:
-    """Load a multi-task policy for acting.
+    """Load a multi-task policy for acting. Safe by default: nothing is unpickled unless ``allow_pickle=True``.
 
     ``model`` may be:
 
-    (a) a folder with ``policy.json`` + ``policy.safetensors`` (safe: nothing is unpickled);
-    (b) an SB3 ``.zip`` -- a pickle, so load only files you trust;
-    (c) a zoo log folder ``logs/<algo>/<EnvName>_<N>/`` (its final ``<EnvName>.zip``, or ``best_model.zip``
-        with ``load_best=True``; a pickle as well);
-    (d) a Hugging Face Hub repo id ``"org/name"`` that is not a local path (safe format, through
-        :func:`d2r_sb3.hub.download_policy`).
+    (a) a folder with ``policy.json`` + ``policy.safetensors``, or either file (safe: nothing is unpickled);
+    (b) a zoo run folder ``logs/<algo>/<EnvName>_<N>/``: its safe files ``policy/`` (final model) or, with
+        ``load_best=True``, ``best_policy/`` (written by :func:`write_safe_policy`); without them its
+        ``<EnvName>.zip`` / ``best_model.zip``, which needs ``allow_pickle=True``;
+    (c) an SB3 ``.zip`` (a checkpoint, ``best_model.zip``, ...): a pickle, loaded only with ``allow_pickle=True``;
+    (d) a Hugging Face Hub repo id (safe format only, through :func:`d2r_sb3.hub.download_policy`): looked up in
+        the bundled snapshots, then the Hugging Face cache, then the Hub unless offline.
+
+    **Local path or Hub id** (:func:`resolve_model`): ``hf://owner/name`` is always a Hub repo; a ``Path`` or a
+    string starting with ``/``, ``./``, ``../`` or ``~`` is always local; a string ``owner/name`` (one slash) is a
+    Hub repo unless a local path of that name holds safe policy files (then it is local). A local folder merely
+    named like a Hub id (e.g. ``d2r-sb3/d2r-MT10-rand/`` holding a zip) is never used for ``owner/name`` -- the
+    Hub repo is loaded and a warning says so; pass ``./d2r-sb3/d2r-MT10-rand`` to mean the folder. Any other
+    string (``logs/d2r/MT10-rand_1``, ``my_policy``, ``model.zip``) is local. :attr:`LoadedPolicy.origin` says
+    which was loaded.
 
     :param model: what to load (see above).
     :param device: torch device of the policy (``"cpu"``, ``"cuda"``, ``"auto"``).
     :param revision: Hub revision (branch, tag or commit) for (d).
     :param cache_dir: Hub cache folder for (d).
-    :param load_best: (c) load ``best_model.zip`` instead of the final model.
+    :param load_best: (b) load the best model instead of the final one.
     :param local_files_only: (d) use only the local Hub cache (``None``: follow ``HF_HUB_OFFLINE``).
+    :param allow_pickle: allow loading SB3 ``.zip`` files, which unpickles Python objects and so can run
+        arbitrary code: only for files you trust (your own runs). The safe format never needs it.
     :return: the :class:`LoadedPolicy`.
-    :raises FileNotFoundError: if nothing loadable is found at ``model``.
-    :raises ValueError: if the files are corrupted or inconsistent.
+    :raises ModelNotFoundError: (a :class:`FileNotFoundError`) if there is no such file or folder (nor, for an
+        ``owner/name``, such a Hub repo).
+    :raises PickleNotAllowedError: (a :class:`ValueError`) if loading needs unpickling and ``allow_pickle`` is off.
+    :raises FileNotFoundError: if a folder holds nothing loadable, or a Hub repo has no safe files.
+    :raises ValueError: if the files are corrupted or inconsistent (task names, non-finite weights, a zip
+        without its data).
     """
-    path = Path(model).expanduser()
-    if path.is_file():
-        if path.suffix == ".zip":
-            return _load_zip(path, device)
-        if path.name in (POLICY_CONFIG_FILE, POLICY_WEIGHTS_FILE):
-            return _load_safe(path.parent, device)
-        raise ValueError(
-            f"{path} is neither an SB3 .zip nor a safe policy file; pass a .zip, a folder with "
-            f"{POLICY_CONFIG_FILE}, a zoo log folder or a Hub repo id."
-        )
-    if path.is_dir():
-        if (path / POLICY_CONFIG_FILE).is_file() or (path / POLICY_WEIGHTS_FILE).is_file():
-            return _load_safe(path, device)
-        zip_path = find_model_zip(path, load_best)
-        if zip_path is not None:
-            return _load_zip(zip_path, device)
-        raise FileNotFoundError(
-            f"{path} holds neither {POLICY_CONFIG_FILE} (safe policy folder) nor a model .zip (zoo log folder)."
-        )
-    from d2r_sb3.hub import is_repo_id, load_from_hub
+    location = resolve_model(model, load_best=load_best)
+    if location.kind == "local":
+        return _load_local(location, device, load_best, allow_pickle)
+    from d2r_sb3.hub import HubPolicyNotFoundError, load_from_hub
 
-    if isinstance(model, str) and is_repo_id(model) and not model.endswith(".zip"):
-        return load_from_hub(
-            model, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, device=device
+    assert location.repo_id is not None
+    try:
+        loaded = load_from_hub(
+            location.repo_id,
+            revision=revision,
+            cache_dir=cache_dir,
+            local_files_only=local_files_only,
+            device=device,
         )
-    raise FileNotFoundError(
-        f"{model} does not exist. Pass a safe policy folder, an SB3 .zip, a zoo log folder (logs/<algo>/<Env>_<N>) "
-        "or a Hugging Face Hub repo id 'org/name'."
-    )
+    except HubPolicyNotFoundError as error:
+        if location.explicit:
+            raise
+        raise _not_found(location, error) from error
+    if location.shadowed is not None:
+        warnings.warn(
+            f"Loaded the {loaded.origin}. {_skipped_local(location)}",
+            UserWarning,
+            stacklevel=2,
+        )
+    return loaded

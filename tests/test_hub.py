@@ -6,10 +6,17 @@ disk, and uploads only check the arguments given to ``HfApi.create_repo`` / ``Hf
 
 from __future__ import annotations
 
+import base64
 import importlib.util
 import json
+import os
 import pickle
 import re
+import shlex
+import shutil
+import subprocess
+import sys
+import zipfile
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -22,13 +29,22 @@ import pytest
 import torch as th
 import yaml
 from huggingface_hub import HfApi, ModelCard, constants
+from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
 
 import d2r_sb3.hub as hub
 from d2r_sb3 import D2RSAC, make_mt_env
-from d2r_sb3.hub import DEFAULT_REPO_ID, download_policy, load_from_hub
+from d2r_sb3.hub import DEFAULT_REPO_ID, HubPolicyNotFoundError, download_policy, load_from_hub
 from d2r_sb3.publishing import package_pretrained, push_to_hub, stage_repo
-from d2r_sb3.serialization import POLICY_CONFIG_FILE, POLICY_WEIGHTS_FILE, load_policy, save_policy
+from d2r_sb3.serialization import (
+    POLICY_CONFIG_FILE,
+    POLICY_WEIGHTS_FILE,
+    ModelNotFoundError,
+    PickleNotAllowedError,
+    load_policy,
+    save_policy,
+)
 from zoo.task_env import make_task_env
+from zoo.utils import ZooError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TINY_D2R = dict(n_modules=4, module_dim=16, encoder_sizes=[32, 32], gate_sizes=[16])
@@ -184,7 +200,8 @@ def test_stage_full_repo_evaluates_when_the_run_has_no_results(model, env, obser
     # Both the safe files and the zip act like the trained model.
     expected = actions(model, observations)
     np.testing.assert_array_equal(actions(load_policy(folder), observations), expected)
-    np.testing.assert_array_equal(actions(load_policy(folder / "d2r-MT10-rand.zip"), observations), expected)
+    staged_zip = folder / "d2r-MT10-rand.zip"
+    np.testing.assert_array_equal(actions(load_policy(staged_zip, allow_pickle=True), observations), expected)
     policy_json = json.loads((folder / POLICY_CONFIG_FILE).read_text())
     assert policy_json["metadata"]["repo_id"] == "d2r-sb3/d2r-MT10-rand"
 
@@ -472,3 +489,169 @@ def test_hub_module_exports():
     assert hub.load_from_hub is load_from_hub and hub.download_policy is download_policy
     assert {"load_from_hub", "download_policy"} <= set(hub.__all__)
     assert huggingface_hub.__version__  # the real library, not a stub
+
+
+# --- a local folder named like a Hub id: the shadowing drill ---------------------------------------------
+BUNDLED_ORIGIN = f"Hub repo {DEFAULT_REPO_ID} (bundled snapshot)"
+NETWORK_WORDS = ("cache_dir", "network", "connection", "could not be reached")
+
+
+class Payload:
+    """Unpickling this runs ``touch <marker>`` (what a crafted SB3 zip can do with any command)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (os.system, (f"touch {shlex.quote(str(self.marker))}",))
+
+
+def crafted_zip(source: Path, target: Path, marker: Path) -> Path:
+    """A copy of the SB3 zip ``source`` whose pickled ``data`` entries all run the payload when unpickled."""
+    payload = base64.b64encode(pickle.dumps(Payload(marker))).decode()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(source) as old, zipfile.ZipFile(target, "w") as new:
+        for name in old.namelist():
+            content = old.read(name)
+            if name == "data":
+                data = json.loads(content)
+                for value in data.values():
+                    if isinstance(value, dict) and ":serialized:" in value:
+                        value[":serialized:"] = payload
+                content = json.dumps(data).encode()
+            new.writestr(name, content)
+    return target
+
+
+@pytest.fixture
+def shadowed_cwd(model, tmp_path, monkeypatch) -> tuple[Path, Path]:
+    """A working directory holding ``d2r-sb3/d2r-MT10-rand/MT10-rand.zip``, a crafted pickle; and its marker."""
+    cwd = tmp_path / "cwd"
+    model.save(tmp_path / "legit.zip")
+    marker = tmp_path / "MARKER"
+    crafted_zip(tmp_path / "legit.zip", cwd / DEFAULT_REPO_ID / "MT10-rand.zip", marker)
+    monkeypatch.chdir(cwd)
+    return cwd, marker
+
+
+def test_shadowing_folder_is_never_unpickled(shadowed_cwd, model, observations, tmp_path):
+    cwd, marker = shadowed_cwd
+    for allow_pickle in (False, True):  # the rule does not depend on allow_pickle
+        with pytest.warns(
+            UserWarning, match=r"local folder d2r-sb3/d2r-MT10-rand exists but was NOT used"
+        ) as seen:
+            loaded = load_policy(DEFAULT_REPO_ID, allow_pickle=allow_pickle)
+        assert "pass ./d2r-sb3/d2r-MT10-rand" in str(seen[0].message)
+        assert loaded.origin == BUNDLED_ORIGIN and loaded.source == f"hf://{DEFAULT_REPO_ID}"
+        assert loaded.model is None and loaded.num_tasks == 10
+        assert not marker.exists()
+    # Meant explicitly as a local path, the zip is refused without allow_pickle.
+    with pytest.raises(PickleNotAllowedError, match="can run arbitrary code"):
+        load_policy(f"./{DEFAULT_REPO_ID}")
+    assert not marker.exists()
+
+    # With allow_pickle, an explicitly local path to a legitimate SB3 zip loads.
+    mine = cwd / "d2r-sb3" / "d2r-MT10-mine"
+    mine.mkdir()
+    shutil.copy(tmp_path / "legit.zip", mine / "MT10-mine.zip")
+    loaded = load_policy("./d2r-sb3/d2r-MT10-mine", allow_pickle=True)
+    assert loaded.origin.startswith("local SB3 zip d2r-sb3/d2r-MT10-mine/MT10-mine.zip")
+    np.testing.assert_array_equal(actions(loaded, observations), actions(model, observations))
+    # Under its Hub-like name it is a Hub id, and the error says how to mean the folder.
+    with pytest.raises(
+        ModelNotFoundError, match=r"read as a Hub repo id.*pass ./d2r-sb3/d2r-MT10-mine"
+    ) as info:
+        load_policy("d2r-sb3/d2r-MT10-mine", allow_pickle=True)
+    assert "not a cached Hub repo either" in str(info.value)
+    assert not marker.exists()
+
+
+def test_shadowing_drill_enjoy_cli(shadowed_cwd, tmp_path):
+    from zoo import enjoy
+
+    cwd, marker = shadowed_cwd
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "zoo" / "enjoy.py"), "--task", "reach", "--episodes", "1"]
+        + ["--env-kwargs", "max_episode_steps:3", "--num-threads", "1"],  # --device: the default, auto
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={
+            **os.environ,
+            "HF_HUB_OFFLINE": "1",
+            "HF_HUB_CACHE": str(tmp_path / "hf"),
+            "OMP_NUM_THREADS": "1",
+        },
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"Loaded {BUNDLED_ORIGIN}" in result.stdout and "Episode 1: return" in result.stdout
+    assert "Warning: Loaded the Hub repo" in result.stderr and "was NOT used" in result.stderr
+    assert not marker.exists()
+    with pytest.raises(ZooError, match=r"without --allow-pickle.*can run arbitrary code"):
+        enjoy.main(["--task", "reach", "--model", f"./{DEFAULT_REPO_ID}"])
+    assert not marker.exists()
+
+
+def test_mistyped_local_path_says_no_such_file(tmp_path, monkeypatch):
+    from zoo import enjoy
+
+    monkeypatch.chdir(tmp_path)
+    checks = []
+    with pytest.raises(ModelNotFoundError) as info:
+        load_policy("logs/nope")
+    checks.append(str(info.value))
+    with pytest.raises(ZooError) as cli:
+        enjoy.main(["--task", "reach", "--model", "logs/nope"])
+    checks.append(str(cli.value))
+    # Online: the Hub not answering, or answering that there is no such repo, changes nothing.
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    # (RepositoryNotFoundError's __init__ wants an HTTP response object)
+    not_found = RepositoryNotFoundError.__new__(RepositoryNotFoundError)
+    Exception.__init__(not_found, "404 Client Error: Repository Not Found")
+    for error in (LocalEntryNotFoundError("no connection"), not_found):
+
+        def fail(*args: Any, error: Exception = error, **kwargs: Any) -> None:
+            raise error
+
+        monkeypatch.setattr(hub, "snapshot_download", fail)
+        with pytest.raises(ModelNotFoundError) as info:
+            load_policy("logs/nope")
+        checks.append(str(info.value))
+    for message in checks:
+        assert "'logs/nope' does not exist: no such file or folder" in message, message
+        assert "Hub repo either" in message, message
+        assert not any(word in message for word in NETWORK_WORDS), message
+    assert "not a cached Hub repo either" in checks[0] and "HF_HUB_OFFLINE=1" in checks[0]
+    assert "the Hugging Face Hub has no repo of that name" in checks[-1]
+
+
+def test_hf_prefix_forces_the_hub_and_local_safe_folders_win(model, tmp_path, no_bundle, monkeypatch):
+    cache = tmp_path / "cache"
+    populate_cache(cache, "org/d2r-MT10-rand", policy_files(model, tmp_path / "saved"))
+    monkeypatch.chdir(tmp_path)
+    save_policy(model, tmp_path / "org" / "d2r-MT10-rand", metadata={"where": "local"})
+
+    local = load_policy("org/d2r-MT10-rand", cache_dir=cache)  # a local folder with safe files: local
+    assert local.origin == "local folder org/d2r-MT10-rand" and local.metadata["where"] == "local"
+    remote = load_policy("hf://org/d2r-MT10-rand", cache_dir=cache)
+    assert remote.origin.startswith("Hub repo org/d2r-MT10-rand (Hugging Face cache, ")
+    assert "where" not in remote.metadata
+    with pytest.raises(HubPolicyNotFoundError, match="'org/absent' is not in the Hugging Face cache"):
+        load_policy("hf://org/absent", cache_dir=cache)  # explicit Hub ids keep the Hub's message
+
+
+def test_cli_loading_options(tmp_path):
+    from zoo import analyze, enjoy, evaluate
+
+    for parser, argv in [
+        (enjoy.build_parser(), ["--task", "reach"]),
+        (evaluate.build_parser(), []),
+        (analyze.build_parser(), []),
+    ]:
+        args = parser.parse_args(argv)
+        assert (args.device, args.allow_pickle, args.model) == ("auto", False, DEFAULT_REPO_ID)
+        assert parser.parse_args([*argv, "--allow-pickle"]).allow_pickle is True
+    loaded = load_policy(DEFAULT_REPO_ID, device="auto")  # auto works without a GPU
+    assert loaded.policy.device.type == ("cuda" if th.cuda.is_available() else "cpu")
+    assert analyze.default_output_dir(DEFAULT_REPO_ID) == Path("routing_analysis")

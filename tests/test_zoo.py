@@ -117,6 +117,8 @@ def test_train_writes_the_logs_layout(run1: Path):
     assert sorted(p.name for p in run1.parent.iterdir()) == ["MT10-rand_1", "MT10-rand_2"]
     for name in ("MT10-rand.zip", "best_model.zip", "progress.csv", "evaluations.json", "results.json"):
         assert (run1 / name).is_file(), name
+    for name in ("policy", "best_policy"):  # the safe files: the run loads without unpickling
+        assert (run1 / name / "policy.safetensors").is_file() and (run1 / name / "policy.json").is_file()
     assert (run1 / "replay_buffer.pkl").is_file()
     # Training checkpoints every 20 steps per task (200 total) and at the end; the newest 2 are kept.
     checkpoints = sorted(p.name for p in (run1 / "checkpoints").iterdir())
@@ -247,7 +249,15 @@ def test_enjoy_writes_playable_mp4_and_gif(run1: Path, tmp_path: Path):
     assert len(frames) == 20 and frames[0].shape == (64, 96, 3)
 
     gif = tmp_path / "reach.gif"  # in-process: the same main() the script runs
-    argv = ["--task", "reach-v3", "--model", str(run1 / "best_model.zip"), "--video", str(gif)]
+    argv = [
+        "--task",
+        "reach-v3",
+        "--model",
+        str(run1 / "best_model.zip"),
+        "--allow-pickle",
+        "--video",
+        str(gif),
+    ]
     assert enjoy.main([*argv, *"--episodes 1 --env-kwargs max_episode_steps:20 --width 48".split()]) == 0
     frames = imageio.mimread(gif)
     assert len(frames) == 10 and frames[0].shape[:2] == (48, 48)  # every 2nd frame by default for GIFs

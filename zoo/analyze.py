@@ -17,8 +17,9 @@ Examples, from the repository root::
     python zoo/analyze.py --model logs/d2r/MT10-rand_1 --episodes 5
     # a safe policy folder or a Hub repo id; two tasks side by side, as in the paper's Fig. 6
     python zoo/analyze.py --model d2r-sb3/d2r-MT10-rand --tasks drawer-close peg-insert-side
-    # quick look: shorter episodes, 200 t-SNE samples per task
-    python zoo/analyze.py --model logs/d2r/MT50-rand_1/MT50-rand.zip --max-episode-steps 100 --tsne-samples 200
+    # quick look: shorter episodes, 200 t-SNE samples per task; an SB3 zip is a pickle: --allow-pickle (own runs only)
+    python zoo/analyze.py --model logs/d2r/MT50-rand_1/MT50-rand.zip --allow-pickle --max-episode-steps 100 \\
+        --tsne-samples 200
 
 Runs on the CPU. The t-SNE of 1,000 samples for each of 10 tasks takes about a minute; for MT50, lower
 ``--tsne-samples``, use ``--embedding pca`` or skip it with ``--tsne-samples 0``.
@@ -46,8 +47,17 @@ from d2r_sb3.analysis.plots import EMBEDDING_METHODS, ROUTE_FEATURES  # noqa: E4
 from d2r_sb3.analysis.routes import resolve_task_index  # noqa: E402
 from d2r_sb3.envs import benchmark_task_names  # noqa: E402
 from d2r_sb3.envs.metaworld import GOAL_MODES, PRESETS  # noqa: E402
-from d2r_sb3.serialization import POLICY_CONFIG_FILE, LoadedPolicy, load_policy  # noqa: E402
-from zoo.utils import ZooError, parse_env, parse_key_values, run_main, set_num_threads  # noqa: E402
+from d2r_sb3.serialization import POLICY_CONFIG_FILE, LoadedPolicy, resolve_model  # noqa: E402
+from zoo.utils import (  # noqa: E402
+    MODEL_HELP,
+    ZooError,
+    add_loading_arguments,
+    load_model,
+    parse_env,
+    parse_key_values,
+    run_main,
+    set_num_threads,
+)
 
 DEFAULT_OUTPUT_NAME = "routing_analysis"
 # Options with their own flag; --env-kwargs must not set them a second time.
@@ -84,12 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Routing analysis of a D2R model: modules used per task, routing DAGs, t-SNE of routes.",
         formatter_class=_HelpFormatter,
     )
-    parser.add_argument(
-        "--model",
-        default=_default_model(),
-        help="Safe policy folder, SB3 .zip, zoo log folder (logs/<algo>/<Env>_<N>) or Hub repo id 'org/name'",
-    )
-    parser.add_argument("--load-best", action="store_true", help="Zoo log folder: load best_model.zip")
+    parser.add_argument("--model", default=_default_model(), help=MODEL_HELP)
+    parser.add_argument("--load-best", action="store_true", help="Zoo run folder: load the best model")
     parser.add_argument(
         "--benchmark",
         default=None,
@@ -146,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help=f"Output folder (default: {DEFAULT_OUTPUT_NAME}/ next to a local model, else ./{DEFAULT_OUTPUT_NAME})",
     )
-    parser.add_argument("--device", default="cpu", help="PyTorch device")
+    add_loading_arguments(parser)  # --device (default auto), --allow-pickle
     parser.add_argument(
         "--num-threads", type=int, default=-1, help="PyTorch CPU threads (-1: torch's default)"
     )
@@ -155,7 +161,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def default_output_dir(model: str) -> Path:
     """``routing_analysis/`` inside a local model folder, ``routing_analysis_<name>/`` beside a model file,
-    ``./routing_analysis`` for a Hub repo id."""
+    ``./routing_analysis`` for a Hub repo id (the rule of :func:`d2r_sb3.serialization.resolve_model`)."""
+    try:
+        if resolve_model(model).kind == "hub":
+            return Path(DEFAULT_OUTPUT_NAME)
+    except ValueError:
+        return Path(DEFAULT_OUTPUT_NAME)
     path = Path(model).expanduser()
     if path.is_dir():
         return path / DEFAULT_OUTPUT_NAME
@@ -229,10 +240,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise ZooError(f"--tsne-threads must be >= 0 (0: all cores), got {args.tsne_threads}.")
     if args.tsne_samples < 0:
         raise ZooError(f"--tsne-samples must be >= 0 (0 skips the embedding), got {args.tsne_samples}.")
-    try:
-        loaded = load_policy(args.model, device=args.device, load_best=args.load_best)
-    except (OSError, ValueError) as err:  # missing/corrupted files, Hub errors
-        raise ZooError(f"Cannot load {args.model}: {err}") from None
+    loaded = load_model(args.model, args.load_best, args.device, allow_pickle=args.allow_pickle)
     try:
         get_router(loaded)
     except TypeError as err:

@@ -59,7 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.episodes < 1:
         raise ZooError(f"--episodes must be >= 1, got {args.episodes}.")
     set_num_threads(args.num_threads)
-    loaded = load_model(args.model, args.load_best, args.device)
+    loaded = load_model(args.model, args.load_best, args.device, allow_pickle=args.allow_pickle)
     overrides = parse_key_values(args.env_kwargs, "--env-kwargs")
     flags = {"seed": args.seed, "goals": args.goals, "vec_env": args.vec_env}
     overrides.update({key: value for key, value in flags.items() if value is not None})

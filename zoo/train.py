@@ -12,7 +12,8 @@ Examples, from the repository root::
     python zoo/train.py --resume logs/d2r/MT50-rand_1
 
 A run writes ``<log-folder>/<algo>/<EnvName>_<N>/`` (EnvName = ``MT10-rand``, or ``MT10-rand-mw3`` for another preset):
-``<EnvName>.zip`` (final model), ``best_model.zip``, ``checkpoints/step_<steps>/`` (training checkpoints, see
+``<EnvName>.zip`` (final model), ``best_model.zip``, ``policy/`` and ``best_policy/`` (their weights in the safe
+format), ``checkpoints/step_<steps>/`` (training checkpoints, see
 :mod:`d2r_sb3.common.checkpoints`; the newest ``--keep-checkpoints`` are kept), ``replay_buffer.pkl`` (with
 ``--save-replay-buffer``), ``progress.csv``, ``evaluations.json`` (per-task evaluation history), ``results.json``
 (final evaluation), ``.lock`` (held while a process writes the run) and ``<EnvName>/`` with ``config.yml`` (resolved
@@ -67,6 +68,7 @@ from d2r_sb3.common.provenance import hardware, versions  # noqa: E402
 from d2r_sb3.common.run_lock import RunLock, RunLockedError  # noqa: E402
 from d2r_sb3.envs import GOAL_MODES, PRESETS, MultiTaskVecEnv, make_mt_env  # noqa: E402
 from d2r_sb3.registry import ALGOS  # noqa: E402
+from d2r_sb3.serialization import write_safe_policy  # noqa: E402
 from zoo.utils import (  # noqa: E402
     HelpFormatter,
     ZooError,
@@ -802,6 +804,8 @@ def train(setup: RunSetup) -> int:
     train_seconds = time.time() - start
 
     model_path = atomic_save(model, run_dir / f"{setup.name}.zip")
+    # policy/ (and best_policy/): the safe files, so the run loads for acting without unpickling anything.
+    write_safe_policy(model, run_dir, model_zip=model_path)
     if args.save_replay_buffer:
         tmp = run_dir / f".replay_buffer.tmp-{os.getpid()}.pkl"
         model.save_replay_buffer(tmp)

@@ -325,13 +325,11 @@ def set_num_threads(num_threads: int) -> None:
 # --------------------------------------------------------------------------------------------------
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """The options that pick and load a model, shared by ``enjoy.py`` and ``evaluate.py``."""
+    parser.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
     parser.add_argument(
-        "--model",
-        default=DEFAULT_MODEL,
-        help="Safe policy folder, SB3 .zip, zoo log folder (logs/<algo>/<EnvName>_<N>) or Hub repo id",
+        "--load-best", action="store_true", help="For a zoo run folder: load the best model (best_policy/)"
     )
-    parser.add_argument("--load-best", action="store_true", help="For a zoo log folder: load best_model.zip")
-    parser.add_argument("--device", default="cpu", help="PyTorch device")
+    add_loading_arguments(parser)
     parser.add_argument(
         "--num-threads", type=int, default=-1, help="PyTorch CPU threads (-1: torch's default)"
     )
@@ -352,32 +350,69 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def load_model(model: str, load_best: bool = False, device: str = "cpu") -> Any:
-    """:func:`d2r_sb3.load_policy` with a message that says how to get a model when none can be loaded.
+MODEL_HELP = (
+    "Safe policy folder, zoo run folder (logs/<algo>/<EnvName>_<N>), SB3 .zip (needs --allow-pickle) or Hub repo "
+    "id owner/name (hf://owner/name forces the Hub; ./owner/name forces a local path)"
+)
 
-    :param model: Safe policy folder, SB3 zip, zoo log folder or Hub repo id.
-    :param load_best: Load ``best_model.zip`` of a zoo log folder.
+
+def add_loading_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--device`` and ``--allow-pickle``, shared by ``enjoy.py``, ``evaluate.py`` and ``analyze.py``."""
+    parser.add_argument(
+        "--device", default="auto", help="PyTorch device (auto: the GPU when torch sees one, else the CPU)"
+    )
+    parser.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="Allow loading SB3 .zip files: they are pickles, and unpickling can run arbitrary code, so only for "
+        "files you trust (your own runs). Safe policy files (policy.json + policy.safetensors) never need it",
+    )
+
+
+def load_model(model: str, load_best: bool = False, device: str = "auto", allow_pickle: bool = False) -> Any:
+    """:func:`d2r_sb3.load_policy`, printing what was loaded, with a message that says how to get a model when
+    none can be loaded.
+
+    Prints ``Loaded <origin>`` (e.g. ``Loaded Hub repo d2r-sb3/d2r-MT10-rand (bundled snapshot)`` or ``Loaded
+    local folder logs/d2r/MT10-rand_1/policy``) and the loader's warnings (``Warning: ...``, on stderr).
+
+    :param model: Safe policy folder, zoo run folder, SB3 zip or Hub repo id (the rule of
+        :func:`d2r_sb3.serialization.resolve_model`).
+    :param load_best: Load the best model of a zoo run folder.
     :param device: Torch device.
+    :param allow_pickle: Allow SB3 zips (unpickled: trusted files only).
     :return: The :class:`~d2r_sb3.serialization.LoadedPolicy`.
-    :raises ZooError: If the model cannot be found or read.
+    :raises ZooError: If the model cannot be found or read, or needs ``--allow-pickle``.
     """
-    from d2r_sb3.serialization import load_policy
+    import warnings
+
+    from d2r_sb3.serialization import ModelNotFoundError, PickleNotAllowedError, load_policy
 
     try:
-        return load_policy(model, device=device, load_best=load_best)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            loaded = load_policy(model, device=device, load_best=load_best, allow_pickle=allow_pickle)
+    except PickleNotAllowedError as err:
+        raise ZooError(f"Refusing to load {model!r} without --allow-pickle: {err}") from None
     except (OSError, ValueError) as err:
         what = (
             f"The default pretrained policy {model!r} is neither bundled with this install nor downloadable now"
             if model == DEFAULT_MODEL
             else f"Cannot load the model {model!r}"
         )
-        raise ZooError(
-            f"{what}: {err}\n"
-            "To get a model:\n"
-            "  - train one:  python zoo/train.py --algo d2r --env MT10 --goals rand --seed 0\n"
-            "                then pass --model logs/d2r/MT10-rand_1 (add --load-best for best_model.zip);\n"
-            f"  - or download a published policy (network needed once, HF_HUB_OFFLINE unset): --model {DEFAULT_MODEL}"
-        ) from None
+        hints = [
+            "  - train one:  python zoo/train.py --algo d2r --env MT10 --goals rand --seed 0",
+            "                then pass --model logs/d2r/MT10-rand_1 (add --load-best for the best model);",
+            f"  - or use a published policy: --model {DEFAULT_MODEL} (bundled with d2r_sb3)",
+        ]
+        if not isinstance(err, ModelNotFoundError):
+            hints[-1] += "; other Hub repos are downloaded once (HF_HUB_OFFLINE unset)"
+        raise ZooError(f"{what}: {err}\nTo get a model:\n" + "\n".join(hints)) from None
+    for warning in caught:  # e.g. a local folder named like the Hub id that was not used
+        if not issubclass(warning.category, (DeprecationWarning, PendingDeprecationWarning, ResourceWarning)):
+            print(f"Warning: {warning.message}", file=sys.stderr)
+    print(f"Loaded {loaded.origin}")
+    return loaded
 
 
 def model_env_kwargs(loaded: Any, overrides: dict[str, Any]) -> dict[str, Any]:
