@@ -7,12 +7,14 @@ The staged folder mirrors rl-baselines3-zoo's Hub layout plus the safe weights (
 Examples, from the repository root::
 
     # look at what would be published (nothing is uploaded)
-    python hub/push.py --model logs/d2r/MT10-rand_1 --dry-run --stage-dir /tmp/d2r-MT10-rand
+    python hub/push.py --model logs/d2r/MT10-rand_1 --repo-id me/d2r-MT10-rand --dry-run --stage-dir /tmp/stage
     # publish (needs a token with write access: `hf auth login` or HF_TOKEN)
-    python hub/push.py --model logs/d2r/MT10-rand_1 --repo-id d2r-sb3/d2r-MT10-rand
+    python hub/push.py --model logs/d2r/MT10-rand_1 --repo-id me/d2r-MT10-rand
 
-The default repo id is ``<org>/<algo>-<EnvName>`` (``d2r-sb3/d2r-MT10-rand``). The model zip is a pickle: publish
-only runs you trained yourself.
+Without ``--repo-id`` the repo is ``<owner>/<algo>-<EnvName>``, the owner being ``--org`` or else the logged-in
+Hugging Face user (``huggingface_hub.whoami()``); when that user cannot be found (no token, offline) ``--repo-id``
+is required. A run is never staged under the official ``d2r-sb3`` ids unless asked for explicitly. The model zip is
+a pickle: publish only runs you trained yourself.
 """
 
 from __future__ import annotations
@@ -22,8 +24,7 @@ import sys
 import tempfile
 from collections.abc import Sequence
 
-from d2r_sb3.hub import DEFAULT_ORG
-from d2r_sb3.publishing import add_staging_arguments, push_to_hub, stage_repo, staging_options
+from d2r_sb3.publishing import add_staging_arguments, push_to_hub, read_run, stage_repo, staging_options
 from d2r_sb3.registry import ALGOS
 
 
@@ -34,8 +35,17 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add_staging_arguments(parser, replay_file="replay.mp4")
-    parser.add_argument("--repo-id", default=None, help="Hub repo id (default: <org>/<algo>-<EnvName>)")
-    parser.add_argument("--org", default=DEFAULT_ORG, help="Hub organisation of the default repo id")
+    parser.add_argument(
+        "--repo-id",
+        default=None,
+        help="Hub repo id, e.g. me/d2r-MT10-rand (default: <org>/<algo>-<EnvName>; required when the "
+        "logged-in user is unknown)",
+    )
+    parser.add_argument(
+        "--org",
+        default=None,
+        help="Owner (user or organisation) of the default repo id (default: the logged-in user)",
+    )
     parser.add_argument("--algo", default=None, choices=list(ALGOS), help="Algorithm (default: from the run)")
     parser.add_argument(
         "--stage-dir", default=None, help="Where to stage the files (default: a new temporary folder)"
@@ -51,16 +61,49 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def logged_in_user(token: str | None = None) -> str:
+    """Name of the Hugging Face user of ``token`` (or of the saved login), the owner of the default repo id.
+
+    :raises ValueError: when it cannot be found (offline, no token, the Hub unreachable): pass ``--repo-id``.
+    """
+    from huggingface_hub import constants, get_token, whoami
+
+    if constants.HF_HUB_OFFLINE:
+        reason = "HF_HUB_OFFLINE=1 is set"
+    elif not (token or get_token()):
+        reason = "No Hugging Face token found (`hf auth login`, HF_TOKEN or --token)"
+    else:
+        try:
+            return str(whoami(token=token)["name"])
+        except Exception as error:  # network, authentication: any failure means "unknown"
+            reason = f"huggingface_hub.whoami() failed: {' '.join(str(error).split())[:300]}"
+    raise ValueError(
+        f"--repo-id is required: without it the repo is named after the logged-in Hugging Face user, who is "
+        f"unknown here ({reason}). Pass --repo-id <your user or organisation>/<name>, e.g. --repo-id "
+        "me/d2r-MT10-rand (or --org <owner> for <owner>/<algo>-<EnvName>)."
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit code (2 on a user error, printed without a traceback)."""
     args = build_parser().parse_args(argv)
+    try:
+        read_run(args.model, load_best=args.load_best)  # a missing run is the first error to report
+        owner = {} if args.repo_id else {"org": args.org or logged_in_user(args.token)}
+    except (OSError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if owner and not args.org:
+        print(
+            f"Repo owner: {owner['org']} (the logged-in Hugging Face user; --repo-id or --org choose another)"
+        )
     stage_dir = args.stage_dir or tempfile.mkdtemp(prefix="d2r-hub-")
     try:
         staged = stage_repo(
             args.model,
             stage_dir,
             repo_id=args.repo_id,
-            org=args.org,
+            **owner,
             algo=args.algo,
             video=None if args.no_video else "mp4",
             overwrite=args.overwrite,

@@ -142,6 +142,34 @@ def write_video(path: Path, frames: list[np.ndarray], fps: int) -> None:
         raise ZooError(f"Cannot write {path}: {err}. Install imageio-ffmpeg, or write a .gif.") from None
 
 
+def check_video_writer(path: Path, fps: int) -> None:
+    """Fail before anything is rendered when ``path``'s video writer is missing (not after every frame).
+
+    Opens (and closes, with no frame) the very writer :func:`write_video` uses, in a temporary folder.
+    """
+    import tempfile
+
+    if fps < 1:
+        raise ZooError(f"--fps must be >= 1, got {fps}.")
+    suffix = path.suffix.lower()
+    package = "imageio-ffmpeg" if suffix == ".mp4" else "pillow"
+    try:
+        import imageio.v2 as imageio
+
+        with tempfile.TemporaryDirectory() as folder:
+            probe = Path(folder) / f"probe{suffix}"
+            kwargs = (
+                dict(duration=1000 / fps, loop=0) if suffix == ".gif" else dict(fps=fps, macro_block_size=16)
+            )
+            imageio.get_writer(probe, **kwargs).close()
+    except (ImportError, RuntimeError, ValueError) as err:
+        reason = " ".join(str(err).split()) or type(err).__name__
+        raise ZooError(
+            f"Cannot write the {suffix} video {path} ({reason}): install the writer with `pip install imageio "
+            f"{package}` (the [zoo] extra){', or write a .gif' if suffix == '.mp4' else ''}. Nothing was run."
+        ) from None
+
+
 class ModuleCounter:
     """Number of modules the policy's route uses for an observation (None for policies that do not route)."""
 
@@ -171,11 +199,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     video = Path(args.video) if args.video else None
     if video is not None and video.suffix.lower() not in VIDEO_FORMATS:
         raise ZooError(f"--video must end in {' or '.join(VIDEO_FORMATS)}, got {video.name!r}.")
+    if video is not None:
+        check_video_writer(video, args.fps)
     if args.render == "human":
         check_display()
     set_num_threads(args.num_threads)
 
-    loaded = load_model(args.model, args.load_best, args.device)
+    loaded = load_model(args.model, args.load_best, args.device, allow_pickle=args.allow_pickle)
     overrides = parse_key_values(args.env_kwargs, "--env-kwargs")
     overrides.update(
         {key: value for key, value in (("seed", args.seed), ("goals", args.goals)) if value is not None}

@@ -29,11 +29,13 @@ from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 import torch as th
+from gymnasium import spaces
 from stable_baselines3 import SAC
 from stable_baselines3.common.buffers import ReplayBuffer
+from stable_baselines3.common.callbacks import BaseCallback, CallbackList, ConvertCallback
 from stable_baselines3.common.noise import ActionNoise
 from stable_baselines3.common.policies import BasePolicy
-from stable_baselines3.common.type_aliases import GymEnv, Schedule
+from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, Schedule
 from stable_baselines3.common.utils import polyak_update
 from torch.nn import functional as F
 
@@ -46,7 +48,7 @@ from d2r_sb3.common.nonfinite import (
     nonfinite_rows,
 )
 from d2r_sb3.common.params import format_parameter_counts, parameter_counts
-from d2r_sb3.common.policies import MultiTaskPolicy
+from d2r_sb3.common.policies import InvalidObservationError, MultiTaskPolicy
 
 SelfMultiTaskSAC = TypeVar("SelfMultiTaskSAC", bound="MultiTaskSAC")
 
@@ -65,11 +67,105 @@ def short_task_name(name: str) -> str:
     return name[:-3] if name.endswith("-v3") else name
 
 
+_SIZE_ARGUMENTS = {  # name: (minimum, what None gives)
+    "buffer_size": (1, "100k transitions per task, 200k above 10 tasks"),
+    "learning_starts": (0, f"{WARMUP_STEPS_PER_TASK:,} steps per task"),
+    "batch_size": (1, f"{BATCH_PER_TASK} per task"),
+}
+
+
+def _check_size_argument(name: str, value: Any, allow_none: bool) -> None:
+    """Raise ``ValueError`` unless ``value`` is an int >= the argument's minimum (or ``None`` if allowed)."""
+    if value is None and allow_none:
+        return
+    minimum, default = _SIZE_ARGUMENTS[name]
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        kind = "a positive int" if minimum == 1 else f"an int >= {minimum}"
+        raise ValueError(
+            f"{name} must be {kind} (or None for the paper's default: {default}), got {value!r}."
+        )
+
+
+def _check_task_layout(observation_space: spaces.Space, num_tasks: int) -> None:
+    """Raise ``ValueError`` unless observations can be ``[state, one-hot over num_tasks]`` (one-hot last)."""
+    fix = (
+        f"MultiTaskSAC trains one sub-env per task on observations [state, task one-hot], the one-hot last "
+        f"with one entry per env ({num_tasks} here): build the env with d2r_sb3.make_mt_env(...), or as a VecEnv "
+        "whose column i appends the one-hot of task i (bounds [0, 1]) to the state."
+    )
+    if not isinstance(observation_space, spaces.Box) or len(observation_space.shape) != 1:
+        raise ValueError(f"The observation space must be a flat Box, got {observation_space}. {fix}")
+    width = observation_space.shape[0]
+    if width < num_tasks + 1:
+        raise ValueError(
+            f"Observations of width {width} cannot hold a state and a one-hot over the {num_tasks} envs "
+            f"(at least {num_tasks + 1} entries). {fix}"
+        )
+    low, high = observation_space.low[-num_tasks:], observation_space.high[-num_tasks:]
+    # A one-hot entry is declared in [0, 1] (make_mt_env), or left unbounded by envs that declare no bounds.
+    one_hot_like = ((low == 0) | (low == -np.inf)) & ((high == 1) | (high == np.inf))
+    if not one_hot_like.all():
+        bad = np.flatnonzero(~one_hot_like)
+        entry = width - num_tasks + int(bad[0])
+        raise ValueError(
+            f"The last {num_tasks} observation entr{'y' if num_tasks == 1 else 'ies'} must be the task one-hot, "
+            f"but entry {entry} has bounds "
+            f"[{low[bad[0]]:g}, {high[bad[0]]:g}], not [0, 1]: this env's observations do not end with a one-hot "
+            f"over its {num_tasks} env(s) (e.g. a single-task env such as Pendulum-v1). {fix}"
+        )
+
+
+def _check_first_observations(obs: np.ndarray, task_names: list[str]) -> None:
+    """Raise ``ValueError`` unless env column ``i``'s observation ends with the one-hot of task ``i``."""
+    num_tasks = len(task_names)
+    task_part = np.asarray(obs)[:, -num_tasks:]
+    if task_part.shape == (num_tasks, num_tasks) and np.array_equal(task_part, np.eye(num_tasks)):
+        return
+    if task_part.shape[0] != num_tasks:
+        raise ValueError(
+            f"The env returned {task_part.shape[0]} observations for {num_tasks} tasks (one per env)."
+        )
+    columns = [
+        i
+        for i in range(min(num_tasks, len(task_part)))
+        if not np.array_equal(task_part[i], np.eye(num_tasks)[i])
+    ]
+    shown = np.array2string(task_part[columns[0]], precision=3, separator=", ", threshold=20)
+    raise ValueError(
+        f"The env's observations do not end with the one-hot of their env column: env column {columns[0]} "
+        f"({task_names[columns[0]]}) ends with {shown} instead of the one-hot of task {columns[0]} over "
+        f"{num_tasks} tasks (columns {columns} differ). The task id of a transition is its env column: pass a "
+        "VecEnv with one sub-env per task, in one-hot order (d2r_sb3.make_mt_env builds one), not a subset or "
+        "a reordering of the tasks."
+    )
+
+
+class _CheckFirstObservations(BaseCallback):
+    """Checks the observations ``learn()`` starts from (no extra ``env.reset()``: the env's RNG is untouched)."""
+
+    def _on_training_start(self) -> None:
+        model = self.model
+        obs = model._last_original_obs if model._vec_normalize_env is not None else model._last_obs
+        if isinstance(obs, np.ndarray) and obs.ndim == 2:
+            _check_first_observations(obs, model.task_names)
+
+    def _on_step(self) -> bool:
+        return True
+
+
 class MultiTaskSAC(SAC):
     """SAC for one-env-per-task multi-task training (MT-SAC when used with an MLP policy).
 
     Arguments not listed are SB3 SAC's. ``None`` for ``buffer_size``, ``learning_starts`` and ``batch_size``
     picks the paper's per-task values for the env's number of tasks ``T``.
+
+    The constructor raises ``ValueError`` for sizes that are not ints (``buffer_size``, ``batch_size`` >= 1,
+    ``learning_starts`` >= 0), a ``batch_size`` that is not a multiple of ``T`` with stratified batches, an env whose
+    observation space cannot end with a one-hot over its envs (not a flat Box of at least ``T + 1`` entries, or
+    last entries bounded other than by ``[0, 1]``), ``task_names`` or ``policy_kwargs["num_tasks"]`` that do not
+    match the number of envs. ``learn()`` checks, before the first env step, that env column ``i`` observes the
+    one-hot of task ``i`` (the observations SB3's own reset returned: no extra reset), and warns when it will make no
+    gradient step (``num_timesteps + total_timesteps <= learning_starts``).
 
     :param buffer_size: total transitions (``None``: 100k per task, 200k per task above 10 tasks).
     :param learning_starts: env steps (summed over tasks) of warm-up before the first update
@@ -142,6 +238,12 @@ class MultiTaskSAC(SAC):
                 "max_nonfinite_steps must be an int >= 1 (consecutive skipped non-finite gradient steps before "
                 f"training stops), got {max_nonfinite_steps!r}."
             )
+        for name, value in (
+            ("buffer_size", buffer_size),
+            ("learning_starts", learning_starts),
+            ("batch_size", batch_size),
+        ):
+            _check_size_argument(name, value, allow_none=True)
         super().__init__(
             policy,
             env,
@@ -184,11 +286,13 @@ class MultiTaskSAC(SAC):
             self.num_tasks = self.n_envs
             names = getattr(self.env, "task_names", None)
             self.task_names = list(names) if names is not None else [f"task{i}" for i in range(self.n_envs)]
-            self.buffer_size = buffer_size or default_buffer_size(self.num_tasks)
-            self.learning_starts = (
-                WARMUP_STEPS_PER_TASK * self.num_tasks if learning_starts is None else learning_starts
+            self.buffer_size = (
+                default_buffer_size(self.num_tasks) if buffer_size is None else int(buffer_size)
             )
-            self.batch_size = batch_size or BATCH_PER_TASK * self.num_tasks
+            self.learning_starts = (
+                WARMUP_STEPS_PER_TASK * self.num_tasks if learning_starts is None else int(learning_starts)
+            )
+            self.batch_size = BATCH_PER_TASK * self.num_tasks if batch_size is None else int(batch_size)
             self.replay_buffer_kwargs.setdefault("stratified", stratified_batches)
             # The env preset knows whether its time limit is a true terminal (paper) or a truncation (mw3).
             timeout = getattr(self.env, "handle_timeout_termination", None)
@@ -200,11 +304,14 @@ class MultiTaskSAC(SAC):
 
     # --- set-up -----------------------------------------------------------------------------------------
     def _setup_model(self) -> None:
+        if getattr(self, "num_tasks", None) is None:
+            raise ValueError(f"{type(self).__name__} needs an env: pass one with one sub-env per task.")
         if self.n_envs != self.num_tasks:
             raise ValueError(
                 f"This model was built for {self.num_tasks} tasks (one env per task) but the env has "
                 f"{self.n_envs} envs: pass an env with one sub-env per task in the same task order."
             )
+        self._check_configuration()
         super()._setup_model()
         n_coefs = self.num_tasks if self.per_task_ent_coef else 1
         if isinstance(self.ent_coef, str) and self.ent_coef.startswith("auto"):
@@ -220,6 +327,42 @@ class MultiTaskSAC(SAC):
         self._after_gradient_step()
         if self.verbose >= 1:
             print(format_parameter_counts(parameter_counts(self.policy), type(self.policy).__name__))
+
+    def _check_configuration(self) -> None:
+        """Construction-time checks of the sizes, the env's task layout and the policy's number of tasks.
+
+        Only what is known without stepping or resetting the env (a reset would consume its RNG and change
+        training): the observation space and ``task_names``. ``learn()`` checks that the first observations
+        end with the one-hot of their env column.
+        """
+        num_tasks = self.num_tasks
+        for name in _SIZE_ARGUMENTS:
+            _check_size_argument(name, getattr(self, name), allow_none=False)
+        stratified = self.replay_buffer_kwargs.get("stratified", False) and issubclass(
+            self.replay_buffer_class, MultiTaskReplayBuffer
+        )
+        if stratified and self.batch_size % num_tasks != 0:
+            lower = max(self.batch_size // num_tasks, 1) * num_tasks
+            raise ValueError(
+                f"batch_size={self.batch_size} is not a multiple of the number of tasks T={num_tasks}: stratified "
+                f"batches (stratified_batches=True, the default) take batch_size / T transitions from every task, so "
+                f"batch_size must be a multiple of {num_tasks}, e.g. {BATCH_PER_TASK * num_tasks} (the paper's "
+                f"{BATCH_PER_TASK} per task) or {lower}; or pass stratified_batches=False."
+            )
+        _check_task_layout(self.observation_space, num_tasks)
+        if self.env is not None:
+            names = getattr(self.env, "task_names", None)
+            if names is not None and len(names) != self.n_envs:
+                raise ValueError(
+                    f"The env names {len(names)} tasks (task_names) but has {self.n_envs} envs: the task id of a "
+                    "transition is its env column, so it needs exactly one sub-env per task."
+                )
+        policy_tasks = self.policy_kwargs.get("num_tasks", num_tasks)
+        if policy_tasks != num_tasks:
+            raise ValueError(
+                f"policy_kwargs num_tasks={policy_tasks!r} does not match the env's {num_tasks} tasks (one sub-env "
+                "per task): leave num_tasks out of policy_kwargs, the algorithm sets it from the env."
+            )
 
     def _excluded_save_params(self) -> list[str]:
         return [*super()._excluded_save_params(), "_last_routes", "_nonfinite_steps"]
@@ -562,16 +705,81 @@ class MultiTaskSAC(SAC):
             self.logger.record(f"train/alpha/{short_task_name(name)}", float(alpha))
 
     # --- helpers ----------------------------------------------------------------------------------------
-    def learn(self: SelfMultiTaskSAC, *args: Any, **kwargs: Any) -> SelfMultiTaskSAC:
-        if kwargs.get("progress_bar"):
+    def predict(
+        self,
+        observation: Any,
+        state: tuple[np.ndarray, ...] | None = None,
+        episode_start: np.ndarray | None = None,
+        deterministic: bool = False,
+    ) -> tuple[np.ndarray, tuple[np.ndarray, ...] | None]:
+        """SB3's ``predict`` (:meth:`MultiTaskPolicy.predict <d2r_sb3.common.policies.MultiTaskPolicy.predict>`):
+        the observations are checked (width, finite, exact task one-hot), any real dtype or a list is accepted,
+        one observation gives one action and an empty batch an empty one.
+
+        :raises InvalidObservationError: (a ``ValueError``) for observations that are not
+            ``[state, task one-hot]`` of this model; during ``learn()``, a non-finite observation from the env
+            raises :class:`~d2r_sb3.common.nonfinite.NonFiniteTrainingError` instead (the NaN guard).
+        """
+        try:
+            return self.policy.predict(observation, state, episode_start, deterministic)
+        except InvalidObservationError as err:
+            if err.kind != "nonfinite" or observation is not self._last_obs:
+                raise
+            # Collection acts on the observations of the last env.reset() (every later one is checked on arrival).
+            raise NonFiniteTrainingError(
+                "observation",
+                self.num_timesteps,
+                self._n_updates,
+                [self.task_names[i] for i in err.rows],
+                f"The observation of env column(s) {err.rows} (from env.reset()) is not finite; the policy did not "
+                "act on it and the env was not stepped.",
+            ) from None
+
+    def learn(
+        self: SelfMultiTaskSAC,
+        total_timesteps: int,
+        callback: MaybeCallback = None,
+        log_interval: int = 4,
+        tb_log_name: str = "SAC",
+        reset_num_timesteps: bool = True,
+        progress_bar: bool = False,
+    ) -> SelfMultiTaskSAC:
+        """SB3's ``learn``; it warns when the call ends inside the warm-up (no gradient step) and, before the first
+        env step, checks that env column ``i``'s observation ends with the one-hot of task ``i``."""
+        start = 0 if reset_num_timesteps else self.num_timesteps
+        if start + total_timesteps <= self.learning_starts:
+            warnings.warn(
+                f"learn(total_timesteps={total_timesteps}) makes no gradient step: the warm-up lasts "
+                f"learning_starts={self.learning_starts:,} env steps (summed over the {self.num_tasks} tasks) and "
+                f"{self.learning_starts - start:,} of them remain (num_timesteps={start:,}), so this call only "
+                f"collects; {self.learning_starts - start - total_timesteps:,} warm-up steps will remain after it. "
+                "Pass a larger total_timesteps or a smaller learning_starts to train.",
+                UserWarning,
+                stacklevel=2,
+            )
+        if progress_bar:
             try:
                 import rich  # noqa: F401
                 import tqdm  # noqa: F401
             except ImportError:
                 # SB3 raises for a missing optional dependency; a bar is not worth failing a run for.
-                kwargs["progress_bar"] = False
+                progress_bar = False
                 if self.verbose:
                     print(
                         "progress_bar needs `pip install rich tqdm` (the [zoo] extra); continuing without it."
                     )
-        return super().learn(*args, **kwargs)
+        callbacks: list[BaseCallback] = [_CheckFirstObservations()]
+        if isinstance(callback, list):
+            callbacks.append(CallbackList(callback))
+        elif isinstance(callback, BaseCallback):
+            callbacks.append(callback)
+        elif callback is not None:
+            callbacks.append(ConvertCallback(callback))
+        return super().learn(
+            total_timesteps,
+            callback=CallbackList(callbacks),
+            log_interval=log_interval,
+            tb_log_name=tb_log_name,
+            reset_num_timesteps=reset_num_timesteps,
+            progress_bar=progress_bar,
+        )

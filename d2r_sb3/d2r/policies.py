@@ -265,28 +265,62 @@ class D2RPolicy(MultiTaskPolicy):
         for net in (self.actor.net, self.critic.net, self.critic_target.net):
             net.route_temperature.copy_(temperature)
 
+    def _checked_obs(self, obs: Any) -> tuple[th.Tensor, bool]:
+        """``obs`` checked (:meth:`check_observations`) as a float32 ``[n, obs_dim]`` tensor, and ``single``."""
+        batch, single = self.check_observations(obs)
+        return th.as_tensor(batch, device=self.device), single
+
     @th.no_grad()
-    def route(self, obs: th.Tensor | np.ndarray, deterministic: bool = True) -> RoutingPath:
-        """Routing path of the actor for a batch of observations (TopK if deterministic, else SampleK)."""
-        obs_t = th.as_tensor(np.asarray(obs) if not isinstance(obs, th.Tensor) else obs, device=self.device)
-        obs_t = obs_t.float().reshape(-1, self.obs_dim)
+    def route(self, obs: Any, deterministic: bool = True) -> RoutingPath:
+        """Routing path of the actor (TopK if deterministic, else SampleK).
+
+        :param obs: one observation ``[obs_dim]`` (a path without the batch dimension) or a batch ``[n, obs_dim]``
+            (``n`` may be 0); an array of any real dtype, a list or a tensor, checked as ``predict`` checks it.
+        :raises InvalidObservationError: (a ``ValueError``) wrong width, non-finite rows or a task part that is
+            not exactly a one-hot.
+        """
+        obs_t, single = self._checked_obs(obs)
         state, task_ids = self.split_obs(obs_t)
         request = RouteRequest(explore=self.sample_k and not deterministic)
         path = self.actor.net.routing_path(state, task_ids, request)
-        return RoutingPath(*(t[0] for t in (path.edges, path.logits, path.active, path.num_active)))
+        tensors = (path.edges[0], path.logits[0], path.active[0], path.num_active[0])
+        return RoutingPath(*(t[0] if single else t for t in tensors))
 
     @th.no_grad()
-    def critic_route(
-        self, obs: th.Tensor, actions: th.Tensor, deterministic: bool = True
-    ) -> list[RoutingPath]:
-        """Routing paths of each critic for ``(obs, actions)``."""
-        state, task_ids = self.split_obs(obs)
+    def critic_route(self, obs: Any, actions: Any, deterministic: bool = True) -> list[RoutingPath]:
+        """Routing paths of each critic for ``(obs, actions)`` (TopK if deterministic, else SampleK).
+
+        :param obs: as in :meth:`route`: one observation or a batch, checked as ``predict`` checks it.
+        :param actions: the matching action(s) ``[action_dim]`` / ``[n, action_dim]`` (policy scale, in [-1, 1]).
+        """
+        obs_t, single = self._checked_obs(obs)
+        if isinstance(actions, th.Tensor):
+            actions = actions.detach().cpu().numpy()
+        try:
+            actions_np = np.asarray(actions, dtype=np.float32)
+        except (TypeError, ValueError) as err:
+            raise ValueError(
+                f"actions must be a numeric array, got {type(actions).__name__}: {err}"
+            ) from None
+        expected = (self.action_dim,) if single else (len(obs_t), self.action_dim)
+        if actions_np.shape != expected and not (len(obs_t) == 0 and actions_np.size == 0):
+            what = "one observation" if single else f"{len(obs_t)} observations"
+            raise ValueError(f"actions must have shape {expected} for {what}, got {actions_np.shape}.")
+        if not np.isfinite(actions_np).all():
+            raise ValueError("actions hold NaN or infinite values.")
+        actions_t = th.as_tensor(actions_np.reshape(-1, self.action_dim), device=self.device)
+        state, task_ids = self.split_obs(obs_t)
         request = RouteRequest(explore=self.sample_k and not deterministic)
-        path = self.critic.net.routing_path(th.cat([state, actions], -1), task_ids, request)
-        return [
+        path = self.critic.net.routing_path(th.cat([state, actions_t], -1), task_ids, request)
+        paths = [
             RoutingPath(path.edges[i], path.logits[i], path.active[i], path.num_active[i])
             for i in range(self.n_critics)
         ]
+        return (
+            [RoutingPath(p.edges[0], p.logits[0], p.active[0], p.num_active[0]) for p in paths]
+            if single
+            else paths
+        )
 
     def routes_for_buffer(self, obs: np.ndarray, acted: bool) -> np.ndarray:
         if acted and self.actor.last_route is not None:

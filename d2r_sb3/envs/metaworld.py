@@ -552,13 +552,25 @@ def make_mt_env(
     :raises ValueError: On an unknown benchmark / task / goal mode / preset / vec_env, duplicate tasks, or
         out-of-range values; the message lists the valid choices.
     """
+    if not isinstance(benchmark, str):
+        # An ordered collection of names: the order is the env-column / one-hot order (so no set).
+        if not isinstance(benchmark, (Sequence, np.ndarray)) or isinstance(benchmark, (bytes, bytearray)):
+            raise ValueError(
+                f"benchmark must be 'MT10', 'MT50', a task name or a list of task names, got "
+                f"{type(benchmark).__name__} {benchmark!r}"
+            )
+        not_names = [name for name in benchmark if not isinstance(name, str)]
+        if not_names:
+            raise ValueError(
+                f"benchmark must list task names (strings), got {not_names[0]!r} in {benchmark!r}"
+            )
     task_names = benchmark_task_names(benchmark)
     label = _benchmark_label(benchmark)
-    if goals not in GOAL_MODES:
+    if not isinstance(goals, str) or goals not in GOAL_MODES:
         raise ValueError(f"Unknown goal mode {goals!r}; valid goal modes: {', '.join(GOAL_MODES)}")
-    if preset not in PRESETS:
+    if not isinstance(preset, str) or preset not in PRESETS:
         raise ValueError(f"Unknown preset {preset!r}; valid presets: {', '.join(PRESETS)}")
-    if vec_env not in ("dummy", "subproc"):
+    if not isinstance(vec_env, str) or vec_env not in ("dummy", "subproc"):
         raise ValueError(f"Unknown vec_env {vec_env!r}; valid: dummy, subproc")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
         raise ValueError(f"seed must be an integer in [0, 2**32), got {seed!r}")
@@ -575,6 +587,10 @@ def make_mt_env(
             f"max_path_length), got {max_episode_steps!r}"
         )
     steps = int(steps)
+    if reward_scale is not None and (
+        isinstance(reward_scale, bool) or not isinstance(reward_scale, (int, float, np.integer, np.floating))
+    ):
+        raise ValueError(f"reward_scale must be a positive finite number, got {reward_scale!r}")
     scale = float(spec.reward_scale if reward_scale is None else reward_scale)
     if not np.isfinite(scale) or scale <= 0:
         raise ValueError(f"reward_scale must be a positive finite number, got {reward_scale!r}")
@@ -585,11 +601,19 @@ def make_mt_env(
         raise ValueError(
             f"Unknown reward_function_version {reward_version!r}; valid: {', '.join(_REWARD_FUNCTION_VERSIONS)}"
         )
+    if time_limit_terminal is not None and not isinstance(time_limit_terminal, (bool, np.bool_)):
+        raise ValueError(f"time_limit_terminal must be True, False or None, got {time_limit_terminal!r}")
     terminal = spec.time_limit_terminal if time_limit_terminal is None else bool(time_limit_terminal)
-    if render_mode not in _RENDER_MODES:
+    if render_mode is not None and (not isinstance(render_mode, str) or render_mode not in _RENDER_MODES):
         raise ValueError(f"Unknown render_mode {render_mode!r}; valid: {', '.join(map(str, _RENDER_MODES))}")
+    if camera_name is not None and not isinstance(camera_name, str):
+        raise ValueError(
+            f"camera_name must be a Meta-World camera name (a string) or None, got {camera_name!r}"
+        )
     for size_name, size in (("width", width), ("height", height)):
-        if size is not None and (not isinstance(size, (int, np.integer)) or size < 1):
+        if size is not None and (
+            isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1
+        ):
             raise ValueError(f"{size_name} must be a positive integer, got {size!r}")
 
     pools = _sample_mw3_goals(label, task_names, seed) if goals == "mw3" else None
