@@ -350,6 +350,23 @@ def test_a_full_disk_is_refused_up_front_and_filling_up_mid_run_keeps_the_last_c
     )
 
 
+def test_a_disk_too_small_for_the_checkpoints_is_announced_before_training(small_disk: Path, capsys):
+    from d2r_sb3 import make_mt_env
+    from zoo.train import warn_if_checkpoints_may_not_fit
+
+    env = make_mt_env(["reach", "drawer-close"], max_episode_steps=20)
+    kwargs = dict(n_modules=4, module_dim=16, encoder_sizes=[32], gate_sizes=[16])
+    small = D2RSAC("D2RPolicy", env, buffer_size=2_000, batch_size=16, policy_kwargs=kwargs)
+    warn_if_checkpoints_may_not_fit(small, small_disk, keep=2)
+    assert capsys.readouterr().err == ""
+    large = D2RSAC("D2RPolicy", env, buffer_size=400_000, batch_size=16, policy_kwargs=kwargs)  # ~0.3 GB each
+    warn_if_checkpoints_may_not_fit(large, small_disk, keep=2)
+    err = capsys.readouterr().err
+    assert (
+        "GB free" in err and "3 checkpoints" not in err and "2 checkpoints plus the one being written" in err
+    )
+
+
 def test_a_run_folder_turning_read_only_mid_run_stops_clearly_and_keeps_the_last_checkpoint(tmp_path: Path):
     run = tmp_path / "d2r" / f"{NAME}_1"
     process = start_train(*RUN, "-n", "100000", "-f", str(tmp_path))

@@ -743,6 +743,31 @@ def final_evaluation(setup: RunSetup, train_seconds: float) -> dict[str, Any]:
     return results
 
 
+def warn_if_checkpoints_may_not_fit(model: MultiTaskSAC, run_dir: Path, keep: int) -> None:
+    """Warn up front when the disk cannot hold ``keep + 1`` checkpoints with a full replay buffer (the newest
+    ``keep`` and the one being written); a run that fills the disk later stops cleanly, but late."""
+    buffer = model.replay_buffer
+    names = ("observations", "next_observations", "actions", "rewards", "dones", "timeouts", "routes")
+    buffer_bytes = sum(
+        getattr(buffer, name).nbytes for name in names if getattr(buffer, name, None) is not None
+    )
+    if getattr(buffer, "routes", None) is None and hasattr(
+        model.policy, "route"
+    ):  # allocated on the first write
+        buffer_bytes += 32 * buffer.buffer_size * buffer.n_envs
+    params = sum(p.numel() for p in model.policy.parameters())
+    needed = (keep + 1) * (
+        buffer_bytes + 16 * params
+    )  # weights, target critics and two Adam moments, roughly
+    free = shutil.disk_usage(run_dir).free
+    if free < needed:
+        _warn(
+            f"{run_dir} has {free / 2**30:.1f} GB free; {keep} checkpoints plus the one being written need about "
+            f"{needed / 2**30:.1f} GB once the replay buffer is full. Free some space, pass --keep-checkpoints 1, "
+            f"or use another -f folder."
+        )
+
+
 def _last_checkpoint_note(callbacks: Callbacks) -> str:
     store = callbacks.checkpoints.store
     checkpoints = store.list()
@@ -769,6 +794,7 @@ def train(setup: RunSetup) -> int:
             f"({remaining // num_tasks} per task); logs in {run_dir}"
         )
     log_interval = args.log_interval if args.log_interval > 0 else num_tasks
+    warn_if_checkpoints_may_not_fit(model, run_dir, args.keep_checkpoints)
     callbacks = make_callbacks(setup)
     restore_callbacks_and_state(setup, callbacks)
     start = time.time()
