@@ -58,6 +58,7 @@ from d2r_sb3.common.checkpoints import (  # noqa: E402
     TrainingInterrupted,
     atomic_save,
     load_buffer,
+    replay_buffer_nbytes,
     restore_training_state,
 )
 from d2r_sb3.common.evaluation import evaluate_per_task  # noqa: E402
@@ -747,10 +748,7 @@ def warn_if_checkpoints_may_not_fit(model: MultiTaskSAC, run_dir: Path, keep: in
     """Warn up front when the disk cannot hold ``keep + 1`` checkpoints with a full replay buffer (the newest
     ``keep`` and the one being written); a run that fills the disk later stops cleanly, but late."""
     buffer = model.replay_buffer
-    names = ("observations", "next_observations", "actions", "rewards", "dones", "timeouts", "routes")
-    buffer_bytes = sum(
-        getattr(buffer, name).nbytes for name in names if getattr(buffer, name, None) is not None
-    )
+    buffer_bytes = replay_buffer_nbytes(buffer)
     if getattr(buffer, "routes", None) is None and hasattr(
         model.policy, "route"
     ):  # allocated on the first write

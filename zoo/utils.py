@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import re
 import sys
 from collections.abc import Callable, Sequence
@@ -22,6 +21,8 @@ from typing import Any
 
 import numpy as np
 import yaml
+
+from d2r_sb3.common.files import atomic_write_bytes
 
 ZOO_DIR = Path(__file__).resolve().parent
 HYPERPARAMS_DIR = ZOO_DIR / "hyperparams"
@@ -302,9 +303,7 @@ def write_yaml(path: Path, data: Any) -> None:
 def write_json(path: Path, data: Any) -> None:
     """Write ``data`` as indented JSON atomically (a reader never sees a half-written file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(to_plain(data), indent=2) + "\n")
-    os.replace(tmp, path)
+    atomic_write_bytes(path, (json.dumps(to_plain(data), indent=2) + "\n").encode())
 
 
 def read_yaml(path: Path) -> Any:

@@ -26,50 +26,17 @@ import numpy as np
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.vec_env import VecEnv
 
-from d2r_sb3.common.checkpoints import atomic_save
+from d2r_sb3.common.checkpoints import atomic_save, env_rng_states, set_env_rng_states
 from d2r_sb3.common.evaluation import TaskEvaluation, evaluate_per_task
 from d2r_sb3.common.files import atomic_write_bytes
 from d2r_sb3.common.mt_sac import short_task_name
 from d2r_sb3.common.nonfinite import first_nonfinite_tensor
+from d2r_sb3.common.schedule import PerTaskPeriod, check_freq_per_task
 
 __all__ = ["MultiTaskCheckpointCallback", "PerTaskEvalCallback"]
 
 EVALUATIONS_FILE = "evaluations.json"
 BEST_MODEL_NAME = "best_model"
-
-
-def _check_freq(name: str, value: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive integer (env steps per task), got {value!r}.")
-    return int(value)
-
-
-def _has_method(env: VecEnv, name: str) -> bool:
-    try:
-        env.get_attr(name, indices=[0])
-    except AttributeError:
-        return False
-    return True
-
-
-class _PerTaskPeriod:
-    """Fires once each time the total step count crosses a multiple of ``freq_per_task * num_tasks``."""
-
-    def __init__(self, freq_per_task: int) -> None:
-        self.freq_per_task = freq_per_task
-        self.interval = freq_per_task
-        self.last_period = 0
-
-    def start(self, num_tasks: int, num_timesteps: int) -> None:
-        self.interval = self.freq_per_task * num_tasks
-        self.last_period = num_timesteps // self.interval
-
-    def due(self, num_timesteps: int) -> bool:
-        period = num_timesteps // self.interval
-        if period > self.last_period:
-            self.last_period = period
-            return True
-        return False
 
 
 class PerTaskEvalCallback(BaseCallback):
@@ -110,12 +77,12 @@ class PerTaskEvalCallback(BaseCallback):
     ) -> None:
         super().__init__(verbose=verbose)
         self.eval_env = eval_env
-        self.eval_freq_per_task = _check_freq("eval_freq_per_task", eval_freq_per_task)
-        self.n_eval_episodes = _check_freq("n_eval_episodes", n_eval_episodes)
+        self.eval_freq_per_task = check_freq_per_task("eval_freq_per_task", eval_freq_per_task)
+        self.n_eval_episodes = check_freq_per_task("n_eval_episodes", n_eval_episodes)
         self.best_model_save_path = Path(best_model_save_path) if best_model_save_path is not None else None
         self.log_path = Path(log_path) if log_path is not None else None
         self.deterministic = deterministic
-        self._period = _PerTaskPeriod(self.eval_freq_per_task)
+        self._period = PerTaskPeriod(self.eval_freq_per_task)
         self.best_score: tuple[float, float] = (-np.inf, -np.inf)
         self.last_evaluation: TaskEvaluation | None = None
         self.history: dict[str, Any] = {}
@@ -230,14 +197,13 @@ class PerTaskEvalCallback(BaseCallback):
 
         With :meth:`load_state_dict` a resumed run evaluates on the same goals as the uninterrupted one would.
         """
-        rng = self.eval_env.env_method("rng_state") if _has_method(self.eval_env, "rng_state") else None
+        rng = env_rng_states(self.eval_env)
         return {"history": self.history, "best_score": list(self.best_score), "eval_env_rng": rng}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` before ``learn()`` (it rewrites ``evaluations.json`` from the saved history)."""
-        if state.get("eval_env_rng") is not None and _has_method(self.eval_env, "set_rng_state"):
-            for index, rng in enumerate(state["eval_env_rng"]):
-                self.eval_env.env_method("set_rng_state", rng, indices=[index])
+        if state.get("eval_env_rng") is not None:
+            set_env_rng_states(self.eval_env, state["eval_env_rng"])
         self.best_score = tuple(state["best_score"])  # type: ignore[assignment]
         self.history = state["history"]
         if self.evaluations_path is not None and self.history:
@@ -289,12 +255,12 @@ class MultiTaskCheckpointCallback(BaseCallback):
         verbose: int = 0,
     ) -> None:
         super().__init__(verbose=verbose)
-        self.save_freq_per_task = _check_freq("save_freq_per_task", save_freq_per_task)
+        self.save_freq_per_task = check_freq_per_task("save_freq_per_task", save_freq_per_task)
         self.save_path = Path(save_path)
         self.name_prefix = name_prefix
         self.save_replay_buffer = save_replay_buffer
-        self.keep_replay_buffers = _check_freq("keep_replay_buffers", keep_replay_buffers)
-        self._period = _PerTaskPeriod(self.save_freq_per_task)
+        self.keep_replay_buffers = check_freq_per_task("keep_replay_buffers", keep_replay_buffers)
+        self._period = PerTaskPeriod(self.save_freq_per_task)
 
     def _init_callback(self) -> None:
         self.save_path.mkdir(parents=True, exist_ok=True)

@@ -57,6 +57,7 @@ from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.vec_env import VecEnv
 
 from d2r_sb3.common.files import atomic_write_bytes, fsync_dir, fsync_file, sha256_file
+from d2r_sb3.common.schedule import PerTaskPeriod, check_freq_per_task
 
 __all__ = [
     "Checkpoint",
@@ -183,6 +184,13 @@ def _set_global_rng_states(states: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------------------------------
 def _filled_rows(buffer: ReplayBuffer) -> int:
     return buffer.buffer_size if buffer.full else buffer.pos
+
+
+def replay_buffer_nbytes(buffer: ReplayBuffer) -> int:
+    """Bytes of a replay buffer's arrays at their full allocated size (what a checkpoint of a full buffer holds)."""
+    return sum(
+        getattr(buffer, name).nbytes for name in _BUFFER_ARRAYS if getattr(buffer, name, None) is not None
+    )
 
 
 def save_buffer(buffer: ReplayBuffer, path: Path) -> None:
@@ -539,14 +547,11 @@ class TrainingCheckpointCallback(BaseCallback):
         verbose: int = 0,
     ) -> None:
         super().__init__(verbose=verbose)
-        if save_freq_per_task is not None and (
-            isinstance(save_freq_per_task, bool)
-            or not isinstance(save_freq_per_task, int)
-            or save_freq_per_task < 1
-        ):
-            raise ValueError(
-                f"save_freq_per_task must be a positive integer or None, got {save_freq_per_task!r}"
-            )
+        self._period = (
+            PerTaskPeriod(check_freq_per_task("save_freq_per_task", save_freq_per_task))
+            if save_freq_per_task is not None
+            else None
+        )
         if save_interval_minutes is not None and not save_interval_minutes > 0:
             raise ValueError(f"save_interval_minutes must be > 0 or None, got {save_interval_minutes!r}")
         self.store = store
@@ -555,16 +560,13 @@ class TrainingCheckpointCallback(BaseCallback):
         self.include_buffer = include_buffer
         self.extra_state = extra_state
         self.last_checkpoint: Checkpoint | None = None
-        self._interval = 0
-        self._last_period = 0
         self._last_time = time.monotonic()
         self._due = False
         self._stop_requested = False
 
     def _init_callback(self) -> None:
-        if self.save_freq_per_task is not None:
-            self._interval = self.save_freq_per_task * self.model.n_envs
-            self._last_period = self.model.num_timesteps // self._interval
+        if self._period is not None:
+            self._period.start(self.model.n_envs, self.model.num_timesteps)
         self._last_time = time.monotonic()
         self.store.remove_partial_writes()
 
@@ -573,11 +575,8 @@ class TrainingCheckpointCallback(BaseCallback):
         self._stop_requested = True
 
     def _on_step(self) -> bool:
-        if self._interval:
-            period = self.num_timesteps // self._interval
-            if period > self._last_period:
-                self._last_period = period
-                self._due = True
+        if self._period is not None and self._period.due(self.num_timesteps):
+            self._due = True
         if self.save_interval_minutes is not None:
             if time.monotonic() - self._last_time >= 60.0 * self.save_interval_minutes:
                 self._due = True
