@@ -11,6 +11,7 @@ from d2r_sb3.envs.metaworld import (
     benchmark_task_names,
     make_mt_env,
     normalize_task_name,
+    short_task_name,
     task_index,
 )
 from d2r_sb3.envs.wrappers import EpisodeLimit, EpisodeReplay, EpisodeSuccess
@@ -28,5 +29,6 @@ __all__ = [
     "benchmark_task_names",
     "make_mt_env",
     "normalize_task_name",
+    "short_task_name",
     "task_index",
 ]

@@ -153,6 +153,12 @@ def normalize_task_name(name: str) -> str:
     return full
 
 
+def short_task_name(name: str) -> str:
+    """A task's name without the ``-v3`` suffix, for tables, plots and logger keys (``"drawer-open-v3"`` ->
+    ``"drawer-open"``); other names are returned unchanged."""
+    return name.removesuffix("-v3")
+
+
 def task_index(task_names: Sequence[str], task: str, owner: str = "this env") -> int:
     """Index of ``task`` (with or without ``-v3``) in ``task_names``: its env column and one-hot position.
 
