@@ -1,12 +1,35 @@
-"""Test-suite settings.
+"""Test-suite settings and the fixtures that several test files share (plain helpers are in ``helpers.py``).
 
 Tests use small networks and batches, for which one torch thread is as fast as two and far more robust when
 several processes share the machine's cores (OpenMP threads spin while waiting). Set D2R_TEST_THREADS to
 override.
 """
 
-import os
+from __future__ import annotations
 
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
 import torch as th
+from helpers import TINY_D2R
 
 th.set_num_threads(int(os.environ.get("D2R_TEST_THREADS", "1")))
+
+
+@pytest.fixture
+def offline_hub(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """No network for the Hugging Face Hub and an empty cache: what a machine without the Hub sees."""
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path_factory.mktemp("empty_hf_cache")))
+    yield constants
+
+
+@pytest.fixture
+def tiny_d2r_kwargs() -> dict[str, Any]:
+    """A fresh copy of :data:`TINY_D2R` (tests may change it)."""
+    return {key: list(value) if isinstance(value, list) else value for key, value in TINY_D2R.items()}

@@ -8,12 +8,11 @@ own backward walk from the output node.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import run_command
 from matplotlib.image import imread
 from stable_baselines3 import SAC
 from toy_envs import make_point_reach
@@ -306,11 +305,11 @@ def test_mt50_analysis_counts_and_pictures(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------------------------------------
 def test_cli_end_to_end_on_a_saved_zip(fresh_model: D2RSAC, tmp_path: Path) -> None:
     fresh_model.save(tmp_path / "tiny.zip")  # no env_kwargs.yml beside it: the env comes from the task names
-    command = [
-        *(sys.executable, "zoo/analyze.py", "--model", str(tmp_path / "tiny.zip"), "--episodes", "1"),
+    argv = [
+        *("--model", str(tmp_path / "tiny.zip"), "--episodes", "1"),
         "--allow-pickle",  # a zip of our own making
     ]
-    command += [
+    argv += [
         "--max-episode-steps",
         "10",
         "--tasks",
@@ -319,7 +318,7 @@ def test_cli_end_to_end_on_a_saved_zip(fresh_model: D2RSAC, tmp_path: Path) -> N
         "--tsne-samples",
         "5",
     ]
-    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    result = run_command("analyze", argv)
     assert result.returncode == 0, result.stderr
     out_dir = tmp_path / "routing_analysis_tiny"
     data = json.loads((out_dir / "routing.json").read_text())
@@ -331,7 +330,7 @@ def test_cli_end_to_end_on_a_saved_zip(fresh_model: D2RSAC, tmp_path: Path) -> N
 
 
 def test_cli_on_a_safe_policy_folder(trained_model: D2RSAC, tmp_path: Path) -> None:
-    from zoo.analyze import main
+    from d2r_sb3.zoo.analyze import main
 
     folder = save_policy(trained_model, tmp_path / "policy")
     out_dir = tmp_path / "analysis"
@@ -345,8 +344,8 @@ def test_cli_on_a_safe_policy_folder(trained_model: D2RSAC, tmp_path: Path) -> N
 def test_cli_errors(trained_model: D2RSAC, tmp_path: Path) -> None:
     import d2r_sb3.baselines  # noqa: F401  (registers the MT-SAC policy alias)
     from d2r_sb3.common import MultiTaskSAC
-    from zoo.analyze import main
-    from zoo.utils import ZooError
+    from d2r_sb3.zoo.analyze import main
+    from d2r_sb3.zoo.utils import ZooError
 
     folder = save_policy(trained_model, tmp_path / "policy")
     with pytest.raises(ZooError, match="--tasks: Unknown task 'drawer'"):

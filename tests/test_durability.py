@@ -352,7 +352,7 @@ def test_a_full_disk_is_refused_up_front_and_filling_up_mid_run_keeps_the_last_c
 
 def test_a_disk_too_small_for_the_checkpoints_is_announced_before_training(small_disk: Path, capsys):
     from d2r_sb3 import make_mt_env
-    from zoo.train import warn_if_checkpoints_may_not_fit
+    from d2r_sb3.zoo.training import warn_if_checkpoints_may_not_fit
 
     env = make_mt_env(["reach", "drawer-close"], max_episode_steps=20)
     kwargs = dict(n_modules=4, module_dim=16, encoder_sizes=[32], gate_sizes=[16])

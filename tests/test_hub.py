@@ -43,8 +43,8 @@ from d2r_sb3.serialization import (
     load_policy,
     save_policy,
 )
-from zoo.task_env import make_task_env
-from zoo.utils import ZooError
+from d2r_sb3.zoo.task_env import make_task_env
+from d2r_sb3.zoo.utils import ZooError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TINY_D2R = dict(n_modules=4, module_dim=16, encoder_sizes=[32, 32], gate_sizes=[16])
@@ -567,7 +567,7 @@ def test_shadowing_folder_is_never_unpickled(shadowed_cwd, model, observations, 
 
 
 def test_shadowing_drill_enjoy_cli(shadowed_cwd, tmp_path):
-    from zoo import enjoy
+    from d2r_sb3.zoo import enjoy
 
     cwd, marker = shadowed_cwd
     result = subprocess.run(
@@ -594,7 +594,7 @@ def test_shadowing_drill_enjoy_cli(shadowed_cwd, tmp_path):
 
 
 def test_mistyped_local_path_says_no_such_file(tmp_path, monkeypatch):
-    from zoo import enjoy
+    from d2r_sb3.zoo import enjoy
 
     monkeypatch.chdir(tmp_path)
     checks = []
@@ -642,7 +642,7 @@ def test_hf_prefix_forces_the_hub_and_local_safe_folders_win(model, tmp_path, no
 
 
 def test_cli_loading_options(tmp_path):
-    from zoo import analyze, enjoy, evaluate
+    from d2r_sb3.zoo import analyze, enjoy, evaluate
 
     for parser, argv in [
         (enjoy.build_parser(), ["--task", "reach"]),

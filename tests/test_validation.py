@@ -32,9 +32,9 @@ from d2r_sb3 import D2RSAC, make_mt_env
 from d2r_sb3.common.mt_sac import MultiTaskSAC
 from d2r_sb3.common.nonfinite import NonFiniteTrainingError
 from d2r_sb3.common.policies import InvalidObservationError, check_observations
+from d2r_sb3.zoo.enjoy import check_video_writer
+from d2r_sb3.zoo.utils import ZooError
 from tests.toy_envs import PointReach, make_point_reach
-from zoo.enjoy import check_video_writer
-from zoo.utils import ZooError
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(n_modules=4, module_dim=16, encoder_sizes=[32, 32], gate_sizes=[16])

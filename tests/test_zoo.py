@@ -1,17 +1,15 @@
 """The model zoo CLIs (zoo/train.py, enjoy.py, evaluate.py, plot.py) and the per-task training callbacks.
 
-The CLIs run for real as subprocesses (real MT10 envs, tiny D2R networks, 20-step episodes, a few hundred steps);
-helpers and error paths that need no separate process are called in-process.
+The commands run for real in this process, as their console scripts do (real MT10 envs, tiny D2R networks,
+20-step episodes, a few hundred steps); the SIGKILL and signal drills in test_durability.py run them as processes.
 """
 
 from __future__ import annotations
 
 import csv
 import json
-import os
 import pickle
 import shutil
-import subprocess
 import sys
 import zipfile
 from pathlib import Path
@@ -21,53 +19,30 @@ import numpy as np
 import pytest
 import torch as th
 import yaml
+from helpers import TINY_D2R_FLAG, CommandResult, check_clean_error, check_ok, run_command
 from stable_baselines3.common.logger import HumanOutputFormat
 from toy_envs import make_point_reach
 
 from d2r_sb3 import D2RSAC, make_mt_env
 from d2r_sb3.common.callbacks import MultiTaskCheckpointCallback, PerTaskEvalCallback
-from d2r_sb3.common.mt_sac import short_task_name
-from d2r_sb3.envs import benchmark_task_names
-from zoo import plot, train
-from zoo.task_env import make_task_env
-from zoo.utils import ZooError, env_name, load_hyperparams, next_run_dir, parse_key_values
+from d2r_sb3.common.run_layout import RunLayout
+from d2r_sb3.envs import benchmark_task_names, short_task_name
+from d2r_sb3.zoo import plot, resume, train
+from d2r_sb3.zoo.task_env import make_task_env
+from d2r_sb3.zoo.utils import ZooError, env_name, load_hyperparams, parse_key_values
 
 ROOT = Path(__file__).resolve().parents[1]
 
 MT10 = benchmark_task_names("MT10")
 SHORT = [short_task_name(name) for name in MT10]
-TINY_POLICY = "policy_kwargs:{n_modules: 4, module_dim: 16, encoder_sizes: [32, 32], gate_sizes: [16]}"
-TINY = ["--hyperparams", "batch_size:20", "learning_starts:100", "buffer_size:2000", TINY_POLICY]
+TINY = ["--hyperparams", "batch_size:20", "learning_starts:100", "buffer_size:2000", TINY_D2R_FLAG]
 # 20-step episodes, evaluations of 1 episode every 10 steps per task (every 100 total steps).
 FAST = "--env-kwargs max_episode_steps:20 --eval-freq 10 --eval-episodes 1 --num-threads 1".split()
 
 
-def run_cli(script: str, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """Run ``python zoo/<script> args`` from the repository root, as a user would."""
-    return subprocess.run(
-        [sys.executable, f"zoo/{script}", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        # One torch thread: on a shared 2-core machine, two threads contending make tiny updates ~20x slower.
-        env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **(env or {})},
-    )
-
-
-def check_ok(result: subprocess.CompletedProcess) -> str:
-    assert result.returncode == 0, (
-        f"exit {result.returncode}\nstdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-3000:]}"
-    )
-    return result.stdout
-
-
-def check_clean_error(result: subprocess.CompletedProcess) -> str:
-    """An expected failure: exit code 2, one 'error:' message, no traceback."""
-    assert result.returncode == 2, result.stdout + result.stderr
-    assert "Traceback" not in result.stderr
-    assert result.stderr.startswith("error: ")
-    return result.stderr
+def run_cli(script: str, *args: str) -> CommandResult:
+    """``python zoo/<script> args``, run in this process."""
+    return run_command(script.removesuffix(".py"), args)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -133,7 +108,7 @@ def test_train_writes_the_logs_layout(run1: Path):
     assert config["batch_size"] == 20 and config["buffer_size"] == 2000 and config["learning_starts"] == 100
     assert config["policy_kwargs"]["n_modules"] == 4
     assert config["policy_kwargs"]["top_k"] == 2  # merged into the YAML's policy_kwargs
-    assert config["ent_coef_lr"] == 1e-4  # from zoo/hyperparams/d2r.yml, section MT10-paper
+    assert config["ent_coef_lr"] == 1e-4  # from d2r_sb3/zoo/hyperparams/d2r.yml, section MT10-paper
     args = yaml.safe_load((meta / "args.yml").read_text())
     assert args["algo"] == "d2r" and args["seed"] == 0 and args["save_freq"] == 20
     env_kwargs = yaml.safe_load((meta / "env_kwargs.yml").read_text())
@@ -203,10 +178,10 @@ def test_resume_continues_the_run_with_its_steps_and_buffer(run1: Path, tmp_path
     shutil.copy(legacy / "MT10-rand.zip", legacy / "rl_model_400_steps.zip")
     shutil.copy(legacy / "replay_buffer.pkl", legacy / "rl_model_replay_buffer_400_steps.pkl")
     (legacy / "MT10-rand.zip").unlink()
-    steps, model_path, buffer_path = train.find_resume_point(legacy, "MT10-rand")
+    steps, model_path, buffer_path = resume.find_resume_point(legacy, "MT10-rand")
     assert (steps, model_path.name) == (400, "rl_model_400_steps.zip")
     assert buffer_path is not None and buffer_path.name == "rl_model_replay_buffer_400_steps.pkl"
-    train.drop_progress_after(legacy / "progress.csv", steps)  # the logs of the lost steps go
+    resume.drop_progress_after(legacy / "progress.csv", steps)  # the logs of the lost steps go
     kept = list(csv.DictReader((legacy / "progress.csv").open()))
     assert kept == [row for row in rows if int(row["time/total_timesteps"]) <= 400] and len(kept) < len(rows)
     out = check_ok(
@@ -234,7 +209,7 @@ def test_train_rejects_bad_input_clearly(tmp_path: Path):
 # enjoy.py
 # --------------------------------------------------------------------------------------------------
 def test_enjoy_writes_playable_mp4_and_gif(run1: Path, tmp_path: Path):
-    from zoo import enjoy
+    from d2r_sb3.zoo import enjoy
 
     mp4 = tmp_path / "drawer.mp4"
     out = check_ok(
@@ -268,21 +243,17 @@ def test_enjoy_unknown_task_lists_the_valid_tasks(run1: Path):
     assert "Unknown task 'hammer'" in message and "Valid tasks: " + ", ".join(SHORT) in message
 
 
-def test_enjoy_missing_model_says_how_to_get_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    hub_env = {"HF_HUB_CACHE": str(tmp_path)}
+def test_enjoy_missing_model_says_how_to_get_one(tmp_path: Path, offline_hub):
     bundled = ROOT / "d2r_sb3" / "pretrained" / "models--d2r-sb3--d2r-MT10-rand"
     if bundled.is_dir():  # the pretrained policy ships: a missing hub id takes the same path
-        message = check_clean_error(
-            run_cli("enjoy.py", "--task", "reach", "--model", "d2r-sb3/d2r-MT10-missing", env=hub_env)
-        )
+        message = check_clean_error(run_cli("enjoy.py", "--task", "reach", "--model", "d2r-sb3/d2r-MT10-missing"))
     else:  # until then the default model itself is missing
-        message = check_clean_error(run_cli("enjoy.py", "--task", "reach", env=hub_env))
+        message = check_clean_error(run_cli("enjoy.py", "--task", "reach"))
         assert "default pretrained policy 'd2r-sb3/d2r-MT10-rand'" in message
     assert "python zoo/train.py" in message and "--model d2r-sb3/d2r-MT10-rand" in message
 
-    from zoo import enjoy
+    from d2r_sb3.zoo import enjoy
 
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ZooError, match="Cannot load the model .*does not exist"):
         enjoy.main(["--task", "reach", "--model", str(tmp_path / "nothing.zip")])
 
@@ -390,7 +361,7 @@ def test_hyperparameter_files_and_options(tmp_path: Path):
     assert env_name("MT50", "fixed", "mw3") == "MT50-fixed-mw3"
     (tmp_path / "d2r" / "MT10-rand_4").mkdir(parents=True)
     (tmp_path / "d2r" / "MT10-rand-mw3_9").mkdir()
-    assert next_run_dir(tmp_path, "d2r", "MT10-rand") == tmp_path / "d2r" / "MT10-rand_5"
+    assert RunLayout.next_free(tmp_path, "d2r", "MT10-rand").run_dir == tmp_path / "d2r" / "MT10-rand_5"
 
 
 def test_per_task_logger_keys_stay_unique_on_mt50():

@@ -39,9 +39,10 @@ if not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
     os.environ.setdefault("MUJOCO_GL", "egl")
 
 import functools
+import inspect
 import pickle
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, SupportsFloat
 
@@ -151,6 +152,27 @@ def normalize_task_name(name: str) -> str:
             f"{', '.join(sorted(_ALL_TASKS))}"
         )
     return full
+
+
+def check_env_kwargs(
+    kwargs: Mapping[str, Any], *, own_flags: Mapping[str, str] | None = None, option: str = "--env-kwargs"
+) -> None:
+    """Check user-given :func:`make_mt_env` keyword arguments before an env is built.
+
+    :param kwargs: the arguments, e.g. parsed from a command line's ``--env-kwargs key:value`` pairs.
+    :param own_flags: arguments that have a flag of their own in the calling program (name -> flag); setting
+        them through ``option`` as well is refused, so that one setting has one place.
+    :param option: how the caller names ``kwargs`` in messages.
+    :raises ValueError: on a name make_mt_env does not take, or one that belongs to ``own_flags`` (the message
+        lists the valid names).
+    """
+    own_flags = own_flags or {}
+    valid = sorted(name for name in inspect.signature(make_mt_env).parameters if name not in own_flags)
+    for key in kwargs:
+        if key in own_flags:
+            raise ValueError(f"Set {key} with {own_flags[key]}, not with {option}.")
+        if key not in valid:
+            raise ValueError(f"Unknown {option} key {key!r}; make_mt_env accepts: {', '.join(valid)}.")
 
 
 def short_task_name(name: str) -> str:
@@ -521,6 +543,87 @@ def _union_box(spaces: Sequence[gym.Space]) -> gym.spaces.Box:
     return gym.spaces.Box(low=low, high=high, dtype=boxes[0].dtype)
 
 
+def _check_benchmark_argument(benchmark: object) -> None:
+    """A benchmark is a name or an ordered collection of task names (the order is the env-column order)."""
+    if isinstance(benchmark, str):
+        return
+    if not isinstance(benchmark, (Sequence, np.ndarray)) or isinstance(benchmark, (bytes, bytearray)):
+        raise ValueError(
+            f"benchmark must be 'MT10', 'MT50', a task name or a list of task names, got "
+            f"{type(benchmark).__name__} {benchmark!r}"
+        )
+    not_names = [name for name in benchmark if not isinstance(name, str)]
+    if not_names:
+        raise ValueError(f"benchmark must list task names (strings), got {not_names[0]!r} in {benchmark!r}")
+
+
+def _check_choices(goals: object, preset: object, vec_env: object, seed: object) -> None:
+    """The arguments of :func:`make_mt_env` that take one of a few values, and the seed's range."""
+    if not isinstance(goals, str) or goals not in GOAL_MODES:
+        raise ValueError(f"Unknown goal mode {goals!r}; valid goal modes: {', '.join(GOAL_MODES)}")
+    if not isinstance(preset, str) or preset not in PRESETS:
+        raise ValueError(f"Unknown preset {preset!r}; valid presets: {', '.join(PRESETS)}")
+    if not isinstance(vec_env, str) or vec_env not in ("dummy", "subproc"):
+        raise ValueError(f"Unknown vec_env {vec_env!r}; valid: dummy, subproc")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
+        raise ValueError(f"seed must be an integer in [0, 2**32), got {seed!r}")
+
+
+def _episode_settings(
+    spec: EnvPreset,
+    max_episode_steps: object,
+    reward_scale: object,
+    reward_function_version: object,
+    time_limit_terminal: object,
+) -> tuple[int, float, str, bool]:
+    """Episode length, reward scale, reward version and time-limit handling: the given values, checked, or
+    the preset's where None."""
+    steps = spec.max_episode_steps if max_episode_steps is None else max_episode_steps
+    if (
+        isinstance(steps, bool)
+        or not isinstance(steps, (int, np.integer))
+        or not 1 <= steps <= MAX_EPISODE_STEPS_LIMIT
+    ):
+        raise ValueError(
+            f"max_episode_steps must be an integer in [1, {MAX_EPISODE_STEPS_LIMIT}] (Meta-World's "
+            f"max_path_length), got {max_episode_steps!r}"
+        )
+    steps = int(steps)
+    if reward_scale is not None and (
+        isinstance(reward_scale, bool) or not isinstance(reward_scale, (int, float, np.integer, np.floating))
+    ):
+        raise ValueError(f"reward_scale must be a positive finite number, got {reward_scale!r}")
+    scale = float(spec.reward_scale if reward_scale is None else reward_scale)
+    if not np.isfinite(scale) or scale <= 0:
+        raise ValueError(f"reward_scale must be a positive finite number, got {reward_scale!r}")
+    reward_version = (
+        spec.reward_function_version if reward_function_version is None else reward_function_version
+    )
+    if reward_version not in _REWARD_FUNCTION_VERSIONS:
+        raise ValueError(
+            f"Unknown reward_function_version {reward_version!r}; valid: {', '.join(_REWARD_FUNCTION_VERSIONS)}"
+        )
+    if time_limit_terminal is not None and not isinstance(time_limit_terminal, (bool, np.bool_)):
+        raise ValueError(f"time_limit_terminal must be True, False or None, got {time_limit_terminal!r}")
+    terminal = spec.time_limit_terminal if time_limit_terminal is None else bool(time_limit_terminal)
+    return steps, scale, reward_version, terminal
+
+
+def _check_render_settings(render_mode: object, camera_name: object, width: object, height: object) -> None:
+    """Render settings are optional; when given, they must be usable by Meta-World's renderer."""
+    if render_mode is not None and (not isinstance(render_mode, str) or render_mode not in _RENDER_MODES):
+        raise ValueError(f"Unknown render_mode {render_mode!r}; valid: {', '.join(map(str, _RENDER_MODES))}")
+    if camera_name is not None and not isinstance(camera_name, str):
+        raise ValueError(
+            f"camera_name must be a Meta-World camera name (a string) or None, got {camera_name!r}"
+        )
+    for size_name, size in (("width", width), ("height", height)):
+        if size is not None and (
+            isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1
+        ):
+            raise ValueError(f"{size_name} must be a positive integer, got {size!r}")
+
+
 def make_mt_env(
     benchmark: str | Sequence[str],
     goals: GoalMode = "rand",
@@ -558,69 +661,15 @@ def make_mt_env(
     :raises ValueError: On an unknown benchmark / task / goal mode / preset / vec_env, duplicate tasks, or
         out-of-range values; the message lists the valid choices.
     """
-    if not isinstance(benchmark, str):
-        # An ordered collection of names: the order is the env-column / one-hot order (so no set).
-        if not isinstance(benchmark, (Sequence, np.ndarray)) or isinstance(benchmark, (bytes, bytearray)):
-            raise ValueError(
-                f"benchmark must be 'MT10', 'MT50', a task name or a list of task names, got "
-                f"{type(benchmark).__name__} {benchmark!r}"
-            )
-        not_names = [name for name in benchmark if not isinstance(name, str)]
-        if not_names:
-            raise ValueError(
-                f"benchmark must list task names (strings), got {not_names[0]!r} in {benchmark!r}"
-            )
+    _check_benchmark_argument(benchmark)
     task_names = benchmark_task_names(benchmark)
     label = _benchmark_label(benchmark)
-    if not isinstance(goals, str) or goals not in GOAL_MODES:
-        raise ValueError(f"Unknown goal mode {goals!r}; valid goal modes: {', '.join(GOAL_MODES)}")
-    if not isinstance(preset, str) or preset not in PRESETS:
-        raise ValueError(f"Unknown preset {preset!r}; valid presets: {', '.join(PRESETS)}")
-    if not isinstance(vec_env, str) or vec_env not in ("dummy", "subproc"):
-        raise ValueError(f"Unknown vec_env {vec_env!r}; valid: dummy, subproc")
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
-        raise ValueError(f"seed must be an integer in [0, 2**32), got {seed!r}")
+    _check_choices(goals, preset, vec_env, seed)
     seed = int(seed)
-    spec = PRESETS[preset]
-    steps = spec.max_episode_steps if max_episode_steps is None else max_episode_steps
-    if (
-        isinstance(steps, bool)
-        or not isinstance(steps, (int, np.integer))
-        or not 1 <= steps <= MAX_EPISODE_STEPS_LIMIT
-    ):
-        raise ValueError(
-            f"max_episode_steps must be an integer in [1, {MAX_EPISODE_STEPS_LIMIT}] (Meta-World's "
-            f"max_path_length), got {max_episode_steps!r}"
-        )
-    steps = int(steps)
-    if reward_scale is not None and (
-        isinstance(reward_scale, bool) or not isinstance(reward_scale, (int, float, np.integer, np.floating))
-    ):
-        raise ValueError(f"reward_scale must be a positive finite number, got {reward_scale!r}")
-    scale = float(spec.reward_scale if reward_scale is None else reward_scale)
-    if not np.isfinite(scale) or scale <= 0:
-        raise ValueError(f"reward_scale must be a positive finite number, got {reward_scale!r}")
-    reward_version = (
-        spec.reward_function_version if reward_function_version is None else reward_function_version
+    steps, scale, reward_version, terminal = _episode_settings(
+        PRESETS[preset], max_episode_steps, reward_scale, reward_function_version, time_limit_terminal
     )
-    if reward_version not in _REWARD_FUNCTION_VERSIONS:
-        raise ValueError(
-            f"Unknown reward_function_version {reward_version!r}; valid: {', '.join(_REWARD_FUNCTION_VERSIONS)}"
-        )
-    if time_limit_terminal is not None and not isinstance(time_limit_terminal, (bool, np.bool_)):
-        raise ValueError(f"time_limit_terminal must be True, False or None, got {time_limit_terminal!r}")
-    terminal = spec.time_limit_terminal if time_limit_terminal is None else bool(time_limit_terminal)
-    if render_mode is not None and (not isinstance(render_mode, str) or render_mode not in _RENDER_MODES):
-        raise ValueError(f"Unknown render_mode {render_mode!r}; valid: {', '.join(map(str, _RENDER_MODES))}")
-    if camera_name is not None and not isinstance(camera_name, str):
-        raise ValueError(
-            f"camera_name must be a Meta-World camera name (a string) or None, got {camera_name!r}"
-        )
-    for size_name, size in (("width", width), ("height", height)):
-        if size is not None and (
-            isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1
-        ):
-            raise ValueError(f"{size_name} must be a positive integer, got {size!r}")
+    _check_render_settings(render_mode, camera_name, width, height)
 
     pools = _sample_mw3_goals(label, task_names, seed) if goals == "mw3" else None
     specs = [

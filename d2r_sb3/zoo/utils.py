@@ -2,10 +2,11 @@
 
 The conventions follow rl-baselines3-zoo so that its users feel at home:
 
-* ``zoo/hyperparams/<algo>.yml`` holds one section per ``<benchmark>-<preset>`` (``MT10-paper``, ``MT50-mw3``,
+* ``d2r_sb3/zoo/hyperparams/<algo>.yml`` holds one section per ``<benchmark>-<preset>`` (``MT10-paper``, ``MT50-mw3``,
   ...) plus an optional ``default``; a section maps the algorithm's constructor arguments, ``n_timesteps`` and
   ``policy`` (the alias). Unlike rl-zoo, ``policy_kwargs`` is a YAML mapping, never a string to ``eval``.
-* A run writes ``logs/<algo>/<EnvName>_<N>/`` (:func:`next_run_dir`), ``EnvName`` = :func:`env_name`.
+* A run writes ``logs/<algo>/<EnvName>_<N>/`` (:class:`~d2r_sb3.common.run_layout.RunLayout`), ``EnvName`` =
+  :func:`env_name`.
 """
 
 from __future__ import annotations
@@ -41,29 +42,33 @@ INT_HYPERPARAMS = (
     "stats_window_size",
 )
 _NUMBER_RE = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
-_RUN_DIR_RE = re.compile(r"^(?P<name>.+)_(?P<id>\d+)$")
-CHECKPOINT_RE = re.compile(r"^rl_model_(\d+)_steps\.zip$")
 
 
 class ZooError(Exception):
     """An expected problem (bad option, missing file, ...): the scripts print it without a traceback."""
 
 
-def run_main(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> None:
-    """Run a script's ``main`` and exit: :class:`ZooError` prints ``error: <message>`` and exits with code 2.
+def call_main(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> int:
+    """Run a command's ``main`` and return its exit code: :class:`ZooError` prints ``error: <message>`` to stderr
+    and gives 2, Ctrl-C gives 130.
 
-    :param main: The script's entry point; returns the exit code (``None`` = 0).
+    :param main: The command's entry point; returns the exit code (``None`` = 0).
     :param argv: Command-line arguments (default: ``sys.argv[1:]``).
     """
     try:
         code = main(argv)
     except ZooError as err:
         print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        return 2
     except KeyboardInterrupt:
         print("Interrupted.", file=sys.stderr)
-        sys.exit(130)
-    sys.exit(code or 0)
+        return 130
+    return code or 0
+
+
+def run_main(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> None:
+    """Run a command's ``main`` as a program: :func:`call_main`, then exit with its code."""
+    sys.exit(call_main(main, argv))
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -241,39 +246,6 @@ def parse_env(text: str) -> str | list[str]:
     return value
 
 
-def get_latest_run_id(folder: Path, name: str) -> int:
-    """Largest ``N`` of the ``<name>_<N>`` folders in ``folder`` (0 if none)."""
-    ids = [0]
-    if folder.is_dir():
-        for path in folder.iterdir():
-            match = _RUN_DIR_RE.match(path.name)
-            if path.is_dir() and match and match["name"] == name:
-                ids.append(int(match["id"]))
-    return max(ids)
-
-
-def next_run_dir(log_folder: str | Path, algo: str, name: str) -> Path:
-    """The next free ``<log_folder>/<algo>/<name>_<N>`` (N = latest + 1, as rl-zoo does)."""
-    folder = Path(log_folder) / algo
-    return folder / f"{name}_{get_latest_run_id(folder, name) + 1}"
-
-
-def run_env_name(run_dir: Path) -> str:
-    """``EnvName`` of a run folder (``logs/d2r/MT10-rand_3`` -> ``"MT10-rand"``)."""
-    match = _RUN_DIR_RE.match(run_dir.name)
-    return match["name"] if match else run_dir.name
-
-
-def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
-    """``(total steps, path)`` of the ``rl_model_<steps>_steps.zip`` checkpoints of a run, oldest first."""
-    found = []
-    for path in run_dir.glob("rl_model_*_steps.zip"):
-        match = CHECKPOINT_RE.match(path.name)
-        if match:
-            found.append((int(match[1]), path))
-    return sorted(found)
-
-
 # --------------------------------------------------------------------------------------------------
 # Records
 # --------------------------------------------------------------------------------------------------
@@ -422,9 +394,7 @@ def model_env_kwargs(loaded: Any, overrides: dict[str, Any]) -> dict[str, Any]:
 
     :raises ZooError: On an override that make_mt_env does not accept.
     """
-    import inspect
-
-    from d2r_sb3.envs import benchmark_task_names, make_mt_env
+    from d2r_sb3.envs import benchmark_task_names, check_env_kwargs
 
     kwargs = dict(loaded.env_kwargs)
     if "benchmark" not in kwargs:
@@ -439,17 +409,9 @@ def model_env_kwargs(loaded: Any, overrides: dict[str, Any]) -> dict[str, Any]:
             file=sys.stderr,
         )
         kwargs["benchmark"] = benchmark
-    valid = set(inspect.signature(make_mt_env).parameters)
-    for key, value in overrides.items():
-        if key not in valid:
-            raise ZooError(
-                f"Unknown --env-kwargs key {key!r}; make_mt_env accepts: {', '.join(sorted(valid))}."
-            )
-        if value is not None:
-            kwargs[key] = value
+    try:
+        check_env_kwargs(overrides)
+    except ValueError as err:
+        raise ZooError(str(err)) from None
+    kwargs.update({key: value for key, value in overrides.items() if value is not None})
     return kwargs
-
-
-def short_name(task: str) -> str:
-    """``"drawer-open-v3"`` -> ``"drawer-open"``."""
-    return task[:-3] if task.endswith("-v3") else task
