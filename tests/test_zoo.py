@@ -405,3 +405,19 @@ def test_callbacks_evaluate_per_task_and_resume_their_schedule(tmp_path: Path):
         model.learn(8, callback=PerTaskEvalCallback(make_point_reach(2), 10), reset_num_timesteps=False)
     with pytest.raises(ValueError, match="positive integer"):
         PerTaskEvalCallback(make_point_reach(4), eval_freq_per_task=0)
+
+
+def test_run_layout_names_every_file_of_a_run(tmp_path: Path):
+    layout = RunLayout(tmp_path / "d2r" / "MT10-rand-mw3_12")
+    assert layout.env_name == "MT10-rand-mw3" and layout.is_numbered
+    assert layout.final_model.name == "MT10-rand-mw3.zip" and layout.best_model.name == "best_model.zip"
+    assert layout.record("args.yml") == layout.run_dir / "MT10-rand-mw3" / "args.yml"
+    with pytest.raises(ValueError, match="not a run record; the records are: config.yml"):
+        layout.record("args.yaml")
+    staged = RunLayout(tmp_path / "d2r-MT10-rand")  # a folder without the _<N> suffix (a staged Hub repo)
+    assert staged.env_name == "d2r-MT10-rand" and not staged.is_numbered
+    layout.run_dir.mkdir(parents=True)
+    for steps in (900, 50, 300):
+        (layout.run_dir / f"rl_model_{steps}_steps.zip").write_bytes(b"")
+    (layout.run_dir / "rl_model_x_steps.zip").write_bytes(b"")  # not a checkpoint name
+    assert [steps for steps, _ in layout.legacy_checkpoints()] == [50, 300, 900]
