@@ -166,7 +166,7 @@ def _card_data(
     goals = env_kwargs.get("goals", "rand")
     dataset_type = f"Meta-World/{benchmark}"
     dataset_name = f"Meta-World {benchmark} ({goals} goals, {env_kwargs.get('preset', 'paper')} preset)"
-    metrics = [("success_rate", round(mean_success, 4), "mean success rate")]
+    metrics: list[tuple[str, Any, str]] = [("success_rate", round(mean_success, 4), "mean success rate")]
     if mean_reward != "n/a":
         metrics.append(("mean_reward", mean_reward, "mean_reward"))
     return ModelCardData(

@@ -66,7 +66,7 @@ def write_safe_policy(
     :param env_kwargs: :func:`~d2r_sb3.make_mt_env` kwargs; default ``model.env.env_kwargs()``.
     :return: the folders written.
     """
-    layout = RunLayout(run_dir)
+    layout = RunLayout(Path(run_dir))
     if env_kwargs is None:
         env_kwargs_fn = getattr(getattr(model, "env", None), "env_kwargs", None)
         env_kwargs = env_kwargs_fn() if callable(env_kwargs_fn) else {}
