@@ -13,9 +13,10 @@ from d2r_sb3.common import (
     evaluate_per_task,
 )
 from d2r_sb3.d2r import D2RSAC, D2RPolicy, RoutingPath
-from d2r_sb3.serialization import LoadedPolicy, load_policy, save_policy  # noqa: I001  (after the policies)
+from d2r_sb3.baselines import MHSACPolicy, MTSACPolicy, SMPolicy, WideMHSACPolicy
+from d2r_sb3 import registry  # noqa: F401  (fills the algorithms' policy_aliases before any use)
+from d2r_sb3.serialization import LoadedPolicy, load_policy, save_policy
 from d2r_sb3.hub import load_from_hub
-from d2r_sb3.baselines import MHSACPolicy, MTSACPolicy, SMPolicy, WideMHSACPolicy  # registers the aliases
 from d2r_sb3.common.params import parameter_counts
 
 __version__ = "0.1.0"

@@ -1,13 +1,11 @@
-"""Download published policies from the Hugging Face Hub (safe format only: nothing is unpickled).
+"""Download published policies from the Hugging Face Hub and load them (safe format only: nothing is unpickled).
 
-A published repo (``<org>/<algo>-<EnvName>``, e.g. ``d2r-sb3/d2r-MT10-rand``) holds the SB3 zip for resuming
-training plus the safe policy files (``policy.safetensors`` + ``policy.json``, see
-:mod:`d2r_sb3.serialization`). :func:`download_policy` fetches only the safe files and the small records next to
-them (results, config, model card), never the zip or the video, through the regular Hub cache, so a second
-call works offline.
-
-The default pretrained policy :data:`DEFAULT_REPO_ID` ships inside the package as a Hub-cache folder
-(:data:`PRETRAINED_CACHE`), so ``load_from_hub("d2r-sb3/d2r-MT10-rand")`` works without network access.
+The public home of :func:`load_from_hub` and :func:`download_policy`; the code lives in
+:mod:`d2r_sb3.serialization.hub` (downloads) and :mod:`d2r_sb3.serialization.loading` (loading). A published repo
+(``<org>/<algo>-<EnvName>``, e.g. ``d2r-sb3/d2r-MT10-rand``) holds the SB3 zip for resuming training plus the
+safe policy files; :func:`download_policy` fetches only the safe files and small records, through the regular
+Hub cache. The default pretrained policy :data:`DEFAULT_REPO_ID` ships inside the package
+(:data:`PRETRAINED_CACHE`), so it loads without network access.
 
 Example::
 
@@ -18,29 +16,17 @@ Example::
     actions, _ = policy.predict(env.reset())
 """
 
-from __future__ import annotations
-
-import re
-from pathlib import Path
-
-from huggingface_hub import constants, snapshot_download
-from huggingface_hub.errors import (
-    EntryNotFoundError,
-    GatedRepoError,
-    HfHubHTTPError,
-    LocalEntryNotFoundError,
-    OfflineModeIsEnabled,
-    RepositoryNotFoundError,
-    RevisionNotFoundError,
+from d2r_sb3.serialization.hub import (
+    DEFAULT_ORG,
+    DEFAULT_REPO_ID,
+    DOWNLOAD_PATTERNS,
+    PRETRAINED_CACHE,
+    HubPolicyNotFoundError,
+    download_policy,
+    is_repo_id,
+    repo_id_for,
 )
-
-from d2r_sb3.serialization import (
-    POLICY_CONFIG_FILE,
-    POLICY_WEIGHTS_FILE,
-    LoadedPolicy,
-    check_policy_folder,
-    load_policy,
-)
+from d2r_sb3.serialization.loading import load_from_hub
 
 __all__ = [
     "DEFAULT_ORG",
@@ -53,189 +39,3 @@ __all__ = [
     "load_from_hub",
     "repo_id_for",
 ]
-
-DEFAULT_ORG = "d2r-sb3"
-DEFAULT_REPO_ID = f"{DEFAULT_ORG}/d2r-MT10-rand"
-PRETRAINED_CACHE = Path(__file__).resolve().parent / "pretrained"
-"""Hub-cache folder bundled with the package (``models--<org>--<name>/{refs/main, snapshots/<commit>/...}``)."""
-DOWNLOAD_PATTERNS = [
-    POLICY_CONFIG_FILE,
-    POLICY_WEIGHTS_FILE,
-    "results.json",
-    "config.yml",
-    "env_kwargs.yml",
-    "README.md",
-]
-"""What :func:`download_policy` fetches: the safe policy files and small records, not the zip or the video."""
-_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
-
-
-class HubPolicyNotFoundError(FileNotFoundError):
-    """The repo is neither bundled nor cached and cannot be downloaded, or the Hub has no such repo.
-
-    :param reason: ``"offline"`` (downloads disabled), ``"unreachable"`` (the Hub did not answer) or ``"no_repo"``
-        (the Hub answered that the repo does not exist or is private).
-    """
-
-    def __init__(self, message: str, reason: str):
-        super().__init__(message)
-        self.reason = reason
-
-
-def repo_id_for(algo: str, env_name: str, org: str = DEFAULT_ORG) -> str:
-    """Hub repo id of a run: ``<org>/<algo>-<EnvName>`` (e.g. ``d2r-sb3/d2r-MT10-rand``).
-
-    :param algo: registry name of the algorithm (``"d2r"``).
-    :param env_name: zoo env name (``"MT10-rand"``, ``"MT50-fixed-mw3"``).
-    :param org: Hub user or organisation.
-    """
-    return f"{org}/{algo}-{env_name}"
-
-
-def is_repo_id(text: str) -> bool:
-    """Whether ``text`` looks like a Hub repo id ``"org/name"`` (a local path may look like one too)."""
-    return isinstance(text, str) and _REPO_ID.fullmatch(text) is not None
-
-
-def _check_repo_id(repo_id: str) -> None:
-    if not is_repo_id(repo_id):
-        raise ValueError(f"Invalid Hub repo id {repo_id!r}: expected 'org/name', e.g. {DEFAULT_REPO_ID!r}.")
-
-
-def _from_bundle(repo_id: str, revision: str | None) -> Path | None:
-    """The snapshot folder of ``repo_id`` in the package's bundled cache, if it is there."""
-    if not (PRETRAINED_CACHE / f"models--{repo_id.replace('/', '--')}").is_dir():
-        return None
-    try:
-        return Path(
-            snapshot_download(
-                repo_id,
-                revision=revision,
-                cache_dir=PRETRAINED_CACHE,
-                local_files_only=True,
-                allow_patterns=DOWNLOAD_PATTERNS,
-            )
-        )
-    except LocalEntryNotFoundError:  # e.g. a revision that the bundled copy is not
-        return None
-
-
-def download_policy(
-    repo_id: str,
-    *,
-    revision: str | None = None,
-    cache_dir: str | Path | None = None,
-    local_files_only: bool | None = None,
-    use_bundled: bool = True,
-) -> Path:
-    """Download (or find in the cache) the safe policy files of a Hub repo and check them.
-
-    The package's bundled copy (:data:`PRETRAINED_CACHE`) is tried first, then the Hugging Face cache
-    (``cache_dir`` or ``HF_HUB_CACHE``), then the network unless offline.
-
-    :param repo_id: ``"org/name"``, e.g. :data:`DEFAULT_REPO_ID`.
-    :param revision: branch, tag or commit to pin (default: ``main``).
-    :param cache_dir: Hugging Face cache folder (default: ``HF_HUB_CACHE``).
-    :param local_files_only: only look in the caches (``None``: offline only when ``HF_HUB_OFFLINE=1``).
-    :param use_bundled: look in the bundled pretrained folder first (``False``: always ask the Hub cache/network,
-        e.g. to get a newer ``main``).
-    :return: the snapshot folder holding ``policy.json`` and ``policy.safetensors``.
-    :raises HubPolicyNotFoundError: (a :class:`FileNotFoundError`) if the policy is not cached and cannot be
-        downloaded (offline, Hub unreachable), or the Hub has no such repo.
-    :raises FileNotFoundError: if the repo has no safe policy files.
-    :raises ValueError: on an invalid repo id or corrupted files.
-    :raises OSError: on other Hub errors (gated repo, revision not found, failed download).
-    """
-    _check_repo_id(repo_id)
-    folder = _from_bundle(repo_id, revision) if use_bundled else None
-    where = f"{repo_id!r}" + (f" (revision {revision!r})" if revision else "")
-    if folder is None:
-        try:
-            folder = Path(
-                snapshot_download(
-                    repo_id,
-                    revision=revision,
-                    cache_dir=cache_dir,
-                    local_files_only=bool(local_files_only),
-                    allow_patterns=DOWNLOAD_PATTERNS,
-                    library_name="d2r_sb3",
-                )
-            )
-        except (LocalEntryNotFoundError, OfflineModeIsEnabled) as error:
-            if local_files_only or constants.HF_HUB_OFFLINE:
-                reason = "offline"
-                why = "downloads are disabled (HF_HUB_OFFLINE=1 or local_files_only=True)"
-                fix = "Download it once with network access (unset HF_HUB_OFFLINE)"
-            else:
-                reason = "unreachable"
-                why = f"the Hub could not be reached ({error})"
-                fix = "Check the network connection"
-            raise HubPolicyNotFoundError(
-                f"The policy {where} is not in the Hugging Face cache ({cache_dir or constants.HF_HUB_CACHE}) and "
-                f"{why}. {fix}, or point HF_HUB_CACHE at the cache folder that holds it.",
-                reason,
-            ) from error
-        except GatedRepoError as error:  # (a RepositoryNotFoundError: caught first)
-            raise OSError(
-                f"The Hub repo {repo_id!r} is gated: accept its conditions on huggingface.co and log in with "
-                "`hf auth login`."
-            ) from error
-        except RepositoryNotFoundError as error:
-            raise HubPolicyNotFoundError(
-                f"The Hub repo {repo_id!r} does not exist or is private: check the id (published policies "
-                f"are named <org>/<algo>-<EnvName>, e.g. {DEFAULT_REPO_ID!r}) or log in with `hf auth login`.",
-                "no_repo",
-            ) from error
-        except RevisionNotFoundError as error:
-            raise OSError(
-                f"The Hub repo {repo_id!r} has no revision {revision!r} (branch, tag or commit)."
-            ) from error
-        except (HfHubHTTPError, EntryNotFoundError) as error:
-            raise OSError(f"Downloading {where} from the Hugging Face Hub failed: {error}") from error
-    missing = [name for name in (POLICY_CONFIG_FILE, POLICY_WEIGHTS_FILE) if not (folder / name).is_file()]
-    if missing:
-        raise FileNotFoundError(
-            f"The Hub repo {where} has no {' / '.join(missing)} (looked in {folder}): it was not published in the "
-            "safe policy format. Publish it with `python hub/push.py`, or download its SB3 zip yourself and load "
-            "it with d2r_sb3.load_policy(path, allow_pickle=True) (a pickle: trusted sources only)."
-        )
-    try:
-        check_policy_folder(folder)
-    except ValueError as error:
-        raise ValueError(f"The policy files of {where} are corrupted: {error}") from error
-    return folder
-
-
-def load_from_hub(
-    repo_id: str = DEFAULT_REPO_ID,
-    *,
-    revision: str | None = None,
-    cache_dir: str | Path | None = None,
-    local_files_only: bool | None = None,
-    use_bundled: bool = True,
-    device: str = "cpu",
-) -> LoadedPolicy:
-    """Download a published policy (see :func:`download_policy`) and load it, ready for ``predict``.
-
-    :param repo_id: ``"org/name"`` (default: the bundled pretrained MT10 D2R policy).
-    :param revision: branch, tag or commit to pin.
-    :param cache_dir: Hugging Face cache folder.
-    :param local_files_only: only look in the caches (``None``: follow ``HF_HUB_OFFLINE``).
-    :param use_bundled: try the package's bundled pretrained folder first.
-    :param device: torch device of the policy.
-    :return: the :class:`~d2r_sb3.serialization.LoadedPolicy` (``origin`` says whether the bundled snapshot or the
-        Hugging Face cache was used).
-    """
-    folder = download_policy(
-        repo_id,
-        revision=revision,
-        cache_dir=cache_dir,
-        local_files_only=local_files_only,
-        use_bundled=use_bundled,
-    )
-    loaded = load_policy(folder, device=device)  # a Path: always the local snapshot folder
-    label = repo_id + (f"@{revision}" if revision else "")
-    loaded.source = f"hf://{label}"
-    bundled = folder.resolve().is_relative_to(PRETRAINED_CACHE.resolve())
-    loaded.origin = f"Hub repo {label} ({'bundled snapshot' if bundled else f'Hugging Face cache, {folder}'})"
-    return loaded

@@ -32,6 +32,7 @@ from huggingface_hub import HfApi, ModelCard, constants
 from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
 
 import d2r_sb3.hub as hub
+import d2r_sb3.serialization.hub as hub_download  # where the downloads happen (d2r_sb3.hub re-exports)
 from d2r_sb3 import D2RSAC, make_mt_env
 from d2r_sb3.hub import DEFAULT_REPO_ID, HubPolicyNotFoundError, download_policy, load_from_hub
 from d2r_sb3.publishing import package_pretrained, push_to_hub, stage_repo
@@ -88,7 +89,7 @@ def offline_hub(tmp_path, monkeypatch):
 @pytest.fixture
 def no_bundle(tmp_path, monkeypatch):
     """Hide the package's bundled pretrained folder, so downloads go to the cache under test."""
-    monkeypatch.setattr(hub, "PRETRAINED_CACHE", tmp_path / "no_bundle")
+    monkeypatch.setattr(hub_download, "PRETRAINED_CACHE", tmp_path / "no_bundle")
 
 
 @pytest.fixture(scope="module")
@@ -429,7 +430,7 @@ def test_package_pretrained_loads_offline_from_the_bundle(model, env, observatio
     assert package.main([*base, "--video-tasks", "drawer-closed"]) == 2  # checked before any work
 
     # The bundle answers first, offline, even with an empty cache.
-    monkeypatch.setattr(hub, "PRETRAINED_CACHE", out)
+    monkeypatch.setattr(hub_download, "PRETRAINED_CACHE", out)
     loaded = load_from_hub(DEFAULT_REPO_ID, cache_dir=tmp_path / "empty_cache")
     np.testing.assert_array_equal(actions(loaded, observations), actions(model, observations))
     assert loaded.metadata["repo_id"] == DEFAULT_REPO_ID
@@ -614,7 +615,7 @@ def test_mistyped_local_path_says_no_such_file(tmp_path, monkeypatch):
         def fail(*args: Any, error: Exception = error, **kwargs: Any) -> None:
             raise error
 
-        monkeypatch.setattr(hub, "snapshot_download", fail)
+        monkeypatch.setattr(hub_download, "snapshot_download", fail)
         with pytest.raises(ModelNotFoundError) as info:
             load_policy("logs/nope")
         checks.append(str(info.value))

@@ -1,15 +1,13 @@
 """Baselines on the multi-task SAC core (MT-SAC, MH-SAC, Soft Modularization, width-matched MH-SAC).
 
-Importing this package registers the policy aliases in
-:attr:`MultiTaskSAC.policy_aliases <d2r_sb3.common.mt_sac.MultiTaskSAC.policy_aliases>`, so that
-``MultiTaskSAC("MTSACPolicy", env)`` (or ``"MHSACPolicy"``, ``"SMPolicy"``, ``"WideMHSACPolicy"``) works.
+Importing this package changes nothing else: the method names and the policy aliases that make
+``MultiTaskSAC("MTSACPolicy", env)`` work are in :mod:`d2r_sb3.registry`.
 """
 
 from d2r_sb3.baselines.actor_critic import TaskActor, TaskCritic, TaskNetworkPolicy
 from d2r_sb3.baselines.mlp import MHSACPolicy, MTSACPolicy, TaskMLP
 from d2r_sb3.baselines.soft_modularization import SMPolicy, SoftModularNetwork, SoftRoutingWeights
 from d2r_sb3.baselines.wide import WideMHSACPolicy, d2r_parameter_counts, matched_width
-from d2r_sb3.common.mt_sac import MultiTaskSAC
 from d2r_sb3.common.params import count_parameters, format_parameter_counts, parameter_counts
 
 POLICY_ALIASES = {
@@ -18,9 +16,7 @@ POLICY_ALIASES = {
     "SMPolicy": SMPolicy,
     "WideMHSACPolicy": WideMHSACPolicy,
 }
-"""Aliases registered in ``MultiTaskSAC.policy_aliases`` (the names ``d2r_sb3.registry.ALGOS`` refers to)."""
-
-MultiTaskSAC.policy_aliases.update(POLICY_ALIASES)
+"""The baseline policies by alias (their class names), as :mod:`d2r_sb3.registry` registers them."""
 
 __all__ = [
     "POLICY_ALIASES",
