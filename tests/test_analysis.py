@@ -342,7 +342,6 @@ def test_cli_on_a_safe_policy_folder(trained_model: D2RSAC, tmp_path: Path) -> N
 
 
 def test_cli_errors(trained_model: D2RSAC, tmp_path: Path) -> None:
-    import d2r_sb3.baselines  # noqa: F401  (registers the MT-SAC policy alias)
     from d2r_sb3.common import MultiTaskSAC
     from d2r_sb3.zoo.analyze import main
     from d2r_sb3.zoo.utils import ZooError

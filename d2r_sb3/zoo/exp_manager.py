@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import d2r_sb3.baselines  # noqa: F401  (registers the baseline policy aliases)
 from d2r_sb3.common.checkpoints import (
     CheckpointStore,
 )
