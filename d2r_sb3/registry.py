@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+from d2r_sb3.baselines.paco import PaCoSAC
 from d2r_sb3.common.mt_sac import MultiTaskSAC
 from d2r_sb3.d2r.d2r import D2RSAC
 
@@ -16,6 +17,9 @@ ALGOS: dict[str, tuple[type[MultiTaskSAC], str]] = {
     "mhsac": (MultiTaskSAC, "MHSACPolicy"),
     "sm": (MultiTaskSAC, "SMPolicy"),
     "mhsac-wide": (MultiTaskSAC, "WideMHSACPolicy"),
+    "care": (MultiTaskSAC, "CAREPolicy"),
+    "paco": (PaCoSAC, "PaCoPolicy"),
+    "moore": (MultiTaskSAC, "MOOREPolicy"),
 }
 
 
