@@ -14,7 +14,7 @@ from gymnasium import spaces
 from toy_envs import make_point_reach
 
 from d2r_sb3 import MultiTaskSAC, evaluate_per_task, make_mt_env
-from d2r_sb3.baselines import POLICY_ALIASES, CAREPolicy, MOOREPolicy, PaCoPolicy, PaCoSAC
+from d2r_sb3.baselines import POLICY_ALIASES, CAREPolicy, PaCoPolicy, PaCoSAC
 from d2r_sb3.baselines.care import care_parameter_count, load_task_embeddings
 from d2r_sb3.baselines.moore import gram_schmidt, moore_parameter_count
 from d2r_sb3.baselines.paco import paco_parameter_count
@@ -88,17 +88,25 @@ def test_parameter_counts_match_the_documented_formulas_and_the_papers():
     counts = {alias: build(alias).parameter_counts() for alias in ALIASES}
     # The formulas of the module docstrings, on MT10 (state 39, actor output 8, critic input 43, output 1).
     assert counts["CAREPolicy"]["actor"] == care_parameter_count(STATE_DIM, 10, 8) == 396_062
-    assert counts["CAREPolicy"]["critic"] == care_parameter_count(STATE_DIM, 10, 1, passthrough_dim=ACTION_DIM)
+    assert counts["CAREPolicy"]["critic"] == care_parameter_count(
+        STATE_DIM, 10, 1, passthrough_dim=ACTION_DIM
+    )
     assert counts["PaCoPolicy"]["actor"] == paco_parameter_count(STATE_DIM, 10, 8, 5, [400] * 3) == 1_700_090
     assert counts["PaCoPolicy"]["critic"] == paco_parameter_count(STATE_DIM + ACTION_DIM, 10, 1, 5, [400] * 3)
-    assert counts["MOOREPolicy"]["actor"] == moore_parameter_count(STATE_DIM, 10, 8, 4, [400] * 3) == 1_379_320
-    assert counts["MOOREPolicy"]["critic"] == moore_parameter_count(STATE_DIM + ACTION_DIM, 10, 1, 4, [400] * 3)
+    assert (
+        counts["MOOREPolicy"]["actor"] == moore_parameter_count(STATE_DIM, 10, 8, 4, [400] * 3) == 1_379_320
+    )
+    assert counts["MOOREPolicy"]["critic"] == moore_parameter_count(
+        STATE_DIM + ACTION_DIM, 10, 1, 4, [400] * 3
+    )
     # A 2025 re-run reports MT10 actors of ~1.70M (PaCo) and ~1.38M (MOORE).
     assert round(counts["PaCoPolicy"]["actor"] / 1e6, 2) == 1.70
     assert round(counts["MOOREPolicy"]["actor"] / 1e6, 2) == 1.38
     # MOORE's MT50 configuration has 6 experts; CARE with 768-d description embeddings has a projection MLP.
     assert build("MOOREPolicy", 50).actor.net.n_experts == 6
-    assert build("MOOREPolicy", 50).parameter_counts()["actor"] == moore_parameter_count(STATE_DIM, 50, 8, 6, [400] * 3)
+    assert build("MOOREPolicy", 50).parameter_counts()["actor"] == moore_parameter_count(
+        STATE_DIM, 50, 8, 6, [400] * 3
+    )
     care = build("CAREPolicy", task_embeddings=np.ones((10, 768))).parameter_counts()
     assert care["actor"] == care_parameter_count(STATE_DIM, 10, 8, embedding_size=768) == 477_512
     for alias in ALIASES:
@@ -206,7 +214,9 @@ def paco_model(**kwargs: Any) -> PaCoSAC:
     )
 
 
-def batch_with_an_exploding_task(model: PaCoSAC, task: int, reward: float = 1e4) -> MultiTaskReplayBufferSamples:
+def batch_with_an_exploding_task(
+    model: PaCoSAC, task: int, reward: float = 1e4
+) -> MultiTaskReplayBufferSamples:
     """Four transitions per task; ``task``'s rewards are so large that its critic loss passes the 3e3 threshold."""
     num_tasks, obs_dim = model.num_tasks, model.observation_space.shape[0]
     task_ids = th.arange(4 * num_tasks) % num_tasks
@@ -229,7 +239,11 @@ def w_tables(model: PaCoSAC) -> dict[str, th.Tensor]:
     policy = model.policy
     return {
         name: net.task_weights.detach().clone()
-        for name, net in (("actor", policy.actor.net), ("critic", policy.critic.net), ("target", policy.critic_target.net))
+        for name, net in (
+            ("actor", policy.actor.net),
+            ("critic", policy.critic.net),
+            ("target", policy.critic_target.net),
+        )
     }
 
 
@@ -260,7 +274,11 @@ def test_paco_masks_and_resets_a_diverging_task_only(method):
 
 def test_paco_defaults_follow_the_official_code():
     model = paco_model(learning_rate=0.0, ent_coef_lr=0.0)
-    assert (model.reset_method, model.reset_log_alpha, model.task_loss_reweighting) == ("interpolate", False, False)
+    assert (model.reset_method, model.reset_log_alpha, model.task_loss_reweighting) == (
+        "interpolate",
+        False,
+        False,
+    )
     assert model.extreme_task_loss_threshold == 3e3
     with th.no_grad():
         model.log_ent_coef.fill_(-1.0)
@@ -329,7 +347,9 @@ def test_safe_format_round_trip(alias, tmp_path):
         alias = "CAREPolicy"
         file = tmp_path / "embeddings.json"
         names = benchmark_task_names("MT10")
-        file.write_text(json.dumps({n: np.random.default_rng(i).normal(size=5).tolist() for i, n in enumerate(names)}))
+        file.write_text(
+            json.dumps({n: np.random.default_rng(i).normal(size=5).tolist() for i, n in enumerate(names)})
+        )
         kwargs["task_embeddings"] = str(file)
     policy = build(alias, **kwargs)
     with th.no_grad():  # move the PaCo / MOORE task tables away from their init so that they must be saved
@@ -360,8 +380,15 @@ class _RandomAgent:
 
 
 TINY = {
-    "CAREPolicy": dict(n_experts=2, encoder_sizes=[32, 32], embedding_dim=16, context_sizes=[16], context_dim=16,
-                       attention_sizes=[16], hidden_sizes=[64, 64]),
+    "CAREPolicy": dict(
+        n_experts=2,
+        encoder_sizes=[32, 32],
+        embedding_dim=16,
+        context_sizes=[16],
+        context_dim=16,
+        attention_sizes=[16],
+        hidden_sizes=[64, 64],
+    ),
     "PaCoPolicy": dict(n_param_sets=2, hidden_sizes=[64, 64]),
     "MOOREPolicy": dict(n_experts=2, expert_sizes=[64, 64]),
 }
@@ -391,7 +418,9 @@ def test_learns_every_task_of_a_cheap_multi_task_problem(alias):
         success = evaluate_per_task(model, eval_env, 8).success
         if success.mean() >= 0.9 and success.min() >= 0.75:
             break
-    assert success.mean() >= 0.9 and success.min() >= 0.75, f"{alias} success after {model.num_timesteps}: {success}"
+    assert success.mean() >= 0.9 and success.min() >= 0.75, (
+        f"{alias} success after {model.num_timesteps}: {success}"
+    )
 
 
 # --- MT10: train, save, load, evaluate ------------------------------------------------------------------------
@@ -405,7 +434,9 @@ def mt10():
 @pytest.mark.parametrize("algo", ["care", "paco", "moore"])
 def test_trains_on_mt10_saves_loads_and_evaluates(algo, mt10, tmp_path):
     cls, alias = ALGOS[algo]
-    model = cls(alias, mt10, policy_kwargs=SMALL[alias], batch_size=40, learning_starts=100, buffer_size=2_000, seed=0)
+    model = cls(
+        alias, mt10, policy_kwargs=SMALL[alias], batch_size=40, learning_starts=100, buffer_size=2_000, seed=0
+    )
     before = {k: v.clone() for k, v in model.policy.state_dict().items()}
     model.learn(300)
     assert model._n_updates > 0 and model.log_ent_coef.shape == (10,)
@@ -415,7 +446,9 @@ def test_trains_on_mt10_saves_loads_and_evaluates(algo, mt10, tmp_path):
     loaded = cls.load(tmp_path / "model", env=mt10, buffer_size=1)
     assert type(loaded) is cls and type(loaded.policy) is POLICY_ALIASES[alias]
     obs = mt10.reset()
-    np.testing.assert_array_equal(model.predict(obs, deterministic=True)[0], loaded.predict(obs, deterministic=True)[0])
+    np.testing.assert_array_equal(
+        model.predict(obs, deterministic=True)[0], loaded.predict(obs, deterministic=True)[0]
+    )
     safe = load_policy(save_policy(model, tmp_path / "policy"))
     assert safe.algo == algo
     np.testing.assert_array_equal(safe.predict(obs)[0], loaded.predict(obs, deterministic=True)[0])

@@ -46,7 +46,7 @@ import os
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 import torch as th
@@ -60,7 +60,7 @@ from d2r_sb3.d2r.network import EnsembleMLP
 
 __all__ = ["CARENetwork", "CAREPolicy", "TaskEmbeddings", "care_parameter_count", "load_task_embeddings"]
 
-TaskEmbeddings = Union[str, os.PathLike, Mapping[str, Sequence[float]], Sequence[Sequence[float]], np.ndarray]
+TaskEmbeddings = str | os.PathLike | Mapping[str, Sequence[float]] | Sequence[Sequence[float]] | np.ndarray
 """What ``task_embeddings`` accepts: a file path, a name -> vector mapping, or a ``[T, P]`` array."""
 
 
@@ -156,7 +156,9 @@ def load_task_embeddings(
             except (json.JSONDecodeError, UnicodeDecodeError) as error:
                 raise ValueError(f"{where} is not valid JSON: {error}") from None
             if not isinstance(data, dict):
-                raise ValueError(f"{where} must hold a JSON object {{task name: [floats]}}, got {type(data).__name__}.")
+                raise ValueError(
+                    f"{where} must hold a JSON object {{task name: [floats]}}, got {type(data).__name__}."
+                )
             return _check_rows(_rows_from_mapping(data, num_tasks, task_names, where), num_tasks, where)
         if suffix in (".npz", ".npy"):
             try:
@@ -170,7 +172,9 @@ def load_task_embeddings(
             return _check_rows(np.asarray(loaded, dtype=np.float64), num_tasks, where)
         raise ValueError(f"Task embeddings file {where}: unknown suffix {suffix!r}; use .json, .npz or .npy.")
     if isinstance(source, Mapping):
-        return _check_rows(_rows_from_mapping(source, num_tasks, task_names, "the mapping"), num_tasks, "the mapping")
+        return _check_rows(
+            _rows_from_mapping(source, num_tasks, task_names, "the mapping"), num_tasks, "the mapping"
+        )
     try:
         rows = np.asarray(source, dtype=np.float64)
     except (TypeError, ValueError):
@@ -249,7 +253,9 @@ class CARENetwork(nn.Module):
         self.context = EnsembleMLP(n_nets, [embedding_dim, *context_sizes, context_dim], final_relu=False)
         self.attention = EnsembleMLP(n_nets, [context_dim, *attention_sizes, n_experts], final_relu=False)
         self.trunk = EnsembleMLP(
-            n_nets, [encoder_sizes[-1] + context_dim + passthrough_dim, *hidden_sizes, out_dim], final_relu=False
+            n_nets,
+            [encoder_sizes[-1] + context_dim + passthrough_dim, *hidden_sizes, out_dim],
+            final_relu=False,
         )
         output_init_(self.trunk.layers[-1])
 

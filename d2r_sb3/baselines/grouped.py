@@ -32,7 +32,9 @@ class GroupedLinear(nn.Module):
     def __init__(self, n_nets: int, n_groups: int, in_features: int, out_features: int):
         super().__init__()
         bound = 1.0 / math.sqrt(out_features)  # the authors' fan-in quirk: 1/sqrt(out_features)
-        self.weight = nn.Parameter(th.empty(n_nets, n_groups, out_features, in_features).uniform_(-bound, bound))
+        self.weight = nn.Parameter(
+            th.empty(n_nets, n_groups, out_features, in_features).uniform_(-bound, bound)
+        )
         self.bias = nn.Parameter(th.full((n_nets, n_groups, out_features), 0.1))
 
     def forward(self, x: th.Tensor, detach: bool = False) -> th.Tensor:

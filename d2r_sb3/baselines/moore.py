@@ -153,7 +153,9 @@ class MOORENetwork(nn.Module):
         return per_head.gather(2, index).squeeze(2)
 
 
-def moore_parameter_count(in_dim: int, num_tasks: int, out_dim: int, n_experts: int, expert_sizes: list[int]) -> int:
+def moore_parameter_count(
+    in_dim: int, num_tasks: int, out_dim: int, n_experts: int, expert_sizes: list[int]
+) -> int:
     """Parameters of one :class:`MOORENetwork` with one head per task (the formula of the module docstring)."""
     sizes = [in_dim, *expert_sizes]
     expert = sum(a * b + b for a, b in zip(sizes[:-1], sizes[1:], strict=False))

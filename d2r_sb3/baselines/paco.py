@@ -164,7 +164,9 @@ class PaCoNetwork(nn.Module):
             table[member, tasks] = mix @ table[member, ~tasks]
 
 
-def paco_parameter_count(in_dim: int, num_tasks: int, out_dim: int, n_param_sets: int, hidden_sizes: list[int]) -> int:
+def paco_parameter_count(
+    in_dim: int, num_tasks: int, out_dim: int, n_param_sets: int, hidden_sizes: list[int]
+) -> int:
     """Parameters of one :class:`PaCoNetwork` (the formula of the module docstring)."""
     sizes = [in_dim, *hidden_sizes, out_dim]
     mlp = sum(a * b + b for a, b in zip(sizes[:-1], sizes[1:], strict=False))
@@ -293,7 +295,11 @@ class PaCoSAC(MultiTaskSAC):
         """Reset the tasks in the boolean mask ``tasks [T]``: compositional vectors, and ``log alpha`` when
         ``reset_log_alpha`` (only with per-task entropy coefficients learned)."""
         self.policy.reset_tasks(tasks, self.reset_method)
-        if self.reset_log_alpha and self.ent_coef_optimizer is not None and self.log_ent_coef.numel() == self.num_tasks:
+        if (
+            self.reset_log_alpha
+            and self.ent_coef_optimizer is not None
+            and self.log_ent_coef.numel() == self.num_tasks
+        ):
             with th.no_grad():
                 self.log_ent_coef[tasks.to(self.log_ent_coef.device)] = self._initial_log_ent_coef()
         self.task_reset_counts += tasks.cpu().numpy().astype(np.int64)
