@@ -21,7 +21,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from d2r_sb3.baselines.care import CAREPolicy
 from d2r_sb3.baselines.mlp import MHSACPolicy, MTSACPolicy
+from d2r_sb3.baselines.moore import MOOREPolicy
+from d2r_sb3.baselines.paco import PaCoPolicy, PaCoSAC
 from d2r_sb3.baselines.soft_modularization import SMPolicy
 from d2r_sb3.baselines.wide import WideMHSACPolicy
 from d2r_sb3.common.mt_sac import MultiTaskSAC
@@ -46,11 +49,14 @@ class Method:
     :param algo_class: the algorithm (a :class:`~d2r_sb3.common.mt_sac.MultiTaskSAC`).
     :param policy_class: its policy; registered on ``algo_class.policy_aliases`` under its class name.
     :param title: the name people read (model cards, plots).
+    :param also_on_core: the policy also trains with the plain :class:`MultiTaskSAC` (without what its own
+        algorithm adds), so its alias is registered there too.
     """
 
     algo_class: type[MultiTaskSAC]
     policy_class: type[MultiTaskPolicy]
     title: str
+    also_on_core: bool = False
 
     @property
     def policy_alias(self) -> str:
@@ -64,6 +70,9 @@ METHODS: dict[str, Method] = {
     "mhsac": Method(MultiTaskSAC, MHSACPolicy, "MH-SAC"),
     "sm": Method(MultiTaskSAC, SMPolicy, "Soft Modularization"),
     "mhsac-wide": Method(MultiTaskSAC, WideMHSACPolicy, "MH-SAC (width-matched)"),
+    "care": Method(MultiTaskSAC, CAREPolicy, "CARE"),
+    "paco": Method(PaCoSAC, PaCoPolicy, "PaCo", also_on_core=True),  # PaCoSAC adds the reset of diverging tasks
+    "moore": Method(MultiTaskSAC, MOOREPolicy, "MOORE"),
 }
 
 ALGOS: dict[str, tuple[type[MultiTaskSAC], str]] = {
@@ -102,11 +111,13 @@ def method_name(policy_class: type, algo: type | None = None) -> str | None:
 
 def _register_policy_aliases() -> None:
     """Add each method's policy to its algorithm class's ``policy_aliases``, so a string names it."""
-    for method in METHODS.values():
-        cls = method.algo_class
-        if "policy_aliases" not in vars(cls):  # its own table: a subclass must not add names to its parent's
-            cls.policy_aliases = dict(cls.policy_aliases)
-        cls.policy_aliases[method.policy_alias] = method.policy_class
+    # Base classes first, so that a subclass's own table (a copy) starts from all of its parent's names.
+    for method in sorted(METHODS.values(), key=lambda method: len(method.algo_class.__mro__)):
+        classes = [method.algo_class] + ([MultiTaskSAC] if method.also_on_core else [])
+        for cls in classes:
+            if "policy_aliases" not in vars(cls):  # its own table: a subclass must not add names to its parent's
+                cls.policy_aliases = dict(cls.policy_aliases)
+            cls.policy_aliases[method.policy_alias] = method.policy_class
 
 
 _register_policy_aliases()
