@@ -13,7 +13,7 @@ import torch as th
 from stable_baselines3.common.logger import configure
 from stable_baselines3.common.monitor import Monitor
 from stable_baselines3.common.vec_env import DummyVecEnv
-from toy_envs import PointReach, make_point_reach
+from toy_envs import PointReach, RandomAgent, make_point_reach
 
 from d2r_sb3 import D2RSAC, evaluate_per_task, make_mt_env
 from d2r_sb3.common.buffers import MultiTaskReplayBufferSamples
@@ -258,7 +258,7 @@ def test_d2r_learns_every_task_of_a_cheap_multi_task_problem(precision):
     """Fails if the algorithm is broken: random actions never reach the goals, D2R reaches all four (also when
     its gradient steps compute in bfloat16)."""
     eval_env = make_point_reach(4, seed=1)
-    assert evaluate_per_task(_RandomAgent(), eval_env, 4).mean_success == 0.0
+    assert evaluate_per_task(RandomAgent(), eval_env, 4).mean_success == 0.0
     model = tiny_model(
         learning_starts=400,
         batch_size=128,
@@ -303,16 +303,6 @@ def test_bfloat16_falls_back_to_float32_with_a_warning_where_it_is_not_native():
     first, second = out.stdout.splitlines()
     assert first == "False float32 bfloat16"  # requested bfloat16 is kept (saved), float32 is used here
     assert "not native on this cpu" in second and "gradient steps run in float32" in second
-
-
-class _RandomAgent:
-    """Uniform random actions from its own seeded generator (the premise must not depend on test order)."""
-
-    def __init__(self) -> None:
-        self.rng = np.random.default_rng(0)
-
-    def predict(self, obs, state=None, episode_start=None, deterministic=False):
-        return self.rng.uniform(-1, 1, (len(obs), 2)).astype(np.float32), None
 
 
 def test_short_learn_on_real_mt10_logs_per_task_alpha_and_temperature(tmp_path):

@@ -370,59 +370,6 @@ def test_safe_format_round_trip(alias, tmp_path):
     )
 
 
-# --- learning -----------------------------------------------------------------------------------------------
-class _RandomAgent:
-    def __init__(self, seed: int = 0):
-        self.rng = np.random.default_rng(seed)
-
-    def predict(self, obs: np.ndarray, *args: Any, **kwargs: Any) -> tuple[np.ndarray, None]:
-        return self.rng.uniform(-1, 1, (len(obs), 2)).astype(np.float32), None
-
-
-TINY = {
-    "CAREPolicy": dict(
-        n_experts=2,
-        encoder_sizes=[32, 32],
-        embedding_dim=16,
-        context_sizes=[16],
-        context_dim=16,
-        attention_sizes=[16],
-        hidden_sizes=[64, 64],
-    ),
-    "PaCoPolicy": dict(n_param_sets=2, hidden_sizes=[64, 64]),
-    "MOOREPolicy": dict(n_experts=2, expert_sizes=[64, 64]),
-}
-TINY_BATCH = {"CAREPolicy": 64, "PaCoPolicy": 128, "MOOREPolicy": 64}  # (seed 0 solves each in 10k-20k steps)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("alias", ALIASES)
-def test_learns_every_task_of_a_cheap_multi_task_problem(alias):
-    """Random actions never reach the goals; each method reaches all four within the budget."""
-    eval_env = make_point_reach(4, seed=1)
-    assert evaluate_per_task(_RandomAgent(), eval_env, 8).mean_success == 0.0
-    algo = PaCoSAC if alias == "PaCoPolicy" else MultiTaskSAC
-    model = algo(
-        alias,
-        make_point_reach(4),
-        policy_kwargs=TINY[alias],
-        batch_size=TINY_BATCH[alias],
-        learning_starts=400,
-        learning_rate=1e-3,
-        buffer_size=30_000,
-        seed=0,
-    )
-    success = np.zeros(4)
-    for _ in range(20):  # budget: 20k env steps
-        model.learn(1_000, reset_num_timesteps=False)
-        success = evaluate_per_task(model, eval_env, 8).success
-        if success.mean() >= 0.9 and success.min() >= 0.75:
-            break
-    assert success.mean() >= 0.9 and success.min() >= 0.75, (
-        f"{alias} success after {model.num_timesteps}: {success}"
-    )
-
-
 # --- MT10: train, save, load, evaluate ------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def mt10():
