@@ -115,6 +115,8 @@ def test_bad_input_gives_clean_errors(tmp_path: Path):
     assert "unknown key(s) steps" in check_clean_error(sweep("-c", str(bad), "--dry-run"))
     assert "cannot be passed after --" in check_clean_error(sweep("--dry-run", "--", "--seed", "3"))
     assert "not a sweep folder" in check_clean_error(sweep("report", str(tmp_path)))
+    unreachable = check_clean_error(sweep("--address", "ray://127.0.0.1:9", "-f", str(tmp_path / "x")))
+    assert "Cannot reach the Ray cluster at --address ray://127.0.0.1:9" in unreachable
     grid = tmp_path / "ok.yml"
     grid.write_text(
         "algos: [d2r, mtsac]\nenvs: ['reach,push']\nseeds: [0, 1, 2]\nhp_sets: {a: {gamma: 0.9}, b: {}}\n"

@@ -494,6 +494,33 @@ def connect(address: str | None, num_cpus: int | None, num_gpus: int | None) -> 
     return True
 
 
+def check_address(address: str | None, timeout: float = 5.0) -> None:
+    """Fail fast when ``--address host:port`` or ``ray://host:port`` does not answer (Ray itself keeps retrying for
+    minutes). ``auto`` and a missing address are left to Ray.
+
+    :raises ZooError: If nothing accepts a connection there, with how to start a cluster or run locally.
+    """
+    if not address or address == "auto":
+        return
+    target = address.removeprefix("ray://")
+    host, colon, port = target.rpartition(":")
+    if not colon or not port.isdigit():
+        raise ZooError(
+            f"--address {address}: expected auto, <host>:<port> (the head's GCS, 6379) or ray://<host>:<port> "
+            "(Ray Client, 10001)."
+        )
+    import socket
+
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as err:
+        raise ZooError(
+            f"Cannot reach the Ray cluster at --address {address} ({err.strerror or err}). Start one with "
+            "`ray start --head` on the head node (port 6379; Ray Client on 10001), check the host and port, or "
+            "leave out --address to run on a local Ray instance."
+        ) from None
+
+
 def check_resources(cpus_per_trial: float, gpus_per_trial: float) -> None:
     """Fail early when no node could ever run a trial (it would wait forever)."""
     ray = import_ray()
@@ -908,6 +935,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         grid.conf_file = str(Path(grid.conf_file).resolve())
     # Absolute paths: Ray workers do not run in this directory.
     folder = Path(args.folder).resolve()
+    if not args.dry_run:
+        check_address(args.address)
     if args.optimize:
         from d2r_sb3.zoo.optimize import optimize
 
