@@ -209,11 +209,18 @@ def optimize(grid: Grid, folder: Path, args: argparse.Namespace, num_threads: in
         if args.pruner == "median"
         else optuna.pruners.NopPruner()
     )
+    storage = f"sqlite:///{folder / STUDY_DB}"
+    # A continued study seeds its sampler past the trials it holds: the same seed would draw the same startup
+    # points again.
+    try:
+        held = len(optuna.load_study(study_name=args.study_name, storage=storage).trials)
+    except KeyError:  # no such study yet
+        held = 0
     study = optuna.create_study(
         study_name=args.study_name,
-        storage=f"sqlite:///{folder / STUDY_DB}",
+        storage=storage,
         direction="maximize",
-        sampler=optuna.samplers.TPESampler(seed=args.sampler_seed),
+        sampler=optuna.samplers.TPESampler(seed=args.sampler_seed + held),
         pruner=pruner,
         load_if_exists=True,
     )
