@@ -305,7 +305,7 @@ def test_plot_draws_curves_from_two_runs(logs: Path, tmp_path: Path):
     curves, grid = tmp_path / "curves.png", tmp_path / "grid.png"
     pattern = str(logs / "d2r" / "MT10-rand_*")
     out = check_ok(run_cli("plot.py", pattern, "-o", str(curves), "--per-task", str(grid)))
-    assert "d2r: success" in out and "mean, min/max" in out  # 2 seeds: mean with a min/max band
+    assert "d2r: success" in out and "IQM, 95% CI" in out  # rliable: IQM over runs x tasks with its interval
     for path in (curves, grid):
         image = imageio.imread(path)
         assert image.ndim == 3 and image.shape[0] > 200 and image.std() > 0
@@ -314,10 +314,11 @@ def test_plot_draws_curves_from_two_runs(logs: Path, tmp_path: Path):
 
 
 def test_plot_aggregates_seeds_with_iqm_and_bootstrap():
-    values = np.array([[0.0, 0.2], [0.1, 0.4], [0.2, 0.6], [0.9, 1.0]])
-    np.testing.assert_allclose(plot.iqm(values), [0.15, 0.5])  # the middle two of four
+    values = np.array([[0.0, 0.2], [0.1, 0.4], [0.2, 0.6], [0.9, 1.0]])  # [runs, steps], one task
     curve = plot.aggregate(np.array([1, 2]), values, n_bootstrap=500)
+    np.testing.assert_allclose(curve.center, [0.15, 0.5])  # the middle two of four
     assert curve.method.startswith("IQM")
+    assert plot.aggregate(np.array([1, 2]), values[:1], n_bootstrap=500).low is None  # one run: no band
     assert np.all(curve.low <= curve.center) and np.all(curve.center <= curve.high)
     long_run = (np.array([0.0, 10.0, 20.0]), np.array([0.0, 1.0, 2.0]))
     short_run = (np.array([0.0, 10.0]), np.array([0.0, 0.5]))

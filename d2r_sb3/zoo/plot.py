@@ -1,14 +1,19 @@
-"""Learning curves of zoo runs from their ``evaluations.json``: success vs env steps, shaded across seeds.
+"""Learning curves and statistics of zoo runs from their ``evaluations.json``, aggregated over seeds with rliable.
 
 Examples, from the repository root::
 
     python zoo/plot.py logs/d2r/MT10-rand_* logs/mtsac/MT10-rand_* -o curves.png --per-task per_task.png
     python zoo/plot.py logs/d2r logs/mtsac -o curves.png          # every run in these folders
+    python zoo/plot.py logs/d2r logs/mtsac --stats stats/          # + final-score tables and figures
 
 Runs are grouped by algorithm (the folder above the run, ``logs/<algo>/<EnvName>_<N>``) and env. Each group is
-drawn as one curve: with 3 or more seeds the interquartile mean (IQM) with a 95% stratified-bootstrap confidence
-interval (as rliable recommends), with 2 seeds the mean and the min/max band, with 1 seed the run itself. Runs
-evaluated at different steps are interpolated onto common steps, up to the shortest run.
+drawn as one curve: the interquartile mean (IQM, or ``--estimator``) over runs x tasks with a 95% stratified
+bootstrap confidence interval, as rliable computes it (:mod:`d2r_sb3.zoo.statistics`); a single run is drawn
+without a band. Runs evaluated at different steps are interpolated onto common steps, up to the shortest run.
+
+``--stats DIR`` writes the statistics of the final scores (the final evaluation in ``results.json``, else the
+last periodic one) of each env: IQM, mean, median and optimality gap with intervals, the probability of
+improvement between methods, performance profiles and per-task means, as tables (``statistics.md``) and PNGs.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import numpy as np
 
 from d2r_sb3.common.run_layout import EVALUATIONS_FILE, RunLayout
 from d2r_sb3.envs import short_task_name
+from d2r_sb3.zoo import statistics
 from d2r_sb3.zoo.utils import HelpFormatter, ZooError, run_main
 
 METRICS = {
@@ -44,6 +50,12 @@ class Run:
     steps: np.ndarray  # x values
     mean: np.ndarray  # mean over tasks at each evaluation
     per_task: dict[str, np.ndarray]
+    final: dict[str, float]  # per-task final score: results.json, else the last evaluation
+
+    @property
+    def task_matrix(self) -> np.ndarray:
+        """The per-task curves as ``[tasks, X]``, tasks in the run's order."""
+        return np.stack(list(self.per_task.values()))
 
 
 @dataclass
@@ -88,26 +100,27 @@ def load_run(path: Path, metric: str, per_task_x: bool) -> Run | None:
         print(f"Warning: {path} has no evaluation yet; skipped.", file=sys.stderr)
         return None
     steps = np.asarray(data["timesteps_per_task" if per_task_x else "timesteps"], dtype=float)
+    per_task = {name: np.asarray(values, dtype=float) for name, values in data[task_key].items()}
+    final = {name: float(values[-1]) for name, values in per_task.items()}
+    results_path = RunLayout(path).results_file
+    if results_path.is_file():  # the final evaluation (more episodes) when the run finished
+        results = json.loads(results_path.read_text())
+        final_key = "success" if metric == "success" else "mean_return"
+        if set(results.get(final_key, {})) == set(final):
+            final = {name: float(results[final_key][name]) for name in final}
     return Run(
         path=path,
         algo=path.parent.name,
         env=RunLayout(path).env_name,
         steps=steps,
         mean=np.asarray(data[mean_key], dtype=float),
-        per_task={name: np.asarray(values, dtype=float) for name, values in data[task_key].items()},
+        per_task=per_task,
+        final=final,
     )
 
 
-def iqm(values: np.ndarray, axis: int = 0) -> np.ndarray:
-    """Interquartile mean: the mean of the middle 50% along ``axis`` (``int(n / 4)`` values cut at each end)."""
-    values = np.sort(values, axis=axis)
-    n = values.shape[axis]
-    cut = int(0.25 * n)
-    return np.take(values, np.arange(cut, n - cut), axis=axis).mean(axis=axis)
-
-
 def align(runs: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
-    """Put curves ``(steps, values)`` on common steps: ``(steps [X], values [n_runs, X])``.
+    """Put curves ``(steps [X], values [..., X])`` on common steps: ``(steps, values [n_runs, ..., X])``.
 
     Curves evaluated at the same steps are stacked as they are; otherwise they are linearly interpolated onto
     the union of their steps up to the end of the shortest run.
@@ -117,21 +130,26 @@ def align(runs: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np
         return first, np.stack([v for _, v in runs])
     end = min(s[-1] for s, _ in runs)
     grid = np.unique(np.concatenate([s[s <= end] for s, _ in runs]))
-    return grid, np.stack([np.interp(grid, s, v) for s, v in runs])
+
+    def interpolate(steps: np.ndarray, values: np.ndarray) -> np.ndarray:
+        rows = values.reshape(-1, values.shape[-1])
+        return np.stack([np.interp(grid, steps, row) for row in rows]).reshape(*values.shape[:-1], len(grid))
+
+    return grid, np.stack([interpolate(s, v) for s, v in runs])
 
 
-def aggregate(steps: np.ndarray, values: np.ndarray, n_bootstrap: int, seed: int = 0) -> Curve:
-    """Aggregate ``values [n_runs, X]`` across runs (IQM + bootstrap CI, mean + min/max, or the single run)."""
-    n_runs = values.shape[0]
-    if n_runs >= 3:
-        rng = np.random.default_rng(seed)
-        resampled = values[rng.integers(0, n_runs, size=(n_bootstrap, n_runs))]  # [B, n_runs, X]
-        estimates = iqm(resampled, axis=1)
-        low, high = np.percentile(estimates, [2.5, 97.5], axis=0)
-        return Curve(steps, iqm(values, axis=0), low, high, "IQM, 95% CI")
-    if n_runs == 2:
-        return Curve(steps, values.mean(0), values.min(0), values.max(0), "mean, min/max")
-    return Curve(steps, values[0], None, None, "")
+def aggregate(
+    steps: np.ndarray, values: np.ndarray, n_bootstrap: int, seed: int = 0, estimator: str = "IQM"
+) -> Curve:
+    """Aggregate ``values`` (``[runs, tasks, X]``, or ``[runs, X]`` for one task) over runs x tasks with rliable:
+    the estimator with a 95% stratified bootstrap interval; a single run has no band."""
+    if values.ndim == 2:
+        values = values[:, None, :]
+    if values.shape[0] == 1:
+        center = statistics.ESTIMATORS[estimator](values)
+        return Curve(steps, center, None, None, "")
+    center, low, high = statistics.curve_estimates(values, estimator, reps=n_bootstrap, seed=seed)
+    return Curve(steps, center, low, high, f"{estimator}, 95% CI")
 
 
 def group_runs(runs: Sequence[Run]) -> dict[str, list[Run]]:
@@ -163,19 +181,19 @@ def _style(ax, x_label: str, y_label: str, metric: str) -> None:
 
 
 def plot_mean(groups: dict[str, list[Run]], output: Path, args: argparse.Namespace) -> dict[str, Curve]:
-    """One figure: the mean over tasks of every group."""
+    """One figure: every group aggregated over runs x tasks (the estimator of ``--estimator``)."""
     import matplotlib.pyplot as plt
 
     _, _, y_label = METRICS[args.metric]
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     curves = {}
     for i, (label, runs) in enumerate(groups.items()):
-        steps, values = align([(run.steps, run.mean) for run in runs])
-        curve = aggregate(steps, values, args.n_bootstrap)
+        steps, values = align([(run.steps, run.task_matrix) for run in runs])
+        curve = aggregate(steps, values, args.n_bootstrap, estimator=args.estimator)
         curves[label] = curve
         method = f", {curve.method}" if curve.method else ""
         _draw(ax, curve, f"{label} ({len(runs)} seed{'s' * (len(runs) > 1)}{method})", f"C{i}")
-    _style(ax, args.x_label, f"{y_label} (mean over tasks)", args.metric)
+    _style(ax, args.x_label, f"{y_label} ({args.estimator} over runs x tasks)", args.metric)
     ax.legend(fontsize=8)
     if args.title:
         ax.set_title(args.title)
@@ -202,7 +220,8 @@ def plot_per_task(groups: dict[str, list[Run]], output: Path, args: argparse.Nam
             having = [run for run in runs if task in run.per_task]
             if having:
                 steps, values = align([(run.steps, run.per_task[task]) for run in having])
-                _draw(ax, aggregate(steps, values, args.n_bootstrap), label, f"C{i}")
+                curve = aggregate(steps, values, args.n_bootstrap, estimator=args.estimator)
+                _draw(ax, curve, label, f"C{i}")
         # Axis labels on the outer panels only.
         last_row = index + ncols >= len(tasks)
         _style(ax, args.x_label if last_row else "", y_label if index % ncols == 0 else "", args.metric)
@@ -239,7 +258,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-y", "--metric", default="success", choices=list(METRICS), help="Evaluation metric")
     parser.add_argument(
-        "--n-bootstrap", type=int, default=2000, help="Bootstrap resamples of the IQM interval"
+        "--estimator",
+        default="IQM",
+        choices=["IQM", "Mean", "Median"],
+        help="Aggregate over runs x tasks drawn as the curve",
+    )
+    parser.add_argument(
+        "--n-bootstrap", type=int, default=2000, help="Stratified bootstrap resamples of the 95%% intervals"
+    )
+    parser.add_argument(
+        "--stats",
+        metavar="DIR",
+        help="Also write the final-score statistics (IQM, mean, median, optimality gap, probability of "
+        "improvement, performance profiles, per-task means; tables and PNGs) to DIR",
     )
     parser.add_argument("--title", help="Figure title")
     parser.add_argument("--dpi", type=int, default=150, help="Resolution of the PNGs")
@@ -278,7 +309,45 @@ def main(argv: Sequence[str] | None = None) -> int:
         per_task.parent.mkdir(parents=True, exist_ok=True)
         plot_per_task(groups, per_task, args)
         print(f"Wrote {per_task}")
+    if args.stats:
+        for report in write_statistics(groups, Path(args.stats), args.n_bootstrap, args.dpi):
+            print(report.markdown)
+            print("Wrote " + ", ".join(str(path) for path in report.files))
     return 0
+
+
+def write_statistics(
+    groups: dict[str, list[Run]], output: Path, n_bootstrap: int = 2000, dpi: int = 150
+) -> list[statistics.Report]:
+    """The final-score statistics of each env's groups (:func:`d2r_sb3.zoo.statistics.write_report`): in
+    ``output`` for one env, in ``output/<EnvName>/`` for several.
+
+    :param groups: Runs by method label (as :func:`group_runs` makes them, or any other labels).
+    :raises ZooError: If the runs of an env were evaluated on different tasks.
+    """
+    by_env: dict[str, dict[str, list[Run]]] = {}
+    for label, runs in groups.items():
+        for run in runs:
+            by_env.setdefault(run.env, {}).setdefault(label.removesuffix(f" {run.env}"), []).append(run)
+    reports = []
+    for env, methods in by_env.items():
+        task_names = list(next(iter(methods.values()))[0].final)
+        scores = {}
+        for label, runs in methods.items():
+            for run in runs:
+                if list(run.final) != task_names:
+                    raise ZooError(
+                        f"{run.path} was evaluated on other tasks than {runs[0].path}; compare one env."
+                    )
+            scores[label] = np.array([[run.final[name] for name in task_names] for run in runs])
+        folder = output if len(by_env) == 1 else output / env
+        sources = {label: [str(run.path) for run in runs] for label, runs in methods.items()}
+        reports.append(
+            statistics.write_report(
+                scores, task_names, folder, n_bootstrap, title=env, dpi=dpi, sources=sources
+            )
+        )
+    return reports
 
 
 def cli() -> None:

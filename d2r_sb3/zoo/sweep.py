@@ -1,0 +1,996 @@
+"""Many runs at once: a grid of algorithms x benchmarks x goal modes x seeds x hyperparameter sets, run on Ray.
+
+Examples, from the repository root::
+
+    # 2 algorithms x 5 seeds on MT10, 2 trials at a time on this machine; train.py flags after --
+    python zoo/sweep.py --algo d2r mtsac --env MT10 --seeds 0 1 2 3 4 -f sweeps/mt10 --cpus-per-trial 1 \\
+        -- -n 2000000 --save-interval-minutes 10
+    # the same grid from a YAML file, on a running Ray cluster (the folder must be on a disk every node sees)
+    python zoo/sweep.py -c sweep.yml -f /shared/sweeps/mt10 --address auto
+    # statistics of the finished runs (rliable): tables and PNGs in sweeps/mt10/report/
+    python zoo/sweep.py report sweeps/mt10
+    # hyperparameter search (Optuna) instead of a grid: see d2r_sb3.zoo.optimize
+    python zoo/sweep.py --optimize --algo d2r --env MT10 --n-trials 20 -f sweeps/d2r-search -- -n 500000
+
+Every trial is an ordinary zoo run: ``zoo/train.py`` with its own log folder ``<sweep>/runs/<trial id>/``, so its
+run folder is always ``<sweep>/runs/<trial id>/<algo>/<EnvName>_1`` (the trial id names the grid point, e.g.
+``d2r_MT10_rand_base_s0``). ``<sweep>/sweep.json`` records every trial, its command line and its folder. Starting
+the same sweep again skips the finished trials (``results.json``, or the final model, present), resumes the
+interrupted ones from their newest checkpoint (``train.py --resume``) and starts the others. A trial whose
+worker process dies is retried by Ray (``--max-retries``) and resumes from its checkpoint the same way.
+
+While it runs, a table (trial, status, env steps, last evaluation's mean success) is printed every ``--refresh``
+seconds from the run folders; at the end ``<sweep>/summary.md`` and ``summary.json`` hold the outcome and each
+trial's output is in ``<sweep>/runs/<trial id>/trial.log``.
+
+A grid file (``-c``) is YAML with any of these keys (flags given on the command line win)::
+
+    algos: [d2r, mtsac]
+    envs: [MT10]                      # MT10, MT50 or comma-separated task names
+    goals: [rand]
+    preset: paper
+    seeds: [0, 1, 2, 3, 4]
+    hyperparams:                      # for every trial (--hyperparams); <algo>/<key> for one algo only
+      batch_size: 320
+      d2r/policy_kwargs: {n_modules: 8}
+    hp_sets:                          # a grid dimension of overrides, name -> hyperparameters (--hp-sets)
+      lr-low: {learning_rate: 1.0e-4}
+      lr-high: {learning_rate: 1.0e-3}
+    train_args: "-n 2000000 --save-interval-minutes 10"   # other train.py flags (after -- on the command line)
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import shlex
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from contextlib import redirect_stderr, redirect_stdout
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from d2r_sb3.common.run_layout import CHECKPOINTS_DIR, RunLayout
+from d2r_sb3.envs import GOAL_MODES, PRESETS
+from d2r_sb3.registry import ALGOS
+from d2r_sb3.zoo.utils import (
+    HelpFormatter,
+    ZooError,
+    call_main,
+    parse_env,
+    parse_key_values,
+    read_yaml,
+    run_main,
+    write_json,
+)
+
+SWEEP_FILE = "sweep.json"
+RUNS_DIR = "runs"
+TRIAL_LOG = "trial.log"
+SUMMARY_MD = "summary.md"
+SUMMARY_JSON = "summary.json"
+REPORT_DIR = "report"
+BASE_SET = "base"
+"""Name of the hyperparameter set of a grid without ``hp_sets`` (the files' values and ``hyperparams``)."""
+
+# train.py flags the sweep sets for every trial: refused after `--`, with the sweep flag to use instead.
+MANAGED_FLAGS = {
+    "--algo": "--algo",
+    "--env": "--env",
+    "--goals": "--goals",
+    "--preset": "--preset",
+    "--seed": "--seeds",
+    "-f": "-f (the sweep folder)",
+    "--log-folder": "-f (the sweep folder)",
+    "--resume": "(the sweep resumes its trials itself)",
+    "--num-threads": "--num-threads",
+    "--device": "--device",
+    "-params": "--hyperparams or --hp-sets",
+    "--hyperparams": "--hyperparams or --hp-sets",
+    "-conf": "--conf-file",
+    "--conf-file": "--conf-file",
+}
+GRID_KEYS = ("algos", "envs", "goals", "preset", "seeds", "hyperparams", "hp_sets", "train_args", "conf_file")
+
+
+# --------------------------------------------------------------------------------------------------
+# The grid
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Trial:
+    """One grid point: a zoo run with its own log folder.
+
+    :param id: ``<algo>_<env>_<goals>_<hp set>_s<seed>`` (file-name safe); fixes the trial's folder.
+    :param folder: The trial's log folder (``train.py -f``): ``<sweep>/runs/<id>``.
+    :param hyperparams: The ``--hyperparams`` of the run (the sweep's common ones and the set's).
+    :param train_args: Other ``train.py`` flags.
+    """
+
+    id: str
+    algo: str
+    env: str
+    goals: str
+    preset: str
+    seed: int
+    hp_set: str
+    hyperparams: dict[str, Any]
+    folder: str
+    train_args: list[str]
+    num_threads: int = 1
+    device: str = "cpu"
+    conf_file: str | None = None
+
+    def train_argv(self) -> list[str]:
+        """The ``train.py`` arguments of a new run of this trial."""
+        argv = [
+            *("--algo", self.algo, "--env", self.env, "--goals", self.goals, "--preset", self.preset),
+            *("--seed", str(self.seed), "-f", self.folder),
+            *("--num-threads", str(self.num_threads), "--device", self.device),
+        ]
+        if self.conf_file:
+            argv += ["-conf", self.conf_file]
+        if self.hyperparams:
+            # JSON is YAML, which is how train.py reads each value.
+            argv += [
+                "--hyperparams",
+                *(f"{key}:{json.dumps(value)}" for key, value in self.hyperparams.items()),
+            ]
+        return argv + list(self.train_args)
+
+    def resume_argv(self, run_dir: Path) -> list[str]:
+        """The ``train.py`` arguments that continue the trial's run (its other settings are saved with it)."""
+        return ["--resume", str(run_dir), "--num-threads", str(self.num_threads), "--device", self.device]
+
+
+@dataclass
+class Grid:
+    """What a sweep varies (lists) and what it keeps for every trial."""
+
+    algos: list[str] = field(default_factory=lambda: ["d2r"])
+    envs: list[str] = field(default_factory=lambda: ["MT10"])
+    goals: list[str] = field(default_factory=lambda: ["rand"])
+    preset: str = "paper"
+    seeds: list[int] = field(default_factory=lambda: [0])
+    hyperparams: dict[str, Any] = field(default_factory=dict)
+    hp_sets: dict[str, dict[str, Any]] = field(default_factory=dict)
+    train_args: list[str] = field(default_factory=list)
+    conf_file: str | None = None
+
+    def check(self) -> None:
+        """Clear errors for unknown algorithms, goal modes, presets, benchmarks and managed train flags."""
+        for algo in self.algos:
+            if algo not in ALGOS:
+                raise ZooError(f"Unknown algo {algo!r} in the sweep grid; choose from: {', '.join(ALGOS)}.")
+        for goals in self.goals:
+            if goals not in GOAL_MODES:
+                raise ZooError(
+                    f"Unknown goal mode {goals!r} in the sweep grid; choose from: {', '.join(GOAL_MODES)}."
+                )
+        if self.preset not in PRESETS:
+            raise ZooError(f"Unknown preset {self.preset!r}; choose from: {', '.join(PRESETS)}.")
+        for env in self.envs:
+            parse_env(env)
+        for key in self.hyperparams:
+            prefix = key.split("/", 1)[0] if "/" in key else None
+            if prefix is not None and prefix not in ALGOS:
+                raise ZooError(
+                    f"Hyperparameter {key!r}: {prefix!r} is not an algo (an '<algo>/<key>' item applies to one "
+                    f"algo; algos: {', '.join(ALGOS)})."
+                )
+        if not (self.algos and self.envs and self.goals and self.seeds):
+            raise ZooError("The sweep grid is empty: give at least one algo, env, goal mode and seed.")
+        for arg in self.train_args:
+            flag = arg.split("=", 1)[0]
+            if flag in MANAGED_FLAGS:
+                raise ZooError(
+                    f"The train flag {flag} cannot be passed after -- : the sweep sets it for each trial; "
+                    f"use the sweep's {MANAGED_FLAGS[flag]} instead."
+                )
+
+    def algo_hyperparams(self, algo: str) -> dict[str, Any]:
+        """The common hyperparameters of ``algo``'s trials: plain keys, and ``<algo>/<key>`` keys for it alone."""
+        common = {key: value for key, value in self.hyperparams.items() if "/" not in key}
+        own = {
+            key.split("/", 1)[1]: value
+            for key, value in self.hyperparams.items()
+            if key.startswith(f"{algo}/")
+        }
+        return _merge(common, own)
+
+    def trials(self, folder: Path, num_threads: int, device: str) -> list[Trial]:
+        """Every grid point, in a fixed order (algo, env, goals, hyperparameter set, seed)."""
+        sets = self.hp_sets or {BASE_SET: {}}
+        trials = []
+        for algo in self.algos:
+            for env in self.envs:
+                for goals in self.goals:
+                    for name, overrides in sets.items():
+                        for seed in self.seeds:
+                            trial_id = f"{algo}_{_safe(env)}_{goals}_{_safe(name)}_s{seed}"
+                            trials.append(
+                                Trial(
+                                    id=trial_id,
+                                    algo=algo,
+                                    env=env,
+                                    goals=goals,
+                                    preset=self.preset,
+                                    seed=seed,
+                                    hp_set=name,
+                                    hyperparams=_merge(self.algo_hyperparams(algo), overrides),
+                                    folder=str(folder / RUNS_DIR / trial_id),
+                                    train_args=list(self.train_args),
+                                    num_threads=num_threads,
+                                    device=device,
+                                    conf_file=self.conf_file,
+                                )
+                            )
+        return trials
+
+
+def _safe(text: str) -> str:
+    """A file-name-safe, recognisable form of a grid value (``reach,push`` -> ``reach+push``)."""
+    safe = re.sub(r"[^A-Za-z0-9.=+-]+", "_", text.replace(",", "+")).strip("_")
+    if len(safe) > 48:  # long override sets: a prefix and a hash keep the name unique and short
+        safe = f"{safe[:39]}-{hashlib.sha1(text.encode()).hexdigest()[:8]}"
+    return safe or "x"
+
+
+def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = {**merged[key], **value}
+        else:
+            merged[key] = value
+    return merged
+
+
+def set_name(overrides: dict[str, Any]) -> str:
+    """The name of a ``--hp-sets`` item: its content (``learning_rate=0.001,batch_size=64``)."""
+    return (
+        ",".join(f"{key}={json.dumps(value, separators=(',', ':'))}" for key, value in overrides.items())
+        or BASE_SET
+    )
+
+
+def load_grid_file(path: str | Path) -> dict[str, Any]:
+    """Read a grid YAML file (keys: :data:`GRID_KEYS`).
+
+    :raises ZooError: Missing file, invalid YAML, unknown keys or values of the wrong type.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ZooError(f"Grid file {path} not found.")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ZooError(f"Grid file {path} is not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ZooError(
+            f"Grid file {path} must hold a mapping (algos: [...], envs: [...], ...), got {type(data).__name__}."
+        )
+    unknown = sorted(set(data) - set(GRID_KEYS))
+    if unknown:
+        raise ZooError(
+            f"Grid file {path}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(GRID_KEYS)}."
+        )
+    grid: dict[str, Any] = {}
+    for key in ("algos", "envs", "goals", "seeds"):
+        if key in data:
+            value = data[key] if isinstance(data[key], list) else [data[key]]
+            if key == "seeds" and not all(isinstance(seed, int) for seed in value):
+                raise ZooError(f"Grid file {path}: seeds must be integers, got {value}.")
+            grid[key] = [item if key == "seeds" else str(item) for item in value]
+    if "preset" in data:
+        grid["preset"] = str(data["preset"])
+    if "conf_file" in data:
+        grid["conf_file"] = str(data["conf_file"])
+    if "hyperparams" in data:
+        if not isinstance(data["hyperparams"], dict):
+            raise ZooError(
+                f"Grid file {path}: hyperparams must be a mapping (batch_size: 320), got {data['hyperparams']!r}."
+            )
+        grid["hyperparams"] = data["hyperparams"]
+    if "hp_sets" in data:
+        sets = data["hp_sets"]
+        if isinstance(sets, list):  # unnamed sets are named by their content
+            sets = {set_name(item) if isinstance(item, dict) else str(item): item for item in sets}
+        if not isinstance(sets, dict) or not all(isinstance(item, dict) for item in sets.values()):
+            raise ZooError(
+                f"Grid file {path}: hp_sets must map names to hyperparameters ({{lr-low: {{learning_rate: 1.0e-4}}}})."
+            )
+        grid["hp_sets"] = {str(name): item or {} for name, item in sets.items()}
+    if "train_args" in data:
+        args = data["train_args"]
+        grid["train_args"] = (
+            shlex.split(args) if isinstance(args, str) else [str(item) for item in args or []]
+        )
+    return grid
+
+
+# --------------------------------------------------------------------------------------------------
+# Run folders: what a trial has done
+# --------------------------------------------------------------------------------------------------
+def find_run_dir(trial_folder: str | Path, algo: str) -> Path | None:
+    """The run folder of a trial: ``<trial folder>/<algo>/<EnvName>_<N>`` (the lowest N; a trial makes one)."""
+    parent = Path(trial_folder) / algo
+    if not parent.is_dir():
+        return None
+    runs = [path for path in parent.iterdir() if path.is_dir() and RunLayout(path).is_numbered]
+    return min(runs, key=lambda path: int(path.name.rsplit("_", 1)[1])) if runs else None
+
+
+@dataclass
+class Progress:
+    """What a run folder says about its run (read while it trains)."""
+
+    steps: int = 0
+    target: int | None = None
+    success: float | None = None  # mean success of the last periodic evaluation
+    final_success: float | None = None  # of the final evaluation (results.json)
+    sessions: int = 0  # training sessions (1 + resumes), from command.txt
+    running: bool = False
+    done: bool = False
+
+
+def read_progress(run_dir: Path | None) -> Progress:
+    """The progress of a run folder (an empty one when it does not exist yet). Never raises on partial files."""
+    progress = Progress()
+    if run_dir is None or not run_dir.is_dir():
+        return progress
+    layout = RunLayout(run_dir)
+    try:
+        progress.target = int(read_yaml(layout.record("config.yml"))["n_timesteps"])
+    except (OSError, KeyError, TypeError, ValueError, yaml.YAMLError):
+        pass
+    try:
+        history = json.loads(layout.evaluations_file.read_text())
+        if history["timesteps"]:
+            progress.steps = int(history["timesteps"][-1])
+            progress.success = float(history["mean_success"][-1])
+    except (OSError, KeyError, ValueError):
+        pass
+    progress.steps = max(progress.steps, _last_logged_steps(layout.progress_file))
+    try:
+        results = json.loads(layout.results_file.read_text())
+        progress.final_success = float(results["mean_success"])
+        progress.steps = max(progress.steps, int(results["total_timesteps"]))
+    except (OSError, KeyError, ValueError):
+        pass
+    try:
+        progress.sessions = len(layout.record("command.txt").read_text().splitlines())
+    except OSError:
+        pass
+    try:  # a live writer names itself in the lock file; a released lock is empty
+        progress.running = bool((run_dir / ".lock").read_text().strip())
+    except OSError:
+        pass
+    progress.done = is_done(run_dir)
+    return progress
+
+
+def _last_logged_steps(path: Path) -> int:
+    """``time/total_timesteps`` of the last row of a ``progress.csv`` (read from its end: files grow long)."""
+    try:
+        with path.open("rb") as file:
+            header = file.readline().decode().rstrip("\n").split(",")
+            file.seek(0, os.SEEK_END)
+            size = file.tell()
+            file.seek(max(0, size - 65536))
+            rows = file.read().decode(errors="replace").splitlines()
+        column = header.index("time/total_timesteps")
+        for row in reversed(rows[1:] if size <= 65536 else rows):
+            cells = row.split(",")
+            if len(cells) == len(header) and cells[column]:
+                return int(float(cells[column]))
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def is_done(run_dir: Path) -> bool:
+    """A finished run: its final evaluation (``results.json``) or its final model is written."""
+    layout = RunLayout(run_dir)
+    return layout.results_file.is_file() or layout.final_model.is_file()
+
+
+def has_checkpoint(run_dir: Path) -> bool:
+    """Whether ``train.py --resume`` has something to continue from."""
+    layout = RunLayout(run_dir)
+    return layout.record("args.yml").is_file() and (
+        any((run_dir / CHECKPOINTS_DIR).glob("step_*")) or bool(layout.legacy_checkpoints())
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# A trial, in a Ray worker
+# --------------------------------------------------------------------------------------------------
+def run_trial(trial: dict[str, Any]) -> dict[str, Any]:
+    """Run one trial to its end in this process: skip it when done, resume it when it has a checkpoint, start it
+    otherwise. Its output is appended to ``<trial folder>/trial.log``.
+
+    This is the body of the sweep's Ray task; a retry after the worker died calls it again and so resumes.
+
+    :param trial: A :class:`Trial` as a dict (``dataclasses.asdict``).
+    :return: ``{"id", "code" (train.py's exit code), "run_dir", "action" (skipped, resumed, started)}``.
+    """
+    from d2r_sb3.common.run_lock import RunLock, RunLockedError
+    from d2r_sb3.zoo import train
+
+    spec = Trial(**trial)
+    folder = Path(spec.folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    run_dir = find_run_dir(folder, spec.algo)
+    if run_dir is not None and is_done(run_dir):
+        return {"id": spec.id, "code": 0, "run_dir": str(run_dir), "action": "skipped"}
+    if run_dir is not None and has_checkpoint(run_dir):
+        action, argv = "resumed", spec.resume_argv(run_dir)
+    else:
+        if run_dir is not None:  # stopped before its first checkpoint: nothing to keep, start it again
+            lock = RunLock(run_dir)
+            try:
+                lock.acquire()
+            except RunLockedError as err:
+                return {
+                    "id": spec.id,
+                    "code": 2,
+                    "run_dir": str(run_dir),
+                    "action": "locked",
+                    "error": str(err),
+                }
+            lock.release()
+            shutil.rmtree(run_dir)
+        action, argv = "started", spec.train_argv()
+    with (folder / TRIAL_LOG).open("a", buffering=1) as log, redirect_stdout(log), redirect_stderr(log):
+        stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        print(f"=== {stamp} pid {os.getpid()} ({action}): python zoo/train.py {shlex.join(argv)}")
+        code = call_main(train.main, argv)
+        print(f"=== exit code {code}")
+    run_dir = find_run_dir(folder, spec.algo)
+    return {"id": spec.id, "code": code, "run_dir": str(run_dir) if run_dir else None, "action": action}
+
+
+# --------------------------------------------------------------------------------------------------
+# Ray
+# --------------------------------------------------------------------------------------------------
+def import_ray() -> Any:
+    try:
+        import ray
+    except ImportError:
+        raise ZooError("Sweeps run on Ray, which is not installed: pip install 'd2r_sb3[sweep]'") from None
+    return ray
+
+
+def connect(address: str | None, num_cpus: int | None, num_gpus: int | None) -> bool:
+    """Connect to Ray: the running session of this process, the cluster at ``address``, or a new local instance.
+
+    :return: Whether this call started Ray (and so should shut it down).
+    :raises ZooError: If the cluster cannot be reached (the message says how to start or point at one).
+    """
+    ray = import_ray()
+    if ray.is_initialized():
+        return False
+    # Trials write their own logs (trial.log); the workers' stdout would garble the table.
+    if address:
+        try:
+            ray.init(address=address, log_to_driver=False)
+        except Exception as err:  # Ray raises ConnectionError, RuntimeError or its own errors here
+            raise ZooError(
+                f"Cannot connect to the Ray cluster at --address {address}: {err}\n"
+                "Start one with `ray start --head` (then --address auto on that machine, or "
+                "--address ray://<head>:10001 from elsewhere), or leave out --address for a local instance."
+            ) from None
+    else:
+        ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, log_to_driver=False)
+    return True
+
+
+def check_address(address: str | None, timeout: float = 5.0) -> None:
+    """Fail fast when ``--address host:port`` or ``ray://host:port`` does not answer (Ray itself keeps retrying for
+    minutes). ``auto`` and a missing address are left to Ray.
+
+    :raises ZooError: If nothing accepts a connection there, with how to start a cluster or run locally.
+    """
+    if not address or address == "auto":
+        return
+    target = address.removeprefix("ray://")
+    host, colon, port = target.rpartition(":")
+    if not colon or not port.isdigit():
+        raise ZooError(
+            f"--address {address}: expected auto, <host>:<port> (the head's GCS, 6379) or ray://<host>:<port> "
+            "(Ray Client, 10001)."
+        )
+    import socket
+
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as err:
+        raise ZooError(
+            f"Cannot reach the Ray cluster at --address {address} ({err.strerror or err}). Start one with "
+            "`ray start --head` on the head node (port 6379; Ray Client on 10001), check the host and port, or "
+            "leave out --address to run on a local Ray instance."
+        ) from None
+
+
+def check_resources(cpus_per_trial: float, gpus_per_trial: float) -> None:
+    """Fail early when no node could ever run a trial (it would wait forever)."""
+    ray = import_ray()
+    total = ray.cluster_resources()
+    if total.get("CPU", 0) < cpus_per_trial:
+        raise ZooError(
+            f"--cpus-per-trial {cpus_per_trial} is more than the Ray cluster's {total.get('CPU', 0):g} CPUs; lower it."
+        )
+    if gpus_per_trial > 0 and total.get("GPU", 0) < gpus_per_trial:
+        raise ZooError(
+            f"--gpus-per-trial {gpus_per_trial} but the Ray cluster has {total.get('GPU', 0):g} GPUs; "
+            "pass --gpus-per-trial 0 to train on CPUs."
+        )
+
+
+def remote_trial(cpus_per_trial: float, gpus_per_trial: float, max_retries: int) -> Any:
+    """:func:`run_trial` as a Ray task with the trial's resources; Ray runs it again when its worker dies."""
+    ray = import_ray()
+    return ray.remote(run_trial).options(
+        num_cpus=cpus_per_trial,
+        num_gpus=gpus_per_trial,
+        max_retries=max_retries,
+        retry_exceptions=False,  # a trial that fails by itself (bad hyperparameters) fails the same way again
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# The table and the summary
+# --------------------------------------------------------------------------------------------------
+def _format_success(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def table(trials: Sequence[Trial], statuses: dict[str, str]) -> str:
+    """A plain-text table of the trials' status and progress, read from their run folders."""
+    header = ("trial", "status", "env steps", "success", "final", "sessions")
+    rows = []
+    for trial in trials:
+        progress = read_progress(find_run_dir(trial.folder, trial.algo))
+        status = statuses.get(trial.id, "queued")
+        if status == "queued" and progress.running:
+            status = "running"
+        target = f"/{progress.target:,}" if progress.target else ""
+        rows.append(
+            (
+                trial.id,
+                status,
+                f"{progress.steps:,}{target}",
+                _format_success(progress.success),
+                _format_success(progress.final_success),
+                str(progress.sessions),
+            )
+        )
+    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
+    lines = [
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True))
+        for row in [header, *rows]
+    ]
+    return "\n".join(lines)
+
+
+def write_summary(folder: Path, trials: Sequence[Trial], statuses: dict[str, str], seconds: float) -> str:
+    """``summary.md`` and ``summary.json`` of the sweep folder; returns the Markdown."""
+    records = []
+    for trial in trials:
+        run_dir = find_run_dir(trial.folder, trial.algo)
+        progress = read_progress(run_dir)
+        records.append(
+            {
+                "trial": trial.id,
+                "algo": trial.algo,
+                "env": trial.env,
+                "goals": trial.goals,
+                "seed": trial.seed,
+                "hp_set": trial.hp_set,
+                "status": statuses.get(trial.id, "not run"),
+                "env_steps": progress.steps,
+                "target_steps": progress.target,
+                "last_eval_success": progress.success,
+                "final_success": progress.final_success,
+                "sessions": progress.sessions,
+                "run_dir": str(run_dir) if run_dir else None,
+            }
+        )
+    finished = sum(record["status"].startswith(("done", "skipped")) for record in records)
+    lines = [
+        f"# Sweep {folder}",
+        "",
+        f"{finished} of {len(records)} trials finished; {seconds / 60:.1f} min in this session.",
+        "",
+        "| trial | status | env steps | last eval success | final success | sessions | run folder |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for record in records:
+        lines.append(
+            f"| {record['trial']} | {record['status']} | {record['env_steps']:,} | "
+            f"{_format_success(record['last_eval_success'])} | {_format_success(record['final_success'])} | "
+            f"{record['sessions']} | {record['run_dir'] or '-'} |"
+        )
+    markdown = "\n".join(lines) + "\n"
+    (folder / SUMMARY_MD).write_text(markdown)
+    write_json(folder / SUMMARY_JSON, {"trials": records, "session_seconds": round(seconds, 1)})
+    return markdown
+
+
+# --------------------------------------------------------------------------------------------------
+# The sweep
+# --------------------------------------------------------------------------------------------------
+def write_manifest(folder: Path, trials: Sequence[Trial], grid: Grid) -> None:
+    """``sweep.json``: every trial (old and new) with its folder and command line, for restarts and reports."""
+    path = folder / SWEEP_FILE
+    manifest: dict[str, Any] = {"trials": {}}
+    if path.is_file():
+        manifest = json.loads(path.read_text())
+    for trial in trials:
+        previous = manifest["trials"].get(trial.id)
+        record = {**asdict(trial), "train_argv": trial.train_argv()}
+        if (
+            previous is not None
+            and previous.get("train_argv") != record["train_argv"]
+            and find_run_dir(trial.folder, trial.algo)
+        ):
+            print(
+                f"Warning: trial {trial.id} was started with other settings; it continues with the settings saved "
+                f"in its run folder.",
+                file=sys.stderr,
+            )
+            continue
+        manifest["trials"][trial.id] = record
+    manifest["grid"] = asdict(grid)
+    manifest["updated"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    write_json(path, manifest)
+
+
+def load_manifest(folder: str | Path) -> dict[str, Any]:
+    """The ``sweep.json`` of a sweep folder.
+
+    :raises ZooError: If the folder holds no sweep.
+    """
+    path = Path(folder) / SWEEP_FILE
+    if not path.is_file():
+        raise ZooError(f"{folder} is not a sweep folder: {path} is missing (start a sweep with -f {folder}).")
+    return json.loads(path.read_text())
+
+
+def run_sweep(trials: Sequence[Trial], folder: Path, args: argparse.Namespace) -> dict[str, str]:
+    """Run the trials that are not finished on Ray, printing the table every ``args.refresh`` seconds.
+
+    :return: The status of every trial (``done``, ``skipped (finished earlier)``, ``failed (...)``, ...).
+    """
+    statuses: dict[str, str] = {}
+    todo = []
+    for trial in trials:
+        run_dir = find_run_dir(trial.folder, trial.algo)
+        if run_dir is not None and is_done(run_dir):
+            statuses[trial.id] = "skipped (finished earlier)"
+        else:
+            todo.append(trial)
+    print(
+        f"Sweep {folder}: {len(trials)} trials, {len(trials) - len(todo)} finished earlier, {len(todo)} to run."
+    )
+    if not todo:
+        return statuses
+    ray = import_ray()
+    started = connect(args.address, args.num_cpus, args.num_gpus)
+    try:
+        check_resources(args.cpus_per_trial, args.gpus_per_trial)
+        task = remote_trial(args.cpus_per_trial, args.gpus_per_trial, args.max_retries)
+        pending = {task.remote(asdict(trial)): trial for trial in todo}
+        last = 0.0
+        try:
+            while pending:
+                ready, _ = ray.wait(list(pending), num_returns=1, timeout=min(1.0, args.refresh))
+                for ref in ready:
+                    trial = pending.pop(ref)
+                    statuses[trial.id] = _outcome(ray, ref)
+                if time.monotonic() - last >= args.refresh and pending:
+                    last = time.monotonic()
+                    print(f"\n[{time.strftime('%H:%M:%S')}] {len(pending)} trial(s) left", flush=True)
+                    print(table(trials, statuses), flush=True)
+        except KeyboardInterrupt:
+            # Ray delivers SIGINT to the running trials: each writes a checkpoint and stops.
+            print(
+                "Interrupted: the running trials write a checkpoint and stop; run the sweep again to continue."
+            )
+            for ref in pending:
+                ray.cancel(ref)
+            ray.wait(list(pending), num_returns=len(pending), timeout=120)
+            raise
+    finally:
+        if started:
+            ray.shutdown()
+    return statuses
+
+
+def _outcome(ray: Any, ref: Any) -> str:
+    """The status of a finished Ray task."""
+    try:
+        result = ray.get(ref)
+    except ray.exceptions.RayError as err:  # the worker died more often than --max-retries allows
+        return f"failed ({type(err).__name__}; see trial.log)"
+    if result["code"] == 0:
+        return "skipped (finished earlier)" if result["action"] == "skipped" else f"done ({result['action']})"
+    if result["action"] == "locked":
+        return "failed (another process writes its run folder)"
+    return f"failed (exit {result['code']}; see trial.log)"
+
+
+# --------------------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------------------
+def report(
+    folder: str | Path, output: str | Path | None = None, n_bootstrap: int = 2000, dpi: int = 150
+) -> list[Path]:
+    """Curves and final-score statistics (rliable) of a sweep's runs, grouped by method (the algorithm, and the
+    hyperparameter set when the sweep has several) and env: ``<folder>/report/`` by default.
+
+    :return: The files written.
+    :raises ZooError: If no run of the sweep has an evaluation yet.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display needed
+    from d2r_sb3.zoo import plot
+
+    folder = Path(folder)
+    manifest = load_manifest(folder)
+    output = Path(output) if output is not None else folder / REPORT_DIR
+    output.mkdir(parents=True, exist_ok=True)
+    several_sets = len({trial["hp_set"] for trial in manifest["trials"].values()}) > 1
+    runs = []
+    for trial in manifest["trials"].values():
+        run_dir = find_run_dir(trial["folder"], trial["algo"])
+        if run_dir is None or not RunLayout(run_dir).evaluations_file.is_file():
+            continue
+        run = plot.load_run(run_dir, "success", per_task_x=False)
+        if run is not None:
+            label = f"{trial['algo']} [{trial['hp_set']}]" if several_sets else trial["algo"]
+            runs.append((label, run))
+    if not runs:
+        raise ZooError(f"No run of the sweep {folder} has an evaluation yet (runs need --eval-freq > 0).")
+    several_envs = len({run.env for _, run in runs}) > 1
+    groups: dict[str, list[plot.Run]] = {}
+    for label, run in runs:
+        groups.setdefault(f"{label} {run.env}" if several_envs else label, []).append(run)
+    args = argparse.Namespace(
+        metric="success",
+        x_label="Env steps (all tasks)",
+        n_bootstrap=n_bootstrap,
+        estimator="IQM",
+        title=f"Sweep {folder.name}",
+        dpi=dpi,
+    )
+    files = [output / "curves.png", output / "curves_per_task.png"]
+    curves = plot.plot_mean(groups, files[0], args)
+    plot.plot_per_task(groups, files[1], args)
+    for label, curve in curves.items():
+        band = f" [{curve.low[-1]:.3f}, {curve.high[-1]:.3f}]" if curve.low is not None else ""
+        print(
+            f"  {label}: success {curve.center[-1]:.3f}{band} at {curve.steps[-1]:,.0f} steps ({curve.method or '1 run'})"
+        )
+    for result in plot.write_statistics(groups, output, n_bootstrap, dpi):
+        print(result.markdown)
+        files += result.files
+    print("Wrote " + ", ".join(str(path) for path in files))
+    return files
+
+
+# --------------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line interface of a sweep (``report`` has its own, :func:`build_report_parser`)."""
+    parser = argparse.ArgumentParser(
+        description="Run a grid of zoo trainings (algos x envs x goal modes x hyperparameter sets x seeds) on Ray; "
+        "train.py flags for every trial go after --. `d2r-sweep report FOLDER` writes the statistics of a sweep.",
+        formatter_class=HelpFormatter,
+    )
+    grid = parser.add_argument_group("grid (each flag overrides the grid file's key)")
+    grid.add_argument("-c", "--config", metavar="YAML", help="Grid file (keys: " + ", ".join(GRID_KEYS) + ")")
+    grid.add_argument("--algo", nargs="+", dest="algos", help="Algorithms (default d2r)")
+    grid.add_argument(
+        "--env", nargs="+", dest="envs", help="Benchmarks: MT10, MT50 or task lists (default MT10)"
+    )
+    grid.add_argument("--goals", nargs="+", help="Goal modes (default rand)")
+    grid.add_argument("--preset", help="Env preset (default paper)")
+    grid.add_argument("--seeds", nargs="+", type=int, help="Seeds (default 0)")
+    grid.add_argument("--n-seeds", type=int, help="Seeds 0..N-1 (instead of --seeds)")
+    grid.add_argument(
+        "-params", "--hyperparams", nargs="+", metavar="KEY:VALUE", help="Hyperparameters of every trial"
+    )
+    grid.add_argument(
+        "--hp-sets",
+        nargs="+",
+        metavar="SET",
+        help="A grid dimension of hyperparameter sets, each a quoted list of KEY:VALUE "
+        "('learning_rate:1e-4' 'learning_rate:1e-3 batch_size:640')",
+    )
+    grid.add_argument("-conf", "--conf-file", help="Hyperparameter YAML of every trial (train.py -conf)")
+    resources = parser.add_argument_group("resources")
+    resources.add_argument(
+        "-f", "--folder", default="sweeps/sweep", help="Sweep folder (run it again to continue)"
+    )
+    resources.add_argument(
+        "--address", help="Ray cluster to use (auto, ray://<head>:10001); default: a local instance"
+    )
+    resources.add_argument("--num-cpus", type=int, help="CPUs of the local Ray instance (default: all)")
+    resources.add_argument("--num-gpus", type=int, help="GPUs of the local Ray instance (default: all)")
+    resources.add_argument(
+        "--cpus-per-trial", type=float, default=1.0, help="CPUs Ray reserves for each trial"
+    )
+    resources.add_argument(
+        "--gpus-per-trial",
+        type=float,
+        default=0.0,
+        help="GPUs for each trial (a fraction shares a GPU; > 0: cuda)",
+    )
+    resources.add_argument(
+        "--num-threads",
+        type=int,
+        default=-1,
+        help="Torch threads per trial (-1: --cpus-per-trial, at least 1)",
+    )
+    resources.add_argument(
+        "--device", help="Torch device of the trials (default: cuda with --gpus-per-trial, else cpu)"
+    )
+    resources.add_argument(
+        "--max-retries", type=int, default=3, help="Retries of a trial whose worker process died"
+    )
+    resources.add_argument(
+        "--refresh", type=float, default=10.0, help="Seconds between two prints of the table"
+    )
+    parser.add_argument(
+        "--dry-run", action="store_true", help="List the trials and their commands; run nothing"
+    )
+    parser.add_argument(
+        "--report", action="store_true", help="Write the report (d2r-sweep report) at the end"
+    )
+    parser.add_argument(
+        "--n-bootstrap", type=int, default=2000, help="Bootstrap resamples of the report's intervals"
+    )
+    search = parser.add_argument_group("hyperparameter search (--optimize, one algo and one env)")
+    search.add_argument(
+        "--optimize", action="store_true", help="Search hyperparameters with Optuna instead of a grid"
+    )
+    search.add_argument(
+        "--n-trials", type=int, default=20, help="Trials the study should hold in all (continued)"
+    )
+    search.add_argument(
+        "--search-space", metavar="YAML", help="Search spaces per algo (default: the package's)"
+    )
+    search.add_argument(
+        "--pruner",
+        default="median",
+        choices=["median", "none"],
+        help="Stop trials below the median at an evaluation",
+    )
+    search.add_argument("--sampler-seed", type=int, default=0, help="Seed of the TPE sampler")
+    search.add_argument("--study-name", default="study", help="Name of the study in <folder>/study.db")
+    return parser
+
+
+def split_train_args(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """``argv`` split at the first ``--``: the sweep's flags, then the train.py flags of every trial."""
+    argv = list(argv)
+    if "--" in argv:
+        index = argv.index("--")
+        return argv[:index], argv[index + 1 :]
+    return argv, []
+
+
+def grid_from_args(args: argparse.Namespace, train_args: list[str]) -> Grid:
+    """The grid: the file's keys, overridden by the flags given."""
+    values = load_grid_file(args.config) if args.config else {}
+    for key in ("algos", "envs", "goals", "preset", "seeds", "conf_file"):
+        if getattr(args, key) is not None:
+            values[key] = getattr(args, key)
+    if args.n_seeds is not None:
+        if args.n_seeds < 1:
+            raise ZooError(f"--n-seeds must be >= 1, got {args.n_seeds}.")
+        values["seeds"] = list(range(args.n_seeds))
+    if args.hyperparams:
+        values["hyperparams"] = {
+            **values.get("hyperparams", {}),
+            **parse_key_values(args.hyperparams, "--hyperparams"),
+        }
+    if args.hp_sets:
+        sets = [parse_key_values(shlex.split(item), "--hp-sets") for item in args.hp_sets]
+        values["hp_sets"] = {set_name(overrides): overrides for overrides in sets}
+    if train_args:
+        values["train_args"] = train_args
+    grid = Grid(**values)
+    grid.check()
+    return grid
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: ``report FOLDER``, ``--optimize``, or a grid sweep."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["report"]:
+        return report_main(argv[1:])
+    own, train_args = split_train_args(argv)
+    args = build_parser().parse_args(own)
+    if args.cpus_per_trial <= 0 or args.gpus_per_trial < 0:
+        raise ZooError("--cpus-per-trial must be > 0 and --gpus-per-trial >= 0.")
+    if args.max_retries < 0 or args.refresh <= 0:
+        raise ZooError("--max-retries must be >= 0 and --refresh > 0.")
+    num_threads = args.num_threads if args.num_threads > 0 else max(1, int(args.cpus_per_trial))
+    device = args.device or ("cuda" if args.gpus_per_trial > 0 else "cpu")
+    grid = grid_from_args(args, train_args)
+    if grid.conf_file:
+        grid.conf_file = str(Path(grid.conf_file).resolve())
+    # Absolute paths: Ray workers do not run in this directory.
+    folder = Path(args.folder).resolve()
+    if not args.dry_run:
+        check_address(args.address)
+    if args.optimize:
+        from d2r_sb3.zoo.optimize import optimize
+
+        return optimize(grid, folder, args, num_threads, device)
+    trials = grid.trials(folder, num_threads, device)
+    if args.dry_run:
+        for trial in trials:
+            print(f"{trial.id}: python zoo/train.py {shlex.join(trial.train_argv())}")
+        return 0
+    folder.mkdir(parents=True, exist_ok=True)
+    write_manifest(folder, trials, grid)
+    start = time.monotonic()
+    statuses = {}
+    try:
+        statuses = run_sweep(trials, folder, args)
+    finally:
+        print()
+        print(table(trials, statuses))
+        print()
+        print(write_summary(folder, trials, statuses, time.monotonic() - start))
+        print(f"Wrote {folder / SUMMARY_MD} and {folder / SUMMARY_JSON}")
+    failed = [trial_id for trial_id, status in statuses.items() if status.startswith("failed")]
+    if args.report:
+        report(folder, n_bootstrap=args.n_bootstrap)
+    return 1 if failed else 0
+
+
+def build_report_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="d2r-sweep report",
+        description="Curves and rliable statistics (IQM, mean, median, optimality gap, probability of improvement, "
+        "performance profiles, per-task means) of a sweep's runs.",
+        formatter_class=HelpFormatter,
+    )
+    parser.add_argument("folder", help="Sweep folder")
+    parser.add_argument("-o", "--output", help="Report folder (default: <folder>/report)")
+    parser.add_argument("--n-bootstrap", type=int, default=2000, help="Stratified bootstrap resamples")
+    parser.add_argument("--dpi", type=int, default=150, help="Resolution of the PNGs")
+    return parser
+
+
+def report_main(argv: Sequence[str]) -> int:
+    """``d2r-sweep report FOLDER``."""
+    args = build_report_parser().parse_args(argv)
+    if args.n_bootstrap < 1:
+        raise ZooError("--n-bootstrap must be >= 1.")
+    report(args.folder, args.output, args.n_bootstrap, args.dpi)
+    return 0
+
+
+def cli() -> None:
+    """The ``d2r-sweep`` console command (and ``python zoo/sweep.py``): :func:`main` with clean error exits."""
+    run_main(main)
+
+
+if __name__ == "__main__":
+    cli()

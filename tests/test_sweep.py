@@ -1,0 +1,219 @@
+"""d2r-sweep on a real local Ray instance: a grid of tiny runs, a trial's worker killed and resumed, the rliable
+report on runs with known scores, and a 3-trial Optuna search.
+
+Ray is started once for the module (2 CPUs, no dashboard); the sweep commands find it and leave it running. Every
+run is 2 Meta-World tasks with 20-step episodes and tiny networks, so that a trial takes seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from helpers import CommandResult, check_clean_error, check_ok, run_command
+
+pytest.importorskip("ray")
+pytest.importorskip("rliable")
+pytest.importorskip("optuna")
+
+import ray  # noqa: E402
+
+from d2r_sb3.zoo.utils import load_hyperparams  # noqa: E402
+
+TINY = [
+    "--hyperparams",
+    "batch_size:16",
+    "learning_starts:100",
+    "buffer_size:2000",
+    "d2r/policy_kwargs:{n_modules: 4, module_dim: 16, encoder_sizes: [32, 32], gate_sizes: [16]}",
+    "mtsac/policy_kwargs:{net_arch: [32, 32]}",
+]
+# After --: train.py flags of every trial. 2 tasks x 200 steps; an evaluation and a checkpoint every 50 per task.
+TRAIN = "-- -n 400 --env-kwargs max_episode_steps:20 --eval-freq 50 --eval-episodes 2 --final-eval-episodes 2".split()
+TRAIN += "--save-freq 50 --verbose 1".split()
+
+
+def sweep(*argv: str) -> CommandResult:
+    return run_command("sweep", list(argv))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_instance():
+    """One local Ray instance for the module (the sweeps connect to it instead of starting their own)."""
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def test_grid_sweep_survives_a_killed_worker_and_skips_finished_trials(tmp_path: Path):
+    folder = tmp_path / "sweep"
+    argv = [
+        "--algo",
+        "d2r",
+        "mtsac",
+        "--env",
+        "reach,push",
+        "--seeds",
+        "0",
+        "1",
+        "-f",
+        str(folder),
+        "--refresh",
+        "2",
+    ]
+    argv += [*TINY, *TRAIN]
+    result: list[CommandResult] = []
+    thread = threading.Thread(target=lambda: result.append(sweep(*argv)))
+    thread.start()
+    # Kill the first trial's training process (the Ray worker) once it has written a checkpoint.
+    run = folder / "runs" / "d2r_reach+push_rand_base_s0" / "d2r" / "custom-rand_1"
+    deadline = time.monotonic() + 240
+    while not list((run / "checkpoints").glob("step_*")) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert list((run / "checkpoints").glob("step_*")), "no checkpoint was written"
+    pid = json.loads((run / ".lock").read_text())["pid"]
+    os.kill(pid, signal.SIGKILL)
+    thread.join(timeout=400)
+    assert not thread.is_alive()
+    out = check_ok(result[0])
+
+    assert "4 to run" in out and "trial(s) left" in out  # the live table
+    summary = json.loads((folder / "summary.json").read_text())
+    assert [t["status"] for t in summary["trials"]] == [
+        "done (resumed)",
+        "done (started)",
+        "done (started)",
+        "done (started)",
+    ]
+    assert all(t["env_steps"] == 400 and t["final_success"] is not None for t in summary["trials"])
+    assert "| d2r_reach+push_rand_base_s0 | done (resumed) |" in (folder / "summary.md").read_text()
+    # The killed trial continued from its checkpoint in the same folder (Ray's retry called train.py --resume).
+    commands = (run / "custom-rand" / "command.txt").read_text().splitlines()
+    assert len(commands) == 2 and commands[1].startswith("python zoo/train.py --resume")
+    log = (run.parents[2] / "d2r_reach+push_rand_base_s0" / "trial.log").read_text()
+    assert "Resuming " in log and "from checkpoints/step_" in log
+    steps = json.loads((run / "evaluations.json").read_text())["timesteps"]
+    assert steps == sorted(set(steps)) and steps[-1] == 400  # one history, continued, not restarted
+    manifest = json.loads((folder / "sweep.json").read_text())
+    assert len(manifest["trials"]) == 4
+
+    again = check_ok(sweep(*argv))  # the same sweep again: nothing left to run
+    assert "4 finished earlier, 0 to run" in again
+
+
+def test_bad_input_gives_clean_errors(tmp_path: Path):
+    assert "Unknown algo 'nope'" in check_clean_error(sweep("--algo", "nope", "--dry-run"))
+    bad = tmp_path / "grid.yml"
+    bad.write_text("algos: [d2r]\nsteps: 3\n")
+    assert "unknown key(s) steps" in check_clean_error(sweep("-c", str(bad), "--dry-run"))
+    assert "cannot be passed after --" in check_clean_error(sweep("--dry-run", "--", "--seed", "3"))
+    assert "not a sweep folder" in check_clean_error(sweep("report", str(tmp_path)))
+    unreachable = check_clean_error(sweep("--address", "ray://127.0.0.1:9", "-f", str(tmp_path / "x")))
+    assert "Cannot reach the Ray cluster at --address ray://127.0.0.1:9" in unreachable
+    grid = tmp_path / "ok.yml"
+    grid.write_text(
+        "algos: [d2r, mtsac]\nenvs: ['reach,push']\nseeds: [0, 1, 2]\nhp_sets: {a: {gamma: 0.9}, b: {}}\n"
+    )
+    out = check_ok(sweep("-c", str(grid), "--dry-run", "-f", str(tmp_path / "s")))
+    assert len(out.splitlines()) == 12 and "d2r_reach+push_rand_a_s2:" in out and "gamma:0.9" in out
+
+
+def _write_run(folder: Path, trial_id: str, algo: str, scores: list[float]) -> None:
+    """A finished-looking run folder whose last evaluation scores each task as given."""
+    run = folder / "runs" / trial_id / algo / "custom-rand_1"
+    run.mkdir(parents=True)
+    tasks = ["reach-v3", "push-v3"]
+    history = {
+        "task_names": tasks,
+        "timesteps": [100, 200],
+        "timesteps_per_task": [50, 100],
+        "mean_success": [0.0, float(np.mean(scores))],
+        "mean_return": [0.0, 1.0],
+        "success": {task: [0.0, score] for task, score in zip(tasks, scores, strict=True)},
+        "return": {task: [0.0, 1.0] for task in tasks},
+    }
+    (run / "evaluations.json").write_text(json.dumps(history))
+
+
+def test_report_computes_rliable_statistics_of_known_scores(tmp_path: Path):
+    folder = tmp_path / "sweep"
+    known = {"d2r": [[0.0, 0.2], [0.4, 0.6], [0.8, 1.0], [1.0, 1.0]], "mtsac": [[0.5, 0.5]] * 4}
+    trials = {}
+    for algo, runs in known.items():
+        for seed, scores in enumerate(runs):
+            trial_id = f"{algo}_reach+push_rand_base_s{seed}"
+            _write_run(folder, trial_id, algo, scores)
+            trials[trial_id] = {"algo": algo, "hp_set": "base", "folder": str(folder / "runs" / trial_id)}
+    (folder / "sweep.json").write_text(json.dumps({"trials": trials}))
+
+    out = check_ok(sweep("report", str(folder), "--n-bootstrap", "200"))
+    stats = json.loads((folder / "report" / "statistics.json").read_text())
+    d2r, mtsac = stats["aggregates"]["d2r"], stats["aggregates"]["mtsac"]
+    # d2r's 8 scores sorted: 0 .2 .4 .6 .8 1 1 1; the IQM keeps the middle four.
+    assert d2r["IQM"]["value"] == pytest.approx(0.7) and d2r["Mean"]["value"] == pytest.approx(0.625)
+    assert d2r["Optimality gap"]["value"] == pytest.approx(0.375)
+    assert d2r["IQM"]["low"] <= 0.7 <= d2r["IQM"]["high"] and d2r["IQM"]["low"] < d2r["IQM"]["high"]
+    assert mtsac["IQM"] == {
+        "value": pytest.approx(0.5),
+        "low": pytest.approx(0.5),
+        "high": pytest.approx(0.5),
+    }
+    # P(d2r > mtsac): task 1 wins 2 of 4 runs, task 2 wins 3 of 4.
+    (improvement,) = stats["probability_of_improvement"]
+    assert (improvement["x"], improvement["y"], improvement["value"]) == (
+        "d2r",
+        "mtsac",
+        pytest.approx(0.625),
+    )
+    assert stats["per_task"]["d2r"]["push-v3"]["value"] == pytest.approx(0.7)
+    assert "| d2r | 4 | 0.700 [" in out and "## Probability of improvement" in out
+    for name in (
+        "curves.png",
+        "curves_per_task.png",
+        "aggregates.png",
+        "performance_profiles.png",
+        "per_task.png",
+        "probability_of_improvement.png",
+    ):
+        assert (folder / "report" / name).stat().st_size > 5000, name
+
+
+def test_optimize_runs_a_persisted_study_and_writes_a_usable_yaml(tmp_path: Path):
+    import optuna
+
+    folder = tmp_path / "search"
+    space = tmp_path / "space.yml"
+    space.write_text(
+        "mtsac:\n"
+        "  learning_rate: {type: float, low: 1.0e-4, high: 1.0e-3, log: true}\n"
+        "  batch_size: {type: categorical, choices: [4, 8], per_task: true}\n"
+        "  policy_kwargs.net_arch: {type: categorical, choices: [[16], [32, 32]]}\n"
+    )
+    argv = ["--optimize", "--algo", "mtsac", "--env", "reach,push", "--n-trials", "3", "-f", str(folder)]
+    argv += ["--search-space", str(space), "--hyperparams", "learning_starts:100", "buffer_size:2000"]
+    out = check_ok(
+        sweep(
+            *argv,
+            "--",
+            *"-n 200 --env-kwargs max_episode_steps:20 --eval-freq 50".split(),
+            *"--eval-episodes 1 --final-eval-episodes 1 --verbose 0".split(),
+        )
+    )
+    study = optuna.load_study(study_name="study", storage=f"sqlite:///{folder / 'study.db'}")
+    assert len(study.trials) == 3 and all(t.state.is_finished() for t in study.trials)
+    assert "Wrote" in out and "best_hyperparams.yml" in out
+    best, source = load_hyperparams("mtsac", "custom", "paper", conf_file=folder / "best_hyperparams.yml")
+    assert source.endswith("best_hyperparams.yml:custom-paper")
+    params = study.best_trial.params
+    assert best["batch_size"] == 2 * params["batch_size"]  # per task x 2 tasks
+    assert best["learning_rate"] == pytest.approx(params["learning_rate"])
+    assert best["policy_kwargs"]["net_arch"] == json.loads(params["policy_kwargs.net_arch"])
+    assert best["learning_starts"] == 100 and best["n_timesteps"] == 1e6  # the sweep's and the file's values
+    assert yaml.safe_load((folder / "best_hyperparams.yml").read_text()).keys() == {"custom-paper"}
