@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch as th
 from gymnasium import spaces
-from reference_d2r import reference_forward
 
 from d2r_sb3.d2r import D2RPolicy, RoutedNetwork, RouteRequest
+from d2r_sb3.d2r.reference import reference_forward
 from d2r_sb3.d2r.routed_block import BlockPlan, routed_block
 from d2r_sb3.d2r.routing import RoutingGraph
 

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import torch as th
 from gymnasium import spaces
-from reference_d2r import reference_forward
 
 import d2r_sb3.d2r.routed_block as routed_block_module
 from d2r_sb3.d2r import D2RPolicy, RoutedNetwork, RouteRequest
+from d2r_sb3.d2r.reference import reference_forward
 
 RESROUTING = {"off": (False, "full"), "full": (True, "full"), "masked": (True, "masked")}
 
