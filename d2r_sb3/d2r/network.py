@@ -22,8 +22,18 @@ import torch as th
 from torch import nn
 from torch.nn import functional as F
 
-from d2r_sb3.d2r.routed_block import BlockPlan, _flat_rows, _linear, _node_major, routed_block, run_nodes
+from d2r_sb3.common.ensemble import EnsembleLinear, EnsembleMLP, uniform_
+from d2r_sb3.d2r.routed_block import BlockPlan, _flat_rows, _node_major, routed_block, run_nodes
 from d2r_sb3.d2r.routing import RoutingGraph, RoutingPath
+
+__all__ = [
+    "SHORTCUT_MODES",
+    "TOPK",
+    "EnsembleLinear",  # re-exported from d2r_sb3.common.ensemble, where it moved
+    "EnsembleMLP",
+    "RouteRequest",
+    "RoutedNetwork",
+]
 
 SHORTCUT_MODES: tuple[str, ...] = ("full", "masked")
 
@@ -44,50 +54,6 @@ class RouteRequest:
 
 
 TOPK = RouteRequest()
-
-
-def _uniform_(tensor: th.Tensor, bound: float) -> None:
-    with th.no_grad():
-        tensor.uniform_(-bound, bound)
-
-
-class EnsembleLinear(nn.Module):
-    """``E`` independent linear layers applied as one batched matmul (``x [E, B, in] -> [E, B, out]``)."""
-
-    def __init__(self, n_nets: int, in_features: int, out_features: int):
-        super().__init__()
-        self.weight = nn.Parameter(th.empty(n_nets, out_features, in_features))
-        self.bias = nn.Parameter(th.empty(n_nets, out_features))
-        self.basic_init_()
-
-    def basic_init_(self) -> None:
-        # The authors' init (spec section 1): U(-b, b) with b = 1/sqrt(out_features) and bias 0.1.
-        _uniform_(self.weight, 1.0 / math.sqrt(self.weight.shape[1]))
-        nn.init.constant_(self.bias, 0.1)
-
-    def forward(self, x: th.Tensor, detach: bool = False, dtype: th.dtype | None = None) -> th.Tensor:
-        weight, bias = (self.weight.detach(), self.bias.detach()) if detach else (self.weight, self.bias)
-        if dtype is not None:  # reduced-precision compute; the parameters themselves stay float32
-            weight, bias = weight.to(dtype), bias.to(dtype)
-        return _linear(x, weight, bias)
-
-
-class EnsembleMLP(nn.Module):
-    """Stack of :class:`EnsembleLinear` with ReLU between layers (and after the last if ``final_relu``)."""
-
-    def __init__(self, n_nets: int, sizes: Sequence[int], final_relu: bool):
-        super().__init__()
-        self.layers = nn.ModuleList(
-            EnsembleLinear(n_nets, a, b) for a, b in zip(sizes[:-1], sizes[1:], strict=True)
-        )
-        self.final_relu = final_relu
-
-    def forward(self, x: th.Tensor, detach: bool = False, dtype: th.dtype | None = None) -> th.Tensor:
-        for i, layer in enumerate(self.layers):
-            x = layer(x, detach, dtype)
-            if i < len(self.layers) - 1 or self.final_relu:
-                x = th.relu(x)
-        return x
 
 
 class RoutedNetwork(nn.Module):
@@ -147,11 +113,11 @@ class RoutedNetwork(nn.Module):
         self.b_in = nn.Parameter(th.full((n_nets, n_in, module_dim), 0.1))
         self.w_hid = nn.Parameter(th.empty(n_nets, n_hid, module_dim, module_dim))
         self.b_hid = nn.Parameter(th.full((n_nets, n_hid, module_dim), 0.1))
-        _uniform_(self.w_in, 1.0 / math.sqrt(module_dim))
-        _uniform_(self.w_hid, 1.0 / math.sqrt(module_dim))
+        uniform_(self.w_in, 1.0 / math.sqrt(module_dim))
+        uniform_(self.w_hid, 1.0 / math.sqrt(module_dim))
         self.head = EnsembleLinear(n_nets, module_dim, out_dim)
-        _uniform_(self.head.weight, 3e-3)  # the authors' uniform_init for the last layer
-        _uniform_(self.head.bias, 3e-3)
+        uniform_(self.head.weight, 3e-3)  # the authors' uniform_init for the last layer
+        uniform_(self.head.bias, 3e-3)
         # Per-task routing temperature tau (route balancing, spec section 2.3). A buffer, not a parameter:
         # it never has a gradient, and it is overwritten after every update.
         self.register_buffer("route_temperature", th.ones(num_tasks))

@@ -48,6 +48,8 @@ from dataclasses import dataclass
 import torch as th
 from torch.autograd.function import once_differentiable
 
+from d2r_sb3.common.ensemble import ensemble_linear
+
 _SUM = 0  # embedding_bag mode "sum"
 
 
@@ -63,11 +65,6 @@ class BlockPlan:
     def routed_nodes(self) -> tuple[int, ...]:
         """Nodes that read other modules: every non-input module, then the output node ``n``."""
         return (*(i for i, inp in enumerate(self.is_input) if not inp), len(self.is_input))
-
-
-def _linear(x: th.Tensor, weight: th.Tensor, bias: th.Tensor) -> th.Tensor:
-    """Ensemble linear layer: ``x [E, B, in]``, ``weight [E, out, in]``, ``bias [E, out]``."""
-    return th.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2))
 
 
 def _flat_rows(sources: th.Tensor, n_modules: int) -> th.Tensor:
@@ -135,7 +132,7 @@ def run_nodes(
             th.baddbmm(b_in[:, k].unsqueeze(1), x0, w_in[:, k].transpose(1, 2), out=outputs[node]).relu_()
             continue
         u = _bag(flat_outputs, rows[node].view(-1), offsets, weights_nm[node].view(-1)).view(ens, batch, dim)
-        h = _linear(u, w_hid[:, k], b_hid[:, k]).relu_()
+        h = ensemble_linear(u, w_hid[:, k], b_hid[:, k]).relu_()
         if saved is not None:
             saved[0].append(h)
             saved[1].append(u)
