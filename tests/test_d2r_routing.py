@@ -12,7 +12,7 @@ from gymnasium import spaces
 
 from d2r_sb3.d2r import D2RPolicy, RoutedNetwork, RouteRequest
 from d2r_sb3.d2r.reference import reference_forward
-from d2r_sb3.d2r.routed_block import BlockPlan, routed_block
+from d2r_sb3.d2r.routed_block import BlockPlan, BlockWorkspace, routed_block
 from d2r_sb3.d2r.routing import RoutingGraph
 
 
@@ -230,7 +230,7 @@ def handcrafted_block(shortcut: str, keep_j_at_i: bool | None):
     plan = BlockPlan(
         is_input=(True, False, False, False), param_index=(0, 0, 1, 2), masked_shortcut=shortcut == "masked"
     )
-    y = routed_block(x0, w_in, b_in, w_hid, b_hid, weights, sources, keep, plan)
+    y = routed_block(x0, w_in, b_in, w_hid, b_hid, weights, sources, keep, BlockWorkspace(plan))
     y.sum().backward()
     return {"module_j": w_hid.grad[0, 1], "module_a": w_hid.grad[0, 0], "module_i": w_hid.grad[0, 2]}
 

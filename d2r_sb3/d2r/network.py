@@ -23,7 +23,14 @@ from torch import nn
 from torch.nn import functional as F
 
 from d2r_sb3.common.ensemble import EnsembleLinear, EnsembleMLP, uniform_
-from d2r_sb3.d2r.routed_block import BlockPlan, _flat_rows, _node_major, routed_block, run_nodes
+from d2r_sb3.d2r.routed_block import (
+    BlockPlan,
+    BlockWorkspace,
+    _flat_rows,
+    _node_major,
+    routed_block,
+    run_nodes,
+)
 from d2r_sb3.d2r.routing import RoutingGraph, RoutingPath
 
 __all__ = [
@@ -132,6 +139,7 @@ class RoutedNetwork(nn.Module):
             param_index=tuple(param_index),
             masked_shortcut=resrouting_shortcut == "masked",
         )
+        self.block_workspace = BlockWorkspace(self.plan)
         self._register_routing_tables()
 
     def _register_routing_tables(self) -> None:
@@ -257,7 +265,7 @@ class RoutedNetwork(nn.Module):
         if compute_dtype is not None:
             params = tuple(p.to(compute_dtype) for p in params)
             weights = weights.to(compute_dtype)
-        y = routed_block(x0, *params, weights, sources, keep, self.plan)
+        y = routed_block(x0, *params, weights, sources, keep, self.block_workspace)
         if compute_dtype is not None:
             y = y.to(self.head.weight.dtype)  # the head (Q value, action mean / log-std) in full precision
         return self.head(y, detach_params), sources
