@@ -10,6 +10,7 @@
 * head: ``Linear(module_dim -> out)``.
 
 All parameters carry a leading ensemble dimension, so ``n_nets=2`` evaluates the twin critics in one call.
+:mod:`.skipping` holds the inference path that computes only the modules a route reaches.
 """
 
 from __future__ import annotations
@@ -20,16 +21,13 @@ from dataclasses import dataclass
 
 import torch as th
 from torch import nn
-from torch.nn import functional as F
 
 from d2r_sb3.common.ensemble import EnsembleLinear, EnsembleMLP, uniform_
+from d2r_sb3.d2r import skipping
 from d2r_sb3.d2r.routed_block import (
     BlockPlan,
     BlockWorkspace,
-    _flat_rows,
-    _node_major,
     routed_block,
-    run_nodes,
 )
 from d2r_sb3.d2r.routing import RoutingGraph, RoutingPath
 
@@ -149,15 +147,6 @@ class RoutedNetwork(nn.Module):
         # Flat logit position of edge (node, source): the chosen logits are gathered without padding.
         self.register_buffer("_edge_position", graph.flat_index.clamp(min=0).flatten(), persistent=False)
         self.register_buffer("_node_offset", th.arange(n + 1).view(n + 1, 1) * n, persistent=False)
-        self._slots_used = graph.slot_valid.sum(-1).tolist()  # sources used per node (slots fill from 0)
-        # Per node, its candidate modules and their flat logit positions (single-observation TopK in Python).
-        self._candidates = [
-            (
-                th.nonzero(graph.candidates[node]).flatten().tolist(),
-                graph.flat_index[node][graph.candidates[node]].tolist(),
-            )
-            for node in range(n + 1)
-        ]
 
     # ----------------------------------------------------------------------------------------------------
     def encode(
@@ -270,149 +259,16 @@ class RoutedNetwork(nn.Module):
             y = y.to(self.head.weight.dtype)  # the head (Q value, action mean / log-std) in full precision
         return self.head(y, detach_params), sources
 
-    # ----------------------------------------------------------------------------------------------------
     @th.no_grad()
-    def forward_skipping(self, state: th.Tensor, task_ids: th.Tensor, route: RouteRequest = TOPK):
+    def forward_skipping(
+        self, state: th.Tensor, task_ids: th.Tensor, route: RouteRequest = TOPK
+    ) -> tuple[th.Tensor, th.Tensor, int]:
         """Inference forward that computes only the modules some chosen path reaches from the output.
 
-        The gate does not depend on module outputs, so the route (and hence the set of active modules) is
-        known before any module runs. For batch-1 control a route reaches ~4-8 of 16 modules. Sources equal
-        :meth:`forward`'s and outputs too, up to rounding. Returns ``(out, sources, number of modules computed)``.
-
-        Built for small batches, where per-operation overhead dominates: reachability is a set walk over the
-        route as Python ints, and a single observation indexes its sources directly (no gathers).
+        Same sources as :meth:`forward` and the same outputs up to rounding; see :mod:`.skipping`.
+        :return: ``(out [E, B, out_dim], sources [E, B, n + 1, slots], number of modules computed)``.
         """
-        if self.n_nets == 1 and state.shape[-2] == 1:
-            x0, logits = self._encode_single(state, task_ids)
-            if self.graph.routing == "topk" and not route.explore and route.stored is None:
-                route_list, weight_list = self._top_k_single(logits.view(-1).tolist())
-                needed = self._reachable([[route_list]])
-                y = self._single_path(x0[0], route_list, weight_list, needed)
-                out = F.linear(y, self.head.weight[0], self.head.bias[0]).unsqueeze(0)
-                flat = [source for node in route_list for source in node]
-                sources = th.tensor(flat, device=x0.device).view(1, 1, self.n_modules + 1, -1)
-                return out, sources, len(needed)
-        else:
-            x0, logits = self._encode_flat(state, task_ids, False)
-        sources, weights, _ = self._route(logits, task_ids, route)
-        sources = sources.expand(weights.shape)
-        route_list = sources.tolist()  # [E][B][n + 1][k]
-        needed = self._reachable(route_list)
-        if x0.shape[0] * x0.shape[1] == 1:
-            y = self._single_path(x0[0], route_list[0][0], weights[0, 0].tolist(), needed)
-            out = F.linear(y, self.head.weight[0], self.head.bias[0])
-            return out.unsqueeze(0), sources, len(needed)
-        mask = [node in needed for node in range(self.n_modules)]
-        rows = _flat_rows(sources, self.n_modules)
-        y, _ = run_nodes(
-            x0,
-            self.w_in,
-            self.b_in,
-            self.w_hid,
-            self.b_hid,
-            _node_major(weights),
-            rows,
-            self.plan,
-            needed=mask,
-        )
-        return self.head(y), sources, len(needed)
-
-    def _encode_single(self, state: th.Tensor, task_ids: th.Tensor) -> tuple[th.Tensor, th.Tensor]:
-        """:meth:`_encode_flat` for one observation and one network, with plain 2-D ops (fewer, cheaper calls)."""
-        f_pre = state.reshape(1, -1)
-        layers = self.state_encoder.layers
-        for i, layer in enumerate(layers):
-            f_pre = F.linear(f_pre, layer.weight[0], layer.bias[0])
-            if i < len(layers) - 1:
-                f_pre = f_pre.relu_()
-        task = task_ids.reshape(-1)
-        gate_input = (
-            self.task_encoder.weight[0].index_select(1, task).t() + self.task_encoder.bias[0]
-        ) * f_pre
-        layers = self.gate.layers
-        for i, layer in enumerate(layers):
-            gate_input = F.linear(gate_input, layer.weight[0], layer.bias[0])
-            if i < len(layers) - 1:
-                gate_input = gate_input.relu_()
-        return th.relu(f_pre).unsqueeze(0), gate_input.unsqueeze(0)
-
-    def _top_k_single(self, logits: list[float]) -> tuple[list[list[int]], list[list[float]]]:
-        """TopK sources and MaskSoftmax weights of one observation from its flat gate logits, in plain Python.
-
-        The same choice as :meth:`RoutingGraph.select` (the first of tied maxima wins), unused slots hold module 0 with
-        weight 0. For a single observation this is several times cheaper than a dozen small tensor operations.
-        """
-        k = self.graph.slots
-        route, weights = [], []
-        for modules, positions in self._candidates:
-            if k == 2 and len(positions) >= 2:
-                # One pass keeping the best two (strict '>' keeps the first of tied values, like max()).
-                first = second = -1
-                best = runner = -math.inf
-                for i, p in enumerate(positions):
-                    value = logits[p]
-                    if value > best:
-                        second, runner, first, best = first, best, i, value
-                    elif second < 0 or value > runner:
-                        second, runner = i, value
-                order = [first, second]
-            else:
-                values = [logits[p] for p in positions]
-                order = []
-                for _ in range(min(k, len(values))):
-                    order.append(
-                        max((i for i in range(len(values)) if i not in order), key=values.__getitem__)
-                    )
-            chosen = [logits[positions[i]] for i in order]
-            top = max(chosen, default=0.0)
-            exps = [math.exp(v - top) for v in chosen]
-            total = sum(exps)
-            padding = k - len(order)
-            route.append([modules[i] for i in order] + [0] * padding)
-            weights.append([e / total for e in exps] + [0.0] * padding)
-        return route, weights
-
-    def _reachable(self, route_list: list) -> set[int]:
-        """Modules reachable backward from the output node along the chosen edges, union over ``[E][B]``."""
-        n = self.n_modules
-        slots_used = self._slots_used
-        needed: set[int] = set()
-        for member in route_list:
-            for sample in member:  # each sample has its own route: walk it with its own visited set
-                reached: set[int] = set()
-                stack = [n]
-                while stack:
-                    node = stack.pop()
-                    for source in sample[node][: slots_used[node]]:
-                        if source not in reached:
-                            reached.add(source)
-                            stack.append(source)
-                needed |= reached
-        return needed
-
-    def _single_path(self, x0: th.Tensor, route: list, weights: list, needed: set[int]) -> th.Tensor:
-        """Routed block for one observation (``x0 [1, Din]``): only ``needed`` modules, sources by index."""
-        plan = self.plan
-        outputs: list[th.Tensor | None] = [None] * self.n_modules
-        slots_used = self._slots_used
-
-        def mix(node: int) -> th.Tensor:
-            used = slots_used[node]
-            sources, coefficients = route[node][:used], weights[node][:used]
-            mixed = outputs[sources[0]] * coefficients[0]
-            for source, coefficient in zip(sources[1:], coefficients[1:], strict=True):
-                mixed = mixed.add_(outputs[source], alpha=coefficient)
-            return mixed
-
-        w_in, b_in, w_hid, b_hid = self.w_in[0], self.b_in[0], self.w_hid[0], self.b_hid[0]
-        for node in sorted(needed):
-            k = plan.param_index[node]
-            if plan.is_input[node]:
-                outputs[node] = F.linear(x0, w_in[k], b_in[k]).relu_()
-            else:
-                u = mix(node)
-                outputs[node] = F.linear(u, w_hid[k], b_hid[k]).relu_().add_(u)
-        return mix(self.n_modules)
+        return skipping.forward_skipping(self, state, task_ids, route)
 
     @th.no_grad()
     def routing_path(self, state: th.Tensor, task_ids: th.Tensor, route: RouteRequest = TOPK) -> RoutingPath:

@@ -156,6 +156,13 @@ class RoutingGraph(nn.Module):
             self.register_buffer(name, table.clone(), persistent=False)
         # Stored routes: only nodes that route (input nodes have nothing to store).
         self.route_shape = (len(self.routed_nodes), self.slots)
+        # The same tables as Python lists, for the per-observation code of compute skipping: sources used per
+        # node (slots fill from 0) and, per node, its candidate modules with their flat logit positions.
+        self.slots_used: list[int] = used.tolist()
+        self.candidate_lists: list[tuple[list[int], list[int]]] = [
+            (th.nonzero(candidates[node]).flatten().tolist(), flat_index[node][candidates[node]].tolist())
+            for node in range(n_modules + 1)
+        ]
 
     # ----------------------------------------------------------------------------------------------------
     def padded_logits(self, logits: th.Tensor) -> th.Tensor:
