@@ -153,13 +153,13 @@ class RoutedNetwork(nn.Module):
         self, state: th.Tensor, task_ids: th.Tensor, detach: bool = False
     ) -> tuple[th.Tensor, th.Tensor]:
         """State and task encodings: ``(x0 [E, B, embed], padded gate logits [E, B, n + 1, n])``."""
-        x0, logits = self._encode_flat(state, task_ids, detach)
+        x0, logits = self.encode_flat(state, task_ids, detach)
         return x0, self.graph.padded_logits(logits)
 
-    def _encode_flat(
-        self, state: th.Tensor, task_ids: th.Tensor, detach: bool, dtype: th.dtype | None = None
+    def encode_flat(
+        self, state: th.Tensor, task_ids: th.Tensor, detach: bool = False, dtype: th.dtype | None = None
     ) -> tuple[th.Tensor, th.Tensor]:
-        """``(x0 [E, B, embed], flat gate logits [E, B, L])``.
+        """``(x0 [E, B, embed], flat gate logits [E, B, L])`` (Eq. 4).
 
         With a reduced-precision ``dtype`` the encoders and the gate compute in it and ``x0`` stays in it,
         while the gate logits come back in the parameters' dtype: routes, routing weights and ResRouting masks
@@ -180,14 +180,15 @@ class RoutedNetwork(nn.Module):
             gate_logits = gate_logits.to(self.task_encoder.weight.dtype)
         return th.relu(f_pre), gate_logits
 
-    def _route(
+    def choose_routes(
         self, logits: th.Tensor, task_ids: th.Tensor, route: RouteRequest
     ) -> tuple[th.Tensor, th.Tensor, th.Tensor | None]:
-        """``(sources, weights, keep)`` for flat gate logits.
+        """``(sources, weights, keep)`` for flat gate logits: the chosen sources (Eqs. 6-8), their routing weights
+        ``[E, B, n + 1, slots]`` (differentiable) and the ResRouting mask (Eq. 10; ``None`` without ResRouting).
 
         Sources and ResRouting masks need no gradient, so the padded logits are built without one; with Top-K
-        routing the weights come straight from the chosen logits (a softmax over two logits is a sigmoid of
-        their difference), so no padded tensor enters the autograd graph.
+        routing the weights come straight from the chosen logits (:meth:`mask_softmax`), so no padded tensor
+        enters the autograd graph.
         """
         if self.graph.routing != "topk":
             padded = self.graph.padded_logits(logits)
@@ -199,10 +200,15 @@ class RoutedNetwork(nn.Module):
             padded = self.graph.padded_logits(logits.detach())
             sources = self.choose_sources(padded, task_ids, route)
             keep = self.graph.keep_mask(padded, sources) if route.resrouting else None
-        return sources, self._topk_weights(logits, sources), keep
+        return sources, self.mask_softmax(logits, sources), keep
 
-    def _topk_weights(self, logits: th.Tensor, sources: th.Tensor) -> th.Tensor:
-        """MaskSoftmax weights ``[E, B, n + 1, k]`` of the chosen sources, from the flat logits."""
+    def mask_softmax(self, logits: th.Tensor, sources: th.Tensor) -> th.Tensor:
+        """MaskSoftmax (Eqs. 5 and 8): the softmax of the un-tempered logits of the chosen sources only.
+
+        :param logits: flat gate logits ``[E, B, L]``.
+        :param sources: chosen sources ``[E or 1, B, n + 1, k]`` (unused slots: any module, weight 0).
+        :return: weights ``[E, B, n + 1, k]``, zero on unused slots; each routed node's weights sum to 1.
+        """
         lead = logits.shape[:-1]
         position = self._edge_position[self._node_offset + sources]  # [E or 1, B, n + 1, k]
         position = position.expand(*lead, *position.shape[-2:])
@@ -246,8 +252,8 @@ class RoutedNetwork(nn.Module):
         """
         if compute_dtype == self.head.weight.dtype:
             compute_dtype = None  # the plain path: no casts
-        x0, logits = self._encode_flat(state, task_ids, detach_params, compute_dtype)
-        sources, weights, keep = self._route(logits, task_ids, route)
+        x0, logits = self.encode_flat(state, task_ids, detach_params, compute_dtype)
+        sources, weights, keep = self.choose_routes(logits, task_ids, route)
         params = (self.w_in, self.b_in, self.w_hid, self.b_hid)
         if detach_params:
             params = tuple(p.detach() for p in params)

@@ -9,8 +9,11 @@ Vocabulary (D2R_SPEC.md sections 1-2):
   16 modules this gives chunks of 1, 2, ..., 16 logits (136 in total), exactly the authors' layout.
 * A **route** picks up to ``k`` sources per node: ``sources[..., node, slot]`` holds module indices and
   ``slot_valid[node, slot]`` says which slots are used (module 2 has a single candidate, so one slot is empty).
-* **MaskSoftmax** (paper Eq. 5; Eq. 8 with stored routes): the routing weights are the softmax of the *un-tempered* logits restricted to
-  the chosen sources. The temperature only changes which sources are drawn.
+* **TopK** (Eq. 6) takes the ``k`` largest logits of a node; **SampleK** (Eqs. 7 and 13) draws ``k`` sources without
+  replacement from the softmax of the logits divided by the task's routing temperature.
+* **MaskSoftmax** (Eq. 5; Eq. 8 with stored routes): the routing weights are the softmax of the *un-tempered*
+  logits restricted to the chosen sources (:meth:`RoutedNetwork.mask_softmax
+  <d2r_sb3.d2r.network.RoutedNetwork.mask_softmax>`). The temperature only changes which sources are drawn.
 * The **ResRouting mask** ``keep`` (paper Eq. 10) marks chosen sources whose full-softmax share exceeds
   ``1 / (number of candidates + 1)``; the others only pass gradient through the residual shortcut.
 """
@@ -144,10 +147,6 @@ class RoutingGraph(nn.Module):
             "slot_valid": th.arange(self.slots)[None, :] < used[:, None],  # [n+1, slots]
             # ResRouting threshold 1 / (candidates + 1) per node (strict '>', spec section 2.2).
             "keep_threshold": 1.0 / (n_candidates.to(th.float32) + 1.0),
-            # Unused slots get -inf in the MaskSoftmax, except on input-node rows (no slot used): 0, finite.
-            "unused_slot_fill": th.where(routes[:, None], float("-inf"), 0.0).expand(
-                n_modules + 1, self.slots
-            ),
             "routed_index": th.tensor(self.routed_nodes),
             "pad_index": pad_index.flatten(),
             "pad_fill": th.tensor([float("-inf"), 0.0]),
@@ -182,8 +181,8 @@ class RoutingGraph(nn.Module):
 
         :param padded: ``[..., n + 1, n]`` padded logits.
         :param temperature: per-sample temperature broadcastable to ``padded[..., 0, 0]`` (SampleK only).
-        :param explore: ``True`` draws ``k`` sources without replacement from ``softmax(z / tau)`` (SampleK),
-            ``False`` takes the top ``k`` (TopK).
+        :param explore: ``True`` draws ``k`` sources without replacement from ``softmax(z / tau)`` (SampleK,
+            Eqs. 7 and 13), ``False`` takes the top ``k`` (TopK, Eq. 6).
         :return: long tensor ``[..., n + 1, slots]`` of module indices (unused slots hold 0).
         """
         if self.routing == "soft":
@@ -207,23 +206,8 @@ class RoutingGraph(nn.Module):
         # no gather touches a module that is not computed yet; their weight is 0.
         return th.where(self.slot_valid, sources, 0)
 
-    def weights(self, padded: th.Tensor, sources: th.Tensor) -> th.Tensor:
-        """Routing weights of the chosen sources, ``[..., n + 1, slots]`` (zero on invalid slots).
-
-        Top-K uses MaskSoftmax (softmax of the un-tempered logits over the chosen sources, Eq. 5); hard routing
-        keeps the full-softmax probability of its single source so the gate still learns (Switch-Transformer
-        style); soft routing uses the full softmax over every candidate.
-        """
-        valid = self.slot_valid
-        if self.routing == "topk":
-            chosen = th.where(valid, padded.gather(-1, sources), self.unused_slot_fill.to(padded.dtype))
-            probs = th.softmax(chosen, dim=-1)
-        else:
-            probs = th.softmax(padded, dim=-1).gather(-1, sources)
-        return probs * valid
-
     def keep_mask(self, padded: th.Tensor, sources: th.Tensor) -> th.Tensor:
-        """ResRouting mask: a chosen source is kept iff its full-softmax share > 1 / (candidates + 1)."""
+        """ResRouting mask (Eq. 10): a chosen source is kept iff its full-softmax share > 1 / (candidates + 1)."""
         with th.no_grad():
             share = th.softmax(padded, dim=-1).gather(-1, sources)
             return share > self.keep_threshold[:, None]

@@ -50,8 +50,8 @@ def forward_skipping(
             sources = th.tensor(flat, device=x0.device).view(1, 1, net.n_modules + 1, -1)
             return out, sources, len(needed)
     else:
-        x0, logits = net._encode_flat(state, task_ids, False)
-    sources, weights, _ = net._route(logits, task_ids, route)
+        x0, logits = net.encode_flat(state, task_ids)
+    sources, weights, _ = net.choose_routes(logits, task_ids, route)
     sources = sources.expand(weights.shape)
     route_list = sources.tolist()  # [E][B][n + 1][k]
     needed = reachable_modules(graph, route_list)
@@ -68,7 +68,7 @@ def forward_skipping(
 
 
 def _encode_one(net: RoutedNetwork, state: th.Tensor, task_ids: th.Tensor) -> tuple[th.Tensor, th.Tensor]:
-    """``RoutedNetwork._encode_flat`` for one observation and one network, with plain 2-D ops (fewer,
+    """:meth:`RoutedNetwork.encode_flat` for one observation and one network, with plain 2-D ops (fewer,
     cheaper calls): ``(x0 [1, 1, embed], flat gate logits [1, 1, L])``."""
     f_pre = state.reshape(1, -1)
     layers = net.state_encoder.layers
