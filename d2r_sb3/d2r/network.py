@@ -1,34 +1,33 @@
-"""The D2R network (D2R_SPEC.md section 1), shared by the actor and the critics.
+"""The D2R network, shared by the actor and the critics (paper Eqs. 3-8 and Fig. 3).
 
 ``x = [state part, task one-hot]``  (the critic's state part is ``[s, a]``)
 
 * state encoder **F**: ``Linear -> ReLU -> Linear`` (no final activation), giving ``f_pre``;
 * task encoder **H**: one ``Linear(T -> 400)`` of the one-hot, i.e. a learned vector per task;
 * gate input ``g = H(onehot) * f_pre`` (before the ReLU), module-path input ``x0 = relu(f_pre)``;
-* gate **G**: one shared MLP producing every gate logit ``z`` (136 for 16 modules);
-* routed block: modules with residual shortcuts and the routed output node (:mod:`.routed_block`);
+* gate **G** (Eq. 4): one shared MLP producing every gate logit ``z`` (136 for 16 modules);
+* routes and routing weights (Eqs. 5-8, :mod:`.routing`), then the routed block: modules with residual shortcuts
+  and the routed output node (Eqs. 9-12, :mod:`.routed_block`);
 * head: ``Linear(module_dim -> out)``.
 
 All parameters carry a leading ensemble dimension, so ``n_nets=2`` evaluates the twin critics in one call.
-:mod:`.skipping` holds the inference path that computes only the modules a route reaches.
+:mod:`d2r_sb3.d2r.reference` is the plain statement of the same computation, against which the tests check this
+one; :mod:`.skipping` holds the inference path that computes only the modules a route reaches.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
+from typing import Any
 
 import torch as th
 from torch import nn
 
 from d2r_sb3.common.ensemble import EnsembleLinear, EnsembleMLP, uniform_
 from d2r_sb3.d2r import skipping
-from d2r_sb3.d2r.routed_block import (
-    BlockPlan,
-    BlockWorkspace,
-    routed_block,
-)
+from d2r_sb3.d2r.routed_block import BlockPlan, BlockWorkspace, routed_block
 from d2r_sb3.d2r.routing import RoutingGraph, RoutingPath
 
 __all__ = [
@@ -38,19 +37,64 @@ __all__ = [
     "EnsembleMLP",
     "RouteRequest",
     "RoutedNetwork",
+    "RoutedNetworkConfig",
 ]
 
 SHORTCUT_MODES: tuple[str, ...] = ("full", "masked")
+
+
+@dataclass(frozen=True)
+class RoutedNetworkConfig:
+    """The settings of a :class:`RoutedNetwork` (and of :class:`~d2r_sb3.d2r.policies.D2RPolicy`, which passes
+    them on); the defaults are the paper's MT10 network.
+
+    :param n_modules: routed modules ``n`` (16).
+    :param module_dim: module width (128).
+    :param top_k: sources per node for Top-K routing (2, Eq. 6).
+    :param routing: ``"topk"`` (MaskSoftmax over ``top_k`` sources), ``"hard"`` (top-1, keeping the full-softmax
+        probability of the source) or ``"soft"`` (every earlier module, full softmax): paper Fig. 7(a).
+    :param routing_level: ``"module"`` (D2R), ``"layer"`` or ``"model"`` (paper Fig. 2 and Fig. 7(d)).
+    :param n_layers: layers (``"layer"``) or chain length (``"model"``).
+    :param encoder_sizes: hidden sizes of the state encoder F (``[400, 400]``); the last is the embedding size.
+    :param gate_sizes: hidden sizes of the gate MLP G (``[256, 256]``).
+    :param resrouting_shortcut: ``"full"`` (authors' code: the residual shortcut passes the full gradient) or
+        ``"masked"`` (paper Eq. 11: the shortcut mixes the masked outputs too).
+    """
+
+    n_modules: int = 16
+    module_dim: int = 128
+    top_k: int = 2
+    routing: str = "topk"
+    routing_level: str = "module"
+    n_layers: int = 4
+    encoder_sizes: Sequence[int] = (400, 400)
+    gate_sizes: Sequence[int] = (256, 256)
+    resrouting_shortcut: str = "full"
+
+    def __post_init__(self) -> None:
+        # Tuples: the settings are hashable, compare equal however they were given, and save as they did.
+        object.__setattr__(self, "encoder_sizes", tuple(self.encoder_sizes))
+        object.__setattr__(self, "gate_sizes", tuple(self.gate_sizes))
+        if self.resrouting_shortcut not in SHORTCUT_MODES:
+            raise ValueError(
+                f"Unknown resrouting_shortcut {self.resrouting_shortcut!r}; choose one of {SHORTCUT_MODES}."
+            )
+        if len(self.encoder_sizes) < 1:
+            raise ValueError("encoder_sizes needs at least one layer size")
+
+    def as_kwargs(self) -> dict[str, Any]:
+        """The settings as keyword arguments (the keys of :class:`~d2r_sb3.d2r.policies.D2RPolicy`)."""
+        return asdict(self)
 
 
 @dataclass
 class RouteRequest:
     """How a forward pass routes.
 
-    :param explore: SampleK (``True``) or TopK (``False``) when no stored route is given.
+    :param explore: SampleK (``True``, Eq. 7) or TopK (``False``, Eq. 6) when no stored route is given.
     :param stored: stored routes ``uint8 [E or 1, B, routed nodes, slots]`` (see :meth:`RoutingGraph.encode`),
-        or ``None`` to pick routes now.
-    :param resrouting: apply the ResRouting masks (only changes gradients).
+        or ``None`` to pick routes now (Eq. 8: weights from the current logits over the stored sources).
+    :param resrouting: apply the ResRouting masks (Eq. 10; only changes gradients).
     """
 
     explore: bool = False
@@ -68,16 +112,8 @@ class RoutedNetwork(nn.Module):
     :param num_tasks: number of tasks ``T`` (size of the one-hot).
     :param out_dim: head output size (``2 * action_dim`` for the actor, 1 for a critic).
     :param n_nets: ensemble size (1 actor, 2 twin critics).
-    :param n_modules: routed modules ``n`` (16).
-    :param module_dim: module width (128).
-    :param top_k: sources per node for Top-K routing (2).
-    :param routing: ``"topk"``, ``"hard"`` (top-1) or ``"soft"`` (every earlier module).
-    :param routing_level: ``"module"`` (D2R), ``"layer"`` or ``"model"`` (paper Fig. 7(d)).
-    :param n_layers: layers (``"layer"``) or chain length (``"model"``).
-    :param encoder_sizes: hidden sizes of the state encoder F (``[400, 400]``).
-    :param gate_sizes: hidden sizes of the gate MLP G (``[256, 256]``).
-    :param resrouting_shortcut: ``"full"`` (authors' code: the shortcut passes full gradient) or ``"masked"``
-        (paper Eq. 11: the shortcut uses the masked outputs too).
+    :param config: the network settings (:class:`RoutedNetworkConfig`; ``None``: the paper's network).
+    :param settings: individual :class:`RoutedNetworkConfig` fields (``n_modules=8``, ...), applied over ``config``.
     """
 
     def __init__(
@@ -86,32 +122,25 @@ class RoutedNetwork(nn.Module):
         num_tasks: int,
         out_dim: int,
         n_nets: int = 1,
-        n_modules: int = 16,
-        module_dim: int = 128,
-        top_k: int = 2,
-        routing: str = "topk",
-        routing_level: str = "module",
-        n_layers: int = 4,
-        encoder_sizes: Sequence[int] = (400, 400),
-        gate_sizes: Sequence[int] = (256, 256),
-        resrouting_shortcut: str = "full",
+        config: RoutedNetworkConfig | None = None,
+        **settings: Any,
     ):
         super().__init__()
-        if resrouting_shortcut not in SHORTCUT_MODES:
-            raise ValueError(
-                f"Unknown resrouting_shortcut {resrouting_shortcut!r}; choose one of {SHORTCUT_MODES}."
-            )
-        if len(encoder_sizes) < 1:
-            raise ValueError("encoder_sizes needs at least one layer size")
+        config = replace(config or RoutedNetworkConfig(), **settings)
+        self.config = config
         self.num_tasks = num_tasks
         self.n_nets = n_nets
-        self.n_modules = n_modules
-        self.module_dim = module_dim
-        self.graph = RoutingGraph(n_modules, top_k, routing, routing_level, n_layers)
-        embed_dim = encoder_sizes[-1]
-        self.state_encoder = EnsembleMLP(n_nets, [state_dim, *encoder_sizes], final_relu=False)
+        self.n_modules = n_modules = config.n_modules
+        self.module_dim = module_dim = config.module_dim
+        self.graph = RoutingGraph(
+            n_modules, config.top_k, config.routing, config.routing_level, config.n_layers
+        )
+        embed_dim = config.encoder_sizes[-1]
+        self.state_encoder = EnsembleMLP(n_nets, [state_dim, *config.encoder_sizes], final_relu=False)
         self.task_encoder = EnsembleLinear(n_nets, num_tasks, embed_dim)
-        self.gate = EnsembleMLP(n_nets, [embed_dim, *gate_sizes, self.graph.num_logits], final_relu=False)
+        self.gate = EnsembleMLP(
+            n_nets, [embed_dim, *config.gate_sizes, self.graph.num_logits], final_relu=False
+        )
         n_in = len(self.graph.input_nodes)
         n_hid = n_modules - n_in
         self.w_in = nn.Parameter(th.empty(n_nets, n_in, module_dim, embed_dim))
@@ -123,8 +152,8 @@ class RoutedNetwork(nn.Module):
         self.head = EnsembleLinear(n_nets, module_dim, out_dim)
         uniform_(self.head.weight, 3e-3)  # the authors' uniform_init for the last layer
         uniform_(self.head.bias, 3e-3)
-        # Per-task routing temperature tau (route balancing, spec section 2.3). A buffer, not a parameter:
-        # it never has a gradient, and it is overwritten after every update.
+        # Per-task routing temperature tau (route balancing, Eqs. 13-14). A buffer, not a parameter: it never has
+        # a gradient, and it is overwritten after every update.
         self.register_buffer("route_temperature", th.ones(num_tasks))
         counters = {True: 0, False: 0}
         param_index = []
@@ -135,7 +164,7 @@ class RoutedNetwork(nn.Module):
         self.plan = BlockPlan(
             is_input=tuple(node in self.graph.input_nodes for node in range(n_modules)),
             param_index=tuple(param_index),
-            masked_shortcut=resrouting_shortcut == "masked",
+            masked_shortcut=config.resrouting_shortcut == "masked",
         )
         self.block_workspace = BlockWorkspace(self.plan)
         self._register_routing_tables()
