@@ -1,6 +1,6 @@
 """Routing graphs, route selection and routing paths for D2R.
 
-Vocabulary (D2R_SPEC.md sections 1-2):
+Vocabulary (paper Eqs. 4-8 and 10; :mod:`d2r_sb3.d2r.reference` states each of them plainly):
 
 * A **node** is either one of the ``n`` routed modules or the routed **output node** (index ``n``).
 * The **routing graph** says, for every node, which earlier modules it may read from (its *candidates*).
@@ -145,7 +145,8 @@ class RoutingGraph(nn.Module):
             "n_candidates": n_candidates,
             "flat_index": flat_index,
             "slot_valid": th.arange(self.slots)[None, :] < used[:, None],  # [n+1, slots]
-            # ResRouting threshold 1 / (candidates + 1) per node (strict '>', spec section 2.2).
+            # ResRouting threshold 1 / (candidates + 1) per node: the paper's 1/i for module i (Eq. 10), with the
+            # strict '>' of the authors' code where the paper writes '>='.
             "keep_threshold": 1.0 / (n_candidates.to(th.float32) + 1.0),
             "routed_index": th.tensor(self.routed_nodes),
             "pad_index": pad_index.flatten(),
