@@ -21,13 +21,10 @@ Vocabulary (paper Eqs. 4-8 and 10; :mod:`d2r_sb3.d2r.reference` states each of t
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 import torch as th
 from torch import nn
 
-RoutingFunction = Literal["topk", "hard", "soft"]
-RoutingLevel = Literal["module", "layer", "model"]
 ROUTING_FUNCTIONS: tuple[str, ...] = ("topk", "hard", "soft")
 ROUTING_LEVELS: tuple[str, ...] = ("module", "layer", "model")
 
