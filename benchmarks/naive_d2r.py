@@ -1,9 +1,10 @@
 """A dense, plain-autograd D2R forward pass in the style of the authors' code, as a speed baseline.
 
 Every module is computed, each node mixes *all* earlier module outputs with a dense weight vector (zeros off the
-chosen sources), and ResRouting is a ``where(keep, o, o_bar)`` over the stacked outputs, exactly the spec's
-pseudocode (D2R_SPEC.md section 1). It reuses a :class:`~d2r_sb3.d2r.network.RoutedNetwork`'s parameters and its
-routing (gate, sources, weights, masks), so only the routed block differs from the optimised code.
+chosen sources), and ResRouting is a ``where(keep, o, o_bar)`` over the stacked outputs, exactly the
+routed block of :func:`d2r_sb3.d2r.reference.routed_block` batched over the ensemble. It reuses a
+:class:`~d2r_sb3.d2r.network.RoutedNetwork`'s parameters and its routing (gate, sources, weights, masks), so only the
+routed block differs from the optimised code.
 """
 
 from __future__ import annotations
@@ -17,10 +18,8 @@ def naive_forward(
     net: RoutedNetwork, state: th.Tensor, task_ids: th.Tensor, route: RouteRequest
 ) -> th.Tensor:
     """``[E, B, out_dim]`` output of ``net`` computed the dense way (module-level graph with one input node)."""
-    x0, padded = net.encode(state, task_ids)
-    sources = net.choose_sources(padded, task_ids, route)
-    weights = net.graph.weights(padded, sources)
-    keep = net.graph.keep_mask(padded, sources) if route.resrouting else None
+    x0, logits = net.encode_flat(state, task_ids)
+    sources, weights, keep = net.choose_routes(logits, task_ids, route)
     n = net.n_modules
     ens, batch = x0.shape[:2]
     # Dense per-node weights [E, B, n + 1, n]: the chosen sources' weights scattered into zeros.

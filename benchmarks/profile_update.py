@@ -2,8 +2,8 @@
 
     python benchmarks/profile_update.py              # 1 thread, 5 profiled steps, MT10 data, batch 1280
 
-Phases are the five policy calls of the multi-task SAC update (D2R_SPEC.md table 2.4), the backward pass and the
-optimiser steps; inside each phase the self time of every operator is put in one bucket: matrix products,
+Phases are the five policy calls of the multi-task SAC update (table in d2r_sb3/common/policies.py), the backward
+pass and the optimiser steps; inside each phase the self time of every operator is put in one bucket: matrix products,
 the routed block's gathers (``embedding_bag``), other tensor operations, and Python/dispatch overhead (the
 time spent in the phase that no operator accounts for).
 """

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch as th
 from gymnasium import spaces
-from reference_d2r import reference_forward
 
-from d2r_sb3.d2r import D2RPolicy, RoutedNetwork, RouteRequest
-from d2r_sb3.d2r.routed_block import BlockPlan, routed_block
+from d2r_sb3.d2r import D2RPolicy, RoutedNetwork, RouteRequest, reference
+from d2r_sb3.d2r.reference import reference_forward
+from d2r_sb3.d2r.routed_block import BlockPlan, BlockWorkspace, routed_block
 from d2r_sb3.d2r.routing import RoutingGraph
 
 
@@ -129,6 +129,13 @@ def test_sample_k_draws_k_without_replacement_from_tempered_softmax():
         # is off by far more.
         tolerance = 5 * np.sqrt(expected * (1 - expected) / draws)
         assert np.all(np.abs(freq - expected) < tolerance), (tau, freq, expected)
+        # The plain statement of SampleK (a multinomial draw without replacement) has the same distribution.
+        path = reference.sample_k(
+            logits.expand(draws, -1), 2, th.full((draws,), tau), th.Generator().manual_seed(0)
+        )
+        assert (path.sum(-1) == 2).all()
+        reference_freq = path.double().mean(0).numpy()
+        assert np.all(np.abs(reference_freq - expected) < tolerance), (tau, reference_freq, expected)
     # A lower temperature concentrates the draws on the largest logits.
     cold = graph.select(padded, th.full((draws,), 0.2), explore=True)[:, 6]
     hot = graph.select(padded, th.full((draws,), 5.0), explore=True)[:, 6]
@@ -153,7 +160,34 @@ def test_sample_k_uses_each_samples_task_temperature():
     assert top_share[0] > 0.5 and top_share[1] < 0.1, top_share
 
 
-# --- values and gradients against the reference implementation ------------------------------------------
+# --- routes, values and gradients against the plain statement (d2r_sb3.d2r.reference) ----------------------
+@pytest.mark.parametrize("routing", ["topk", "hard", "soft"])
+def test_encodings_routes_weights_and_masks_equal_the_reference(routing):
+    """Gate logits (Eq. 4), TopK paths (Eq. 6), routing weights (Eqs. 5 and 8) and ResRouting masks (Eq. 10)."""
+    net = RoutedNetwork(39, 10, 8, routing=routing).double()
+    spread_gate(net)
+    state, task_ids = random_inputs(net, 32)
+    state = state.double()
+    with th.no_grad():
+        x0, logits = net.encode_flat(state, task_ids)
+        reference_x0, reference_logits = reference.encode(net, 0, state, task_ids)
+    th.testing.assert_close(x0[0], reference_x0, rtol=1e-12, atol=1e-12)
+    th.testing.assert_close(logits[0], reference_logits, rtol=1e-12, atol=1e-12)
+    chunks = reference.gate_logit_chunks(reference_logits, net.n_modules)
+    k = {"topk": 2, "hard": 1, "soft": net.n_modules}[routing]
+    for request in (RouteRequest(resrouting=True), RouteRequest(explore=True, resrouting=True)):
+        sources, weights, keep = net.choose_routes(logits, task_ids, request)
+        for node, z in enumerate(chunks, start=1):
+            chosen = sources[0, :, node, : min(k, node)]
+            path = th.zeros_like(z, dtype=th.bool).scatter(1, chosen, True)
+            if not request.explore:
+                assert th.equal(path, reference.top_k(z, k)), (routing, node)
+            dense_weights = th.zeros_like(z).scatter(1, chosen, weights[0, :, node, : min(k, node)])
+            expected = reference.routing_probabilities(z, path, routing)
+            th.testing.assert_close(dense_weights, expected, rtol=1e-12, atol=1e-12)
+            assert th.equal(keep[0, :, node, : min(k, node)], reference.resrouting_keep(z).gather(1, chosen))
+
+
 def stored_routes(net: RoutedNetwork, state, task_ids, explore: bool) -> th.Tensor:
     with th.no_grad():
         _, padded = net.encode(state, task_ids)
@@ -230,7 +264,7 @@ def handcrafted_block(shortcut: str, keep_j_at_i: bool | None):
     plan = BlockPlan(
         is_input=(True, False, False, False), param_index=(0, 0, 1, 2), masked_shortcut=shortcut == "masked"
     )
-    y = routed_block(x0, w_in, b_in, w_hid, b_hid, weights, sources, keep, plan)
+    y = routed_block(x0, w_in, b_in, w_hid, b_hid, weights, sources, keep, BlockWorkspace(plan))
     y.sum().backward()
     return {"module_j": w_hid.grad[0, 1], "module_a": w_hid.grad[0, 0], "module_i": w_hid.grad[0, 2]}
 

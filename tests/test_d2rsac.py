@@ -18,6 +18,7 @@ from toy_envs import PointReach, RandomAgent, make_point_reach
 from d2r_sb3 import D2RSAC, evaluate_per_task, make_mt_env
 from d2r_sb3.common.buffers import MultiTaskReplayBufferSamples
 from d2r_sb3.common.precision import bfloat16_is_native
+from d2r_sb3.d2r import reference
 
 TINY = dict(n_modules=4, module_dim=32, encoder_sizes=[64, 64], gate_sizes=[32])
 
@@ -45,7 +46,7 @@ def test_route_temperature_and_task_weights_follow_eq_14():
     model = tiny_model()
     log_alpha = th.tensor([-1.0, -2.0, 0.0, -0.5])
     model.log_ent_coef.data.copy_(log_alpha)
-    expected = 4 * th.softmax(-log_alpha, 0)
+    expected = reference.route_temperature(log_alpha)  # Eq. 14 times the number of tasks (authors' code)
     th.testing.assert_close(model.route_temperature(), expected)
     th.testing.assert_close(model.task_weights(), expected)
     assert abs(model.route_temperature().mean().item() - 1.0) < 1e-6
@@ -55,7 +56,7 @@ def test_route_temperature_and_task_weights_follow_eq_14():
 
     paper = tiny_model(route_temperature_scale="paper")
     paper.log_ent_coef.data.copy_(log_alpha)
-    th.testing.assert_close(paper.route_temperature(), th.softmax(-log_alpha, 0))
+    th.testing.assert_close(paper.route_temperature(), reference.route_temperature(log_alpha, scale="paper"))
     floor = tiny_model(min_route_temperature=0.5)
     floor.log_ent_coef.data.copy_(th.tensor([0.0, -20.0, -20.0, -20.0]))
     assert floor.route_temperature()[0].item() == 0.5

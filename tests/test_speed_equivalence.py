@@ -13,10 +13,9 @@ import numpy as np
 import pytest
 import torch as th
 from gymnasium import spaces
-from reference_d2r import reference_forward
 
-import d2r_sb3.d2r.routed_block as routed_block_module
 from d2r_sb3.d2r import D2RPolicy, RoutedNetwork, RouteRequest
+from d2r_sb3.d2r.reference import reference_forward
 
 RESROUTING = {"off": (False, "full"), "full": (True, "full"), "masked": (True, "masked")}
 
@@ -88,12 +87,10 @@ def fast_and_reference(
 @pytest.mark.parametrize("n_nets", [1, 2])
 @pytest.mark.parametrize("resrouting", list(RESROUTING))
 @pytest.mark.parametrize("routing", ["topk", "hard", "soft"])
-def test_values_and_gradients_equal_the_reference_in_float64(
-    routing, resrouting, n_nets, strategy, monkeypatch
-):
-    monkeypatch.setattr(routed_block_module, "_FORCE_PUSH", strategy == "push")
+def test_values_and_gradients_equal_the_reference_in_float64(routing, resrouting, n_nets, strategy):
     use_rr, shortcut = RESROUTING[resrouting]
     net = small_net(routing, shortcut, n_nets).double()
+    net.block_workspace.backward_strategy = strategy
     state, task_ids = inputs()
     requests = [RouteRequest(explore=True, resrouting=use_rr), RouteRequest(explore=False, resrouting=use_rr)]
     if routing != "soft":  # stored behaviour routes (the actor loss): both chosen sources may be masked
@@ -173,15 +170,13 @@ def _relative_error(value: th.Tensor, reference: th.Tensor) -> float:
 @pytest.mark.parametrize("strategy", ["pull", "push"])
 @pytest.mark.parametrize("n_nets", [1, 2])
 @pytest.mark.parametrize("resrouting", list(RESROUTING))
-def test_bfloat16_compute_only_rounds_the_float32_values_and_gradients(
-    resrouting, n_nets, strategy, monkeypatch
-):
+def test_bfloat16_compute_only_rounds_the_float32_values_and_gradients(resrouting, n_nets, strategy):
     """Mixed precision (train_precision="bfloat16"): on the same stored routes, outputs and every gradient are
     the float32 ones up to bfloat16 rounding (8 bits of mantissa: ~0.4 % per operation), outputs and gradients
     come back in float32, and the float32 path is untouched (compute_dtype=float32 is the plain path)."""
-    monkeypatch.setattr(routed_block_module, "_FORCE_PUSH", strategy == "push")
     enabled, shortcut = RESROUTING[resrouting]
     net = small_net(shortcut=shortcut, n_nets=n_nets, n_modules=8)
+    net.block_workspace.backward_strategy = strategy
     state, task_ids = inputs(batch=64, dtype=th.float32)
     with th.no_grad():
         stored = net.graph.encode(net(state, task_ids)[1])  # TopK routes in float32, replayed by both
@@ -310,7 +305,8 @@ def test_gpu_strategy_reads_nothing_back_to_the_host(monkeypatch):
     )
     model.learn(100)  # collection only
     data = model.replay_buffer.sample(64)
-    monkeypatch.setattr(routed_block_module, "_FORCE_PUSH", True)
+    for net in (model.actor.net, model.critic.net):
+        net.block_workspace.backward_strategy = "push"
 
     def host_read(*args, **kwargs):
         raise AssertionError("a tensor was read back to the host during the training step")

@@ -2,7 +2,8 @@
 
 The paper rolls the final policy five times per task with deterministic (TopK) routes, keeps the routing
 path of every step (1,000 per task with 200-step episodes) and reports, per task, the number of modules the
-path uses (Fig. 8; a module counts when it is reachable backward from the output node, D2R_SPEC.md 8.16).
+path uses (Fig. 8; a module counts when it is reachable backward from the output node along the chosen edges,
+the paper's reading of Fig. 3: a module no later module selects is "unutilized").
 
 :func:`collect_routes` does the roll-out with :func:`~d2r_sb3.common.evaluation.evaluate_per_task`, asking
 the policy for its routing path before every step, so the success rates belong to the very episodes the

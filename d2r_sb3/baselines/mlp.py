@@ -7,8 +7,9 @@
 Both use the per-task entropy coefficients and the rest of the multi-task core
 (:class:`~d2r_sb3.common.mt_sac.MultiTaskSAC`). The default ``net_arch=[400, 400, 400]`` is the MT-SAC / MT-MH-SAC
 network of the Soft-Modularization and D2R papers. Initialisation is the authors' (the torchrl codebase that
-produced those papers' baselines, D2R_SPEC.md section 1): hidden layers ``U(-1/sqrt(out), 1/sqrt(out))`` with
-bias 0.1, output layer ``U(-3e-3, 3e-3)``, so that every method in the comparison starts from the same scheme.
+produced those papers' baselines, see :class:`~d2r_sb3.common.ensemble.EnsembleLinear`): hidden layers
+``U(-1/sqrt(out), 1/sqrt(out))`` with bias 0.1, output layer ``U(-3e-3, 3e-3)``, so that every method in the
+comparison starts from the same scheme.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from d2r_sb3.baselines.actor_critic import TaskNetworkPolicy
-from d2r_sb3.d2r.network import EnsembleLinear, EnsembleMLP
+from d2r_sb3.common.ensemble import EnsembleLinear, EnsembleMLP
 
 NetArch = Sequence[int] | dict[str, Sequence[int]]
 OUTPUT_INIT_BOUND = 3e-3  # the authors' uniform_init of the last layer

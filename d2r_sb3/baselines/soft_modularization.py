@@ -49,7 +49,7 @@ from torch import nn
 
 from d2r_sb3.baselines.actor_critic import TaskNetworkPolicy
 from d2r_sb3.baselines.mlp import OUTPUT_INIT_BOUND
-from d2r_sb3.d2r.network import EnsembleLinear, EnsembleMLP
+from d2r_sb3.common.ensemble import EnsembleLinear, EnsembleMLP, ensemble_linear
 
 
 @dataclass
@@ -73,11 +73,6 @@ def _mix_modules(outputs: th.Tensor, weights: th.Tensor) -> th.Tensor:
     :return: ``[E, J, B, D]``.
     """
     return th.einsum("ebji,eibd->ejbd", weights, outputs)
-
-
-def _linear(x: th.Tensor, weight: th.Tensor, bias: th.Tensor) -> th.Tensor:
-    """Batched linear layer: ``x [N, B, in]``, ``weight [N, out, in]``, ``bias [N, out]`` -> ``[N, B, out]``."""
-    return th.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2))
 
 
 def _uniform_init_(layer: EnsembleLinear, bound: float) -> None:
@@ -197,11 +192,11 @@ class SoftModularNetwork(nn.Module):
         ens, batch = x0.shape[:2]
         m, dim = self.n_modules, self.module_dim
         # Module outputs are kept module-major, [E, m, B, dim], so that a layer is one batched matmul over E * m.
-        first = _linear(x0, w_first.reshape(ens, m * dim, -1), b_first.reshape(ens, m * dim))
+        first = ensemble_linear(x0, w_first.reshape(ens, m * dim, -1), b_first.reshape(ens, m * dim))
         outputs = first.view(ens, batch, m, dim).transpose(1, 2)
         for layer in range(self.n_layers - 1):
             mixed = th.relu(_mix_modules(outputs, weights.layers[:, :, layer]))  # [E, m, B, dim]
-            flat = _linear(
+            flat = ensemble_linear(
                 mixed.reshape(ens * m, batch, dim),
                 w_modules[:, layer].reshape(ens * m, dim, dim),
                 b_modules[:, layer].reshape(ens * m, dim),

@@ -12,14 +12,14 @@ from stable_baselines3.common.vec_env import VecNormalize
 
 
 class MultiTaskReplayBufferSamples(NamedTuple):
-    """SB3's ``ReplayBufferSamples`` fields plus the task id and the stored route of every transition."""
+    """SB3's ``ReplayBufferSamples`` fields (less ``discounts``: no n-step returns here), the task id and the stored
+    route of every transition."""
 
     observations: th.Tensor
     actions: th.Tensor
     next_observations: th.Tensor
     dones: th.Tensor
     rewards: th.Tensor
-    discounts: th.Tensor | None
     task_ids: th.Tensor
     routes: th.Tensor | None
 
@@ -106,7 +106,6 @@ class MultiTaskReplayBuffer(ReplayBuffer):
             next_observations=self.to_torch(next_obs),
             dones=self.to_torch(dones.reshape(-1, 1)),
             rewards=self.to_torch(rewards),
-            discounts=None,
             task_ids=th.as_tensor(env_inds, device=self.device, dtype=th.long),
             routes=routes,
         )

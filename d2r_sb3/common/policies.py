@@ -1,6 +1,6 @@
 """Base class of every policy trained by :class:`~d2r_sb3.common.mt_sac.MultiTaskSAC`.
 
-The multi-task SAC update calls five policy methods, one per row of D2R_SPEC.md's table 2.4, so that routing
+The multi-task SAC update calls five policy methods, one per network call of a gradient step, so that routing
 policies can choose routes per call while plain MLP policies ignore routes altogether:
 
 =========================  ===================================================  ============================

@@ -1,4 +1,4 @@
-"""D2RSAC: multi-task SAC with a D2R policy and automatic route balancing (D2R_SPEC.md sections 2.3-3)."""
+"""D2RSAC: multi-task SAC with a D2R policy and automatic route balancing (paper Eqs. 1, 2, 13 and 14)."""
 
 from __future__ import annotations
 
@@ -28,7 +28,9 @@ class D2RSAC(MultiTaskSAC):
         ``False`` keeps it at 1 ("w/o Route-Balancing").
     :param route_temperature_scale: ``"num_tasks"`` gives ``tau = T * softmax(-log alpha)`` (authors' code, mean
         1); ``"paper"`` drops the factor ``T`` as Eq. 14 is written (mean ``1 / T``).
-    :param min_route_temperature: floor on ``tau`` so sampling never degenerates (spec section 8.12).
+    :param min_route_temperature: floor on ``tau``, so that SampleK never degenerates: a task whose alpha is much
+        larger than the other tasks' gets a tiny ``tau`` from Eq. 14, which would overflow ``z / tau`` and leave
+        fewer than ``k`` sources with a non-zero probability.
     """
 
     policy_aliases: ClassVar[dict[str, type[BasePolicy]]] = {"D2RPolicy": D2RPolicy}

@@ -1,41 +1,100 @@
-"""The D2R network (D2R_SPEC.md section 1), shared by the actor and the critics.
+"""The D2R network, shared by the actor and the critics (paper Eqs. 3-8 and Fig. 3).
 
 ``x = [state part, task one-hot]``  (the critic's state part is ``[s, a]``)
 
 * state encoder **F**: ``Linear -> ReLU -> Linear`` (no final activation), giving ``f_pre``;
 * task encoder **H**: one ``Linear(T -> 400)`` of the one-hot, i.e. a learned vector per task;
 * gate input ``g = H(onehot) * f_pre`` (before the ReLU), module-path input ``x0 = relu(f_pre)``;
-* gate **G**: one shared MLP producing every gate logit ``z`` (136 for 16 modules);
-* routed block: modules with residual shortcuts and the routed output node (:mod:`.routed_block`);
+* gate **G** (Eq. 4): one shared MLP producing every gate logit ``z`` (136 for 16 modules);
+* routes and routing weights (Eqs. 5-8, :mod:`.routing`), then the routed block: modules with residual shortcuts
+  and the routed output node (Eqs. 9-12, :mod:`.routed_block`);
 * head: ``Linear(module_dim -> out)``.
 
 All parameters carry a leading ensemble dimension, so ``n_nets=2`` evaluates the twin critics in one call.
+:mod:`d2r_sb3.d2r.reference` is the plain statement of the same computation, against which the tests check this
+one; :mod:`.skipping` holds the inference path that computes only the modules a route reaches.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
+from typing import Any
 
 import torch as th
 from torch import nn
-from torch.nn import functional as F
 
-from d2r_sb3.d2r.routed_block import BlockPlan, _flat_rows, _linear, _node_major, routed_block, run_nodes
+from d2r_sb3.common.ensemble import EnsembleLinear, EnsembleMLP, uniform_
+from d2r_sb3.d2r import skipping
+from d2r_sb3.d2r.routed_block import BlockPlan, BlockWorkspace, routed_block
 from d2r_sb3.d2r.routing import RoutingGraph, RoutingPath
 
+__all__ = [
+    "SHORTCUT_MODES",
+    "TOPK",
+    "EnsembleLinear",  # re-exported from d2r_sb3.common.ensemble, where it moved
+    "EnsembleMLP",
+    "RouteRequest",
+    "RoutedNetwork",
+    "RoutedNetworkConfig",
+]
+
 SHORTCUT_MODES: tuple[str, ...] = ("full", "masked")
+
+
+@dataclass(frozen=True)
+class RoutedNetworkConfig:
+    """The settings of a :class:`RoutedNetwork` (and of :class:`~d2r_sb3.d2r.policies.D2RPolicy`, which passes
+    them on); the defaults are the paper's MT10 network.
+
+    :param n_modules: routed modules ``n`` (16).
+    :param module_dim: module width (128).
+    :param top_k: sources per node for Top-K routing (2, Eq. 6).
+    :param routing: ``"topk"`` (MaskSoftmax over ``top_k`` sources), ``"hard"`` (top-1, keeping the full-softmax
+        probability of the source) or ``"soft"`` (every earlier module, full softmax): paper Fig. 7(a).
+    :param routing_level: ``"module"`` (D2R), ``"layer"`` or ``"model"`` (paper Fig. 2 and Fig. 7(d)).
+    :param n_layers: layers (``"layer"``) or chain length (``"model"``).
+    :param encoder_sizes: hidden sizes of the state encoder F (``[400, 400]``); the last is the embedding size.
+    :param gate_sizes: hidden sizes of the gate MLP G (``[256, 256]``).
+    :param resrouting_shortcut: ``"full"`` (authors' code: the residual shortcut passes the full gradient) or
+        ``"masked"`` (paper Eq. 11: the shortcut mixes the masked outputs too).
+    """
+
+    n_modules: int = 16
+    module_dim: int = 128
+    top_k: int = 2
+    routing: str = "topk"
+    routing_level: str = "module"
+    n_layers: int = 4
+    encoder_sizes: Sequence[int] = (400, 400)
+    gate_sizes: Sequence[int] = (256, 256)
+    resrouting_shortcut: str = "full"
+
+    def __post_init__(self) -> None:
+        # Tuples: the settings are hashable, compare equal however they were given, and save as they did.
+        object.__setattr__(self, "encoder_sizes", tuple(self.encoder_sizes))
+        object.__setattr__(self, "gate_sizes", tuple(self.gate_sizes))
+        if self.resrouting_shortcut not in SHORTCUT_MODES:
+            raise ValueError(
+                f"Unknown resrouting_shortcut {self.resrouting_shortcut!r}; choose one of {SHORTCUT_MODES}."
+            )
+        if len(self.encoder_sizes) < 1:
+            raise ValueError("encoder_sizes needs at least one layer size")
+
+    def as_kwargs(self) -> dict[str, Any]:
+        """The settings as keyword arguments (the keys of :class:`~d2r_sb3.d2r.policies.D2RPolicy`)."""
+        return asdict(self)
 
 
 @dataclass
 class RouteRequest:
     """How a forward pass routes.
 
-    :param explore: SampleK (``True``) or TopK (``False``) when no stored route is given.
+    :param explore: SampleK (``True``, Eq. 7) or TopK (``False``, Eq. 6) when no stored route is given.
     :param stored: stored routes ``uint8 [E or 1, B, routed nodes, slots]`` (see :meth:`RoutingGraph.encode`),
-        or ``None`` to pick routes now.
-    :param resrouting: apply the ResRouting masks (only changes gradients).
+        or ``None`` to pick routes now (Eq. 8: weights from the current logits over the stored sources).
+    :param resrouting: apply the ResRouting masks (Eq. 10; only changes gradients).
     """
 
     explore: bool = False
@@ -46,50 +105,6 @@ class RouteRequest:
 TOPK = RouteRequest()
 
 
-def _uniform_(tensor: th.Tensor, bound: float) -> None:
-    with th.no_grad():
-        tensor.uniform_(-bound, bound)
-
-
-class EnsembleLinear(nn.Module):
-    """``E`` independent linear layers applied as one batched matmul (``x [E, B, in] -> [E, B, out]``)."""
-
-    def __init__(self, n_nets: int, in_features: int, out_features: int):
-        super().__init__()
-        self.weight = nn.Parameter(th.empty(n_nets, out_features, in_features))
-        self.bias = nn.Parameter(th.empty(n_nets, out_features))
-        self.basic_init_()
-
-    def basic_init_(self) -> None:
-        # The authors' init (spec section 1): U(-b, b) with b = 1/sqrt(out_features) and bias 0.1.
-        _uniform_(self.weight, 1.0 / math.sqrt(self.weight.shape[1]))
-        nn.init.constant_(self.bias, 0.1)
-
-    def forward(self, x: th.Tensor, detach: bool = False, dtype: th.dtype | None = None) -> th.Tensor:
-        weight, bias = (self.weight.detach(), self.bias.detach()) if detach else (self.weight, self.bias)
-        if dtype is not None:  # reduced-precision compute; the parameters themselves stay float32
-            weight, bias = weight.to(dtype), bias.to(dtype)
-        return _linear(x, weight, bias)
-
-
-class EnsembleMLP(nn.Module):
-    """Stack of :class:`EnsembleLinear` with ReLU between layers (and after the last if ``final_relu``)."""
-
-    def __init__(self, n_nets: int, sizes: Sequence[int], final_relu: bool):
-        super().__init__()
-        self.layers = nn.ModuleList(
-            EnsembleLinear(n_nets, a, b) for a, b in zip(sizes[:-1], sizes[1:], strict=True)
-        )
-        self.final_relu = final_relu
-
-    def forward(self, x: th.Tensor, detach: bool = False, dtype: th.dtype | None = None) -> th.Tensor:
-        for i, layer in enumerate(self.layers):
-            x = layer(x, detach, dtype)
-            if i < len(self.layers) - 1 or self.final_relu:
-                x = th.relu(x)
-        return x
-
-
 class RoutedNetwork(nn.Module):
     """D2R network: encoders, gate, routed modules and head, for ``n_nets`` independent copies.
 
@@ -97,16 +112,8 @@ class RoutedNetwork(nn.Module):
     :param num_tasks: number of tasks ``T`` (size of the one-hot).
     :param out_dim: head output size (``2 * action_dim`` for the actor, 1 for a critic).
     :param n_nets: ensemble size (1 actor, 2 twin critics).
-    :param n_modules: routed modules ``n`` (16).
-    :param module_dim: module width (128).
-    :param top_k: sources per node for Top-K routing (2).
-    :param routing: ``"topk"``, ``"hard"`` (top-1) or ``"soft"`` (every earlier module).
-    :param routing_level: ``"module"`` (D2R), ``"layer"`` or ``"model"`` (paper Fig. 7(d)).
-    :param n_layers: layers (``"layer"``) or chain length (``"model"``).
-    :param encoder_sizes: hidden sizes of the state encoder F (``[400, 400]``).
-    :param gate_sizes: hidden sizes of the gate MLP G (``[256, 256]``).
-    :param resrouting_shortcut: ``"full"`` (authors' code: the shortcut passes full gradient) or ``"masked"``
-        (paper Eq. 11: the shortcut uses the masked outputs too).
+    :param config: the network settings (:class:`RoutedNetworkConfig`; ``None``: the paper's network).
+    :param settings: individual :class:`RoutedNetworkConfig` fields (``n_modules=8``, ...), applied over ``config``.
     """
 
     def __init__(
@@ -115,45 +122,38 @@ class RoutedNetwork(nn.Module):
         num_tasks: int,
         out_dim: int,
         n_nets: int = 1,
-        n_modules: int = 16,
-        module_dim: int = 128,
-        top_k: int = 2,
-        routing: str = "topk",
-        routing_level: str = "module",
-        n_layers: int = 4,
-        encoder_sizes: Sequence[int] = (400, 400),
-        gate_sizes: Sequence[int] = (256, 256),
-        resrouting_shortcut: str = "full",
+        config: RoutedNetworkConfig | None = None,
+        **settings: Any,
     ):
         super().__init__()
-        if resrouting_shortcut not in SHORTCUT_MODES:
-            raise ValueError(
-                f"Unknown resrouting_shortcut {resrouting_shortcut!r}; choose one of {SHORTCUT_MODES}."
-            )
-        if len(encoder_sizes) < 1:
-            raise ValueError("encoder_sizes needs at least one layer size")
+        config = replace(config or RoutedNetworkConfig(), **settings)
+        self.config = config
         self.num_tasks = num_tasks
         self.n_nets = n_nets
-        self.n_modules = n_modules
-        self.module_dim = module_dim
-        self.graph = RoutingGraph(n_modules, top_k, routing, routing_level, n_layers)
-        embed_dim = encoder_sizes[-1]
-        self.state_encoder = EnsembleMLP(n_nets, [state_dim, *encoder_sizes], final_relu=False)
+        self.n_modules = n_modules = config.n_modules
+        self.module_dim = module_dim = config.module_dim
+        self.graph = RoutingGraph(
+            n_modules, config.top_k, config.routing, config.routing_level, config.n_layers
+        )
+        embed_dim = config.encoder_sizes[-1]
+        self.state_encoder = EnsembleMLP(n_nets, [state_dim, *config.encoder_sizes], final_relu=False)
         self.task_encoder = EnsembleLinear(n_nets, num_tasks, embed_dim)
-        self.gate = EnsembleMLP(n_nets, [embed_dim, *gate_sizes, self.graph.num_logits], final_relu=False)
+        self.gate = EnsembleMLP(
+            n_nets, [embed_dim, *config.gate_sizes, self.graph.num_logits], final_relu=False
+        )
         n_in = len(self.graph.input_nodes)
         n_hid = n_modules - n_in
         self.w_in = nn.Parameter(th.empty(n_nets, n_in, module_dim, embed_dim))
         self.b_in = nn.Parameter(th.full((n_nets, n_in, module_dim), 0.1))
         self.w_hid = nn.Parameter(th.empty(n_nets, n_hid, module_dim, module_dim))
         self.b_hid = nn.Parameter(th.full((n_nets, n_hid, module_dim), 0.1))
-        _uniform_(self.w_in, 1.0 / math.sqrt(module_dim))
-        _uniform_(self.w_hid, 1.0 / math.sqrt(module_dim))
+        uniform_(self.w_in, 1.0 / math.sqrt(module_dim))
+        uniform_(self.w_hid, 1.0 / math.sqrt(module_dim))
         self.head = EnsembleLinear(n_nets, module_dim, out_dim)
-        _uniform_(self.head.weight, 3e-3)  # the authors' uniform_init for the last layer
-        _uniform_(self.head.bias, 3e-3)
-        # Per-task routing temperature tau (route balancing, spec section 2.3). A buffer, not a parameter:
-        # it never has a gradient, and it is overwritten after every update.
+        uniform_(self.head.weight, 3e-3)  # the authors' uniform_init for the last layer
+        uniform_(self.head.bias, 3e-3)
+        # Per-task routing temperature tau (route balancing, Eqs. 13-14). A buffer, not a parameter: it never has
+        # a gradient, and it is overwritten after every update.
         self.register_buffer("route_temperature", th.ones(num_tasks))
         counters = {True: 0, False: 0}
         param_index = []
@@ -164,8 +164,9 @@ class RoutedNetwork(nn.Module):
         self.plan = BlockPlan(
             is_input=tuple(node in self.graph.input_nodes for node in range(n_modules)),
             param_index=tuple(param_index),
-            masked_shortcut=resrouting_shortcut == "masked",
+            masked_shortcut=config.resrouting_shortcut == "masked",
         )
+        self.block_workspace = BlockWorkspace(self.plan)
         self._register_routing_tables()
 
     def _register_routing_tables(self) -> None:
@@ -175,28 +176,19 @@ class RoutedNetwork(nn.Module):
         # Flat logit position of edge (node, source): the chosen logits are gathered without padding.
         self.register_buffer("_edge_position", graph.flat_index.clamp(min=0).flatten(), persistent=False)
         self.register_buffer("_node_offset", th.arange(n + 1).view(n + 1, 1) * n, persistent=False)
-        self._slots_used = graph.slot_valid.sum(-1).tolist()  # sources used per node (slots fill from 0)
-        # Per node, its candidate modules and their flat logit positions (single-observation TopK in Python).
-        self._candidates = [
-            (
-                th.nonzero(graph.candidates[node]).flatten().tolist(),
-                graph.flat_index[node][graph.candidates[node]].tolist(),
-            )
-            for node in range(n + 1)
-        ]
 
     # ----------------------------------------------------------------------------------------------------
     def encode(
         self, state: th.Tensor, task_ids: th.Tensor, detach: bool = False
     ) -> tuple[th.Tensor, th.Tensor]:
         """State and task encodings: ``(x0 [E, B, embed], padded gate logits [E, B, n + 1, n])``."""
-        x0, logits = self._encode_flat(state, task_ids, detach)
+        x0, logits = self.encode_flat(state, task_ids, detach)
         return x0, self.graph.padded_logits(logits)
 
-    def _encode_flat(
-        self, state: th.Tensor, task_ids: th.Tensor, detach: bool, dtype: th.dtype | None = None
+    def encode_flat(
+        self, state: th.Tensor, task_ids: th.Tensor, detach: bool = False, dtype: th.dtype | None = None
     ) -> tuple[th.Tensor, th.Tensor]:
-        """``(x0 [E, B, embed], flat gate logits [E, B, L])``.
+        """``(x0 [E, B, embed], flat gate logits [E, B, L])`` (Eq. 4).
 
         With a reduced-precision ``dtype`` the encoders and the gate compute in it and ``x0`` stays in it,
         while the gate logits come back in the parameters' dtype: routes, routing weights and ResRouting masks
@@ -217,14 +209,15 @@ class RoutedNetwork(nn.Module):
             gate_logits = gate_logits.to(self.task_encoder.weight.dtype)
         return th.relu(f_pre), gate_logits
 
-    def _route(
+    def choose_routes(
         self, logits: th.Tensor, task_ids: th.Tensor, route: RouteRequest
     ) -> tuple[th.Tensor, th.Tensor, th.Tensor | None]:
-        """``(sources, weights, keep)`` for flat gate logits.
+        """``(sources, weights, keep)`` for flat gate logits: the chosen sources (Eqs. 6-8), their routing weights
+        ``[E, B, n + 1, slots]`` (differentiable) and the ResRouting mask (Eq. 10; ``None`` without ResRouting).
 
         Sources and ResRouting masks need no gradient, so the padded logits are built without one; with Top-K
-        routing the weights come straight from the chosen logits (a softmax over two logits is a sigmoid of
-        their difference), so no padded tensor enters the autograd graph.
+        routing the weights come straight from the chosen logits (:meth:`mask_softmax`), so no padded tensor
+        enters the autograd graph.
         """
         if self.graph.routing != "topk":
             padded = self.graph.padded_logits(logits)
@@ -236,10 +229,15 @@ class RoutedNetwork(nn.Module):
             padded = self.graph.padded_logits(logits.detach())
             sources = self.choose_sources(padded, task_ids, route)
             keep = self.graph.keep_mask(padded, sources) if route.resrouting else None
-        return sources, self._topk_weights(logits, sources), keep
+        return sources, self.mask_softmax(logits, sources), keep
 
-    def _topk_weights(self, logits: th.Tensor, sources: th.Tensor) -> th.Tensor:
-        """MaskSoftmax weights ``[E, B, n + 1, k]`` of the chosen sources, from the flat logits."""
+    def mask_softmax(self, logits: th.Tensor, sources: th.Tensor) -> th.Tensor:
+        """MaskSoftmax (Eqs. 5 and 8): the softmax of the un-tempered logits of the chosen sources only.
+
+        :param logits: flat gate logits ``[E, B, L]``.
+        :param sources: chosen sources ``[E or 1, B, n + 1, k]`` (unused slots: any module, weight 0).
+        :return: weights ``[E, B, n + 1, k]``, zero on unused slots; each routed node's weights sum to 1.
+        """
         lead = logits.shape[:-1]
         position = self._edge_position[self._node_offset + sources]  # [E or 1, B, n + 1, k]
         position = position.expand(*lead, *position.shape[-2:])
@@ -283,162 +281,29 @@ class RoutedNetwork(nn.Module):
         """
         if compute_dtype == self.head.weight.dtype:
             compute_dtype = None  # the plain path: no casts
-        x0, logits = self._encode_flat(state, task_ids, detach_params, compute_dtype)
-        sources, weights, keep = self._route(logits, task_ids, route)
+        x0, logits = self.encode_flat(state, task_ids, detach_params, compute_dtype)
+        sources, weights, keep = self.choose_routes(logits, task_ids, route)
         params = (self.w_in, self.b_in, self.w_hid, self.b_hid)
         if detach_params:
             params = tuple(p.detach() for p in params)
         if compute_dtype is not None:
             params = tuple(p.to(compute_dtype) for p in params)
             weights = weights.to(compute_dtype)
-        y = routed_block(x0, *params, weights, sources, keep, self.plan)
+        y = routed_block(x0, *params, weights, sources, keep, self.block_workspace)
         if compute_dtype is not None:
             y = y.to(self.head.weight.dtype)  # the head (Q value, action mean / log-std) in full precision
         return self.head(y, detach_params), sources
 
-    # ----------------------------------------------------------------------------------------------------
     @th.no_grad()
-    def forward_skipping(self, state: th.Tensor, task_ids: th.Tensor, route: RouteRequest = TOPK):
+    def forward_skipping(
+        self, state: th.Tensor, task_ids: th.Tensor, route: RouteRequest = TOPK
+    ) -> tuple[th.Tensor, th.Tensor, int]:
         """Inference forward that computes only the modules some chosen path reaches from the output.
 
-        The gate does not depend on module outputs, so the route (and hence the set of active modules) is
-        known before any module runs. For batch-1 control a route reaches ~4-8 of 16 modules. Sources equal
-        :meth:`forward`'s and outputs too, up to rounding. Returns ``(out, sources, number of modules computed)``.
-
-        Built for small batches, where per-operation overhead dominates: reachability is a set walk over the
-        route as Python ints, and a single observation indexes its sources directly (no gathers).
+        Same sources as :meth:`forward` and the same outputs up to rounding; see :mod:`.skipping`.
+        :return: ``(out [E, B, out_dim], sources [E, B, n + 1, slots], number of modules computed)``.
         """
-        if self.n_nets == 1 and state.shape[-2] == 1:
-            x0, logits = self._encode_single(state, task_ids)
-            if self.graph.routing == "topk" and not route.explore and route.stored is None:
-                route_list, weight_list = self._top_k_single(logits.view(-1).tolist())
-                needed = self._reachable([[route_list]])
-                y = self._single_path(x0[0], route_list, weight_list, needed)
-                out = F.linear(y, self.head.weight[0], self.head.bias[0]).unsqueeze(0)
-                flat = [source for node in route_list for source in node]
-                sources = th.tensor(flat, device=x0.device).view(1, 1, self.n_modules + 1, -1)
-                return out, sources, len(needed)
-        else:
-            x0, logits = self._encode_flat(state, task_ids, False)
-        sources, weights, _ = self._route(logits, task_ids, route)
-        sources = sources.expand(weights.shape)
-        route_list = sources.tolist()  # [E][B][n + 1][k]
-        needed = self._reachable(route_list)
-        if x0.shape[0] * x0.shape[1] == 1:
-            y = self._single_path(x0[0], route_list[0][0], weights[0, 0].tolist(), needed)
-            out = F.linear(y, self.head.weight[0], self.head.bias[0])
-            return out.unsqueeze(0), sources, len(needed)
-        mask = [node in needed for node in range(self.n_modules)]
-        rows = _flat_rows(sources, self.n_modules)
-        y, _ = run_nodes(
-            x0,
-            self.w_in,
-            self.b_in,
-            self.w_hid,
-            self.b_hid,
-            _node_major(weights),
-            rows,
-            self.plan,
-            needed=mask,
-        )
-        return self.head(y), sources, len(needed)
-
-    def _encode_single(self, state: th.Tensor, task_ids: th.Tensor) -> tuple[th.Tensor, th.Tensor]:
-        """:meth:`_encode_flat` for one observation and one network, with plain 2-D ops (fewer, cheaper calls)."""
-        f_pre = state.reshape(1, -1)
-        layers = self.state_encoder.layers
-        for i, layer in enumerate(layers):
-            f_pre = F.linear(f_pre, layer.weight[0], layer.bias[0])
-            if i < len(layers) - 1:
-                f_pre = f_pre.relu_()
-        task = task_ids.reshape(-1)
-        gate_input = (
-            self.task_encoder.weight[0].index_select(1, task).t() + self.task_encoder.bias[0]
-        ) * f_pre
-        layers = self.gate.layers
-        for i, layer in enumerate(layers):
-            gate_input = F.linear(gate_input, layer.weight[0], layer.bias[0])
-            if i < len(layers) - 1:
-                gate_input = gate_input.relu_()
-        return th.relu(f_pre).unsqueeze(0), gate_input.unsqueeze(0)
-
-    def _top_k_single(self, logits: list[float]) -> tuple[list[list[int]], list[list[float]]]:
-        """TopK sources and MaskSoftmax weights of one observation from its flat gate logits, in plain Python.
-
-        The same choice as :meth:`RoutingGraph.select` (the first of tied maxima wins), unused slots hold module 0 with
-        weight 0. For a single observation this is several times cheaper than a dozen small tensor operations.
-        """
-        k = self.graph.slots
-        route, weights = [], []
-        for modules, positions in self._candidates:
-            if k == 2 and len(positions) >= 2:
-                # One pass keeping the best two (strict '>' keeps the first of tied values, like max()).
-                first = second = -1
-                best = runner = -math.inf
-                for i, p in enumerate(positions):
-                    value = logits[p]
-                    if value > best:
-                        second, runner, first, best = first, best, i, value
-                    elif second < 0 or value > runner:
-                        second, runner = i, value
-                order = [first, second]
-            else:
-                values = [logits[p] for p in positions]
-                order = []
-                for _ in range(min(k, len(values))):
-                    order.append(
-                        max((i for i in range(len(values)) if i not in order), key=values.__getitem__)
-                    )
-            chosen = [logits[positions[i]] for i in order]
-            top = max(chosen, default=0.0)
-            exps = [math.exp(v - top) for v in chosen]
-            total = sum(exps)
-            padding = k - len(order)
-            route.append([modules[i] for i in order] + [0] * padding)
-            weights.append([e / total for e in exps] + [0.0] * padding)
-        return route, weights
-
-    def _reachable(self, route_list: list) -> set[int]:
-        """Modules reachable backward from the output node along the chosen edges, union over ``[E][B]``."""
-        n = self.n_modules
-        slots_used = self._slots_used
-        needed: set[int] = set()
-        for member in route_list:
-            for sample in member:  # each sample has its own route: walk it with its own visited set
-                reached: set[int] = set()
-                stack = [n]
-                while stack:
-                    node = stack.pop()
-                    for source in sample[node][: slots_used[node]]:
-                        if source not in reached:
-                            reached.add(source)
-                            stack.append(source)
-                needed |= reached
-        return needed
-
-    def _single_path(self, x0: th.Tensor, route: list, weights: list, needed: set[int]) -> th.Tensor:
-        """Routed block for one observation (``x0 [1, Din]``): only ``needed`` modules, sources by index."""
-        plan = self.plan
-        outputs: list[th.Tensor | None] = [None] * self.n_modules
-        slots_used = self._slots_used
-
-        def mix(node: int) -> th.Tensor:
-            used = slots_used[node]
-            sources, coefficients = route[node][:used], weights[node][:used]
-            mixed = outputs[sources[0]] * coefficients[0]
-            for source, coefficient in zip(sources[1:], coefficients[1:], strict=True):
-                mixed = mixed.add_(outputs[source], alpha=coefficient)
-            return mixed
-
-        w_in, b_in, w_hid, b_hid = self.w_in[0], self.b_in[0], self.w_hid[0], self.b_hid[0]
-        for node in sorted(needed):
-            k = plan.param_index[node]
-            if plan.is_input[node]:
-                outputs[node] = F.linear(x0, w_in[k], b_in[k]).relu_()
-            else:
-                u = mix(node)
-                outputs[node] = F.linear(u, w_hid[k], b_hid[k]).relu_().add_(u)
-        return mix(self.n_modules)
+        return skipping.forward_skipping(self, state, task_ids, route)
 
     @th.no_grad()
     def routing_path(self, state: th.Tensor, task_ids: th.Tensor, route: RouteRequest = TOPK) -> RoutingPath:

@@ -1,4 +1,9 @@
-"""D2R actor, twin critics and :class:`D2RPolicy` (D2R_SPEC.md sections 1-2)."""
+"""D2R actor, twin critics and :class:`D2RPolicy` (paper Fig. 3 and Eqs. 3-14).
+
+The actor and the critics are the shared :class:`~d2r_sb3.common.actor_critic.TaskActor` and
+:class:`~d2r_sb3.common.actor_critic.TaskCritic` on a :class:`~d2r_sb3.d2r.network.RoutedNetwork`; the policy
+decides, for each of the five network calls of a gradient step, how they route.
+"""
 
 from __future__ import annotations
 
@@ -10,55 +15,73 @@ import numpy as np
 import torch as th
 from gymnasium import spaces
 from stable_baselines3.common.type_aliases import Schedule
-from torch import nn
 
+from d2r_sb3.common.actor_critic import TaskActor, TaskCritic
 from d2r_sb3.common.policies import MultiTaskPolicy, squashed_gaussian
 from d2r_sb3.common.precision import bfloat16_is_native, cpu_flags
-from d2r_sb3.d2r.network import TOPK, RoutedNetwork, RouteRequest
+from d2r_sb3.d2r.network import TOPK, RoutedNetwork, RoutedNetworkConfig, RouteRequest
 from d2r_sb3.d2r.routing import RoutingPath
 
 OFFPOLICY_ROUTING: tuple[str, ...] = ("resrouting", "none", "target")
 TRAIN_PRECISIONS: dict[str, th.dtype] = {"float32": th.float32, "bfloat16": th.bfloat16}
+_NETWORK_DEFAULTS = (
+    RoutedNetworkConfig()
+)  # D2RPolicy's network keyword arguments take their defaults from here
 
 
-class D2RActor(nn.Module):
+class D2RActor(TaskActor):
     """Tanh-Gaussian actor on a :class:`RoutedNetwork` whose head outputs ``mean || log_std``.
 
     Acting (``forward``) routes with SampleK when stochastic and TopK when deterministic, and remembers the
     route it used in :attr:`last_route` (``uint8 [B, routed nodes, k]``) so the algorithm can store it.
     Without gradients and for batches up to ``skip_max_batch`` observations, only the modules that the route
-    reaches are computed (compute skipping; the number computed is kept in :attr:`last_modules_computed`).
+    reaches are computed (compute skipping, :mod:`~d2r_sb3.d2r.skipping`; the number computed is kept in
+    :attr:`last_modules_computed`). In the update, :meth:`action_log_prob` takes a route request and a compute
+    dtype, passed on to the network.
+
+    :param obs_dim: observation size (state + task one-hot).
+    :param action_dim: action size.
+    :param num_tasks: number of tasks ``T``.
+    :param skip_max_batch: compute only reachable modules when acting on at most this many observations.
+    :param net_kwargs: network settings for :class:`RoutedNetwork`: ``config=`` a
+        :class:`~d2r_sb3.d2r.network.RoutedNetworkConfig` and/or its individual fields.
     """
+
+    net: RoutedNetwork
 
     def __init__(
         self, obs_dim: int, action_dim: int, num_tasks: int, skip_max_batch: int = 4, **net_kwargs: Any
     ):
-        super().__init__()
+        state_dim = obs_dim - num_tasks
+        super().__init__(
+            RoutedNetwork(state_dim, num_tasks, 2 * action_dim, n_nets=1, **net_kwargs), state_dim
+        )
         self.num_tasks = num_tasks
-        self.state_dim = obs_dim - num_tasks
         self.action_dim = action_dim
-        self.net = RoutedNetwork(self.state_dim, num_tasks, 2 * action_dim, n_nets=1, **net_kwargs)
         self.skip_max_batch = skip_max_batch
         self.sample_k = True
         self.last_route: th.Tensor | None = None
         self.last_modules_computed: int | None = None
 
-    def split_obs(self, obs: th.Tensor) -> tuple[th.Tensor, th.Tensor]:
-        return obs[..., : self.state_dim], obs[..., self.state_dim :].argmax(-1)
+    def network_output(
+        self,
+        state: th.Tensor,
+        task_ids: th.Tensor,
+        route: RouteRequest = TOPK,
+        compute_dtype: th.dtype | None = None,
+    ) -> th.Tensor:
+        """The network's output ``[1, B, 2 * action_dim]`` under the given routing (TopK by default)."""
+        return self.net(state, task_ids, route, compute_dtype=compute_dtype)[0]
 
-    def distribution(
+    def action_log_prob(  # type: ignore[override]
         self,
         obs: th.Tensor,
         task_ids: th.Tensor | None = None,
         route: RouteRequest = TOPK,
         compute_dtype: th.dtype | None = None,
-    ) -> tuple[th.Tensor, th.Tensor, th.Tensor]:
-        """``(mean, log_std, sources)`` for a batch of observations."""
-        state, onehot_ids = self.split_obs(obs)
-        task_ids = onehot_ids if task_ids is None else task_ids
-        out, sources = self.net(state, task_ids, route, compute_dtype=compute_dtype)
-        mean, log_std = out[0].chunk(2, dim=-1)
-        return mean, log_std, sources
+    ) -> tuple[th.Tensor, th.Tensor]:
+        """Sampled action and its log-probability under the given routing (TopK by default)."""
+        return super().action_log_prob(obs, task_ids, route=route, compute_dtype=compute_dtype)
 
     def forward(self, obs: th.Tensor, deterministic: bool = False) -> th.Tensor:
         state, task_ids = self.split_obs(obs)
@@ -73,31 +96,38 @@ class D2RActor(nn.Module):
         mean, log_std = out[0].chunk(2, dim=-1)
         return squashed_gaussian(mean, log_std, deterministic, with_log_prob=False)[0]
 
-    def action_log_prob(
-        self,
-        obs: th.Tensor,
-        task_ids: th.Tensor | None = None,
-        route: RouteRequest = TOPK,
-        compute_dtype: th.dtype | None = None,
-    ) -> tuple[th.Tensor, th.Tensor]:
-        """Sampled action and its log-probability under the given routing (TopK by default)."""
-        mean, log_std, _ = self.distribution(obs, task_ids, route, compute_dtype)
-        return squashed_gaussian(mean, log_std)  # type: ignore[return-value]
 
-
-class D2RCritic(nn.Module):
+class D2RCritic(TaskCritic):
     """``n_critics`` routed Q networks evaluated together (ensemble dimension of :class:`RoutedNetwork`).
 
     Each Q network routes independently: with SampleK every critic draws its own route.
+
+    :param obs_dim: observation size (state + task one-hot).
+    :param action_dim: action size.
+    :param num_tasks: number of tasks ``T``.
+    :param n_critics: number of Q networks.
+    :param net_kwargs: network settings for :class:`RoutedNetwork`, as for :class:`D2RActor`.
     """
 
-    def __init__(self, obs_dim: int, action_dim: int, num_tasks: int, n_critics: int = 2, **net_kwargs: Any):
-        super().__init__()
-        self.state_dim = obs_dim - num_tasks
-        self.n_critics = n_critics
-        self.net = RoutedNetwork(self.state_dim + action_dim, num_tasks, 1, n_nets=n_critics, **net_kwargs)
+    net: RoutedNetwork
 
-    def q_values(
+    def __init__(self, obs_dim: int, action_dim: int, num_tasks: int, n_critics: int = 2, **net_kwargs: Any):
+        state_dim = obs_dim - num_tasks
+        net = RoutedNetwork(state_dim + action_dim, num_tasks, 1, n_nets=n_critics, **net_kwargs)
+        super().__init__(net, state_dim, n_critics)
+
+    def network_output(
+        self,
+        state_action: th.Tensor,
+        task_ids: th.Tensor,
+        detach_params: bool,
+        route: RouteRequest = TOPK,
+        compute_dtype: th.dtype | None = None,
+    ) -> th.Tensor:
+        """The networks' output ``[n_critics, B, 1]`` under the given routing (TopK by default)."""
+        return self.net(state_action, task_ids, route, detach_params, compute_dtype)[0]
+
+    def q_values(  # type: ignore[override]
         self,
         obs: th.Tensor,
         actions: th.Tensor,
@@ -106,32 +136,27 @@ class D2RCritic(nn.Module):
         detach_params: bool = False,
         compute_dtype: th.dtype | None = None,
     ) -> th.Tensor:
-        """``[n_critics, B]`` Q values. The critic input is ``[s, a]`` plus the task (spec section 1)."""
-        state = obs[..., : self.state_dim]
-        if task_ids is None:
-            task_ids = obs[..., self.state_dim :].argmax(-1)
-        out, _ = self.net(th.cat([state, actions], dim=-1), task_ids, route, detach_params, compute_dtype)
-        return out[..., 0]
+        """``[n_critics, B]`` Q values. The critic's input is ``[s, a]`` plus the task (paper: "an additional input
+        parameter (action a_t)").
 
-    def forward(self, obs: th.Tensor, actions: th.Tensor) -> tuple[th.Tensor, ...]:
-        """SB3's critic interface: a tuple of ``[B, 1]`` Q values (TopK routes)."""
-        return tuple(q.unsqueeze(-1) for q in self.q_values(obs, actions))
+        :param route: how the critics route (TopK by default).
+        :param detach_params: use detached parameters, so gradients reach the actions only (actor loss).
+        :param compute_dtype: reduced precision for the products (see :meth:`RoutedNetwork.forward`).
+        """
+        return super().q_values(
+            obs, actions, task_ids, detach_params, route=route, compute_dtype=compute_dtype
+        )
 
 
 class D2RPolicy(MultiTaskPolicy):
     """D2R actor-critic policy (alias ``"D2RPolicy"``); defaults are the paper's MT10 network.
 
+    The network settings ``n_modules``, ``module_dim``, ``top_k``, ``routing``, ``routing_level``, ``n_layers``,
+    ``encoder_sizes``, ``gate_sizes`` and ``resrouting_shortcut`` are the fields of
+    :class:`~d2r_sb3.d2r.network.RoutedNetworkConfig`, documented there with their defaults; the policy keeps
+    them in :attr:`network_config` and builds its actor and critics from it.
+
     :param num_tasks: number of tasks (set by the algorithm from the env).
-    :param n_modules: routed modules (16).
-    :param module_dim: module width (128).
-    :param top_k: sources per module with Top-K routing (2).
-    :param routing: ``"topk"`` (MaskSoftmax over k sources), ``"hard"`` (top-1) or ``"soft"`` (all earlier
-        modules, full softmax) -- paper Fig. 7(a).
-    :param routing_level: ``"module"`` (D2R), ``"layer"`` or ``"model"`` -- paper Fig. 7(d).
-    :param n_layers: layers or chain length for the ``"layer"`` / ``"model"`` levels.
-    :param encoder_sizes: state-encoder hidden sizes (``[400, 400]``).
-    :param gate_sizes: gate MLP hidden sizes (``[256, 256]``).
-    :param resrouting_shortcut: ``"full"`` (authors' code) or ``"masked"`` (paper Eq. 11).
     :param offpolicy_routing: routes of the actor loss: ``"resrouting"`` (stored behaviour routes with
         ResRouting, default), ``"none"`` (stored routes, every path carries gradient: "w/o ResRouting"),
         ``"target"`` (ignore stored routes, sample fresh ones: "w/ Target Routing") -- paper Fig. 7(b).
@@ -158,15 +183,15 @@ class D2RPolicy(MultiTaskPolicy):
         action_space: spaces.Box,
         lr_schedule: Schedule,
         num_tasks: int,
-        n_modules: int = 16,
-        module_dim: int = 128,
-        top_k: int = 2,
-        routing: str = "topk",
-        routing_level: str = "module",
-        n_layers: int = 4,
-        encoder_sizes: Sequence[int] = (400, 400),
-        gate_sizes: Sequence[int] = (256, 256),
-        resrouting_shortcut: str = "full",
+        n_modules: int = _NETWORK_DEFAULTS.n_modules,
+        module_dim: int = _NETWORK_DEFAULTS.module_dim,
+        top_k: int = _NETWORK_DEFAULTS.top_k,
+        routing: str = _NETWORK_DEFAULTS.routing,
+        routing_level: str = _NETWORK_DEFAULTS.routing_level,
+        n_layers: int = _NETWORK_DEFAULTS.n_layers,
+        encoder_sizes: Sequence[int] = _NETWORK_DEFAULTS.encoder_sizes,
+        gate_sizes: Sequence[int] = _NETWORK_DEFAULTS.gate_sizes,
+        resrouting_shortcut: str = _NETWORK_DEFAULTS.resrouting_shortcut,
         offpolicy_routing: str = "resrouting",
         sample_k: bool = True,
         skip_max_batch: int = 4,
@@ -183,15 +208,15 @@ class D2RPolicy(MultiTaskPolicy):
             raise ValueError(
                 f"Unknown train_precision {train_precision!r}; choose one of {tuple(TRAIN_PRECISIONS)}."
             )
-        self.net_kwargs = dict(
+        self.network_config = RoutedNetworkConfig(
             n_modules=n_modules,
             module_dim=module_dim,
             top_k=top_k,
             routing=routing,
             routing_level=routing_level,
             n_layers=n_layers,
-            encoder_sizes=tuple(encoder_sizes),
-            gate_sizes=tuple(gate_sizes),
+            encoder_sizes=encoder_sizes,
+            gate_sizes=gate_sizes,
             resrouting_shortcut=resrouting_shortcut,
         )
         self.offpolicy_routing = offpolicy_routing
@@ -212,15 +237,22 @@ class D2RPolicy(MultiTaskPolicy):
             optimizer_kwargs,
         )
 
+    @property
+    def net_kwargs(self) -> dict[str, Any]:
+        """The network settings as keyword arguments (see :class:`~d2r_sb3.d2r.network.RoutedNetworkConfig`)."""
+        return self.network_config.as_kwargs()
+
     def make_actor(self) -> D2RActor:
         actor = D2RActor(
-            self.obs_dim, self.action_dim, self.num_tasks, self.skip_max_batch, **self.net_kwargs
+            self.obs_dim, self.action_dim, self.num_tasks, self.skip_max_batch, config=self.network_config
         )
         actor.sample_k = self.sample_k
         return actor
 
     def make_critic(self) -> D2RCritic:
-        return D2RCritic(self.obs_dim, self.action_dim, self.num_tasks, self.n_critics, **self.net_kwargs)
+        return D2RCritic(
+            self.obs_dim, self.action_dim, self.num_tasks, self.n_critics, config=self.network_config
+        )
 
     @property
     def _train_dtype(self) -> th.dtype:
@@ -333,7 +365,7 @@ class D2RPolicy(MultiTaskPolicy):
             sources = self.actor.net.choose_sources(padded, task_ids, RouteRequest(explore=self.sample_k))
             return self.actor.net.graph.encode(sources[0]).cpu().numpy()
 
-    # --- the five calls of the multi-task SAC update (D2R_SPEC.md table 2.4) ------------------------------
+    # --- the five calls of the multi-task SAC update (see d2r_sb3.common.policies for the routes of each) -----
     def actor_loss_sample(
         self, obs: th.Tensor, task_ids: th.Tensor, routes: th.Tensor | None
     ) -> tuple[th.Tensor, th.Tensor]:

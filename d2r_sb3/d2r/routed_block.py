@@ -1,6 +1,7 @@
 """The routed block of D2R as one autograd function with a hand-written backward pass.
 
-Forward (D2R_SPEC.md section 1; ``v_j`` is the *masked view* of module ``j``'s output):
+Forward (paper Eqs. 3 and 9-12 with the authors' residual shortcut; ``v_j`` is the *masked view* of module ``j``'s
+output)::
 
     o_j = relu(M_j(x0))                           for input nodes (module 1)
     v_j = o_j if keep_ij else rsg(o_j)            rsg(o_j) = sg(h_j) + s_j   (Eq. 12)
@@ -10,7 +11,8 @@ Forward (D2R_SPEC.md section 1; ``v_j`` is the *masked view* of module ``j``'s o
     y   = sum_j p_out,j * v_j                     routed output node: no module, no shortcut
 
 ``v_j``, ``o_j`` and ``rsg(o_j)`` are equal in value, so the forward pass is a plain gather-and-matmul chain; the
-masks only decide where gradients go.
+masks only decide where gradients go. See :mod:`d2r_sb3.d2r.reference` for the plain statement (one module at a
+time, ordinary autograd), against which the tests check this block's values and gradients.
 
 How it is made fast (on a CPU the block is memory-bound: a module's matmul costs about as much as a few passes
 over its ``[B, D]`` activations, so the passes over memory and the number of kernel launches are what count):
@@ -38,7 +40,8 @@ to ``rsg(o_j)``, which reaches ``j``'s shortcut but not its own weights. So with
 ``gF_j``: ``rsg(o_1) = sg(o_1)``.
 
 Every tensor carries a leading ensemble dimension ``E`` (1 for the actor, 2 for the twin critics, which are
-evaluated together in one batched call).
+evaluated together in one batched call). What a network's block keeps between calls (backward strategy, scratch
+memory, index tables) lives in that network's :class:`BlockWorkspace`.
 """
 
 from __future__ import annotations
@@ -47,6 +50,8 @@ from dataclasses import dataclass
 
 import torch as th
 from torch.autograd.function import once_differentiable
+
+from d2r_sb3.common.ensemble import ensemble_linear
 
 _SUM = 0  # embedding_bag mode "sum"
 
@@ -63,11 +68,6 @@ class BlockPlan:
     def routed_nodes(self) -> tuple[int, ...]:
         """Nodes that read other modules: every non-input module, then the output node ``n``."""
         return (*(i for i, inp in enumerate(self.is_input) if not inp), len(self.is_input))
-
-
-def _linear(x: th.Tensor, weight: th.Tensor, bias: th.Tensor) -> th.Tensor:
-    """Ensemble linear layer: ``x [E, B, in]``, ``weight [E, out, in]``, ``bias [E, out]``."""
-    return th.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2))
 
 
 def _flat_rows(sources: th.Tensor, n_modules: int) -> th.Tensor:
@@ -135,7 +135,7 @@ def run_nodes(
             th.baddbmm(b_in[:, k].unsqueeze(1), x0, w_in[:, k].transpose(1, 2), out=outputs[node]).relu_()
             continue
         u = _bag(flat_outputs, rows[node].view(-1), offsets, weights_nm[node].view(-1)).view(ens, batch, dim)
-        h = _linear(u, w_hid[:, k], b_hid[:, k]).relu_()
+        h = ensemble_linear(u, w_hid[:, k], b_hid[:, k]).relu_()
         if saved is not None:
             saved[0].append(h)
             saved[1].append(u)
@@ -266,34 +266,94 @@ class _PushGraph:
         self.grad_total.index_add_(0, rows, (p * main).view(-1, dim))
 
 
-_FORCE_PUSH = False  # tests set this to run the GPU (push) strategy on the CPU
+BACKWARD_STRATEGIES: tuple[str, ...] = ("auto", "pull", "push")
 
 
-def _gradient_graph(sources, weights, keep, plan: BlockPlan, like: th.Tensor):
-    if like.device.type == "cpu" and not _FORCE_PUSH:
-        return _PullGraph(sources, weights, keep, plan)
-    return _PushGraph(sources, weights, keep, plan, like)
+class BlockWorkspace:
+    """What one network's routed block keeps between calls besides its parameters, owned by that network.
 
+    * ``backward_strategy``: ``"pull"`` (:class:`_PullGraph`, fastest on a CPU), ``"push"`` (:class:`_PushGraph`,
+      no host sync: what GPUs need) or ``"auto"`` (pull on a CPU, push elsewhere). Both give the same gradients
+      up to the order of the sums; tests run the push strategy on a CPU through this switch.
+    * Scratch memory of the backward pass, reused between calls on a CPU: large CPU allocations (>= 32 MB with
+      glibc) are fresh mmaps whose first touch costs more than the work done in them. A buffer is taken out for
+      the duration of one backward call, so graphs alive at the same time never share one.
+    * Index tables of the routing-weight gradient, built once per device (building them on a GPU would sync).
 
-# Scratch buffers that live only inside one backward call, kept between calls on CPU: large CPU allocations
-# (>= 32 MB with glibc) are fresh mmaps whose first touch costs more than the work done in them.
-_SCRATCH: dict[tuple, th.Tensor] = {}
-_SCRATCH_KEEP = 4
+    Neither the scratch memory nor the tables are pickled or deep-copied: they are rebuilt on first use.
+    """
 
+    max_scratch = 4  # buffers kept (one per shape and dtype: actor / critic calls, float32 / bfloat16)
 
-def _take_scratch(shape: tuple[int, ...], like: th.Tensor) -> th.Tensor:
-    if like.device.type != "cpu":
-        return like.new_empty(shape)
-    buffer = _SCRATCH.pop((shape, like.dtype), None)
-    return buffer if buffer is not None else like.new_empty(shape)
+    def __init__(self, plan: BlockPlan, backward_strategy: str = "auto"):
+        if backward_strategy not in BACKWARD_STRATEGIES:
+            raise ValueError(
+                f"Unknown backward_strategy {backward_strategy!r}; choose one of {BACKWARD_STRATEGIES}."
+            )
+        self.plan = plan
+        self.backward_strategy = backward_strategy
+        self._scratch: dict[tuple, th.Tensor] = {}
+        self._tables: dict[str, tuple[list[tuple[int, int]], th.Tensor, th.Tensor]] = {}
 
+    def __getstate__(self) -> dict:
+        return {"plan": self.plan, "backward_strategy": self.backward_strategy}  # caches stay behind
 
-def _give_back_scratch(buffer: th.Tensor) -> None:
-    if buffer.device.type != "cpu":
-        return
-    _SCRATCH[(tuple(buffer.shape), buffer.dtype)] = buffer
-    while len(_SCRATCH) > _SCRATCH_KEEP:
-        _SCRATCH.pop(next(iter(_SCRATCH)))
+    def __setstate__(self, state: dict) -> None:
+        self.plan = state["plan"]
+        self.backward_strategy = state["backward_strategy"]
+        self._scratch = {}
+        self._tables = {}
+
+    def gradient_graph(
+        self, sources: th.Tensor, weights: th.Tensor, keep: th.Tensor | None, like: th.Tensor
+    ) -> _PullGraph | _PushGraph:
+        """The edge bookkeeping of one backward pass, for the chosen strategy."""
+        strategy = self.backward_strategy
+        if strategy == "auto":
+            strategy = "pull" if like.device.type == "cpu" else "push"
+        if strategy == "pull":
+            return _PullGraph(sources, weights, keep, self.plan)
+        if strategy == "push":
+            return _PushGraph(sources, weights, keep, self.plan, like)
+        raise ValueError(f"Unknown backward_strategy {strategy!r}; choose one of {BACKWARD_STRATEGIES}.")
+
+    def take_scratch(self, shape: tuple[int, ...], like: th.Tensor) -> th.Tensor:
+        """An uninitialised ``shape`` buffer like ``like``; give it back with :meth:`give_back_scratch`."""
+        if like.device.type != "cpu":
+            return like.new_empty(shape)
+        buffer = self._scratch.pop((shape, like.dtype), None)
+        return buffer if buffer is not None else like.new_empty(shape)
+
+    def give_back_scratch(self, buffer: th.Tensor) -> None:
+        """Keep ``buffer`` for the next backward pass (the oldest buffers beyond :attr:`max_scratch` are dropped)."""
+        if buffer.device.type != "cpu":
+            return
+        self._scratch[(tuple(buffer.shape), buffer.dtype)] = buffer
+        while len(self._scratch) > self.max_scratch:
+            self._scratch.pop(next(iter(self._scratch)))
+
+    def weight_gradient_tables(self, device: th.device) -> tuple[list[tuple[int, int]], th.Tensor, th.Tensor]:
+        """``(blocks, position, input_rows)`` of :func:`_routing_weight_gradient` on ``device``.
+
+        ``blocks``: module blocks ``[lo, hi)``; ``position``: for every (module j, node i) with ``j < i``, the
+        column of their dot product in the concatenated block results (flat ``[n * (n + 1)]``); ``input_rows``:
+        ``[n + 1, 1]`` bool, true on input nodes.
+        """
+        key = str(device)
+        if key not in self._tables:
+            n = len(self.plan.is_input)
+            size = -(-n // 4)
+            blocks = [(lo, min(lo + size, n)) for lo in range(0, n, size)]
+            position = th.zeros(n, n + 1, dtype=th.long)
+            column = 0
+            for lo, hi in blocks:
+                width = n + 1 - (lo + 1)
+                for j in range(lo, hi):
+                    position[j, lo + 1 :] = column + (j - lo) * width + th.arange(width)
+                column += (hi - lo) * width
+            input_rows = th.tensor(self.plan.is_input + (False,)).view(-1, 1)
+            self._tables[key] = (blocks, position.flatten().to(device), input_rows.to(device))
+        return self._tables[key]
 
 
 class RoutedBlockFunction(th.autograd.Function):
@@ -310,9 +370,9 @@ class RoutedBlockFunction(th.autograd.Function):
         weights: th.Tensor,
         sources: th.Tensor,
         keep: th.Tensor | None,
-        plan: BlockPlan,
+        workspace: BlockWorkspace,
     ) -> th.Tensor:
-        ens, batch = x0.shape[:2]
+        plan = workspace.plan
         n = len(plan.is_input)
         rows = _flat_rows(sources, n)
         hidden: list[th.Tensor] = []
@@ -321,7 +381,7 @@ class RoutedBlockFunction(th.autograd.Function):
             x0, w_in, b_in, w_hid, b_hid, _node_major(weights), rows, plan, saved=(hidden, inputs)
         )
         ctx.save_for_backward(x0, w_in, w_hid, weights, sources, keep, outputs, *hidden, *inputs)
-        ctx.plan = plan
+        ctx.workspace = workspace
         return y
 
     @staticmethod
@@ -330,14 +390,15 @@ class RoutedBlockFunction(th.autograd.Function):
         x0, w_in, w_hid, weights, sources, keep, outputs, *saved = ctx.saved_tensors
         n_hid = w_hid.shape[1]
         hidden, inputs = saved[:n_hid], saved[n_hid:]
-        plan: BlockPlan = ctx.plan
+        workspace: BlockWorkspace = ctx.workspace
+        plan = workspace.plan
         need_x0, need_w_in, need_b_in, need_w_hid, need_b_hid, need_p = ctx.needs_input_grad[:6]
         n, ens, batch, dim = outputs.shape
         n_samples = ens * batch
-        graph = _gradient_graph(sources, weights, keep, plan, grad_y)
+        graph = workspace.gradient_graph(sources, weights, keep, grad_y)
         # Row i of the table is written when node i is processed and read afterwards only by the pulls of its
         # (earlier) sources, so it needs no zero fill.
-        table = _take_scratch((2 if graph.two_sided else 1, n + 1, n_samples, dim), grad_y)
+        table = workspace.take_scratch((2 if graph.two_sided else 1, n + 1, n_samples, dim), grad_y)
         flat_table = table.view(-1, dim)
         table[0, n].copy_(grad_y.reshape(n_samples, dim))
         if graph.two_sided:
@@ -379,8 +440,8 @@ class RoutedBlockFunction(th.autograd.Function):
             if need_b_hid:
                 th.sum(grad_pre, 1, out=grad_b_hid[k])
 
-        grad_p = _routing_weight_gradient(outputs, table[0], sources, plan) if need_p else None
-        _give_back_scratch(table)
+        grad_p = _routing_weight_gradient(outputs, table[0], sources, workspace) if need_p else None
+        workspace.give_back_scratch(table)
         if grad_w_hid is not None:
             grad_w_hid = grad_w_hid.transpose(0, 1).contiguous()
         if grad_b_hid is not None:
@@ -388,7 +449,9 @@ class RoutedBlockFunction(th.autograd.Function):
         return grad_x0, grad_w_in, grad_b_in, grad_w_hid, grad_b_hid, grad_p, None, None, None
 
 
-def _routing_weight_gradient(outputs: th.Tensor, grad_nodes: th.Tensor, sources: th.Tensor, plan: BlockPlan):
+def _routing_weight_gradient(
+    outputs: th.Tensor, grad_nodes: th.Tensor, sources: th.Tensor, workspace: BlockWorkspace
+) -> th.Tensor:
     """``dL/dp[e, b, i, c] = <o_src, A_i>`` for every node and slot (``o``, its masked view and ``rsg(o)`` agree
     in value).
 
@@ -401,7 +464,7 @@ def _routing_weight_gradient(outputs: th.Tensor, grad_nodes: th.Tensor, sources:
     slots = sources.shape[-1]
     module_rows = outputs.view(n, n_samples, dim).transpose(0, 1)  # [E * B, n, D]
     node_grads = grad_nodes.view(n + 1, n_samples, dim).permute(1, 2, 0)  # [E * B, D, n + 1]
-    blocks, position = _dot_blocks(n, sources.device)
+    blocks, position, input_rows = workspace.weight_gradient_tables(sources.device)
     dots = th.cat(
         [th.bmm(module_rows[:, lo:hi], node_grads[:, :, lo + 1 :]).view(n_samples, -1) for lo, hi in blocks],
         dim=1,
@@ -409,36 +472,7 @@ def _routing_weight_gradient(outputs: th.Tensor, grad_nodes: th.Tensor, sources:
     node_ids = th.arange(n + 1, device=sources.device).view(1, 1, n + 1, 1)
     pick = position[sources * (n + 1) + node_ids].reshape(n_samples, -1)
     grad_p = dots.gather(1, pick).view(ens, batch, n + 1, slots)
-    return grad_p.masked_fill_(_input_rows(plan, sources.device), 0)  # input-node rows: no weights, garbage A
-
-
-def _dot_blocks(n: int, device: th.device) -> tuple[list[tuple[int, int]], th.Tensor]:
-    """Module blocks ``[lo, hi)`` of :func:`_routing_weight_gradient` and, for every (module j, node i) with
-    ``j < i``, the column of their dot product in the concatenated block results (flat ``[n * (n + 1)]``)."""
-    key = ("dot_blocks", n, str(device))
-    if key not in _PLAN_TENSORS:
-        size = -(-n // 4)
-        blocks = [(lo, min(lo + size, n)) for lo in range(0, n, size)]
-        position = th.zeros(n, n + 1, dtype=th.long)
-        column = 0
-        for lo, hi in blocks:
-            width = n + 1 - (lo + 1)
-            for j in range(lo, hi):
-                position[j, lo + 1 :] = column + (j - lo) * width + th.arange(width)
-            column += (hi - lo) * width
-        _PLAN_TENSORS[key] = (blocks, position.flatten().to(device))
-    return _PLAN_TENSORS[key]
-
-
-_PLAN_TENSORS: dict[tuple, object] = {}
-
-
-def _input_rows(plan: BlockPlan, device: th.device) -> th.Tensor:
-    """``[n + 1, 1]`` bool, true on input nodes; cached per device (building it on a GPU would sync)."""
-    key = (plan, str(device))
-    if key not in _PLAN_TENSORS:
-        _PLAN_TENSORS[key] = th.tensor(plan.is_input + (False,), device=device).view(-1, 1)
-    return _PLAN_TENSORS[key]
+    return grad_p.masked_fill_(input_rows, 0)  # input-node rows: no weights, garbage A
 
 
 def routed_block(
@@ -450,7 +484,7 @@ def routed_block(
     weights: th.Tensor,
     sources: th.Tensor,
     keep: th.Tensor | None,
-    plan: BlockPlan,
+    workspace: BlockWorkspace,
 ) -> th.Tensor:
     """Run the routed modules and the output node.
 
@@ -461,12 +495,13 @@ def routed_block(
         must have weight 0 and point at a module every node may read (module 0).
     :param sources: ``[E, B, n + 1, C]`` module indices of the chosen sources.
     :param keep: ``[E, B, n + 1, C]`` ResRouting mask, or ``None`` when ResRouting is off.
+    :param workspace: the network's :class:`BlockWorkspace` (its plan, backward strategy and scratch memory).
     :return: ``[E, B, D]`` output-node value.
     """
     sources = sources.expand(weights.shape)
     tensors = (x0, w_in, b_in, w_hid, b_hid, weights)
     if th.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return RoutedBlockFunction.apply(*tensors, sources, keep, plan)
+        return RoutedBlockFunction.apply(*tensors, sources, keep, workspace)
     # No gradient wanted (targets, acting): nothing to save for a backward pass.
-    rows = _flat_rows(sources, len(plan.is_input))
-    return run_nodes(x0, w_in, b_in, w_hid, b_hid, _node_major(weights), rows, plan)[0]
+    rows = _flat_rows(sources, len(workspace.plan.is_input))
+    return run_nodes(x0, w_in, b_in, w_hid, b_hid, _node_major(weights), rows, workspace.plan)[0]

@@ -1,6 +1,6 @@
 """Routing graphs, route selection and routing paths for D2R.
 
-Vocabulary (D2R_SPEC.md sections 1-2):
+Vocabulary (paper Eqs. 4-8 and 10; :mod:`d2r_sb3.d2r.reference` states each of them plainly):
 
 * A **node** is either one of the ``n`` routed modules or the routed **output node** (index ``n``).
 * The **routing graph** says, for every node, which earlier modules it may read from (its *candidates*).
@@ -9,8 +9,11 @@ Vocabulary (D2R_SPEC.md sections 1-2):
   16 modules this gives chunks of 1, 2, ..., 16 logits (136 in total), exactly the authors' layout.
 * A **route** picks up to ``k`` sources per node: ``sources[..., node, slot]`` holds module indices and
   ``slot_valid[node, slot]`` says which slots are used (module 2 has a single candidate, so one slot is empty).
-* **MaskSoftmax** (paper Eq. 5; Eq. 8 with stored routes): the routing weights are the softmax of the *un-tempered* logits restricted to
-  the chosen sources. The temperature only changes which sources are drawn.
+* **TopK** (Eq. 6) takes the ``k`` largest logits of a node; **SampleK** (Eqs. 7 and 13) draws ``k`` sources without
+  replacement from the softmax of the logits divided by the task's routing temperature.
+* **MaskSoftmax** (Eq. 5; Eq. 8 with stored routes): the routing weights are the softmax of the *un-tempered*
+  logits restricted to the chosen sources (:meth:`RoutedNetwork.mask_softmax
+  <d2r_sb3.d2r.network.RoutedNetwork.mask_softmax>`). The temperature only changes which sources are drawn.
 * The **ResRouting mask** ``keep`` (paper Eq. 10) marks chosen sources whose full-softmax share exceeds
   ``1 / (number of candidates + 1)``; the others only pass gradient through the residual shortcut.
 """
@@ -18,13 +21,10 @@ Vocabulary (D2R_SPEC.md sections 1-2):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 import torch as th
 from torch import nn
 
-RoutingFunction = Literal["topk", "hard", "soft"]
-RoutingLevel = Literal["module", "layer", "model"]
 ROUTING_FUNCTIONS: tuple[str, ...] = ("topk", "hard", "soft")
 ROUTING_LEVELS: tuple[str, ...] = ("module", "layer", "model")
 
@@ -142,12 +142,9 @@ class RoutingGraph(nn.Module):
             "n_candidates": n_candidates,
             "flat_index": flat_index,
             "slot_valid": th.arange(self.slots)[None, :] < used[:, None],  # [n+1, slots]
-            # ResRouting threshold 1 / (candidates + 1) per node (strict '>', spec section 2.2).
+            # ResRouting threshold 1 / (candidates + 1) per node: the paper's 1/i for module i (Eq. 10), with the
+            # strict '>' of the authors' code where the paper writes '>='.
             "keep_threshold": 1.0 / (n_candidates.to(th.float32) + 1.0),
-            # Unused slots get -inf in the MaskSoftmax, except on input-node rows (no slot used): 0, finite.
-            "unused_slot_fill": th.where(routes[:, None], float("-inf"), 0.0).expand(
-                n_modules + 1, self.slots
-            ),
             "routed_index": th.tensor(self.routed_nodes),
             "pad_index": pad_index.flatten(),
             "pad_fill": th.tensor([float("-inf"), 0.0]),
@@ -156,6 +153,13 @@ class RoutingGraph(nn.Module):
             self.register_buffer(name, table.clone(), persistent=False)
         # Stored routes: only nodes that route (input nodes have nothing to store).
         self.route_shape = (len(self.routed_nodes), self.slots)
+        # The same tables as Python lists, for the per-observation code of compute skipping: sources used per
+        # node (slots fill from 0) and, per node, its candidate modules with their flat logit positions.
+        self.slots_used: list[int] = used.tolist()
+        self.candidate_lists: list[tuple[list[int], list[int]]] = [
+            (th.nonzero(candidates[node]).flatten().tolist(), flat_index[node][candidates[node]].tolist())
+            for node in range(n_modules + 1)
+        ]
 
     # ----------------------------------------------------------------------------------------------------
     def padded_logits(self, logits: th.Tensor) -> th.Tensor:
@@ -175,8 +179,8 @@ class RoutingGraph(nn.Module):
 
         :param padded: ``[..., n + 1, n]`` padded logits.
         :param temperature: per-sample temperature broadcastable to ``padded[..., 0, 0]`` (SampleK only).
-        :param explore: ``True`` draws ``k`` sources without replacement from ``softmax(z / tau)`` (SampleK),
-            ``False`` takes the top ``k`` (TopK).
+        :param explore: ``True`` draws ``k`` sources without replacement from ``softmax(z / tau)`` (SampleK,
+            Eqs. 7 and 13), ``False`` takes the top ``k`` (TopK, Eq. 6).
         :return: long tensor ``[..., n + 1, slots]`` of module indices (unused slots hold 0).
         """
         if self.routing == "soft":
@@ -200,23 +204,8 @@ class RoutingGraph(nn.Module):
         # no gather touches a module that is not computed yet; their weight is 0.
         return th.where(self.slot_valid, sources, 0)
 
-    def weights(self, padded: th.Tensor, sources: th.Tensor) -> th.Tensor:
-        """Routing weights of the chosen sources, ``[..., n + 1, slots]`` (zero on invalid slots).
-
-        Top-K uses MaskSoftmax (softmax of the un-tempered logits over the chosen sources, Eq. 5); hard routing
-        keeps the full-softmax probability of its single source so the gate still learns (Switch-Transformer
-        style); soft routing uses the full softmax over every candidate.
-        """
-        valid = self.slot_valid
-        if self.routing == "topk":
-            chosen = th.where(valid, padded.gather(-1, sources), self.unused_slot_fill.to(padded.dtype))
-            probs = th.softmax(chosen, dim=-1)
-        else:
-            probs = th.softmax(padded, dim=-1).gather(-1, sources)
-        return probs * valid
-
     def keep_mask(self, padded: th.Tensor, sources: th.Tensor) -> th.Tensor:
-        """ResRouting mask: a chosen source is kept iff its full-softmax share > 1 / (candidates + 1)."""
+        """ResRouting mask (Eq. 10): a chosen source is kept iff its full-softmax share > 1 / (candidates + 1)."""
         with th.no_grad():
             share = th.softmax(padded, dim=-1).gather(-1, sources)
             return share > self.keep_threshold[:, None]
