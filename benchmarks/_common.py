@@ -1,6 +1,6 @@
 """Shared helpers of the benchmark scripts: machine description, interleaved timing, Markdown tables.
 
-Timing protocol (../shared/BENCHMARKS.md): every candidate runs in the same process, interleaved (one repeat of
+Timing protocol: every candidate runs in the same process, interleaved (one repeat of
 each in turn, the order alternating between repeats), after warm-up; we report the median over repeats and the
 median of the per-repeat ratios, which cancels most of the drift on a shared machine.
 """

@@ -49,8 +49,6 @@ def build_models(batch: int, collect_steps: int, seed: int, device: str = "cpu")
     """
     from stable_baselines3 import SAC
 
-    import d2r_sb3.baselines  # noqa: F401  (registers MTSACPolicy)
-
     env = make_mt_env("MT10", seed=seed)
     buffer_size = max(collect_steps * env.num_envs, batch) + env.num_envs
     common = dict(batch_size=batch, buffer_size=buffer_size, seed=seed, device=device)

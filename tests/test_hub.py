@@ -225,7 +225,7 @@ def test_stage_full_repo_evaluates_when_the_run_has_no_results(model, env, obser
     text = card.text
     for expected_text in [
         *env.task_names,  # the per-task table
-        "T3S",  # the anchors of BENCHMARKS.md
+        "T3S",  # the published anchors
         "0.95",
         "not directly comparable",
         "mujoco-py",

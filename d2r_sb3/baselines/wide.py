@@ -1,7 +1,7 @@
 """Width-matched MH-SAC: a multi-head MLP with as many parameters as D2R (alias ``"WideMHSACPolicy"``).
 
 A fair comparison with a routing method needs an MLP of the same size: a plain multi-head SAC scaled to the same
-parameter count matches or beats several routing methods (BENCHMARKS.md). The hidden width is solved for the
+parameter count matches or beats several routing methods. The hidden width is solved for the
 actor and the critic separately, so that each matches D2R's actor / per-critic count for the same observation
 size, action size and number of tasks, within ``tolerance``.
 """

@@ -1,4 +1,4 @@
-"""Parameter counts of multi-task policies, reported next to every success rate (BENCHMARKS.md).
+"""Parameter counts of multi-task policies, reported next to every success rate, as published results give them.
 
 The counts follow the convention of the D2R paper's comparison: the actor, and **one** critic (the twin critics
 are identical in size, so the per-critic count is the critic total divided by ``n_critics``). Target critics and

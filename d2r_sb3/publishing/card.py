@@ -29,7 +29,8 @@ MODEL_CARD_TEMPLATE = (
 ALGO_TITLES = {name: method.title for name, method in METHODS.items()}
 """The title of each registered method (:attr:`d2r_sb3.registry.Method.title`)."""
 
-# Anchor success rates from /work/shared/BENCHMARKS.md: (method, fixed goals, random goals, source).
+# Published success rates on the same benchmarks, for the card's comparison table: (method, fixed goals, random
+# goals, where the number comes from).
 _T3S_RERUN = "re-run in the T3S paper, paper-like protocol (15M / 50M steps)"
 ANCHORS: dict[str, list[tuple[str, str, str, str]]] = {
     "MT10": [
