@@ -71,7 +71,9 @@ METHODS: dict[str, Method] = {
     "sm": Method(MultiTaskSAC, SMPolicy, "Soft Modularization"),
     "mhsac-wide": Method(MultiTaskSAC, WideMHSACPolicy, "MH-SAC (width-matched)"),
     "care": Method(MultiTaskSAC, CAREPolicy, "CARE"),
-    "paco": Method(PaCoSAC, PaCoPolicy, "PaCo", also_on_core=True),  # PaCoSAC adds the reset of diverging tasks
+    "paco": Method(
+        PaCoSAC, PaCoPolicy, "PaCo", also_on_core=True
+    ),  # PaCoSAC adds the reset of diverging tasks
     "moore": Method(MultiTaskSAC, MOOREPolicy, "MOORE"),
 }
 
@@ -115,7 +117,9 @@ def _register_policy_aliases() -> None:
     for method in sorted(METHODS.values(), key=lambda method: len(method.algo_class.__mro__)):
         classes = [method.algo_class] + ([MultiTaskSAC] if method.also_on_core else [])
         for cls in classes:
-            if "policy_aliases" not in vars(cls):  # its own table: a subclass must not add names to its parent's
+            if "policy_aliases" not in vars(
+                cls
+            ):  # its own table: a subclass must not add names to its parent's
                 cls.policy_aliases = dict(cls.policy_aliases)
             cls.policy_aliases[method.policy_alias] = method.policy_class
 

@@ -246,7 +246,9 @@ def test_enjoy_unknown_task_lists_the_valid_tasks(run1: Path):
 def test_enjoy_missing_model_says_how_to_get_one(tmp_path: Path, offline_hub):
     bundled = ROOT / "d2r_sb3" / "pretrained" / "models--d2r-sb3--d2r-MT10-rand"
     if bundled.is_dir():  # the pretrained policy ships: a missing hub id takes the same path
-        message = check_clean_error(run_cli("enjoy.py", "--task", "reach", "--model", "d2r-sb3/d2r-MT10-missing"))
+        message = check_clean_error(
+            run_cli("enjoy.py", "--task", "reach", "--model", "d2r-sb3/d2r-MT10-missing")
+        )
     else:  # until then the default model itself is missing
         message = check_clean_error(run_cli("enjoy.py", "--task", "reach"))
         assert "default pretrained policy 'd2r-sb3/d2r-MT10-rand'" in message
