@@ -12,17 +12,12 @@ The clock is split into: env (``VecEnv.step``), acting (policy inference and, fo
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import torch as th
+from _common import machine_lines, markdown_table, set_threads
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _common import machine_lines, markdown_table, set_threads  # noqa: E402
-
-from d2r_sb3 import D2RSAC, make_mt_env  # noqa: E402
+from d2r_sb3 import D2RSAC, make_mt_env
 
 
 class Clock:

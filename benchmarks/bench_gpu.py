@@ -16,18 +16,13 @@ SB3's (a host-to-device copy of the batch per step).
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import torch as th
+from _common import interleaved, machine_lines, markdown_table, median, paired_ratio, set_threads
+from bench_e2e import run as run_e2e
+from bench_update import build_models
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _common import interleaved, machine_lines, markdown_table, median, paired_ratio, set_threads  # noqa: E402
-from bench_e2e import run as run_e2e  # noqa: E402
-from bench_update import build_models  # noqa: E402
-
-from d2r_sb3 import D2RSAC, make_mt_env  # noqa: E402
+from d2r_sb3 import D2RSAC, make_mt_env
 
 PAPER_UPDATES = 1_500_000  # MT10: 15M env steps, one gradient step per vector step of 10 envs
 

@@ -15,19 +15,14 @@ equal (allclose) between dense and skipping for every observation.
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 import torch as th
+from _common import interleaved, machine_lines, markdown_table, median, paired_ratio, set_threads
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _common import interleaved, machine_lines, markdown_table, median, paired_ratio, set_threads  # noqa: E402
-
-from d2r_sb3 import make_mt_env  # noqa: E402
-from d2r_sb3.d2r import D2RPolicy, skipping  # noqa: E402
+from d2r_sb3 import make_mt_env
+from d2r_sb3.d2r import D2RPolicy, skipping
 
 
 def collect_observations(env, steps: int, seed: int) -> np.ndarray:
@@ -50,6 +45,32 @@ def load_actor_policy(model: str | None, env, seed: int) -> D2RPolicy:
     if not isinstance(policy, D2RPolicy):
         raise SystemExit(f"--model must hold a D2R policy, got {type(policy).__name__}.")
     return policy
+
+
+def check_skipping_matches_dense(actor: th.nn.Module, single: list[th.Tensor]) -> np.ndarray:
+    """Assert that skipping gives the dense actions; the number of modules each observation needed."""
+    with th.no_grad():
+        actor.skip_max_batch = 0
+        dense_actions = th.cat([actor(o, deterministic=True) for o in single])
+        actor.skip_max_batch = 4
+        skip_actions, computed = [], []
+        for o in single:
+            skip_actions.append(actor(o, deterministic=True))
+            computed.append(actor.last_modules_computed)
+    th.testing.assert_close(th.cat(skip_actions), dense_actions, rtol=1e-5, atol=1e-6)
+    return np.array(computed)
+
+
+def modules_computed(actor: th.nn.Module, batches: list[th.Tensor]) -> list[int]:
+    """Modules the skipping path computed for each batch."""
+    with th.no_grad():
+        actor.skip_max_batch = max(4, batches[0].shape[0])
+        mods = []
+        for o in batches:
+            actor(o, deterministic=True)
+            mods.append(actor.last_modules_computed)
+        actor.skip_max_batch = 4
+    return mods
 
 
 def main() -> None:
@@ -77,17 +98,7 @@ def main() -> None:
     batches10 = [obs_t[i : i + 10] for i in range(0, len(obs_t) - 9, 10)]
 
     # Correctness first: the same actions with and without skipping, and the modules each observation needs.
-    with th.no_grad():
-        actor.skip_max_batch = 0
-        dense_actions = th.cat([actor(o, deterministic=True) for o in single])
-        actor.skip_max_batch = 4
-        skip_actions, computed = [], []
-        for o in single:
-            skip_actions.append(actor(o, deterministic=True))
-            computed.append(actor.last_modules_computed)
-        skip_actions = th.cat(skip_actions)
-    th.testing.assert_close(skip_actions, dense_actions, rtol=1e-5, atol=1e-6)
-    computed = np.array(computed)
+    computed = check_skipping_matches_dense(actor, single)
     few = [o for o, c in zip(single, computed, strict=True) if c <= 5]
 
     def actor_loop(
@@ -131,13 +142,7 @@ def main() -> None:
             candidates = {"dense": actor_loop(batches, 0), "skipping": actor_loop(batches, 10)}
         times = interleaved(candidates, args.repeats, warmup=1)
         us = {name: 1e6 * median(t) / len(batches) for name, t in times.items()}
-        with th.no_grad():
-            actor.skip_max_batch = max(4, batches[0].shape[0])
-            mods = []
-            for o in batches:
-                actor(o, deterministic=True)
-                mods.append(actor.last_modules_computed)
-            actor.skip_max_batch = 4
+        mods = modules_computed(actor, batches)
         row = [
             label,
             f"{us['dense']:.0f}",

@@ -13,19 +13,14 @@ batch 1280 with stored routes and ResRouting): the authors-style dense computati
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import numpy as np
 import torch as th
+from _common import interleaved, machine_lines, markdown_table, median, paired_ratio, set_threads
+from naive_d2r import naive_forward
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _common import interleaved, machine_lines, markdown_table, median, paired_ratio, set_threads  # noqa: E402
-from naive_d2r import naive_forward  # noqa: E402
-
-from d2r_sb3 import D2RSAC, MultiTaskSAC, make_mt_env  # noqa: E402
-from d2r_sb3.d2r.network import RouteRequest  # noqa: E402
+from d2r_sb3 import D2RSAC, MultiTaskSAC, make_mt_env
+from d2r_sb3.d2r.network import RouteRequest
 
 MLP_ARCH = [400, 400, 400]
 D2R_BF16 = "D2R, train_precision=bfloat16 (mixed precision, opt-in)"

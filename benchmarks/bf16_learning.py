@@ -14,18 +14,13 @@ at the paper's 15M steps.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch as th
+from _common import machine_lines, markdown_table, set_threads
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _common import machine_lines, markdown_table, set_threads  # noqa: E402
-
-from d2r_sb3 import D2RSAC, evaluate_per_task, make_mt_env  # noqa: E402
+from d2r_sb3 import D2RSAC, evaluate_per_task, make_mt_env
 
 PRECISIONS = ("float32", "bfloat16")
 

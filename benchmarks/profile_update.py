@@ -11,16 +11,11 @@ time spent in the phase that no operator accounts for).
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import torch as th
+from _common import machine_lines, markdown_table, set_threads
+from bench_update import build_models
 from torch.profiler import ProfilerActivity, profile, record_function
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _common import machine_lines, markdown_table, set_threads  # noqa: E402
-from bench_update import build_models  # noqa: E402
 
 MATMUL = {"aten::bmm", "aten::baddbmm", "aten::baddbmm_", "aten::mm", "aten::addmm", "aten::matmul"}
 GATHER = {"aten::_embedding_bag_forward_only", "aten::embedding_bag", "aten::index_select"}
