@@ -229,7 +229,6 @@ def batch_with_an_exploding_task(
         next_observations=obs.clone(),
         dones=th.zeros(len(task_ids), 1),
         rewards=rewards,
-        discounts=None,
         task_ids=task_ids,
         routes=None,
     )

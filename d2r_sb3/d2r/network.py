@@ -12,7 +12,8 @@
 
 All parameters carry a leading ensemble dimension, so ``n_nets=2`` evaluates the twin critics in one call.
 :mod:`d2r_sb3.d2r.reference` is the plain statement of the same computation, against which the tests check this
-one; :mod:`.skipping` holds the inference path that computes only the modules a route reaches.
+one; :mod:`.skipping`, above this module, holds the inference path that computes only the modules a route
+reaches.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ import torch as th
 from torch import nn
 
 from d2r_sb3.common.ensemble import EnsembleLinear, EnsembleMLP, uniform_
-from d2r_sb3.d2r import skipping
 from d2r_sb3.d2r.routed_block import BlockPlan, BlockWorkspace, routed_block
 from d2r_sb3.d2r.routing import RoutingGraph, RoutingPath
 
@@ -293,17 +293,6 @@ class RoutedNetwork(nn.Module):
         if compute_dtype is not None:
             y = y.to(self.head.weight.dtype)  # the head (Q value, action mean / log-std) in full precision
         return self.head(y, detach_params), sources
-
-    @th.no_grad()
-    def forward_skipping(
-        self, state: th.Tensor, task_ids: th.Tensor, route: RouteRequest = TOPK
-    ) -> tuple[th.Tensor, th.Tensor, int]:
-        """Inference forward that computes only the modules some chosen path reaches from the output.
-
-        Same sources as :meth:`forward` and the same outputs up to rounding; see :mod:`.skipping`.
-        :return: ``(out [E, B, out_dim], sources [E, B, n + 1, slots], number of modules computed)``.
-        """
-        return skipping.forward_skipping(self, state, task_ids, route)
 
     @th.no_grad()
     def routing_path(self, state: th.Tensor, task_ids: th.Tensor, route: RouteRequest = TOPK) -> RoutingPath:

@@ -19,6 +19,7 @@ from stable_baselines3.common.type_aliases import Schedule
 from d2r_sb3.common.actor_critic import TaskActor, TaskCritic
 from d2r_sb3.common.policies import MultiTaskPolicy, squashed_gaussian
 from d2r_sb3.common.precision import bfloat16_is_native, cpu_flags
+from d2r_sb3.d2r import skipping
 from d2r_sb3.d2r.network import TOPK, RoutedNetwork, RoutedNetworkConfig, RouteRequest
 from d2r_sb3.d2r.routing import RoutingPath
 
@@ -87,7 +88,7 @@ class D2RActor(TaskActor):
         state, task_ids = self.split_obs(obs)
         route = RouteRequest(explore=self.sample_k and not deterministic)
         if not th.is_grad_enabled() and obs.shape[0] <= self.skip_max_batch:
-            out, sources, computed = self.net.forward_skipping(state, task_ids, route)
+            out, sources, computed = skipping.forward_skipping(self.net, state, task_ids, route)
             self.last_modules_computed = computed
         else:
             out, sources = self.net(state, task_ids, route)

@@ -15,16 +15,13 @@ MaskSoftmax over a dozen small rows cost less as Python floats than as a dozen s
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import torch as th
 from torch.nn import functional as F
 
+from d2r_sb3.d2r.network import RoutedNetwork, RouteRequest
 from d2r_sb3.d2r.routed_block import _flat_rows, _node_major, run_nodes
-
-if TYPE_CHECKING:
-    from d2r_sb3.d2r.network import RoutedNetwork, RouteRequest
-    from d2r_sb3.d2r.routing import RoutingGraph
+from d2r_sb3.d2r.routing import RoutingGraph
 
 
 @th.no_grad()
