@@ -32,6 +32,8 @@ class TaskActor(nn.Module):
     :param state_dim: size of the state part of the observation (the task one-hot follows it).
     """
 
+    optimizer: th.optim.Optimizer  # set by MultiTaskPolicy._build
+
     def __init__(self, net: nn.Module, state_dim: int):
         super().__init__()
         self.net = net
@@ -82,6 +84,8 @@ class TaskCritic(nn.Module):
     :param state_dim: size of the state part of the observation.
     :param n_critics: number of Q networks.
     """
+
+    optimizer: th.optim.Optimizer  # set by MultiTaskPolicy._build (not on a target critic)
 
     def __init__(self, net: nn.Module, state_dim: int, n_critics: int):
         super().__init__()

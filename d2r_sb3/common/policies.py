@@ -21,15 +21,17 @@ check it with :func:`check_observations`: the width, finiteness and an exact tas
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch as th
 from gymnasium import spaces
 from stable_baselines3.common.policies import BasePolicy
 from stable_baselines3.common.type_aliases import Schedule
-from torch import nn
+
+if TYPE_CHECKING:  # (actor_critic imports squashed_gaussian from this module)
+    from d2r_sb3.common.actor_critic import TaskActor, TaskCritic
 
 LOG_STD_MIN, LOG_STD_MAX = -20.0, 2.0
 _HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
@@ -45,7 +47,7 @@ class InvalidObservationError(ValueError):
     :param rows: the offending rows of the batch (empty for ``"type"`` / ``"shape"``).
     """
 
-    def __init__(self, message: str, kind: str, rows: Sequence[int] = ()):
+    def __init__(self, message: str, kind: str, rows: Sequence[int] | np.ndarray = ()):
         super().__init__(message)
         self.kind = kind
         self.rows = [int(r) for r in rows]
@@ -187,9 +189,10 @@ class MultiTaskPolicy(BasePolicy):
     :param n_critics: number of Q networks (2 = clipped double Q).
     """
 
-    actor: nn.Module
-    critic: nn.Module
-    critic_target: nn.Module
+    action_space: spaces.Box  # (SAC's action spaces are boxes)
+    actor: TaskActor
+    critic: TaskCritic
+    critic_target: TaskCritic
 
     def __init__(
         self,
@@ -227,19 +230,21 @@ class MultiTaskPolicy(BasePolicy):
         self._build(lr_schedule)
 
     # --- construction ------------------------------------------------------------------------------------
-    def make_actor(self) -> nn.Module:
+    def make_actor(self) -> TaskActor:
         raise NotImplementedError
 
-    def make_critic(self) -> nn.Module:
+    def make_critic(self) -> TaskCritic:
         raise NotImplementedError
 
     def _build(self, lr_schedule: Schedule) -> None:
+        # A concrete optimizer class, whose constructor takes ``lr`` (the base Optimizer's does not).
+        make_optimizer: Callable[..., th.optim.Optimizer] = self.optimizer_class
         self.actor = self.make_actor().to(self.device)
-        self.actor.optimizer = self.optimizer_class(
+        self.actor.optimizer = make_optimizer(
             self.actor.parameters(), lr=lr_schedule(1), **self.optimizer_kwargs
         )
         self.critic = self.make_critic().to(self.device)
-        self.critic.optimizer = self.optimizer_class(
+        self.critic.optimizer = make_optimizer(
             self.critic.parameters(), lr=lr_schedule(1), **self.optimizer_kwargs
         )
         self.critic_target = self.make_critic().to(self.device)
@@ -306,7 +311,8 @@ class MultiTaskPolicy(BasePolicy):
     def forward(self, obs: th.Tensor, deterministic: bool = False) -> th.Tensor:
         return self._predict(obs, deterministic=deterministic)
 
-    def _predict(self, observation: th.Tensor, deterministic: bool = False) -> th.Tensor:
+    # SB3's signature also allows dict observations; multi-task observations are flat Boxes.
+    def _predict(self, observation: th.Tensor, deterministic: bool = False) -> th.Tensor:  # type: ignore[override]
         return self.actor(observation, deterministic=deterministic)
 
     def set_training_mode(self, mode: bool) -> None:
