@@ -584,7 +584,7 @@ def table(trials: Sequence[Trial], statuses: dict[str, str]) -> str:
 
 def write_summary(folder: Path, trials: Sequence[Trial], statuses: dict[str, str], seconds: float) -> str:
     """``summary.md`` and ``summary.json`` of the sweep folder; returns the Markdown."""
-    records = []
+    records: list[dict[str, Any]] = []
     for trial in trials:
         run_dir = find_run_dir(trial.folder, trial.algo)
         progress = read_progress(run_dir)
@@ -778,7 +778,11 @@ def report(
     curves = plot.plot_mean(groups, files[0], args)
     plot.plot_per_task(groups, files[1], args)
     for label, curve in curves.items():
-        band = f" [{curve.low[-1]:.3f}, {curve.high[-1]:.3f}]" if curve.low is not None else ""
+        band = (
+            f" [{curve.low[-1]:.3f}, {curve.high[-1]:.3f}]"
+            if curve.low is not None and curve.high is not None
+            else ""
+        )
         print(
             f"  {label}: success {curve.center[-1]:.3f}{band} at {curve.steps[-1]:,.0f} steps ({curve.method or '1 run'})"
         )
