@@ -20,9 +20,8 @@ check it with :func:`check_observations`: the width, finiteness and an exact tas
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch as th
@@ -30,11 +29,12 @@ from gymnasium import spaces
 from stable_baselines3.common.policies import BasePolicy
 from stable_baselines3.common.type_aliases import Schedule
 
-if TYPE_CHECKING:  # (actor_critic imports squashed_gaussian from this module)
-    from d2r_sb3.common.actor_critic import TaskActor, TaskCritic
+# LOG_STD_MIN / LOG_STD_MAX / squashed_gaussian live with the actor; re-exported here, where they used to live.
+from d2r_sb3.common.actor_critic import LOG_STD_MAX as LOG_STD_MAX
+from d2r_sb3.common.actor_critic import LOG_STD_MIN as LOG_STD_MIN
+from d2r_sb3.common.actor_critic import TaskActor, TaskCritic
+from d2r_sb3.common.actor_critic import squashed_gaussian as squashed_gaussian
 
-LOG_STD_MIN, LOG_STD_MAX = -20.0, 2.0
-_HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
 _MAX_ROWS_SHOWN = 10
 
 
@@ -153,29 +153,6 @@ def check_observations(
         "task",
         rows,
     )
-
-
-def squashed_gaussian(
-    mean: th.Tensor, log_std: th.Tensor, deterministic: bool = False, with_log_prob: bool = True
-) -> tuple[th.Tensor, th.Tensor | None]:
-    """Tanh-Gaussian action and its log-probability (the same density as SB3's squashed Gaussian).
-
-    ``log pi = sum_dims [log N(z; mean, std) - log(1 - tanh(z)^2 + 1e-6)]``; the deterministic action is
-    ``tanh(mean)``.
-    """
-    log_std = log_std.clamp(LOG_STD_MIN, LOG_STD_MAX)
-    if deterministic:
-        pre_tanh = mean
-        noise = th.zeros_like(mean)
-    else:
-        noise = th.randn_like(mean)
-        pre_tanh = mean + log_std.exp() * noise
-    action = th.tanh(pre_tanh)
-    if not with_log_prob:
-        return action, None
-    log_prob = (-0.5 * noise.square() - log_std - _HALF_LOG_2PI).sum(-1)
-    log_prob = log_prob - th.log(1.0 - action.square() + 1e-6).sum(-1)
-    return action, log_prob
 
 
 class MultiTaskPolicy(BasePolicy):

@@ -398,7 +398,7 @@ class RoutedBlockFunction(th.autograd.Function):
         need_x0, need_w_in, need_b_in, need_w_hid, need_b_hid, need_p = ctx.needs_input_grad[:6]
         n, ens, batch, dim = outputs.shape
         graph = workspace.gradient_graph(sources, weights, keep, grad_y)
-        table = _output_gradient_table(workspace, graph, grad_y, n, dim)
+        table = _output_gradient_table(workspace, graph, grad_y, n, ens * batch, dim)
         flat_table = table.view(-1, dim)
         grad_x0 = th.zeros_like(x0) if need_x0 else None
         grad_w_in = th.zeros_like(w_in) if need_w_in else None
@@ -438,7 +438,12 @@ class RoutedBlockFunction(th.autograd.Function):
 
 
 def _output_gradient_table(
-    workspace: BlockWorkspace, graph: _PullGraph | _PushGraph, grad_y: th.Tensor, n: int, dim: int
+    workspace: BlockWorkspace,
+    graph: _PullGraph | _PushGraph,
+    grad_y: th.Tensor,
+    n: int,
+    n_samples: int,
+    dim: int,
 ) -> th.Tensor:
     """The per-node gradient table ``[halves, n + 1, E * B, D]`` of one backward pass, with the output node's
     row filled (``dL/dy``; no shortcut) and pushed to its sources.
@@ -446,7 +451,6 @@ def _output_gradient_table(
     Row ``i`` of the table is written when node ``i`` is processed and read afterwards only by the pulls of its
     (earlier) sources, so it needs no zero fill. Give it back with :meth:`BlockWorkspace.give_back_scratch`.
     """
-    n_samples = grad_y.shape[0] * grad_y.shape[1]
     table = workspace.take_scratch((2 if graph.two_sided else 1, n + 1, n_samples, dim), grad_y)
     table[0, n].copy_(grad_y.reshape(n_samples, dim))
     if graph.two_sided:
