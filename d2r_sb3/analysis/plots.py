@@ -89,7 +89,7 @@ def task_colors(n_tasks: int) -> list[tuple[float, float, float, float]]:
     palette = [color for name in names for color in matplotlib.colormaps[name].colors]
     if n_tasks > len(palette):
         palette = [matplotlib.colormaps["hsv"](i / n_tasks) for i in range(n_tasks)]
-    return [tuple(palette[i]) for i in range(n_tasks)]  # type: ignore[misc]
+    return [tuple(palette[i]) for i in range(n_tasks)]
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -131,7 +131,7 @@ def plot_modules_per_task(
     ax.bar(positions, means, yerr=stds, color=colors, capsize=3, edgecolor="black", linewidth=0.5)
     if len(tasks) <= 20:
         for x, mean, std in zip(positions, means, stds, strict=True):
-            ax.text(x, mean + std + 0.1, f"{mean:.1f}", ha="center", va="bottom", fontsize=8)
+            ax.text(float(x), mean + std + 0.1, f"{mean:.1f}", ha="center", va="bottom", fontsize=8)
     ax.set_xticks(
         positions, [short_task_name(task.name) for task in tasks], rotation=45 if len(tasks) <= 20 else 90
     )

@@ -435,4 +435,5 @@ def _finite_or_none(value: float | None) -> float | None:
 def _rounded(array: np.ndarray, digits: int = 6) -> Any:
     """Nested lists with ``NaN`` as ``None`` (JSON has no NaN) and 6 digits: enough for frequencies over up to 1e6 steps."""
     rounded = np.round(np.asarray(array, dtype=float), digits)
-    return np.where(np.isfinite(rounded), rounded, None).tolist()
+    # (numpy's stubs take no None here; at run time it makes an object array holding None for NaN)
+    return np.where(np.isfinite(rounded), rounded, None).tolist()  # type: ignore[call-overload]

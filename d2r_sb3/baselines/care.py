@@ -46,7 +46,7 @@ import os
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch as th
@@ -56,6 +56,7 @@ from torch import nn
 
 from d2r_sb3.baselines.actor_critic import TaskNetworkPolicy
 from d2r_sb3.baselines.grouped import GroupedMLP, output_init_
+from d2r_sb3.common.ensemble import EnsembleLinear
 from d2r_sb3.d2r.network import EnsembleMLP
 
 __all__ = ["CARENetwork", "CAREPolicy", "TaskEmbeddings", "care_parameter_count", "load_task_embeddings"]
@@ -205,6 +206,11 @@ class CARENetwork(nn.Module):
     :param hidden_sizes: hidden sizes of the trunk on ``[z_enc, z_tau]``.
     """
 
+    # Learned task embeddings, or (with ``task_embeddings``) the frozen description embeddings and their projection.
+    task_embedding: nn.Parameter | None
+    projection: EnsembleMLP | None
+    description_embeddings: th.Tensor
+
     def __init__(
         self,
         in_dim: int,
@@ -257,7 +263,7 @@ class CARENetwork(nn.Module):
             [encoder_sizes[-1] + context_dim + passthrough_dim, *hidden_sizes, out_dim],
             final_relu=False,
         )
-        output_init_(self.trunk.layers[-1])
+        output_init_(cast(EnsembleLinear, self.trunk.layers[-1]))  # (an EnsembleMLP's layers)
 
     def task_contexts(self, detach: bool = False) -> tuple[th.Tensor, th.Tensor]:
         """Every task's context ``z_tau [E, T, context_dim]`` and attention ``alpha [E, T, k]``."""
@@ -265,6 +271,7 @@ class CARENetwork(nn.Module):
             table = self.task_embedding.detach() if detach else self.task_embedding
             embedding = th.relu(table)
         else:
+            assert self.projection is not None  # (made whenever task_embedding is not)
             described = th.relu(self.description_embeddings).expand(self.n_nets, -1, -1)
             embedding = self.projection(described, detach)
         context = self.context(embedding, detach)

@@ -16,6 +16,7 @@ import torch as th
 from torch import nn
 
 from d2r_sb3.baselines.mlp import OUTPUT_INIT_BOUND
+from d2r_sb3.common.ensemble import EnsembleLinear
 
 __all__ = ["GroupedLinear", "GroupedMLP", "output_init_"]
 
@@ -71,7 +72,7 @@ class GroupedMLP(nn.Module):
         return x
 
 
-def output_init_(layer: nn.Module) -> None:
+def output_init_(layer: GroupedLinear | EnsembleLinear) -> None:
     """``U(-3e-3, 3e-3)`` for a layer's weight and bias (the authors' output-layer init)."""
     with th.no_grad():
         layer.weight.uniform_(-OUTPUT_INIT_BOUND, OUTPUT_INIT_BOUND)

@@ -50,7 +50,8 @@ Choices we made:
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, cast
 
 import numpy as np
 import torch as th
@@ -110,10 +111,11 @@ class PaCoNetwork(nn.Module):
         self.layers = nn.ModuleList(
             GroupedLinear(n_nets, n_param_sets, a, b) for a, b in zip(sizes[:-1], sizes[1:], strict=True)
         )
-        output_init_(self.layers[-1])
+        layers = cast("Sequence[GroupedLinear]", self.layers)
+        output_init_(layers[-1])
         if identical_init:
             with th.no_grad():
-                for layer in self.layers:
+                for layer in layers:
                     layer.weight.copy_(layer.weight[:, :1].expand_as(layer.weight))
                     layer.bias.copy_(layer.bias[:, :1].expand_as(layer.bias))
         self.task_weights = nn.Parameter(random_simplex_(th.empty(n_nets, num_tasks, n_param_sets)))
@@ -221,10 +223,12 @@ class PaCoPolicy(TaskNetworkPolicy):
     def reset_tasks(self, tasks: th.Tensor, method: str = "interpolate") -> None:
         """w-reset of the tasks in the boolean mask ``tasks [T]``: the actor's and the critics' tables, and the
         target critics' copy of the critics' new rows (see :meth:`PaCoNetwork.reset_tasks`)."""
-        self.actor.net.reset_tasks(tasks, method)
-        self.critic.net.reset_tasks(tasks, method)
-        mask = tasks.to(self.critic.net.task_weights.device)
-        self.critic_target.net.task_weights[:, mask] = self.critic.net.task_weights[:, mask]
+        # (make_network builds PaCoNetworks)
+        actor_net, critic_net = cast(PaCoNetwork, self.actor.net), cast(PaCoNetwork, self.critic.net)
+        actor_net.reset_tasks(tasks, method)
+        critic_net.reset_tasks(tasks, method)
+        mask = tasks.to(critic_net.task_weights.device)
+        cast(PaCoNetwork, self.critic_target.net).task_weights[:, mask] = critic_net.task_weights[:, mask]
 
 
 class PaCoSAC(MultiTaskSAC):
@@ -260,14 +264,9 @@ class PaCoSAC(MultiTaskSAC):
         self.reset_extreme_tasks = reset_extreme_tasks
         self.reset_method = reset_method
         self.reset_log_alpha = reset_log_alpha
-        super().__init__(
-            policy,
-            env,
-            *args,
-            task_loss_reweighting=task_loss_reweighting,
-            _init_setup_model=_init_setup_model,
-            **kwargs,
-        )
+        # (by keyword, through kwargs: mypy cannot tell that *args stops before these)
+        kwargs.update(task_loss_reweighting=task_loss_reweighting, _init_setup_model=_init_setup_model)
+        super().__init__(policy, env, *args, **kwargs)
 
     def _setup_model(self) -> None:
         super()._setup_model()
@@ -295,13 +294,11 @@ class PaCoSAC(MultiTaskSAC):
         """Reset the tasks in the boolean mask ``tasks [T]``: compositional vectors, and ``log alpha`` when
         ``reset_log_alpha`` (only with per-task entropy coefficients learned)."""
         self.policy.reset_tasks(tasks, self.reset_method)
-        if (
-            self.reset_log_alpha
-            and self.ent_coef_optimizer is not None
-            and self.log_ent_coef.numel() == self.num_tasks
-        ):
-            with th.no_grad():
-                self.log_ent_coef[tasks.to(self.log_ent_coef.device)] = self._initial_log_ent_coef()
+        if self.reset_log_alpha and self.ent_coef_optimizer is not None:
+            log_ent_coef = self._learned_log_ent_coef()
+            if log_ent_coef.numel() == self.num_tasks:
+                with th.no_grad():
+                    log_ent_coef[tasks.to(log_ent_coef.device)] = self._initial_log_ent_coef()
         self.task_reset_counts += tasks.cpu().numpy().astype(np.int64)
 
     def _log_train_stats(self, stats: dict[str, th.Tensor]) -> None:

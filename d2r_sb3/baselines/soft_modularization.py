@@ -39,7 +39,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch as th
@@ -136,7 +136,7 @@ class SoftModularNetwork(nn.Module):
         self.route_cond = nn.ModuleList(
             EnsembleLinear(n_nets, (layer + 1) * n_pairs, gate_dim) for layer in range(n_layers - 1)
         )
-        for layer in self.route_logits:
+        for layer in cast("Sequence[EnsembleLinear]", self.route_logits):
             _uniform_init_(layer, OUTPUT_INIT_BOUND)
         bound = 1.0 / math.sqrt(module_dim)  # the authors' fan-in quirk: 1/sqrt(out_features)
         self.w_first = nn.Parameter(
@@ -153,7 +153,8 @@ class SoftModularNetwork(nn.Module):
         """``(relu(f) [E, B, embed], routing trunk output g [E, B, gate])``."""
         x = x.unsqueeze(0).expand(self.n_nets, -1, -1)
         f_pre = self.state_encoder(x, detach)
-        task_w, task_b = self.task_encoder.weight, self.task_encoder.bias
+        task_w: th.Tensor = self.task_encoder.weight
+        task_b: th.Tensor = self.task_encoder.bias
         if detach:
             task_w, task_b = task_w.detach(), task_b.detach()
         task_embedding = task_w.transpose(1, 2)[:, task_ids] + task_b.unsqueeze(1)  # H(one-hot) as a lookup
@@ -233,7 +234,7 @@ class SMPolicy(TaskNetworkPolicy):
         optimizer_class: type[th.optim.Optimizer] = th.optim.Adam,
         optimizer_kwargs: dict[str, Any] | None = None,
     ):
-        self.net_kwargs = dict(
+        self.net_kwargs: dict[str, Any] = dict(
             n_layers=n_layers,
             n_modules=n_modules,
             module_dim=module_dim,
@@ -263,5 +264,7 @@ class SMPolicy(TaskNetworkPolicy):
         """The actor's soft routing weights for a batch of observations (``layers [B, L-1, m, m]``, ``output [B, m]``)."""
         obs_t = th.as_tensor(obs, device=self.device).float().reshape(-1, self.obs_dim)
         state, task_ids = self.split_obs(obs_t)
-        weights = self.actor.net.routing_weights(state, task_ids)
+        weights = cast(SoftModularNetwork, self.actor.net).routing_weights(
+            state, task_ids
+        )  # (make_network's)
         return SoftRoutingWeights(layers=weights.layers[0], output=weights.output[0])

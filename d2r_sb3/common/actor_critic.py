@@ -12,12 +12,37 @@ network also takes a route request and returns the chosen sources) override :met
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch as th
 from torch import nn
 
-from d2r_sb3.common.policies import squashed_gaussian
+LOG_STD_MIN, LOG_STD_MAX = -20.0, 2.0
+_HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
+
+
+def squashed_gaussian(
+    mean: th.Tensor, log_std: th.Tensor, deterministic: bool = False, with_log_prob: bool = True
+) -> tuple[th.Tensor, th.Tensor | None]:
+    """Tanh-Gaussian action and its log-probability (the same density as SB3's squashed Gaussian).
+
+    ``log pi = sum_dims [log N(z; mean, std) - log(1 - tanh(z)^2 + 1e-6)]``; the deterministic action is
+    ``tanh(mean)``.
+    """
+    log_std = log_std.clamp(LOG_STD_MIN, LOG_STD_MAX)
+    if deterministic:
+        pre_tanh = mean
+        noise = th.zeros_like(mean)
+    else:
+        noise = th.randn_like(mean)
+        pre_tanh = mean + log_std.exp() * noise
+    action = th.tanh(pre_tanh)
+    if not with_log_prob:
+        return action, None
+    log_prob = (-0.5 * noise.square() - log_std - _HALF_LOG_2PI).sum(-1)
+    log_prob = log_prob - th.log(1.0 - action.square() + 1e-6).sum(-1)
+    return action, log_prob
 
 
 def split_observation(obs: th.Tensor, state_dim: int) -> tuple[th.Tensor, th.Tensor]:
@@ -31,6 +56,8 @@ class TaskActor(nn.Module):
     :param net: task network with ``n_nets == 1``, input size ``state_dim`` and output size ``2 * action_dim``.
     :param state_dim: size of the state part of the observation (the task one-hot follows it).
     """
+
+    optimizer: th.optim.Optimizer  # set by MultiTaskPolicy._build
 
     def __init__(self, net: nn.Module, state_dim: int):
         super().__init__()
@@ -82,6 +109,8 @@ class TaskCritic(nn.Module):
     :param state_dim: size of the state part of the observation.
     :param n_critics: number of Q networks.
     """
+
+    optimizer: th.optim.Optimizer  # set by MultiTaskPolicy._build (not on a target critic)
 
     def __init__(self, net: nn.Module, state_dim: int, n_critics: int):
         super().__init__()

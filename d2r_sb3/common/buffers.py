@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import numpy as np
 import torch as th
@@ -94,8 +94,9 @@ class MultiTaskReplayBuffer(ReplayBuffer):
     def _get_task_samples(
         self, batch_inds: np.ndarray, env_inds: np.ndarray, env: VecNormalize | None
     ) -> MultiTaskReplayBufferSamples:
-        obs = self._normalize_obs(self.observations[batch_inds, env_inds, :], env)
-        next_obs = self._normalize_obs(self.next_observations[batch_inds, env_inds, :], env)
+        # (SB3 types the result as an array or a dict of arrays; an array gives an array)
+        obs = cast(np.ndarray, self._normalize_obs(self.observations[batch_inds, env_inds, :], env))
+        next_obs = cast(np.ndarray, self._normalize_obs(self.next_observations[batch_inds, env_inds, :], env))
         # Time-limit truncations are not terminals when handle_timeout_termination is on (SB3 semantics).
         dones = self.dones[batch_inds, env_inds] * (1 - self.timeouts[batch_inds, env_inds])
         rewards = self._normalize_reward(self.rewards[batch_inds, env_inds].reshape(-1, 1), env)

@@ -204,7 +204,7 @@ class PerTaskEvalCallback(BaseCallback):
         """Restore :meth:`state_dict` before ``learn()`` (it rewrites ``evaluations.json`` from the saved history)."""
         if state.get("eval_env_rng") is not None:
             set_env_rng_states(self.eval_env, state["eval_env_rng"])
-        self.best_score = tuple(state["best_score"])  # type: ignore[assignment]
+        self.best_score = tuple(state["best_score"])
         self.history = state["history"]
         if self.evaluations_path is not None and self.history:
             self._write_history()

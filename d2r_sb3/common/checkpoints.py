@@ -171,7 +171,7 @@ def _global_rng_states() -> dict[str, Any]:
 def _set_global_rng_states(states: dict[str, Any]) -> None:
     th.set_rng_state(th.from_numpy(_decode_array(states["torch"])))
     numpy_state = _from_json(states["numpy"])
-    np.random.set_state(tuple(numpy_state))  # type: ignore[arg-type]
+    np.random.set_state(tuple(numpy_state))
     random.setstate(_tuples(states["python"]))
     if "cuda" in states and th.cuda.is_available():
         cuda_states = [th.from_numpy(_decode_array(state)) for state in states["cuda"]]
@@ -373,6 +373,7 @@ def restore_training_state(
     elif saved_obs is not None:
         warn("the checkpoint holds no episode-replay data (the env does not support it)")
     if exact:
+        assert saved_obs is not None  # (exact only when the replay reproduced saved_obs)
         model._last_obs = saved_obs
         model._last_episode_starts = np.zeros(saved_obs.shape[0], dtype=bool)
     elif env is not None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import numpy as np
 from stable_baselines3.common.vec_env import VecEnv
@@ -98,12 +98,13 @@ def evaluate_per_task(
     done_count = np.zeros(n_envs, dtype=int)
     running_return = np.zeros(n_envs)
     running_length = np.zeros(n_envs)
-    obs = env.reset()
+    obs = cast(np.ndarray, env.reset())  # (multi-task observations are flat boxes)
     while (done_count < n_episodes).any():
         if on_step is not None:
             on_step(obs, done_count < n_episodes)
         actions, _ = model.predict(obs, deterministic=deterministic)
-        obs, rewards, dones, infos = env.step(actions)
+        step_obs, rewards, dones, infos = env.step(actions)
+        obs = cast(np.ndarray, step_obs)
         running_return += rewards
         running_length += 1
         for i in np.flatnonzero(dones):

@@ -25,7 +25,7 @@ The task id of a transition is its env column: build the env with one env per ta
 from __future__ import annotations
 
 import warnings
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, TypeVar, cast
 
 import numpy as np
 import torch as th
@@ -145,7 +145,7 @@ class _CheckFirstObservations(BaseCallback):
     """Checks the observations ``learn()`` starts from (no extra ``env.reset()``: the env's RNG is untouched)."""
 
     def _on_training_start(self) -> None:
-        model = self.model
+        model = cast(MultiTaskSAC, self.model)  # (added by MultiTaskSAC.learn only)
         obs = model._last_original_obs if model._vec_normalize_env is not None else model._last_obs
         if isinstance(obs, np.ndarray) and obs.ndim == 2:
             _check_first_observations(obs, model.task_names)
@@ -191,7 +191,9 @@ class MultiTaskSAC(SAC):
     """
 
     policy_aliases: ClassVar[dict[str, type[BasePolicy]]] = {}
-    policy: MultiTaskPolicy
+    # A BasePolicy with SACPolicy's actor / critic / critic_target, not an SACPolicy subclass (SAC's train, which
+    # needs more, is overridden).
+    policy: MultiTaskPolicy  # type: ignore[assignment]
     replay_buffer: MultiTaskReplayBuffer
 
     def __init__(
@@ -246,8 +248,8 @@ class MultiTaskSAC(SAC):
         ):
             _check_size_argument(name, value, allow_none=True)
         super().__init__(
-            policy,
-            env,
+            policy,  # type: ignore[arg-type]  # a MultiTaskPolicy, not an SACPolicy (see ``policy`` above)
+            env,  # type: ignore[arg-type]  # SAC's stub omits None, which SB3's load passes
             learning_rate=learning_rate,
             buffer_size=buffer_size or 1,
             learning_starts=learning_starts or 0,
@@ -339,8 +341,10 @@ class MultiTaskSAC(SAC):
         num_tasks = self.num_tasks
         for name in _SIZE_ARGUMENTS:
             _check_size_argument(name, getattr(self, name), allow_none=False)
-        stratified = self.replay_buffer_kwargs.get("stratified", False) and issubclass(
-            self.replay_buffer_class, MultiTaskReplayBuffer
+        stratified = (
+            self.replay_buffer_kwargs.get("stratified", False)
+            and self.replay_buffer_class is not None  # (never: the constructor defaults it)
+            and issubclass(self.replay_buffer_class, MultiTaskReplayBuffer)
         )
         if stratified and self.batch_size % num_tasks != 0:
             lower = max(self.batch_size // num_tasks, 1) * num_tasks
@@ -378,7 +382,8 @@ class MultiTaskSAC(SAC):
         actions, buffer_actions = super()._sample_action(learning_starts, action_noise, n_envs)
         if not np.isfinite(actions).all():  # raise before the env sees it (Meta-World's error is obscure)
             self._raise_nonfinite_actions(actions)
-        self._last_routes = self.policy.routes_for_buffer(self._last_obs, acted=not uniform)
+        last_obs = cast(np.ndarray, self._last_obs)  # (flat Box observations, set by the first reset)
+        self._last_routes = self.policy.routes_for_buffer(last_obs, acted=not uniform)
         return actions, buffer_actions
 
     def _raise_nonfinite_actions(self, actions: np.ndarray) -> None:
@@ -419,7 +424,10 @@ class MultiTaskSAC(SAC):
     ) -> None:
         self._check_env_output(new_obs, reward, dones, infos)  # before anything is written to the buffer
         if self._last_routes is not None:
-            replay_buffer.add_routes(self._last_routes)  # written at buffer.pos, which add() then advances
+            # (only routing policies return routes; their buffer is this algorithm's MultiTaskReplayBuffer)
+            cast(MultiTaskReplayBuffer, replay_buffer).add_routes(
+                self._last_routes
+            )  # written at buffer.pos, which add() then advances
         super()._store_transition(replay_buffer, buffer_action, new_obs, reward, dones, infos)
 
     def _check_env_output(
@@ -450,9 +458,18 @@ class MultiTaskSAC(SAC):
         )
 
     # --- update -----------------------------------------------------------------------------------------
+    def _learned_log_ent_coef(self) -> th.Tensor:
+        """The learned ``log alpha``; only when ``ent_coef_optimizer`` is set (``_setup_model`` makes both)."""
+        assert self.log_ent_coef is not None
+        return self.log_ent_coef
+
     def _entropy_coefficients(self) -> th.Tensor:
         """``log alpha`` per task, ``[T]`` (a shared coefficient is broadcast)."""
-        log_alpha = self.log_ent_coef if self.ent_coef_optimizer is not None else self.ent_coef_tensor.log()
+        log_alpha = (
+            self._learned_log_ent_coef()
+            if self.ent_coef_optimizer is not None
+            else self.ent_coef_tensor.log()
+        )
         return log_alpha.expand(self.num_tasks)
 
     def task_weights(self) -> th.Tensor:
@@ -470,7 +487,8 @@ class MultiTaskSAC(SAC):
 
         actions_pi, log_prob = policy.actor_loss_sample(data.observations, task_ids, data.routes)
         if self.ent_coef_optimizer is not None:
-            ent_coef_loss = -(log_alpha * (log_prob + self.target_entropy).detach())
+            target_entropy = cast(float, self.target_entropy)  # (a float once _setup_model resolved "auto")
+            ent_coef_loss = -(log_alpha * (log_prob + target_entropy).detach())
         else:
             ent_coef_loss = th.zeros_like(log_prob)
 
@@ -538,7 +556,7 @@ class MultiTaskSAC(SAC):
             optimizer.step()
         if self.ent_coef_optimizer is not None and self.max_log_ent_coef is not None:
             with th.no_grad():
-                self.log_ent_coef.clamp_(max=self.max_log_ent_coef)
+                self._learned_log_ent_coef().clamp_(max=self.max_log_ent_coef)
         self._check_parameters(optimizers)
         self._n_updates += 1
         if self._n_updates % self.target_update_interval == 0:
@@ -560,7 +578,7 @@ class MultiTaskSAC(SAC):
             clip_grad_norm_per_member_(self.critic.parameters(), max_norm, self.policy.n_critics),
         ]
         if self.ent_coef_optimizer is not None:
-            norms.append(th.nn.utils.clip_grad_norm_([self.log_ent_coef], max_norm).reshape(1))
+            norms.append(th.nn.utils.clip_grad_norm_([self._learned_log_ent_coef()], max_norm).reshape(1))
         return th.cat([norm.to(actor_norm.device) for norm in norms])
 
     def _gradient_sums(self, optimizers: list[th.optim.Optimizer]) -> th.Tensor:
@@ -617,7 +635,7 @@ class MultiTaskSAC(SAC):
         def task_losses(i: int) -> str:
             return ", ".join(f"{key}={float(values[i]):.4g}" for key, values in per_task.items())
 
-        values = "; ".join(f"{self.task_names[i]}: {task_losses(i)}" for i in shown)
+        shown_losses = "; ".join(f"{self.task_names[i]}: {task_losses(i)}" for i in shown)
         bad_grads = [
             name
             for name, value in zip(
@@ -627,7 +645,7 @@ class MultiTaskSAC(SAC):
         ]
         detail = (
             f"Total loss {total:.4g}; non-finite gradients in: {', '.join(bad_grads) or 'none'}. "
-            f"Per-task losses ({'non-finite tasks' if bad_tasks else 'largest critic losses'}): {values}."
+            f"Per-task losses ({'non-finite tasks' if bad_tasks else 'largest critic losses'}): {shown_losses}."
         )
         tasks = [self.task_names[i] for i in bad_tasks]
         if self._nonfinite_steps >= self.max_nonfinite_steps:
@@ -649,10 +667,10 @@ class MultiTaskSAC(SAC):
 
     def _guarded_parameters(self) -> list[tuple[str, th.Tensor]]:
         """Every tensor the optimizers update: actor and critic parameters and ``log alpha``."""
-        named = [(f"actor.{n}", p) for n, p in self.actor.named_parameters()]
+        named: list[tuple[str, th.Tensor]] = [(f"actor.{n}", p) for n, p in self.actor.named_parameters()]
         named += [(f"critic.{n}", p) for n, p in self.critic.named_parameters()]
         if self.ent_coef_optimizer is not None:
-            named.append(("log_ent_coef", self.log_ent_coef))
+            named.append(("log_ent_coef", self._learned_log_ent_coef()))
         return named
 
     def _check_parameters(self, optimizers: list[th.optim.Optimizer]) -> None:

@@ -20,8 +20,7 @@ check it with :func:`check_observations`: the width, finiteness and an exact tas
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -29,10 +28,13 @@ import torch as th
 from gymnasium import spaces
 from stable_baselines3.common.policies import BasePolicy
 from stable_baselines3.common.type_aliases import Schedule
-from torch import nn
 
-LOG_STD_MIN, LOG_STD_MAX = -20.0, 2.0
-_HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
+# LOG_STD_MIN / LOG_STD_MAX / squashed_gaussian live with the actor; re-exported here, where they used to live.
+from d2r_sb3.common.actor_critic import LOG_STD_MAX as LOG_STD_MAX
+from d2r_sb3.common.actor_critic import LOG_STD_MIN as LOG_STD_MIN
+from d2r_sb3.common.actor_critic import TaskActor, TaskCritic
+from d2r_sb3.common.actor_critic import squashed_gaussian as squashed_gaussian
+
 _MAX_ROWS_SHOWN = 10
 
 
@@ -45,7 +47,7 @@ class InvalidObservationError(ValueError):
     :param rows: the offending rows of the batch (empty for ``"type"`` / ``"shape"``).
     """
 
-    def __init__(self, message: str, kind: str, rows: Sequence[int] = ()):
+    def __init__(self, message: str, kind: str, rows: Sequence[int] | np.ndarray = ()):
         super().__init__(message)
         self.kind = kind
         self.rows = [int(r) for r in rows]
@@ -153,29 +155,6 @@ def check_observations(
     )
 
 
-def squashed_gaussian(
-    mean: th.Tensor, log_std: th.Tensor, deterministic: bool = False, with_log_prob: bool = True
-) -> tuple[th.Tensor, th.Tensor | None]:
-    """Tanh-Gaussian action and its log-probability (the same density as SB3's squashed Gaussian).
-
-    ``log pi = sum_dims [log N(z; mean, std) - log(1 - tanh(z)^2 + 1e-6)]``; the deterministic action is
-    ``tanh(mean)``.
-    """
-    log_std = log_std.clamp(LOG_STD_MIN, LOG_STD_MAX)
-    if deterministic:
-        pre_tanh = mean
-        noise = th.zeros_like(mean)
-    else:
-        noise = th.randn_like(mean)
-        pre_tanh = mean + log_std.exp() * noise
-    action = th.tanh(pre_tanh)
-    if not with_log_prob:
-        return action, None
-    log_prob = (-0.5 * noise.square() - log_std - _HALF_LOG_2PI).sum(-1)
-    log_prob = log_prob - th.log(1.0 - action.square() + 1e-6).sum(-1)
-    return action, log_prob
-
-
 class MultiTaskPolicy(BasePolicy):
     """SAC-style actor-critic policy for multi-task observations ``[state, task one-hot]``.
 
@@ -187,9 +166,10 @@ class MultiTaskPolicy(BasePolicy):
     :param n_critics: number of Q networks (2 = clipped double Q).
     """
 
-    actor: nn.Module
-    critic: nn.Module
-    critic_target: nn.Module
+    action_space: spaces.Box  # (SAC's action spaces are boxes)
+    actor: TaskActor
+    critic: TaskCritic
+    critic_target: TaskCritic
 
     def __init__(
         self,
@@ -227,19 +207,21 @@ class MultiTaskPolicy(BasePolicy):
         self._build(lr_schedule)
 
     # --- construction ------------------------------------------------------------------------------------
-    def make_actor(self) -> nn.Module:
+    def make_actor(self) -> TaskActor:
         raise NotImplementedError
 
-    def make_critic(self) -> nn.Module:
+    def make_critic(self) -> TaskCritic:
         raise NotImplementedError
 
     def _build(self, lr_schedule: Schedule) -> None:
+        # A concrete optimizer class, whose constructor takes ``lr`` (the base Optimizer's does not).
+        make_optimizer: Callable[..., th.optim.Optimizer] = self.optimizer_class
         self.actor = self.make_actor().to(self.device)
-        self.actor.optimizer = self.optimizer_class(
+        self.actor.optimizer = make_optimizer(
             self.actor.parameters(), lr=lr_schedule(1), **self.optimizer_kwargs
         )
         self.critic = self.make_critic().to(self.device)
-        self.critic.optimizer = self.optimizer_class(
+        self.critic.optimizer = make_optimizer(
             self.critic.parameters(), lr=lr_schedule(1), **self.optimizer_kwargs
         )
         self.critic_target = self.make_critic().to(self.device)
@@ -306,7 +288,8 @@ class MultiTaskPolicy(BasePolicy):
     def forward(self, obs: th.Tensor, deterministic: bool = False) -> th.Tensor:
         return self._predict(obs, deterministic=deterministic)
 
-    def _predict(self, observation: th.Tensor, deterministic: bool = False) -> th.Tensor:
+    # SB3's signature also allows dict observations; multi-task observations are flat Boxes.
+    def _predict(self, observation: th.Tensor, deterministic: bool = False) -> th.Tensor:  # type: ignore[override]
         return self.actor(observation, deterministic=deterministic)
 
     def set_training_mode(self, mode: bool) -> None:

@@ -64,9 +64,9 @@ class D2RSAC(MultiTaskSAC):
         self.route_balancing = route_balancing
         self.route_temperature_scale = route_temperature_scale
         self.min_route_temperature = min_route_temperature
-        super().__init__(
-            policy, env, *args, policy_kwargs=policy_kwargs, _init_setup_model=_init_setup_model, **kwargs
-        )
+        # (by keyword, through kwargs: mypy cannot tell that *args stops before policy_kwargs)
+        kwargs.update(policy_kwargs=policy_kwargs, _init_setup_model=_init_setup_model)
+        super().__init__(policy, env, *args, **kwargs)
 
     def route_temperature(self) -> th.Tensor:
         """Per-task routing temperature ``tau`` from the current entropy coefficients (Eq. 14)."""

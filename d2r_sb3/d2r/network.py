@@ -116,6 +116,11 @@ class RoutedNetwork(nn.Module):
     :param settings: individual :class:`RoutedNetworkConfig` fields (``n_modules=8``, ...), applied over ``config``.
     """
 
+    # Buffers (registered in __init__ and _register_routing_tables).
+    route_temperature: th.Tensor
+    _edge_position: th.Tensor
+    _node_offset: th.Tensor
+
     def __init__(
         self,
         state_dim: int,
@@ -283,13 +288,14 @@ class RoutedNetwork(nn.Module):
             compute_dtype = None  # the plain path: no casts
         x0, logits = self.encode_flat(state, task_ids, detach_params, compute_dtype)
         sources, weights, keep = self.choose_routes(logits, task_ids, route)
-        params = (self.w_in, self.b_in, self.w_hid, self.b_hid)
+        params: tuple[th.Tensor, ...] = (self.w_in, self.b_in, self.w_hid, self.b_hid)
         if detach_params:
             params = tuple(p.detach() for p in params)
         if compute_dtype is not None:
             params = tuple(p.to(compute_dtype) for p in params)
             weights = weights.to(compute_dtype)
-        y = routed_block(x0, *params, weights, sources, keep, self.block_workspace)
+        w_in, b_in, w_hid, b_hid = params
+        y = routed_block(x0, w_in, b_in, w_hid, b_hid, weights, sources, keep, self.block_workspace)
         if compute_dtype is not None:
             y = y.to(self.head.weight.dtype)  # the head (Q value, action mean / log-std) in full precision
         return self.head(y, detach_params), sources

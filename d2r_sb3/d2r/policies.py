@@ -64,7 +64,8 @@ class D2RActor(TaskActor):
         self.last_route: th.Tensor | None = None
         self.last_modules_computed: int | None = None
 
-    def network_output(
+    # The base's **net_kwargs are, for a routed network, exactly route and compute_dtype (as in action_log_prob).
+    def network_output(  # type: ignore[override]
         self,
         state: th.Tensor,
         task_ids: th.Tensor,
@@ -117,7 +118,8 @@ class D2RCritic(TaskCritic):
         net = RoutedNetwork(state_dim + action_dim, num_tasks, 1, n_nets=n_critics, **net_kwargs)
         super().__init__(net, state_dim, n_critics)
 
-    def network_output(
+    # The base's **net_kwargs are, for a routed network, exactly route and compute_dtype (as in q_values).
+    def network_output(  # type: ignore[override]
         self,
         state_action: th.Tensor,
         task_ids: th.Tensor,

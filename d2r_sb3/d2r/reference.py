@@ -27,12 +27,14 @@ per candidate, a routing path ``d`` (a 0/1 vector over the candidates) and routi
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, cast
 
 import torch as th
 from torch.nn import functional as F
 
 if TYPE_CHECKING:
+    from d2r_sb3.common.ensemble import EnsembleLinear
     from d2r_sb3.d2r.network import RoutedNetwork
 
 __all__ = [
@@ -168,7 +170,8 @@ def encode(
     :return: ``(x0 = relu(F(s)) [B, embed], gate logits [B, n (n + 1) / 2])``.
     """
 
-    def mlp(x: th.Tensor, layers: th.nn.ModuleList) -> th.Tensor:
+    def mlp(x: th.Tensor, module_list: th.nn.ModuleList) -> th.Tensor:
+        layers = cast("Sequence[EnsembleLinear]", module_list)  # (an EnsembleMLP's layers)
         for index, layer in enumerate(layers):
             x = F.linear(x, layer.weight[member], layer.bias[member])
             if index < len(layers) - 1:

@@ -230,7 +230,9 @@ class _PushGraph:
     capturing a training step in a CUDA graph needs). Same values as pulling, up to the order of the sums.
     """
 
-    def __init__(self, sources: th.Tensor, weights: th.Tensor, keep: th.Tensor | None, plan: BlockPlan, like):
+    def __init__(
+        self, sources: th.Tensor, weights: th.Tensor, keep: th.Tensor | None, plan: BlockPlan, like: th.Tensor
+    ):
         ens, batch, nodes, slots = sources.shape
         n_samples = ens * batch
         self.n_samples, self.slots = n_samples, slots
@@ -262,6 +264,7 @@ class _PushGraph:
             full = p * th.where(kept, main, table[1, node].unsqueeze(1))
         else:
             full = (p * kept) * main
+        assert self.grad_total is not None  # (allocated whenever keep is given)
         self.grad_full.index_add_(0, rows, full.view(-1, dim))
         self.grad_total.index_add_(0, rows, (p * main).view(-1, dim))
 
@@ -360,7 +363,7 @@ class RoutedBlockFunction(th.autograd.Function):
     """Autograd function for the routed modules and the output node. See the module docstring."""
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx,
         x0: th.Tensor,
         w_in: th.Tensor,
@@ -386,7 +389,7 @@ class RoutedBlockFunction(th.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_y: th.Tensor):  # type: ignore[override]
+    def backward(ctx, grad_y: th.Tensor):
         x0, w_in, w_hid, weights, sources, keep, outputs, *saved = ctx.saved_tensors
         n_hid = w_hid.shape[1]
         hidden, inputs = saved[:n_hid], saved[n_hid:]
@@ -394,16 +397,9 @@ class RoutedBlockFunction(th.autograd.Function):
         plan = workspace.plan
         need_x0, need_w_in, need_b_in, need_w_hid, need_b_hid, need_p = ctx.needs_input_grad[:6]
         n, ens, batch, dim = outputs.shape
-        n_samples = ens * batch
         graph = workspace.gradient_graph(sources, weights, keep, grad_y)
-        # Row i of the table is written when node i is processed and read afterwards only by the pulls of its
-        # (earlier) sources, so it needs no zero fill.
-        table = workspace.take_scratch((2 if graph.two_sided else 1, n + 1, n_samples, dim), grad_y)
+        table = _output_gradient_table(workspace, graph, grad_y, n, ens * batch, dim)
         flat_table = table.view(-1, dim)
-        table[0, n].copy_(grad_y.reshape(n_samples, dim))
-        if graph.two_sided:
-            table[1, n].zero_()  # the output node has no shortcut
-        graph.push(table, n)
         grad_x0 = th.zeros_like(x0) if need_x0 else None
         grad_w_in = th.zeros_like(w_in) if need_w_in else None
         grad_b_in = x0.new_zeros(w_in.shape[:3]) if need_b_in else None
@@ -416,29 +412,21 @@ class RoutedBlockFunction(th.autograd.Function):
             grad_full, grad_total = graph.pull(flat_table, node)
             grad_full = grad_full.view(ens, batch, dim)
             if plan.is_input[node]:
-                # rsg(o_1) = sg(o_1): the masked edges' gradient stops here. relu mask from o = relu(.).
-                grad_pre = th.ops.aten.threshold_backward(grad_full, outputs[node], 0)
-                if need_w_in:
-                    grad_w_in[:, k] = th.bmm(grad_pre.transpose(1, 2), x0)
-                if need_b_in:
-                    grad_b_in[:, k] = grad_pre.sum(1)
-                if need_x0:
-                    grad_x0.baddbmm_(grad_pre, w_in[:, k])
-                continue
-            grad_pre = th.ops.aten.threshold_backward(grad_full, hidden[k], 0)
-            if grad_total is None:  # no ResRouting: the shortcut gets gF
-                grad_total = grad_full
+                _input_module_backward(grad_full, outputs[node], x0, w_in, k, grad_x0, grad_w_in, grad_b_in)
             else:
-                grad_total = grad_total.view(ens, batch, dim)
-                if graph.two_sided:
-                    table[1, node].view(ens, batch, dim).copy_(grad_total)  # gS_node
-            # A_node = gU_node + gS_node, with gU = grad_pre W ("full") or grad_pre W + gT (s_i == u_i).
-            th.baddbmm(grad_total, grad_pre, w_hid[:, k], out=table[0, node].view(ens, batch, dim))
-            graph.push(table, node)
-            if need_w_hid:
-                th.bmm(grad_pre.transpose(1, 2), inputs[k], out=grad_w_hid[k])
-            if need_b_hid:
-                th.sum(grad_pre, 1, out=grad_b_hid[k])
+                _hidden_module_backward(
+                    graph,
+                    table,
+                    node,
+                    grad_full,
+                    grad_total,
+                    hidden[k],
+                    inputs[k],
+                    w_hid,
+                    k,
+                    grad_w_hid,
+                    grad_b_hid,
+                )
 
         grad_p = _routing_weight_gradient(outputs, table[0], sources, workspace) if need_p else None
         workspace.give_back_scratch(table)
@@ -447,6 +435,88 @@ class RoutedBlockFunction(th.autograd.Function):
         if grad_b_hid is not None:
             grad_b_hid = grad_b_hid.transpose(0, 1).contiguous()
         return grad_x0, grad_w_in, grad_b_in, grad_w_hid, grad_b_hid, grad_p, None, None, None
+
+
+def _output_gradient_table(
+    workspace: BlockWorkspace,
+    graph: _PullGraph | _PushGraph,
+    grad_y: th.Tensor,
+    n: int,
+    n_samples: int,
+    dim: int,
+) -> th.Tensor:
+    """The per-node gradient table ``[halves, n + 1, E * B, D]`` of one backward pass, with the output node's
+    row filled (``dL/dy``; no shortcut) and pushed to its sources.
+
+    Row ``i`` of the table is written when node ``i`` is processed and read afterwards only by the pulls of its
+    (earlier) sources, so it needs no zero fill. Give it back with :meth:`BlockWorkspace.give_back_scratch`.
+    """
+    table = workspace.take_scratch((2 if graph.two_sided else 1, n + 1, n_samples, dim), grad_y)
+    table[0, n].copy_(grad_y.reshape(n_samples, dim))
+    if graph.two_sided:
+        table[1, n].zero_()  # the output node has no shortcut
+    graph.push(table, n)
+    return table
+
+
+def _input_module_backward(
+    grad_full: th.Tensor,
+    output: th.Tensor,
+    x0: th.Tensor,
+    w_in: th.Tensor,
+    k: int,
+    grad_x0: th.Tensor | None,
+    grad_w_in: th.Tensor | None,
+    grad_b_in: th.Tensor | None,
+) -> None:
+    """Backward of input module ``k`` (``o = relu(M(x0))``, output ``[E, B, D]``) from its gradient ``gF``
+    ``[E, B, D]``: writes its weight and bias gradients and adds its share of ``grad_x0`` (those requested).
+
+    ``rsg(o_1) = sg(o_1)``: the masked edges' gradient stops here. The relu mask comes from ``o = relu(.)``.
+    """
+    grad_pre = th.ops.aten.threshold_backward(grad_full, output, 0)
+    if grad_w_in is not None:
+        grad_w_in[:, k] = th.bmm(grad_pre.transpose(1, 2), x0)
+    if grad_b_in is not None:
+        grad_b_in[:, k] = grad_pre.sum(1)
+    if grad_x0 is not None:
+        grad_x0.baddbmm_(grad_pre, w_in[:, k])
+
+
+def _hidden_module_backward(
+    graph: _PullGraph | _PushGraph,
+    table: th.Tensor,
+    node: int,
+    grad_full: th.Tensor,
+    grad_total: th.Tensor | None,
+    hidden: th.Tensor,
+    inputs: th.Tensor,
+    w_hid: th.Tensor,
+    k: int,
+    grad_w_hid: th.Tensor | None,
+    grad_b_hid: th.Tensor | None,
+) -> None:
+    """Backward of routed module ``node`` (weight slot ``k``) from ``gF`` ``[E, B, D]`` and ``gT`` (``[E * B, D]``,
+    ``None`` without ResRouting): writes its table rows, pushes them to its sources and writes its weight and bias
+    gradients (those requested, slot-major).
+
+    :param hidden: the module's saved ``relu`` output ``h`` (its mask); ``inputs``: its saved input ``u``.
+    """
+    ens, batch, dim = grad_full.shape
+    grad_pre = th.ops.aten.threshold_backward(grad_full, hidden, 0)
+    if grad_total is None:  # no ResRouting: the shortcut gets gF
+        grad_total = grad_full
+    else:
+        grad_total = grad_total.view(ens, batch, dim)
+        if graph.two_sided:
+            table[1, node].view(ens, batch, dim).copy_(grad_total)  # gS_node
+    # A_node = gU_node + gS_node, with gU = grad_pre W ("full") or grad_pre W + gT (s_i == u_i).
+    th.baddbmm(grad_total, grad_pre, w_hid[:, k], out=table[0, node].view(ens, batch, dim))
+    graph.push(table, node)
+    if grad_w_hid is not None:
+        th.bmm(grad_pre.transpose(1, 2), inputs, out=grad_w_hid[k])
+    if grad_b_hid is not None:
+        th.sum(grad_pre, 1, out=grad_b_hid[k])
 
 
 def _routing_weight_gradient(

@@ -104,6 +104,8 @@ class RoutingGraph(nn.Module):
     slot_valid: th.Tensor
     keep_threshold: th.Tensor
     routed_index: th.Tensor
+    pad_index: th.Tensor
+    pad_fill: th.Tensor
 
     def __init__(self, n_modules: int, top_k: int, routing: str, level: str = "module", n_layers: int = 4):
         super().__init__()

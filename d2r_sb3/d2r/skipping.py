@@ -15,10 +15,13 @@ MaskSoftmax over a dozen small rows cost less as Python floats than as a dozen s
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from typing import cast
 
 import torch as th
 from torch.nn import functional as F
 
+from d2r_sb3.common.ensemble import EnsembleLinear
 from d2r_sb3.d2r.network import RoutedNetwork, RouteRequest
 from d2r_sb3.d2r.routed_block import _flat_rows, _node_major, run_nodes
 from d2r_sb3.d2r.routing import RoutingGraph
@@ -39,11 +42,11 @@ def forward_skipping(
     if net.n_nets == 1 and state.shape[-2] == 1:
         x0, logits = _encode_one(net, state, task_ids)
         if graph.routing == "topk" and not route.explore and route.stored is None:
-            route_list, weight_list = top_k_one(graph, logits.view(-1).tolist())
-            needed = reachable_modules(graph, [[route_list]])
-            y = _mix_needed_modules(net, x0[0], route_list, weight_list, needed)
+            top_routes, top_weights = top_k_one(graph, logits.view(-1).tolist())
+            needed = reachable_modules(graph, [[top_routes]])
+            y = _mix_needed_modules(net, x0[0], top_routes, top_weights, needed)
             out = F.linear(y, net.head.weight[0], net.head.bias[0]).unsqueeze(0)
-            flat = [source for node in route_list for source in node]
+            flat = [source for node in top_routes for source in node]
             sources = th.tensor(flat, device=x0.device).view(1, 1, net.n_modules + 1, -1)
             return out, sources, len(needed)
     else:
@@ -68,14 +71,15 @@ def _encode_one(net: RoutedNetwork, state: th.Tensor, task_ids: th.Tensor) -> tu
     """:meth:`RoutedNetwork.encode_flat` for one observation and one network, with plain 2-D ops (fewer,
     cheaper calls): ``(x0 [1, 1, embed], flat gate logits [1, 1, L])``."""
     f_pre = state.reshape(1, -1)
-    layers = net.state_encoder.layers
+    # (an EnsembleMLP's ModuleList holds EnsembleLinear layers)
+    layers = cast("Sequence[EnsembleLinear]", net.state_encoder.layers)
     for i, layer in enumerate(layers):
         f_pre = F.linear(f_pre, layer.weight[0], layer.bias[0])
         if i < len(layers) - 1:
             f_pre = f_pre.relu_()
     task = task_ids.reshape(-1)
     gate_input = (net.task_encoder.weight[0].index_select(1, task).t() + net.task_encoder.bias[0]) * f_pre
-    layers = net.gate.layers
+    layers = cast("Sequence[EnsembleLinear]", net.gate.layers)
     for i, layer in enumerate(layers):
         gate_input = F.linear(gate_input, layer.weight[0], layer.bias[0])
         if i < len(layers) - 1:

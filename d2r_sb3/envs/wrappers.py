@@ -120,7 +120,7 @@ class EpisodeReplay(gym.Wrapper):
 
     def rng_state(self) -> dict[str, Any]:
         """The current state of the unwrapped env's RNG (a numpy ``bit_generator.state`` mapping)."""
-        return copy.deepcopy(self.env.unwrapped.np_random.bit_generator.state)
+        return dict(copy.deepcopy(self.env.unwrapped.np_random.bit_generator.state))
 
     def set_rng_state(self, state: dict[str, Any]) -> None:
         """Set the unwrapped env's RNG state (for example to continue an evaluation env's goal sequence)."""

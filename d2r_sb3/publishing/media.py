@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from d2r_sb3.envs import short_task_name
 from d2r_sb3.serialization.loaded_policy import LoadedPolicy
@@ -51,7 +52,7 @@ def record_replay(
         names = env.task_names[:tasks] if isinstance(tasks, int) else tasks
         indices = [env.task_index(name) for name in names]
         n_steps = n_steps or int(env.max_episode_steps)
-        frames = []
+        frames: list[ArrayLike] = []  # (imageio's type for the frames of mimsave)
         obs = env.reset()
         for step in range(n_steps):
             if step % frame_skip == 0:

@@ -71,12 +71,10 @@ def encode_kwarg(key: str, value: Any) -> Any:
         return {str(k): encode_kwarg(key, v) for k, v in value.items()}
     if isinstance(value, np.generic):
         return value.item()
-    if (
-        isinstance(value, type)
-        and issubclass(value, th.nn.Module)
-        and getattr(th.nn, value.__name__, None) is value
-    ):
-        return {"torch.nn": value.__name__}  # e.g. activation_fn=nn.ReLU, resolved on load from torch.nn only
+    if isinstance(value, type) and issubclass(value, th.nn.Module):
+        name = value.__name__
+        if getattr(th.nn, name, None) is value:
+            return {"torch.nn": name}  # e.g. activation_fn=nn.ReLU, resolved on load from torch.nn only
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     raise ValueError(
@@ -105,7 +103,7 @@ def _accepted_kwargs(cls: type) -> set[str]:
     for klass in cls.__mro__:
         if "__init__" not in vars(klass):
             continue
-        parameters = inspect.signature(klass.__init__).parameters
+        parameters = inspect.signature(vars(klass)["__init__"]).parameters
         names.update(name for name, p in parameters.items() if p.kind is not inspect.Parameter.VAR_KEYWORD)
         if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
             break

@@ -12,7 +12,7 @@ import json
 import warnings
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import yaml
 from stable_baselines3.common.save_util import json_to_data, load_from_zip_file
@@ -226,9 +226,10 @@ def policy_from_zip_weights(model: MultiTaskSAC, path: Path) -> tuple[MultiTaskP
     _, params, _ = load_from_zip_file(path, load_data=False, device="cpu")  # torch.load(weights_only=True)
     if "policy" not in params:
         raise ValueError(f"{path} holds no policy.pth: not an SB3 model zip.")
+    state_dict = cast("dict[str, Any]", params["policy"])  # (SB3 types each entry as a tensor: a state dict)
     policy = copy.deepcopy(model.policy)
     try:
-        policy.load_state_dict(params["policy"], strict=True)
+        policy.load_state_dict(state_dict, strict=True)
     except RuntimeError as error:
         raise ValueError(f"{path} does not match the architecture of the final model: {error}") from error
     metadata: dict[str, Any] = {"source_zip": path.name, "source_zip_sha256": sha256_file(path)}

@@ -19,10 +19,11 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import gymnasium as gym
 import numpy as np
+from numpy.typing import ArrayLike
 
 from d2r_sb3.envs import normalize_task_name, short_task_name
 from d2r_sb3.zoo.task_env import make_task_env
@@ -80,7 +81,7 @@ def resolve_task(task: str, task_names: Sequence[str], benchmark: Any) -> str:
         full = normalize_task_name(task)
     except ValueError:
         full = None
-    if full not in task_names:
+    if full is None or full not in task_names:
         label = benchmark if isinstance(benchmark, str) else "its custom task list"
         raise ZooError(
             f"Unknown task {task!r} for this model ({label}, {len(task_names)} tasks). Valid tasks: "
@@ -129,11 +130,12 @@ def write_video(path: Path, frames: list[np.ndarray], fps: int) -> None:
             "Writing videos needs imageio: pip install imageio imageio-ffmpeg (the [zoo] extra)."
         ) from None
     path.parent.mkdir(parents=True, exist_ok=True)
+    images = cast("list[ArrayLike]", frames)  # (imageio takes a list of array-likes: arrays are)
     if path.suffix.lower() == ".gif":
-        imageio.mimsave(path, frames, duration=1000 / fps, loop=0)
+        imageio.mimsave(path, images, duration=1000 / fps, loop=0)
         return
     try:
-        imageio.mimsave(path, frames, fps=fps, macro_block_size=16)
+        imageio.mimsave(path, images, fps=fps, macro_block_size=16)
     except (ImportError, RuntimeError, ValueError) as err:  # imageio's error when no ffmpeg backend exists
         raise ZooError(f"Cannot write {path}: {err}. Install imageio-ffmpeg, or write a .gif.") from None
 
@@ -247,14 +249,15 @@ def play_episode(
     """Run one episode; frames for the video go to ``frames`` (every ``frame_skip``-th step, with an overlay)."""
     deterministic = not args.stochastic
     obs, _ = env.reset()
-    result, info, done = Episode(), {}, False
+    result, done = Episode(), False
+    info: dict[str, Any] = {}
     while not done:
         action, _ = loaded.predict(obs[None], deterministic=deterministic)
         modules = count_modules(obs)
         if modules is not None:
             result.modules_used.append(modules[0])
         if frames is not None and result.length % frame_skip == 0:
-            frame = env.render()
+            frame = cast(np.ndarray, env.render())  # (an rgb_array env when recording frames)
             if not args.no_overlay:
                 lines = [title] + ([f"modules: {modules[0]}/{modules[1]}"] if modules is not None else [])
                 frame = overlay(frame, lines)

@@ -187,23 +187,18 @@ def write_best(
     return path, section
 
 
-def optimize(grid: Grid, folder: Path, args: argparse.Namespace, num_threads: int, device: str) -> int:
-    """Run (or continue) the study until it holds ``args.n_trials`` finished trials; write the best settings.
-
-    :return: 0 (1 when no trial succeeded).
-    """
-    optuna = _optuna()
+def _check_optimize_arguments(grid: Grid, args: argparse.Namespace) -> None:
+    """``--optimize`` searches one algo on one env and goal mode, for at least one trial."""
     if len(grid.algos) != 1 or len(grid.envs) != 1 or len(grid.goals) != 1 or grid.hp_sets:
         raise ZooError(
             "--optimize searches one algo on one env and goal mode (no --hp-sets): narrow the grid."
         )
     if args.n_trials < 1:
         raise ZooError(f"--n-trials must be >= 1, got {args.n_trials}.")
-    algo, env = grid.algos[0], grid.envs[0]
-    space = load_search_space(algo, args.search_space)
-    num_tasks = len(benchmark_task_names(parse_env(env)))
-    folder.mkdir(parents=True, exist_ok=True)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def _open_study(optuna: Any, folder: Path, args: argparse.Namespace) -> Any:
+    """The study ``args.study_name`` in the folder's SQLite storage, created or continued."""
     pruner = (
         optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0)
         if args.pruner == "median"
@@ -216,7 +211,7 @@ def optimize(grid: Grid, folder: Path, args: argparse.Namespace, num_threads: in
         held = len(optuna.load_study(study_name=args.study_name, storage=storage).trials)
     except KeyError:  # no such study yet
         held = 0
-    study = optuna.create_study(
+    return optuna.create_study(
         study_name=args.study_name,
         storage=storage,
         direction="maximize",
@@ -224,6 +219,21 @@ def optimize(grid: Grid, folder: Path, args: argparse.Namespace, num_threads: in
         pruner=pruner,
         load_if_exists=True,
     )
+
+
+def optimize(grid: Grid, folder: Path, args: argparse.Namespace, num_threads: int, device: str) -> int:
+    """Run (or continue) the study until it holds ``args.n_trials`` finished trials; write the best settings.
+
+    :return: 0 (1 when no trial succeeded).
+    """
+    optuna = _optuna()
+    _check_optimize_arguments(grid, args)
+    algo, env = grid.algos[0], grid.envs[0]
+    space = load_search_space(algo, args.search_space)
+    num_tasks = len(benchmark_task_names(parse_env(env)))
+    folder.mkdir(parents=True, exist_ok=True)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = _open_study(optuna, folder, args)
     states = optuna.trial.TrialState
     finished = (states.COMPLETE, states.PRUNED, states.FAIL)
 

@@ -299,7 +299,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     curves = plot_mean(groups, output, args)
     print(f"Wrote {output}")
     for label, curve in curves.items():
-        band = f" [{curve.low[-1]:.3f}, {curve.high[-1]:.3f}]" if curve.low is not None else ""
+        band = (
+            f" [{curve.low[-1]:.3f}, {curve.high[-1]:.3f}]"
+            if curve.low is not None and curve.high is not None
+            else ""
+        )
         method = curve.method or "1 run"
         print(
             f"  {label}: {args.metric} {curve.center[-1]:.3f}{band} at {curve.steps[-1]:,.0f} steps ({method})"

@@ -262,12 +262,8 @@ def set_name(overrides: dict[str, Any]) -> str:
     )
 
 
-def load_grid_file(path: str | Path) -> dict[str, Any]:
-    """Read a grid YAML file (keys: :data:`GRID_KEYS`).
-
-    :raises ZooError: Missing file, invalid YAML, unknown keys or values of the wrong type.
-    """
-    path = Path(path)
+def _read_grid_mapping(path: Path) -> dict[str, Any]:
+    """The grid file's YAML mapping, with only :data:`GRID_KEYS` keys (an empty file is an empty grid)."""
     if not path.is_file():
         raise ZooError(f"Grid file {path} not found.")
     try:
@@ -283,13 +279,40 @@ def load_grid_file(path: str | Path) -> dict[str, Any]:
         raise ZooError(
             f"Grid file {path}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(GRID_KEYS)}."
         )
-    grid: dict[str, Any] = {}
+    return data
+
+
+def _grid_lists(data: dict[str, Any], path: Path) -> dict[str, Any]:
+    """The list entries of a grid file (a single value is a list of one): names as strings, integer seeds."""
+    lists: dict[str, Any] = {}
     for key in ("algos", "envs", "goals", "seeds"):
         if key in data:
             value = data[key] if isinstance(data[key], list) else [data[key]]
             if key == "seeds" and not all(isinstance(seed, int) for seed in value):
                 raise ZooError(f"Grid file {path}: seeds must be integers, got {value}.")
-            grid[key] = [item if key == "seeds" else str(item) for item in value]
+            lists[key] = [item if key == "seeds" else str(item) for item in value]
+    return lists
+
+
+def _grid_hp_sets(sets: Any, path: Path) -> dict[str, dict[str, Any]]:
+    """A grid file's ``hp_sets``: a mapping of names to hyperparameters, or a list of them named by content."""
+    if isinstance(sets, list):  # unnamed sets are named by their content
+        sets = {set_name(item) if isinstance(item, dict) else str(item): item for item in sets}
+    if not isinstance(sets, dict) or not all(isinstance(item, dict) for item in sets.values()):
+        raise ZooError(
+            f"Grid file {path}: hp_sets must map names to hyperparameters ({{lr-low: {{learning_rate: 1.0e-4}}}})."
+        )
+    return {str(name): item or {} for name, item in sets.items()}
+
+
+def load_grid_file(path: str | Path) -> dict[str, Any]:
+    """Read a grid YAML file (keys: :data:`GRID_KEYS`).
+
+    :raises ZooError: Missing file, invalid YAML, unknown keys or values of the wrong type.
+    """
+    path = Path(path)
+    data = _read_grid_mapping(path)
+    grid = _grid_lists(data, path)
     if "preset" in data:
         grid["preset"] = str(data["preset"])
     if "conf_file" in data:
@@ -301,14 +324,7 @@ def load_grid_file(path: str | Path) -> dict[str, Any]:
             )
         grid["hyperparams"] = data["hyperparams"]
     if "hp_sets" in data:
-        sets = data["hp_sets"]
-        if isinstance(sets, list):  # unnamed sets are named by their content
-            sets = {set_name(item) if isinstance(item, dict) else str(item): item for item in sets}
-        if not isinstance(sets, dict) or not all(isinstance(item, dict) for item in sets.values()):
-            raise ZooError(
-                f"Grid file {path}: hp_sets must map names to hyperparameters ({{lr-low: {{learning_rate: 1.0e-4}}}})."
-            )
-        grid["hp_sets"] = {str(name): item or {} for name, item in sets.items()}
+        grid["hp_sets"] = _grid_hp_sets(data["hp_sets"], path)
     if "train_args" in data:
         args = data["train_args"]
         grid["train_args"] = (
@@ -584,7 +600,7 @@ def table(trials: Sequence[Trial], statuses: dict[str, str]) -> str:
 
 def write_summary(folder: Path, trials: Sequence[Trial], statuses: dict[str, str], seconds: float) -> str:
     """``summary.md`` and ``summary.json`` of the sweep folder; returns the Markdown."""
-    records = []
+    records: list[dict[str, Any]] = []
     for trial in trials:
         run_dir = find_run_dir(trial.folder, trial.algo)
         progress = read_progress(run_dir)
@@ -778,7 +794,11 @@ def report(
     curves = plot.plot_mean(groups, files[0], args)
     plot.plot_per_task(groups, files[1], args)
     for label, curve in curves.items():
-        band = f" [{curve.low[-1]:.3f}, {curve.high[-1]:.3f}]" if curve.low is not None else ""
+        band = (
+            f" [{curve.low[-1]:.3f}, {curve.high[-1]:.3f}]"
+            if curve.low is not None and curve.high is not None
+            else ""
+        )
         print(
             f"  {label}: success {curve.center[-1]:.3f}{band} at {curve.steps[-1]:,.0f} steps ({curve.method or '1 run'})"
         )

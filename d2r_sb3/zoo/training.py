@@ -106,7 +106,7 @@ def restore_callbacks_and_state(setup: RunSetup, callbacks: Callbacks) -> None:
         print("Resumed exactly where the checkpoint was taken (episodes replayed, RNG states restored).")
 
 
-STOP_SIGNALS = {signal.SIGINT: 130, signal.SIGTERM: 143}
+STOP_SIGNALS: dict[int, int] = {signal.SIGINT: 130, signal.SIGTERM: 143}  # exit status per signal
 
 
 class StopOnSignal:
