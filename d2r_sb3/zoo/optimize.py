@@ -29,7 +29,7 @@ import yaml
 
 from d2r_sb3.common.run_layout import RunLayout
 from d2r_sb3.envs import benchmark_task_names
-from d2r_sb3.zoo.sweep import (
+from d2r_sb3.zoo.trials import (
     RUNS_DIR,
     Grid,
     Trial,
