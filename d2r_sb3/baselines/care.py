@@ -405,8 +405,7 @@ class CAREPolicy(TaskNetworkPolicy):
         )
 
     def _get_constructor_parameters(self) -> dict[str, Any]:
-        data = super()._get_constructor_parameters()
-        data.update(self.net_kwargs)
+        data = super()._get_constructor_parameters()  # with net_kwargs
         # Plain values for the safe format: the resolved [T, dim] rows (no file needed to load), not the path.
         embeddings = None if self.task_embeddings is None else self.task_embeddings.tolist()
         data.update(task_embeddings=embeddings, task_names=self.task_names)

@@ -174,6 +174,8 @@ class MOOREPolicy(TaskNetworkPolicy):
     :param n_critics: number of Q networks.
     """
 
+    network_class = MOORENetwork
+
     def __init__(
         self,
         observation_space: spaces.Box,
@@ -205,11 +207,3 @@ class MOOREPolicy(TaskNetworkPolicy):
             optimizer_class,
             optimizer_kwargs,
         )
-
-    def make_network(self, role: str, in_dim: int, out_dim: int, n_nets: int) -> MOORENetwork:
-        return MOORENetwork(in_dim, self.num_tasks, out_dim, n_nets, **self.net_kwargs)
-
-    def _get_constructor_parameters(self) -> dict[str, Any]:
-        data = super()._get_constructor_parameters()
-        data.update(self.net_kwargs)
-        return data

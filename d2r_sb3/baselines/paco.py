@@ -185,6 +185,8 @@ class PaCoPolicy(TaskNetworkPolicy):
     :param n_critics: number of Q networks.
     """
 
+    network_class = PaCoNetwork
+
     def __init__(
         self,
         observation_space: spaces.Box,
@@ -210,14 +212,6 @@ class PaCoPolicy(TaskNetworkPolicy):
             optimizer_class,
             optimizer_kwargs,
         )
-
-    def make_network(self, role: str, in_dim: int, out_dim: int, n_nets: int) -> PaCoNetwork:
-        return PaCoNetwork(in_dim, self.num_tasks, out_dim, n_nets, **self.net_kwargs)
-
-    def _get_constructor_parameters(self) -> dict[str, Any]:
-        data = super()._get_constructor_parameters()
-        data.update(self.net_kwargs)
-        return data
 
     @th.no_grad()
     def reset_tasks(self, tasks: th.Tensor, method: str = "interpolate") -> None:

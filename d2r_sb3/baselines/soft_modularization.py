@@ -219,6 +219,8 @@ class SMPolicy(TaskNetworkPolicy):
     :param n_critics: number of Q networks.
     """
 
+    network_class = SoftModularNetwork
+
     def __init__(
         self,
         observation_space: spaces.Box,
@@ -250,14 +252,6 @@ class SMPolicy(TaskNetworkPolicy):
             optimizer_class,
             optimizer_kwargs,
         )
-
-    def make_network(self, role: str, in_dim: int, out_dim: int, n_nets: int) -> SoftModularNetwork:
-        return SoftModularNetwork(in_dim, self.num_tasks, out_dim, n_nets, **self.net_kwargs)
-
-    def _get_constructor_parameters(self) -> dict[str, Any]:
-        data = super()._get_constructor_parameters()
-        data.update(self.net_kwargs)
-        return data
 
     @th.no_grad()
     def routing_weights(self, obs: th.Tensor | np.ndarray) -> SoftRoutingWeights:
