@@ -12,13 +12,7 @@ so a second call works offline.
 The default pretrained policy :data:`DEFAULT_REPO_ID` ships inside the package as a Hub-cache folder
 (:data:`PRETRAINED_CACHE`), so ``load_from_hub("d2r-sb3/d2r-MT10-rand")`` works without network access.
 
-Example::
-
-    from d2r_sb3.hub import load_from_hub
-
-    policy = load_from_hub("d2r-sb3/d2r-MT10-rand")
-    env = policy.make_env()
-    actions, _ = policy.predict(env.reset())
+Users import these names from :mod:`d2r_sb3.hub` (which has an example).
 """
 
 from __future__ import annotations
