@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import torch as th
 import yaml
+from helpers import TINY_D2R_FLAG as TINY_POLICY
 
 from d2r_sb3 import D2RSAC
 from d2r_sb3.common.checkpoints import CheckpointStore
@@ -28,7 +29,6 @@ from d2r_sb3.common.run_lock import RunLock, RunLockedError
 
 ROOT = Path(__file__).resolve().parents[1]
 NAME = "custom-rand"
-TINY_POLICY = "policy_kwargs:{n_modules: 4, module_dim: 16, encoder_sizes: [32, 32], gate_sizes: [16]}"
 # 2 tasks x 300 = 600 env steps; an evaluation every 50 steps per task, a checkpoint every 35.
 RUN = [
     *"--algo d2r --env reach,drawer-close --seed 0 -n 600".split(),

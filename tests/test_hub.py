@@ -28,6 +28,7 @@ import numpy as np
 import pytest
 import torch as th
 import yaml
+from helpers import TINY_D2R
 from huggingface_hub import HfApi, ModelCard, constants
 from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
 
@@ -48,7 +49,6 @@ from d2r_sb3.zoo.task_env import make_task_env
 from d2r_sb3.zoo.utils import ZooError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-TINY_D2R = dict(n_modules=4, module_dim=16, encoder_sizes=[32, 32], gate_sizes=[16])
 EPISODE_STEPS = 20  # short episodes keep the evaluation and the replay cheap
 FULL_REPO_FILES = {
     "d2r-MT10-rand.zip",

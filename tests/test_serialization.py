@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch as th
 import yaml
+from helpers import TINY_D2R
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -38,7 +39,6 @@ from d2r_sb3.serialization import (
     write_safe_policy,
 )
 
-TINY_D2R = dict(n_modules=4, module_dim=16, encoder_sizes=[32, 32], gate_sizes=[16])
 CONTRACT_KEYS = {
     "format_version",
     "library",

@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 import torch as th
 import yaml
+from helpers import TINY_D2R
 from huggingface_hub import constants
 from stable_baselines3.common.monitor import Monitor
 from stable_baselines3.common.vec_env import DummyVecEnv
@@ -37,7 +38,7 @@ from d2r_sb3.zoo.utils import ZooError
 from tests.toy_envs import PointReach, make_point_reach
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = dict(n_modules=4, module_dim=16, encoder_sizes=[32, 32], gate_sizes=[16])
+TINY = TINY_D2R
 
 
 def tiny(env=None, **kwargs) -> D2RSAC:

@@ -28,6 +28,7 @@ from d2r_sb3.analysis.routes import (
     module_labels,
     resolve_task_index,
 )
+from d2r_sb3.envs import short_task_name
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -70,11 +71,6 @@ def _save(figure: Figure, path: str | Path, dpi: int) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=dpi)
     return path
-
-
-def short_task_name(name: str) -> str:
-    """``"drawer-close-v3"`` -> ``"drawer-close"`` (labels in pictures)."""
-    return name.removesuffix("-v3")
 
 
 def task_colors(n_tasks: int) -> list[tuple[float, float, float, float]]:

@@ -31,6 +31,7 @@ from stable_baselines3.common.vec_env import VecEnv
 
 from d2r_sb3.common.evaluation import TaskEvaluation, evaluate_per_task
 from d2r_sb3.d2r.routing import RoutingPath
+from d2r_sb3.envs import short_task_name
 
 Router = Callable[..., RoutingPath]
 
@@ -424,7 +425,7 @@ def resolve_task_index(task_names: Sequence[str], name: str) -> int:
     for index, candidate in enumerate(task_names):
         if name == candidate or f"{name}-v3" == candidate:
             return index
-    short = ", ".join(t.removesuffix("-v3") for t in task_names)
+    short = ", ".join(short_task_name(t) for t in task_names)
     raise ValueError(f"Unknown task {name!r}; this analysis has: {short}.")
 
 

@@ -29,9 +29,9 @@ from stable_baselines3.common.vec_env import VecEnv
 from d2r_sb3.common.checkpoints import atomic_save, env_rng_states, set_env_rng_states
 from d2r_sb3.common.evaluation import TaskEvaluation, evaluate_per_task
 from d2r_sb3.common.files import atomic_write_bytes
-from d2r_sb3.common.mt_sac import short_task_name
 from d2r_sb3.common.nonfinite import first_nonfinite_tensor
 from d2r_sb3.common.schedule import PerTaskPeriod, check_freq_per_task
+from d2r_sb3.envs import short_task_name
 
 __all__ = ["MultiTaskCheckpointCallback", "PerTaskEvalCallback"]
 

@@ -49,6 +49,7 @@ from d2r_sb3.common.nonfinite import (
 )
 from d2r_sb3.common.params import format_parameter_counts, parameter_counts
 from d2r_sb3.common.policies import InvalidObservationError, MultiTaskPolicy
+from d2r_sb3.envs import short_task_name
 
 SelfMultiTaskSAC = TypeVar("SelfMultiTaskSAC", bound="MultiTaskSAC")
 
@@ -61,11 +62,6 @@ WARMUP_STEPS_PER_TASK = 4000
 def default_buffer_size(num_tasks: int) -> int:
     """The paper's replay size: 1e6 on MT10 (100k per task), 1e7 on MT50 (200k per task)."""
     return (100_000 if num_tasks <= 10 else 200_000) * num_tasks
-
-
-def short_task_name(name: str) -> str:
-    """``"peg-insert-side-v3" -> "peg-insert-side"`` (logger keys are truncated at 36 characters)."""
-    return name[:-3] if name.endswith("-v3") else name
 
 
 _SIZE_ARGUMENTS = {  # name: (minimum, what None gives)

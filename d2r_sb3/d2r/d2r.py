@@ -8,8 +8,9 @@ import torch as th
 from stable_baselines3.common.policies import BasePolicy
 from torch.nn import functional as F
 
-from d2r_sb3.common.mt_sac import MultiTaskSAC, short_task_name
+from d2r_sb3.common.mt_sac import MultiTaskSAC
 from d2r_sb3.d2r.policies import D2RPolicy
+from d2r_sb3.envs import short_task_name
 
 TEMPERATURE_SCALES: tuple[str, ...] = ("num_tasks", "paper")
 
