@@ -296,7 +296,8 @@ def hub_calls(monkeypatch) -> list[tuple[str, tuple, dict]]:
 
 
 def test_push_cli_stages_then_uploads(model, env, tmp_path, hub_calls, capsys):
-    push = load_script("push")
+    from d2r_sb3.zoo import push
+
     run = make_run(tmp_path, model, env, with_results=True)
     stage = tmp_path / "stage"
     base = ["--model", str(run), "--stage-dir", str(stage), "--no-video", "--repo-id", "me/d2r-MT10-rand"]
@@ -323,7 +324,8 @@ def test_push_cli_stages_then_uploads(model, env, tmp_path, hub_calls, capsys):
 
 
 def test_push_without_token_or_offline_is_a_clear_error(model, env, tmp_path, hub_calls, monkeypatch, capsys):
-    push = load_script("push")
+    from d2r_sb3.zoo import push
+
     run = make_run(tmp_path, model, env, with_results=True)
     args = ["--model", str(run), "--stage-dir", str(tmp_path / "stage"), "--no-video"]
     assert push.main(args) == 2

@@ -8,7 +8,6 @@ huggingface_hub.whoami (the Hub is not reachable from tests).
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -399,14 +398,6 @@ def test_video_writer_check_in_process(tmp_path):
 
 
 # --- 5. hub/push.py never defaults to the official repo id ------------------------------------------------
-def load_push():
-    spec = importlib.util.spec_from_file_location("hub_push_validation", ROOT / "hub" / "push.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture
 def hub_sandbox(tmp_path, monkeypatch):
     """No token, no saved login, no user cache; offline unless a test says otherwise."""
@@ -442,7 +433,8 @@ def make_run(root: Path, model: D2RSAC, env) -> Path:
 
 
 def test_push_needs_a_repo_id_when_the_user_is_unknown(mt10, mt10_model, tmp_path, hub_sandbox, capsys):
-    push = load_push()
+    from d2r_sb3.zoo import push
+
     run = make_run(tmp_path, mt10_model, mt10)
     stage = tmp_path / "stage"
     args = ["--model", str(run), "--stage-dir", str(stage), "--no-video", "--dry-run"]
