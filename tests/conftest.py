@@ -33,3 +33,21 @@ def offline_hub(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPa
 def tiny_d2r_kwargs() -> dict[str, Any]:
     """A fresh copy of :data:`TINY_D2R` (tests may change it)."""
     return {key: list(value) if isinstance(value, list) else value for key, value in TINY_D2R.items()}
+
+
+# The files with the longest tests run first: the parallel workers take files in collection order, and a long
+# file started last would leave one worker running alone at the end.
+LONG_FILES_FIRST = (
+    "test_d2rsac.py",
+    "test_durability.py",
+    "test_field_baselines_learning.py",
+    "test_baselines.py",
+    "test_sweep.py",
+    "test_analysis.py",
+    "test_zoo.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: position for position, name in enumerate(LONG_FILES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file keeps its own order
