@@ -6,7 +6,6 @@ module classes (``{"torch.nn": "ReLU"}``), looked up in ``torch.nn`` itself.
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Mapping
 from pathlib import Path
@@ -16,6 +15,7 @@ import numpy as np
 import torch as th
 from gymnasium import spaces
 
+from d2r_sb3.common.kwargs import accepted_kwargs
 from d2r_sb3.common.policies import MultiTaskPolicy
 
 __all__ = ["decode_box", "decode_kwarg", "encode_box", "encode_kwarg", "policy_kwargs"]
@@ -97,22 +97,9 @@ def decode_kwarg(value: Any, where: Path) -> Any:
     return value
 
 
-def _accepted_kwargs(cls: type) -> set[str]:
-    """Keyword arguments a policy class accepts, following ``**kwargs`` up the class hierarchy."""
-    names: set[str] = set()
-    for klass in cls.__mro__:
-        if "__init__" not in vars(klass):
-            continue
-        parameters = inspect.signature(vars(klass)["__init__"]).parameters
-        names.update(name for name, p in parameters.items() if p.kind is not inspect.Parameter.VAR_KEYWORD)
-        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
-            break
-    return names
-
-
 def policy_kwargs(policy: MultiTaskPolicy) -> dict[str, Any]:
     """JSON-able constructor kwargs: those the class accepts, minus the spaces and the optimizer."""
-    accepted = _accepted_kwargs(type(policy))
+    accepted = accepted_kwargs(type(policy))
     return {
         key: encode_kwarg(key, value)
         for key, value in policy._get_constructor_parameters().items()
