@@ -10,6 +10,7 @@ A run lives in ``<log folder>/<algo>/<EnvName>_<N>/`` (the rl-baselines3-zoo lay
         checkpoints/step_<N>/ training checkpoints (model, replay buffer, RNG and env state)
         evaluations.json      the periodic per-task evaluations
         results.json          the final evaluation
+        replay_buffer.pkl     the final replay buffer in SB3's format (with --save-replay-buffer)
         progress.csv          the SB3 logger's table
 
 Runs written by earlier versions kept their checkpoints as ``rl_model_<N>_steps.zip`` beside the final model;
@@ -28,6 +29,8 @@ RESULTS_FILE = "results.json"
 EVALUATIONS_FILE = "evaluations.json"
 PROGRESS_FILE = "progress.csv"
 BEST_MODEL_ZIP = "best_model.zip"
+REPLAY_BUFFER_PICKLE = "replay_buffer.pkl"
+"""The final replay buffer in SB3's format (``zoo/train.py --save-replay-buffer``)."""
 POLICY_DIR = "policy"
 BEST_POLICY_DIR = "best_policy"
 CHECKPOINTS_DIR = "checkpoints"
@@ -136,7 +139,11 @@ class RunLayout:
                 found.append((int(match[1]), path))
         return sorted(found)
 
-    @staticmethod
-    def legacy_buffer(steps: int, run_dir: Path) -> Path:
+    @property
+    def replay_buffer_pickle(self) -> Path:
+        """The final replay buffer in SB3's format (``--save-replay-buffer``)."""
+        return self.run_dir / REPLAY_BUFFER_PICKLE
+
+    def legacy_buffer(self, steps: int) -> Path:
         """The replay buffer pickle an earlier version saved beside its ``rl_model_<steps>_steps.zip``."""
-        return Path(run_dir) / f"rl_model_replay_buffer_{steps}_steps.pkl"
+        return self.run_dir / f"rl_model_replay_buffer_{steps}_steps.pkl"

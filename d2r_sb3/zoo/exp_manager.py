@@ -75,10 +75,6 @@ class RunSetup:
         return RunLayout(self.run_dir, self.name)
 
 
-REPLAY_BUFFER_PICKLE = "replay_buffer.pkl"
-"""The final replay buffer in SB3's format (``--save-replay-buffer``)."""
-
-
 def env_kwargs_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """make_mt_env arguments from the flags and ``--env-kwargs`` (checked against its signature)."""
     overrides = parse_key_values(args.env_kwargs, "--env-kwargs")

@@ -22,7 +22,6 @@ from d2r_sb3.common.run_layout import CHECKPOINTS_DIR, RunLayout
 from d2r_sb3.common.run_lock import RunLock
 from d2r_sb3.registry import ALGOS
 from d2r_sb3.zoo.exp_manager import (
-    REPLAY_BUFFER_PICKLE,
     RunSetup,
     build_env,
     check_writable_folder,
@@ -68,12 +67,11 @@ def find_resume_point(run_dir: Path, name: str) -> tuple[int, Path, Path | None]
     """
     layout = RunLayout(run_dir, name)
     candidates: list[tuple[int, int, Path, Path]] = [
-        (steps, 0, path, RunLayout.legacy_buffer(steps, run_dir))
-        for steps, path in layout.legacy_checkpoints()
+        (steps, 0, path, layout.legacy_buffer(steps)) for steps, path in layout.legacy_checkpoints()
     ]
     final = layout.final_model
     if final.is_file():
-        candidates.append((_saved_num_timesteps(final), 1, final, run_dir / REPLAY_BUFFER_PICKLE))
+        candidates.append((_saved_num_timesteps(final), 1, final, layout.replay_buffer_pickle))
     if not candidates:
         raise ZooError(
             f"{run_dir} holds no model to resume from (neither {final.name} nor rl_model_<steps>_steps.zip "
@@ -199,7 +197,8 @@ def _load_resume_point(
         lock.release()
         return None
 
-    drop_progress_after(RunLayout(run_dir, name).progress_file, steps)
+    layout = RunLayout(run_dir, name)
+    drop_progress_after(layout.progress_file, steps)
     env = build_env(env_kwargs)
     cls = ALGOS[args.algo][0]
     model = cls.load(model_path, env=env, device=args.device)
@@ -213,8 +212,8 @@ def _load_resume_point(
     if args.verbose >= 1:
         print(f"Resuming {run_dir} from {origin} at {steps} steps (target {n_timesteps}).")
     if n_timesteps != config["n_timesteps"]:
-        write_yaml(RunLayout(run_dir, name).record("config.yml"), {**config, "n_timesteps": n_timesteps})
-    with open(RunLayout(run_dir, name).record("command.txt"), "a") as file:
+        write_yaml(layout.record("config.yml"), {**config, "n_timesteps": n_timesteps})
+    with open(layout.record("command.txt"), "a") as file:
         file.write(command + "\n")
     return RunSetup(
         args,

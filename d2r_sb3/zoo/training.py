@@ -33,7 +33,7 @@ from d2r_sb3.common.params import parameter_counts
 from d2r_sb3.common.provenance import hardware, versions
 from d2r_sb3.common.run_layout import RunLayout
 from d2r_sb3.serialization import write_safe_policy
-from d2r_sb3.zoo.exp_manager import REPLAY_BUFFER_PICKLE, RunSetup, build_env, checkpoint_store, warn_user
+from d2r_sb3.zoo.exp_manager import RunSetup, build_env, checkpoint_store, warn_user
 from d2r_sb3.zoo.resume import ContinuedCSVOutputFormat
 from d2r_sb3.zoo.utils import (
     write_json,
@@ -265,7 +265,7 @@ def train(setup: RunSetup) -> int:
     if args.save_replay_buffer:
         tmp = run_dir / f".replay_buffer.tmp-{os.getpid()}.pkl"
         model.save_replay_buffer(tmp)
-        os.replace(tmp, run_dir / REPLAY_BUFFER_PICKLE)
+        os.replace(tmp, setup.layout.replay_buffer_pickle)
     if args.verbose >= 1:
         print(f"Saved {model_path} and {final_checkpoint.path} ({model.num_timesteps} steps)")
     setup.env.close()
