@@ -39,7 +39,14 @@ from d2r_sb3.zoo.trials import (
     import_ray,
     remote_trial,
 )
-from d2r_sb3.zoo.utils import ZooError, apply_overrides, load_hyperparams, parse_env, to_plain
+from d2r_sb3.zoo.utils import (
+    ZooError,
+    apply_overrides,
+    load_hyperparams,
+    parse_env,
+    read_yaml_mapping,
+    to_plain,
+)
 
 SEARCH_SPACES = Path(__file__).resolve().parent / "search_spaces.yml"
 STUDY_DB = "study.db"
@@ -63,12 +70,9 @@ def load_search_space(algo: str, path: str | Path | None = None) -> dict[str, di
     path = Path(path) if path is not None else SEARCH_SPACES
     if not path.is_file():
         raise ZooError(f"Search space file {path} not found.")
-    try:
-        spaces = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ZooError(f"Search space file {path} is not valid YAML: {err}") from None
-    if not isinstance(spaces, dict) or algo not in spaces or not isinstance(spaces[algo], dict):
-        have = ", ".join(spaces) if isinstance(spaces, dict) else "none"
+    spaces = read_yaml_mapping(path, f"Search space file {path}", "of algo sections ('d2r: {...}')")
+    if algo not in spaces or not isinstance(spaces[algo], dict):
+        have = ", ".join(spaces) or "none"
         raise ZooError(
             f"{path} has no search space for {algo!r} (sections: {have}); add a section '{algo}:'."
         )

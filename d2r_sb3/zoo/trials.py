@@ -33,6 +33,7 @@ from d2r_sb3.zoo.utils import (
     call_main,
     parse_env,
     read_yaml,
+    read_yaml_mapping,
     write_json,
 )
 
@@ -229,14 +230,7 @@ def _read_grid_mapping(path: Path) -> dict[str, Any]:
     """The grid file's YAML mapping, with only :data:`GRID_KEYS` keys (an empty file is an empty grid)."""
     if not path.is_file():
         raise ZooError(f"Grid file {path} not found.")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ZooError(f"Grid file {path} is not valid YAML: {err}") from None
-    if not isinstance(data, dict):
-        raise ZooError(
-            f"Grid file {path} must hold a mapping (algos: [...], envs: [...], ...), got {type(data).__name__}."
-        )
+    data = read_yaml_mapping(path, f"Grid file {path}", "(algos: [...], envs: [...], ...)")
     unknown = sorted(set(data) - set(GRID_KEYS))
     if unknown:
         raise ZooError(

@@ -171,16 +171,9 @@ def load_hyperparams(
         have = ", ".join(available_hyperparams()) or "none"
         raise ZooError(
             f"No hyperparameter file for algo {algo!r}: {path} does not exist (algos with a file: {have}). "
-            f"Write one (sections like 'MT10-paper', see zoo/hyperparams/d2r.yml) or pass -conf FILE."
+            f"Write one (sections like 'MT10-paper', see d2r_sb3/zoo/hyperparams/d2r.yml) or pass -conf FILE."
         )
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ZooError(f"{path} is not valid YAML: {err}") from None
-    if not isinstance(data, dict):
-        raise ZooError(
-            f"{path} must hold a mapping of sections ('MT10-paper: {{...}}'), got {type(data).__name__}."
-        )
+    data = read_yaml_mapping(path, str(path), "of sections ('MT10-paper: {...}')")
     if data and not all(isinstance(section, dict) for section in data.values()):
         return coerce_numbers(copy.deepcopy(data)), str(path)  # a flat config (e.g. a run's config.yml)
     key = f"{benchmark}-{preset}"
@@ -190,6 +183,23 @@ def load_hyperparams(
     raise ZooError(
         f"{path} has no section {key!r} and no 'default' section (sections: {', '.join(map(str, data)) or 'none'})."
     )
+
+
+def read_yaml_mapping(path: Path, label: str, layout: str) -> dict[str, Any]:
+    """A YAML file that must hold a mapping (an empty file is an empty mapping), with clear errors.
+
+    :param path: the file.
+    :param label: how the messages name it, e.g. ``"Grid file sweeps/grid.yml"``.
+    :param layout: what the mapping looks like, for the message, e.g. ``"(algos: [...], envs: [...], ...)"``.
+    :raises ZooError: when the file is not valid YAML or holds something other than a mapping.
+    """
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ZooError(f"{label} is not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ZooError(f"{label} must hold a mapping {layout}, got {type(data).__name__}.")
+    return data
 
 
 def apply_overrides(hyperparams: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
