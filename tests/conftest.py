@@ -13,7 +13,6 @@ from typing import Any
 
 import pytest
 import torch as th
-from helpers import TINY_D2R
 
 th.set_num_threads(int(os.environ.get("D2R_TEST_THREADS", "1")))
 
@@ -27,12 +26,6 @@ def offline_hub(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPa
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path_factory.mktemp("empty_hf_cache")))
     yield constants
-
-
-@pytest.fixture
-def tiny_d2r_kwargs() -> dict[str, Any]:
-    """A fresh copy of :data:`TINY_D2R` (tests may change it)."""
-    return {key: list(value) if isinstance(value, list) else value for key, value in TINY_D2R.items()}
 
 
 # The files with the longest tests run first: the parallel workers take files in collection order, and a long

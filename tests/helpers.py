@@ -7,6 +7,7 @@ import io
 from collections.abc import Callable, Sequence
 from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass
+from typing import Any
 
 import torch as th
 
@@ -58,3 +59,18 @@ def check_clean_error(result: CommandResult) -> str:
     assert result.returncode == 2, result.stdout + result.stderr
     assert result.stderr.startswith("error: "), result.stderr
     return result.stderr
+
+
+def tiny_d2r(env: Any = None, **kwargs: Any) -> Any:
+    """A seeded D2RSAC with the :data:`TINY_D2R` network on the 4-task point-reach problem (or ``env``); short
+    warm-up, small batches and buffer unless ``kwargs`` say otherwise."""
+    from toy_envs import make_point_reach
+
+    from d2r_sb3 import D2RSAC
+
+    env = env if env is not None else make_point_reach(4)
+    kwargs.setdefault("learning_starts", 200)
+    kwargs.setdefault("batch_size", 64)
+    kwargs.setdefault("buffer_size", 2_000)
+    kwargs.setdefault("policy_kwargs", dict(TINY_D2R))
+    return D2RSAC("D2RPolicy", env, seed=0, **kwargs)

@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 import torch as th
+from helpers import tiny_d2r
 from stable_baselines3.common.logger import configure
 from stable_baselines3.common.monitor import Monitor
 from stable_baselines3.common.vec_env import DummyVecEnv
@@ -24,12 +25,10 @@ TINY = dict(n_modules=4, module_dim=32, encoder_sizes=[64, 64], gate_sizes=[32])
 
 
 def tiny_model(env=None, **kwargs) -> D2RSAC:
-    env = env if env is not None else make_point_reach(4)
-    kwargs.setdefault("learning_starts", 200)
-    kwargs.setdefault("batch_size", 64)
+    """helpers.tiny_d2r with this file's wider network and a buffer that holds the learning test's 20k steps."""
     kwargs.setdefault("buffer_size", 20_000)
     kwargs.setdefault("policy_kwargs", dict(TINY))
-    return D2RSAC("D2RPolicy", env, seed=0, **kwargs)
+    return tiny_d2r(env, **kwargs)
 
 
 def test_defaults_are_the_papers_mt10_configuration():

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import torch as th
 import yaml
-from helpers import TINY_D2R
+from helpers import TINY_D2R, tiny_d2r
 from huggingface_hub import constants
 from stable_baselines3.common.monitor import Monitor
 from stable_baselines3.common.vec_env import DummyVecEnv
@@ -40,13 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = TINY_D2R
 
 
-def tiny(env=None, **kwargs) -> D2RSAC:
-    env = env if env is not None else make_point_reach(4)
-    kwargs.setdefault("learning_starts", 200)
-    kwargs.setdefault("batch_size", 64)
-    kwargs.setdefault("buffer_size", 2_000)
-    kwargs.setdefault("policy_kwargs", dict(TINY))
-    return D2RSAC("D2RPolicy", env, seed=0, **kwargs)
+tiny = tiny_d2r
 
 
 def toy_tasks(columns: list[int], num_tasks: int) -> DummyVecEnv:
