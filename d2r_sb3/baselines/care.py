@@ -55,8 +55,8 @@ from stable_baselines3.common.type_aliases import Schedule
 from torch import nn
 
 from d2r_sb3.baselines.actor_critic import TaskNetworkPolicy
-from d2r_sb3.baselines.grouped import GroupedMLP, output_init_
-from d2r_sb3.common.ensemble import EnsembleLinear
+from d2r_sb3.baselines.grouped import GroupedMLP
+from d2r_sb3.common.ensemble import EnsembleLinear, output_init_
 from d2r_sb3.d2r.network import EnsembleMLP
 
 __all__ = ["CARENetwork", "CAREPolicy", "TaskEmbeddings", "care_parameter_count", "load_task_embeddings"]

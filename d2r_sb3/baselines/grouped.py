@@ -4,7 +4,7 @@ CARE's and MOORE's experts and PaCo's parameter sets are groups of same-shaped l
 the ensemble member first (``[E, G, ...]``), like every other network of the core, so that the twin critics'
 gradients can be clipped member by member (:func:`~d2r_sb3.common.clipping.clip_grad_norm_per_member_`).
 Initialisation is the comparison's common scheme (:mod:`d2r_sb3.baselines.mlp`): ``U(-1/sqrt(out), 1/sqrt(out))``
-with bias 0.1, and ``U(-3e-3, 3e-3)`` for output layers (:func:`output_init_`).
+with bias 0.1, and ``U(-3e-3, 3e-3)`` for output layers (:func:`~d2r_sb3.common.ensemble.output_init_`).
 """
 
 from __future__ import annotations
@@ -15,10 +15,7 @@ from collections.abc import Sequence
 import torch as th
 from torch import nn
 
-from d2r_sb3.baselines.mlp import OUTPUT_INIT_BOUND
-from d2r_sb3.common.ensemble import EnsembleLinear
-
-__all__ = ["GroupedLinear", "GroupedMLP", "output_init_"]
+__all__ = ["GroupedLinear", "GroupedMLP"]
 
 
 class GroupedLinear(nn.Module):
@@ -70,10 +67,3 @@ class GroupedMLP(nn.Module):
             if i < len(self.layers) - 1 or self.final_relu:
                 x = th.relu(x)
         return x
-
-
-def output_init_(layer: GroupedLinear | EnsembleLinear) -> None:
-    """``U(-3e-3, 3e-3)`` for a layer's weight and bias (the authors' output-layer init)."""
-    with th.no_grad():
-        layer.weight.uniform_(-OUTPUT_INIT_BOUND, OUTPUT_INIT_BOUND)
-        layer.bias.uniform_(-OUTPUT_INIT_BOUND, OUTPUT_INIT_BOUND)

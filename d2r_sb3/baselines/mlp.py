@@ -24,10 +24,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from d2r_sb3.baselines.actor_critic import TaskNetworkPolicy
-from d2r_sb3.common.ensemble import EnsembleLinear, EnsembleMLP
+from d2r_sb3.common.ensemble import EnsembleLinear, EnsembleMLP, output_init_
 
 NetArch = Sequence[int] | dict[str, Sequence[int]]
-OUTPUT_INIT_BOUND = 3e-3  # the authors' uniform_init of the last layer
 
 
 def resolve_net_arch(net_arch: NetArch) -> dict[str, list[int]]:
@@ -77,9 +76,7 @@ class TaskMLP(nn.Module):
         self.trunk = EnsembleMLP(n_nets, [in_dim + num_tasks, *hidden_sizes], final_relu=True)
         # All heads live in one layer: a head is a block of out_dim rows, computed together and then picked.
         self.head = EnsembleLinear(n_nets, hidden_sizes[-1], self.n_heads * out_dim)
-        with th.no_grad():
-            self.head.weight.uniform_(-OUTPUT_INIT_BOUND, OUTPUT_INIT_BOUND)
-            self.head.bias.uniform_(-OUTPUT_INIT_BOUND, OUTPUT_INIT_BOUND)
+        output_init_(self.head)
 
     def forward(self, x: th.Tensor, task_ids: th.Tensor, detach: bool = False) -> th.Tensor:
         """``x [B, in_dim]``, ``task_ids [B]`` -> ``[n_nets, B, out_dim]``.

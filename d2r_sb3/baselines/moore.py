@@ -39,7 +39,8 @@ from stable_baselines3.common.type_aliases import Schedule
 from torch import nn
 
 from d2r_sb3.baselines.actor_critic import TaskNetworkPolicy
-from d2r_sb3.baselines.grouped import GroupedMLP, output_init_
+from d2r_sb3.baselines.grouped import GroupedMLP
+from d2r_sb3.common.ensemble import output_init_
 from d2r_sb3.d2r.network import EnsembleLinear
 
 __all__ = ["MOORENetwork", "MOOREPolicy", "gram_schmidt", "moore_experts_for", "moore_parameter_count"]

@@ -60,8 +60,9 @@ from stable_baselines3.common.type_aliases import Schedule
 from torch import nn
 
 from d2r_sb3.baselines.actor_critic import TaskNetworkPolicy
-from d2r_sb3.baselines.grouped import GroupedLinear, output_init_
+from d2r_sb3.baselines.grouped import GroupedLinear
 from d2r_sb3.common.buffers import MultiTaskReplayBufferSamples
+from d2r_sb3.common.ensemble import output_init_
 from d2r_sb3.common.mt_sac import MultiTaskSAC
 
 __all__ = ["PaCoNetwork", "PaCoPolicy", "PaCoSAC", "paco_parameter_count"]

@@ -48,8 +48,7 @@ from stable_baselines3.common.type_aliases import Schedule
 from torch import nn
 
 from d2r_sb3.baselines.actor_critic import TaskNetworkPolicy
-from d2r_sb3.baselines.mlp import OUTPUT_INIT_BOUND
-from d2r_sb3.common.ensemble import EnsembleLinear, EnsembleMLP, ensemble_linear
+from d2r_sb3.common.ensemble import EnsembleLinear, EnsembleMLP, ensemble_linear, output_init_
 
 
 @dataclass
@@ -73,12 +72,6 @@ def _mix_modules(outputs: th.Tensor, weights: th.Tensor) -> th.Tensor:
     :return: ``[E, J, B, D]``.
     """
     return th.einsum("ebji,eibd->ejbd", weights, outputs)
-
-
-def _uniform_init_(layer: EnsembleLinear, bound: float) -> None:
-    with th.no_grad():
-        layer.weight.uniform_(-bound, bound)
-        layer.bias.uniform_(-bound, bound)
 
 
 class SoftModularNetwork(nn.Module):
@@ -137,7 +130,7 @@ class SoftModularNetwork(nn.Module):
             EnsembleLinear(n_nets, (layer + 1) * n_pairs, gate_dim) for layer in range(n_layers - 1)
         )
         for layer in cast("Sequence[EnsembleLinear]", self.route_logits):
-            _uniform_init_(layer, OUTPUT_INIT_BOUND)
+            output_init_(layer)
         bound = 1.0 / math.sqrt(module_dim)  # the authors' fan-in quirk: 1/sqrt(out_features)
         self.w_first = nn.Parameter(
             th.empty(n_nets, n_modules, module_dim, embed_dim).uniform_(-bound, bound)
@@ -147,7 +140,7 @@ class SoftModularNetwork(nn.Module):
         self.w_modules = nn.Parameter(th.empty(shape).uniform_(-bound, bound))
         self.b_modules = nn.Parameter(th.full(shape[:-1], 0.1))
         self.head = EnsembleLinear(n_nets, module_dim, out_dim)
-        _uniform_init_(self.head, OUTPUT_INIT_BOUND)
+        output_init_(self.head)
 
     def _encode(self, x: th.Tensor, task_ids: th.Tensor, detach: bool) -> tuple[th.Tensor, th.Tensor]:
         """``(relu(f) [E, B, embed], routing trunk output g [E, B, gate])``."""

@@ -8,20 +8,40 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Protocol
 
 import torch as th
 from torch import nn
 
+OUTPUT_INIT_BOUND = 3e-3
+"""The authors' ``uniform_init`` of a network's last layer: ``U(-3e-3, 3e-3)`` for its weight and bias."""
 
-def ensemble_linear(x: th.Tensor, weight: th.Tensor, bias: th.Tensor) -> th.Tensor:
-    """Ensemble linear layer: ``x [E, B, in]``, ``weight [E, out, in]``, ``bias [E, out]`` -> ``[E, B, out]``."""
-    return th.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2))
+
+class WeightAndBias(Protocol):
+    """A layer with a ``weight`` and a ``bias`` (ensemble, grouped or plain)."""
+
+    @property
+    def weight(self) -> th.Tensor: ...
+
+    @property
+    def bias(self) -> th.Tensor: ...
 
 
 def uniform_(tensor: th.Tensor, bound: float) -> None:
     """Fill ``tensor`` in place from ``U(-bound, bound)`` (outside autograd)."""
     with th.no_grad():
         tensor.uniform_(-bound, bound)
+
+
+def output_init_(layer: WeightAndBias) -> None:
+    """Initialise an output layer as the authors do: weight, then bias, from ``U(-3e-3, 3e-3)``."""
+    uniform_(layer.weight, OUTPUT_INIT_BOUND)
+    uniform_(layer.bias, OUTPUT_INIT_BOUND)
+
+
+def ensemble_linear(x: th.Tensor, weight: th.Tensor, bias: th.Tensor) -> th.Tensor:
+    """Ensemble linear layer: ``x [E, B, in]``, ``weight [E, out, in]``, ``bias [E, out]`` -> ``[E, B, out]``."""
+    return th.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2))
 
 
 class EnsembleLinear(nn.Module):

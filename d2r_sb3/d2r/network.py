@@ -26,7 +26,7 @@ from typing import Any
 import torch as th
 from torch import nn
 
-from d2r_sb3.common.ensemble import EnsembleLinear, EnsembleMLP, uniform_
+from d2r_sb3.common.ensemble import EnsembleLinear, EnsembleMLP, output_init_, uniform_
 from d2r_sb3.d2r.routed_block import BlockPlan, BlockWorkspace, routed_block
 from d2r_sb3.d2r.routing import RoutingGraph, RoutingPath
 
@@ -155,8 +155,7 @@ class RoutedNetwork(nn.Module):
         uniform_(self.w_in, 1.0 / math.sqrt(module_dim))
         uniform_(self.w_hid, 1.0 / math.sqrt(module_dim))
         self.head = EnsembleLinear(n_nets, module_dim, out_dim)
-        uniform_(self.head.weight, 3e-3)  # the authors' uniform_init for the last layer
-        uniform_(self.head.bias, 3e-3)
+        output_init_(self.head)
         # Per-task routing temperature tau (route balancing, Eqs. 13-14). A buffer, not a parameter: it never has
         # a gradient, and it is overwritten after every update.
         self.register_buffer("route_temperature", th.ones(num_tasks))
