@@ -18,6 +18,15 @@ from d2r_sb3.d2r import D2RPolicy, RoutedNetwork, RouteRequest, skipping
 from d2r_sb3.d2r.reference import reference_forward
 
 RESROUTING = {"off": (False, "full"), "full": (True, "full"), "masked": (True, "masked")}
+# Backward strategy x row layout of the routed block: "pull-skip" is the CPU default, "push-dense" the GPU one.
+BLOCK_STRATEGIES = ["pull-skip", "push-dense", "pull-dense", "push-skip"]
+
+
+def use_block_strategy(net: RoutedNetwork, strategy: str) -> None:
+    """Set the routed block's backward strategy and whether it skips unreached modules (``"pull-skip"``, ...)."""
+    backward, layout = strategy.split("-")
+    net.block_workspace.backward_strategy = backward
+    net.block_workspace.skip_unreached = layout == "skip"
 
 
 def small_net(routing: str = "topk", shortcut: str = "full", n_nets: int = 1, **kwargs) -> RoutedNetwork:
@@ -83,14 +92,14 @@ def fast_and_reference(
     return out.double(), ref, fast, slow
 
 
-@pytest.mark.parametrize("strategy", ["pull", "push"])
+@pytest.mark.parametrize("strategy", BLOCK_STRATEGIES)
 @pytest.mark.parametrize("n_nets", [1, 2])
 @pytest.mark.parametrize("resrouting", list(RESROUTING))
 @pytest.mark.parametrize("routing", ["topk", "hard", "soft"])
 def test_values_and_gradients_equal_the_reference_in_float64(routing, resrouting, n_nets, strategy):
     use_rr, shortcut = RESROUTING[resrouting]
     net = small_net(routing, shortcut, n_nets).double()
-    net.block_workspace.backward_strategy = strategy
+    use_block_strategy(net, strategy)
     state, task_ids = inputs()
     requests = [RouteRequest(explore=True, resrouting=use_rr), RouteRequest(explore=False, resrouting=use_rr)]
     if routing != "soft":  # stored behaviour routes (the actor loss): both chosen sources may be masked
@@ -167,7 +176,7 @@ def _relative_error(value: th.Tensor, reference: th.Tensor) -> float:
     return float((value.double() - reference.double()).norm() / reference.double().norm())
 
 
-@pytest.mark.parametrize("strategy", ["pull", "push"])
+@pytest.mark.parametrize("strategy", BLOCK_STRATEGIES)
 @pytest.mark.parametrize("n_nets", [1, 2])
 @pytest.mark.parametrize("resrouting", list(RESROUTING))
 def test_bfloat16_compute_only_rounds_the_float32_values_and_gradients(resrouting, n_nets, strategy):
@@ -176,7 +185,7 @@ def test_bfloat16_compute_only_rounds_the_float32_values_and_gradients(resroutin
     come back in float32, and the float32 path is untouched (compute_dtype=float32 is the plain path)."""
     enabled, shortcut = RESROUTING[resrouting]
     net = small_net(shortcut=shortcut, n_nets=n_nets, n_modules=8)
-    net.block_workspace.backward_strategy = strategy
+    use_block_strategy(net, strategy)
     state, task_ids = inputs(batch=64, dtype=th.float32)
     with th.no_grad():
         stored = net.graph.encode(net(state, task_ids)[1])  # TopK routes in float32, replayed by both
@@ -305,8 +314,9 @@ def test_gpu_strategy_reads_nothing_back_to_the_host(monkeypatch):
     )
     model.learn(100)  # collection only
     data = model.replay_buffer.sample(64)
-    for net in (model.actor.net, model.critic.net):
-        net.block_workspace.backward_strategy = "push"
+    for net in model.policy.modules():
+        if isinstance(net, RoutedNetwork):  # actor, critics and target critics
+            use_block_strategy(net, "push-dense")
 
     def host_read(*args, **kwargs):
         raise AssertionError("a tensor was read back to the host during the training step")
@@ -318,3 +328,47 @@ def test_gpu_strategy_reads_nothing_back_to_the_host(monkeypatch):
     monkeypatch.undo()
     grads = [p.grad for p in (*model.actor.parameters(), *model.critic.parameters())]
     assert all(g is not None and th.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.parametrize("level", ["module", "layer", "model"])
+@pytest.mark.parametrize("n_nets", [1, 2])
+def test_training_block_computes_each_module_only_for_the_samples_that_reach_it(level, n_nets):
+    """The skipping layout holds one row per reached (module, sample) pair plus padding to equal member sizes,
+    the reached pairs being those of the routing path's ``active`` set; the dense layout holds every pair."""
+    from d2r_sb3.d2r.row_layout import build_row_layout
+
+    net = small_net("topk", n_nets=n_nets, n_modules=8, routing_level=level, n_layers=4)
+    state, task_ids = inputs(batch=40, dtype=th.float32)
+    request = RouteRequest(explore=True, resrouting=True)
+    with th.no_grad():
+        th.manual_seed(5)
+        _, logits = net.encode_flat(state, task_ids)
+        th.manual_seed(6)
+        sources, weights, keep = net.choose_routes(logits, task_ids, request)
+        th.manual_seed(6)
+        active = net.routing_path(state, task_ids, request).active  # [E, B, n]
+    sources = sources.expand(weights.shape)
+    layout = build_row_layout(sources, weights, keep, net.plan.is_input, skip=True)
+    reached = active.sum(1)  # [E, n]: samples of each member reaching each module
+    assert layout.sizes[:-1] == reached.amax(0).tolist()
+    assert layout.sizes[-1] == 40 and layout.complete[-1]
+    if level == "module":  # (with 2 of 2 sources per node, the layer and model levels reach every module)
+        assert sum(layout.sizes[:-1]) < 8 * 40, "some module must be skipped for some sample"
+    for node in range(8):
+        rows = layout.node_rows(node)
+        real = layout.grid_of_row[rows] < layout.grid_of_row.max()  # padding rows point one past the grid
+        grid = layout.grid_of_row[rows][real]
+        samples, nodes = grid // 9, grid % 9
+        assert th.all(nodes == node)
+        expected = th.nonzero(active[:, :, node].reshape(-1)).flatten()
+        assert th.equal(samples, expected), node
+    dense = build_row_layout(sources, weights, keep, net.plan.is_input, skip=False)
+    assert dense.sizes == [40] * 9 and dense.dense and all(dense.complete)
+    # One forward on each layout gives the same output.
+    x0 = th.relu(th.randn(n_nets, 40, 20))
+    params = (net.w_in.detach(), net.b_in.detach(), net.w_hid.detach(), net.b_hid.detach())
+    from d2r_sb3.d2r.routed_block import run_nodes
+
+    y_skip, _ = run_nodes(x0, *params, layout, net.plan)
+    y_dense, _ = run_nodes(x0, *params, dense, net.plan)
+    th.testing.assert_close(y_skip, y_dense, rtol=1e-5, atol=1e-6)

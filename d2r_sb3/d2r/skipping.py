@@ -23,8 +23,9 @@ from torch.nn import functional as F
 
 from d2r_sb3.common.ensemble import EnsembleLinear
 from d2r_sb3.d2r.network import RoutedNetwork, RouteRequest
-from d2r_sb3.d2r.routed_block import _flat_rows, _node_major, run_nodes
+from d2r_sb3.d2r.routed_block import run_nodes
 from d2r_sb3.d2r.routing import RoutingGraph
+from d2r_sb3.d2r.row_layout import build_row_layout
 
 
 @th.no_grad()
@@ -59,11 +60,9 @@ def forward_skipping(
         y = _mix_needed_modules(net, x0[0], route_list[0][0], weights[0, 0].tolist(), needed)
         out = F.linear(y, net.head.weight[0], net.head.bias[0])
         return out.unsqueeze(0), sources, len(needed)
-    mask = [node in needed for node in range(net.n_modules)]
-    rows = _flat_rows(sources, net.n_modules)
-    y, _ = run_nodes(
-        x0, net.w_in, net.b_in, net.w_hid, net.b_hid, _node_major(weights), rows, net.plan, needed=mask
-    )
+    # Each module runs on the samples whose route reaches it.
+    layout = build_row_layout(sources, weights, None, net.plan.is_input, skip=True)
+    y, _ = run_nodes(x0, net.w_in, net.b_in, net.w_hid, net.b_hid, layout, net.plan)
     return net.head(y), sources, len(needed)
 
 
