@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 import torch as th
-from helpers import tiny_d2r
+from helpers import TINY_D2R, tiny_d2r
 from stable_baselines3.common.logger import configure
 from stable_baselines3.common.monitor import Monitor
 from stable_baselines3.common.vec_env import DummyVecEnv
@@ -329,3 +329,42 @@ def test_short_learn_on_real_mt10_logs_per_task_alpha_and_temperature(tmp_path):
     )
     path = loaded.policy.route(obs)
     assert path.edges.shape == (10, 17, 16) and (path.num_active >= 2).all()
+
+
+def _fused_flags(model) -> list:
+    optimizers = [model.actor.optimizer, model.critic.optimizer, model.ent_coef_optimizer]
+    return [group["fused"] for optimizer in optimizers for group in optimizer.param_groups]
+
+
+def test_optimizers_are_fused_and_stay_fused_through_save_and_load(tmp_path):
+    """Adam runs as torch's fused kernel by default, also after loading a model saved before that default (its
+    policy kwargs say ``foreach=True``) and after a state-dict load (which resets the flag); ``fused=False`` keeps
+    torch's own implementation; a fused step equals the per-parameter Adam step up to float rounding."""
+    import copy
+
+    model = tiny_d2r(learning_starts=100)
+    assert _fused_flags(model) == [True, True, True]
+    model.learn(200)
+    model.save(tmp_path / "fused.zip")
+    loaded = D2RSAC.load(tmp_path / "fused.zip")
+    assert _fused_flags(loaded) == [True, True, True]
+
+    legacy = tiny_d2r(policy_kwargs={**TINY_D2R, "optimizer_kwargs": {"foreach": True}})
+    assert _fused_flags(legacy) == [True, True, True]
+    plain = tiny_d2r(policy_kwargs={**TINY_D2R, "optimizer_kwargs": {"fused": False}})
+    assert plain.actor.optimizer.param_groups[0]["fused"] is False
+
+    # Same update as the default per-parameter Adam.
+    params = [th.nn.Parameter(p.detach().clone()) for p in model.actor.parameters()]
+    reference = [th.nn.Parameter(p.detach().clone()) for p in params]
+    fused = th.optim.Adam(params, lr=1e-3, fused=True)
+    loop = th.optim.Adam(reference, lr=1e-3, foreach=False)
+    gen = th.Generator().manual_seed(0)
+    for _ in range(3):
+        for a, b in zip(params, reference, strict=True):
+            a.grad = th.randn(a.shape, generator=gen)
+            b.grad = copy.deepcopy(a.grad)
+        fused.step()
+        loop.step()
+    for a, b in zip(params, reference, strict=True):
+        th.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)

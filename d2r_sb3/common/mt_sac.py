@@ -47,6 +47,7 @@ from d2r_sb3.common.nonfinite import (
     first_nonfinite_tensor,
     nonfinite_rows,
 )
+from d2r_sb3.common.optimizers import fused_kwargs, refuse_fused
 from d2r_sb3.common.params import format_parameter_counts, parameter_counts
 from d2r_sb3.common.policies import InvalidObservationError, MultiTaskPolicy
 from d2r_sb3.envs import short_task_name
@@ -320,12 +321,29 @@ class MultiTaskSAC(SAC):
             self.log_ent_coef = th.full((n_coefs,), float(np.log(init)), device=self.device).requires_grad_(
                 True
             )
-            self.ent_coef_optimizer = th.optim.Adam([self.log_ent_coef], lr=self.ent_coef_lr)
+            self.ent_coef_optimizer = th.optim.Adam(
+                [self.log_ent_coef],
+                lr=self.ent_coef_lr,
+                **fused_kwargs(th.optim.Adam, {}, [self.log_ent_coef]),
+            )
         else:
             self.ent_coef_tensor = th.full((n_coefs,), float(self.ent_coef), device=self.device)
         self._after_gradient_step()
         if self.verbose >= 1:
             print(format_parameter_counts(parameter_counts(self.policy), type(self.policy).__name__))
+
+    def set_parameters(
+        self,
+        load_path_or_dict: str | dict[str, Any],
+        exact_match: bool = True,
+        device: th.device | str = "auto",
+    ) -> None:
+        """SB3's ``set_parameters``; the optimizers stay fused (loading a state dict resets the flag)."""
+        super().set_parameters(load_path_or_dict, exact_match, device)
+        for optimizer in (self.actor.optimizer, self.critic.optimizer):
+            refuse_fused(optimizer, self.policy.optimizer_kwargs)
+        if self.ent_coef_optimizer is not None:
+            refuse_fused(self.ent_coef_optimizer, {})
 
     def _check_configuration(self) -> None:
         """Construction-time checks of the sizes, the env's task layout and the policy's number of tasks.
@@ -556,7 +574,11 @@ class MultiTaskSAC(SAC):
         self._check_parameters(optimizers)
         self._n_updates += 1
         if self._n_updates % self.target_update_interval == 0:
-            polyak_update(self.critic.parameters(), self.critic_target.parameters(), self.tau)
+            # One fused lerp over every tensor (SB3's polyak_update runs two operators per tensor).
+            with th.no_grad():
+                th._foreach_lerp_(
+                    list(self.critic_target.parameters()), list(self.critic.parameters()), self.tau
+                )
             polyak_update(self.batch_norm_stats, self.batch_norm_stats_target, 1.0)
         self._after_gradient_step()
         return {**losses, "kept": kept}

@@ -34,6 +34,7 @@ from d2r_sb3.common.actor_critic import LOG_STD_MAX as LOG_STD_MAX
 from d2r_sb3.common.actor_critic import LOG_STD_MIN as LOG_STD_MIN
 from d2r_sb3.common.actor_critic import TaskActor, TaskCritic
 from d2r_sb3.common.actor_critic import squashed_gaussian as squashed_gaussian
+from d2r_sb3.common.optimizers import fused_kwargs
 
 _MAX_ROWS_SHOWN = 10
 
@@ -217,13 +218,11 @@ class MultiTaskPolicy(BasePolicy):
         # A concrete optimizer class, whose constructor takes ``lr`` (the base Optimizer's does not).
         make_optimizer: Callable[..., th.optim.Optimizer] = self.optimizer_class
         self.actor = self.make_actor().to(self.device)
-        self.actor.optimizer = make_optimizer(
-            self.actor.parameters(), lr=lr_schedule(1), **self.optimizer_kwargs
-        )
+        kwargs = fused_kwargs(self.optimizer_class, self.optimizer_kwargs, self.actor.parameters())
+        self.actor.optimizer = make_optimizer(self.actor.parameters(), lr=lr_schedule(1), **kwargs)
         self.critic = self.make_critic().to(self.device)
-        self.critic.optimizer = make_optimizer(
-            self.critic.parameters(), lr=lr_schedule(1), **self.optimizer_kwargs
-        )
+        kwargs = fused_kwargs(self.optimizer_class, self.optimizer_kwargs, self.critic.parameters())
+        self.critic.optimizer = make_optimizer(self.critic.parameters(), lr=lr_schedule(1), **kwargs)
         self.critic_target = self.make_critic().to(self.device)
         self.critic_target.load_state_dict(self.critic.state_dict())
         self.critic_target.train(False)

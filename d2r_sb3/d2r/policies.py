@@ -227,9 +227,6 @@ class D2RPolicy(MultiTaskPolicy):
         self.skip_max_batch = skip_max_batch
         self.train_precision = train_precision
         self._train_dtype_for: dict[str, th.dtype] = {}  # device type -> the dtype actually used there
-        if optimizer_kwargs is None and optimizer_class is th.optim.Adam:
-            # The multi-tensor Adam gives bitwise the same steps as the default per-parameter loop, faster.
-            optimizer_kwargs = {"foreach": True}
         super().__init__(
             observation_space,
             action_space,
