@@ -16,6 +16,8 @@ from collections.abc import Callable, Sequence
 
 import torch as th
 
+from d2r_sb3.common.precision import cpu_flags
+
 
 def set_threads(threads: int) -> None:
     """Use ``threads`` intra-op threads (and one inter-op thread) for the whole benchmark."""
@@ -40,6 +42,7 @@ def machine_lines() -> list[str]:
     lines = [
         f"- date: {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}",
         f"- CPU: {cpu_model()}, {os.cpu_count()} logical cores; torch threads: {th.get_num_threads()}",
+        f"- CPU flags: {' '.join(cpu_flags()) or 'none of avx2 / avx512f / avx512_bf16 / amx (or unreadable)'}",
         f"- torch {th.__version__}, Python {platform.python_version()}",
     ]
     if th.cuda.is_available():

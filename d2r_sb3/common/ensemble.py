@@ -95,5 +95,5 @@ class EnsembleMLP(nn.Module):
         for i, layer in enumerate(self.layers):
             x = layer(x, detach, dtype)
             if i < len(self.layers) - 1 or self.final_relu:
-                x = th.relu(x)
+                x = x.relu_()  # in place on the fresh layer output (its backward does not read it)
         return x

@@ -231,7 +231,7 @@ class RoutedNetwork(nn.Module):
             return sources, th.softmax(padded, dim=-1).gather(-1, sources) * self.graph.slot_valid, keep
         with th.no_grad():
             padded = self.graph.padded_logits(logits.detach())
-            sources = self.choose_sources(padded, task_ids, route)
+            sources = self.choose_sources(padded, task_ids, route, logits.detach())
             keep = self.graph.keep_mask(padded, sources) if route.resrouting else None
         return sources, self.mask_softmax(logits, sources), keep
 
@@ -256,12 +256,15 @@ class RoutedNetwork(nn.Module):
             probs = th.softmax(th.where(valid, chosen, unused), dim=-1)
         return probs * valid
 
-    def choose_sources(self, padded: th.Tensor, task_ids: th.Tensor, route: RouteRequest) -> th.Tensor:
-        """Module indices ``[E, B, n + 1, slots]`` of the chosen sources for this request."""
+    def choose_sources(
+        self, padded: th.Tensor, task_ids: th.Tensor, route: RouteRequest, logits: th.Tensor | None = None
+    ) -> th.Tensor:
+        """Module indices ``[E, B, n + 1, slots]`` of the chosen sources for this request (``logits``: the flat
+        logits behind ``padded``, if at hand; see :meth:`RoutingGraph.select`)."""
         if route.stored is not None:
             return self.graph.decode(route.stored).expand(self.n_nets, -1, -1, -1)
         temperature = self.route_temperature[task_ids] if route.explore else None
-        return self.graph.select(padded, temperature, route.explore)
+        return self.graph.select(padded, temperature, route.explore, logits)
 
     def forward(
         self,

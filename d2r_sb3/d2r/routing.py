@@ -106,6 +106,7 @@ class RoutingGraph(nn.Module):
     routed_index: th.Tensor
     pad_index: th.Tensor
     pad_fill: th.Tensor
+    candidate_position: th.Tensor
 
     def __init__(self, n_modules: int, top_k: int, routing: str, level: str = "module", n_layers: int = 4):
         super().__init__()
@@ -150,6 +151,8 @@ class RoutingGraph(nn.Module):
             "routed_index": th.tensor(self.routed_nodes),
             "pad_index": pad_index.flatten(),
             "pad_fill": th.tensor([float("-inf"), 0.0]),
+            # Where each flat logit sits in the flattened padded matrix (the inverse of pad_index).
+            "candidate_position": th.nonzero(candidates.flatten()).flatten(),
         }
         for name, table in tables.items():
             self.register_buffer(name, table.clone(), persistent=False)
@@ -176,13 +179,18 @@ class RoutingGraph(nn.Module):
         return padded.view(*lead, self.n_modules + 1, self.n_modules)
 
     @th.no_grad()
-    def select(self, padded: th.Tensor, temperature: th.Tensor | None, explore: bool) -> th.Tensor:
+    def select(
+        self, padded: th.Tensor, temperature: th.Tensor | None, explore: bool, logits: th.Tensor | None = None
+    ) -> th.Tensor:
         """Pick the sources of every node.
 
         :param padded: ``[..., n + 1, n]`` padded logits.
         :param temperature: per-sample temperature broadcastable to ``padded[..., 0, 0]`` (SampleK only).
         :param explore: ``True`` draws ``k`` sources without replacement from ``softmax(z / tau)`` (SampleK,
             Eqs. 7 and 13), ``False`` takes the top ``k`` (TopK, Eq. 6).
+        :param logits: the flat logits ``[..., L]`` behind ``padded``, if at hand (else they are read back out of
+            ``padded``): SampleK draws noise for the candidate edges only (half of the padded entries for D2R's
+            graph).
         :return: long tensor ``[..., n + 1, slots]`` of module indices (unused slots hold 0).
         """
         if self.routing == "soft":
@@ -192,9 +200,11 @@ class RoutingGraph(nn.Module):
             if explore:
                 # Gumbel-top-k: the top k of (z / tau + Gumbel noise) is an exact draw of k items without
                 # replacement from softmax(z / tau), done for every node and sample at once.
-                tau = temperature[..., None, None] if temperature is not None else 1.0
-                gumbel = th.rand_like(padded).clamp_(min=1e-20).log_().neg_().log_()
-                scores = (padded / tau).sub_(gumbel)
+                tau = temperature[..., None] if temperature is not None else 1.0
+                if logits is None:
+                    logits = padded.flatten(-2).index_select(-1, self.candidate_position)
+                gumbel = th.rand_like(logits).clamp_(min=1e-20).log_().neg_().log_()
+                scores = self.padded_logits((logits / tau).sub_(gumbel))
             if self.slots == 2:
                 # Two max passes: several times faster than topk on rows of 16.
                 first = scores.max(dim=-1, keepdim=True).indices
