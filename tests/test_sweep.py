@@ -329,9 +329,13 @@ def test_ctrl_c_checkpoints_the_running_trials_and_the_same_command_resumes_them
     assert (
         "Interrupted: the running trials write a checkpoint and stop; run the sweep again to continue." in out
     )
-    assert err.rstrip().endswith("Interrupted.") and "Traceback" not in err, err[-3000:]
+    assert "Interrupted." in err.splitlines() and "Traceback" not in err, err[-3000:]
     stops = {trial_id: stopped_at(folder / "runs" / trial_id, "d2r") for trial_id in trial_ids}
     assert all(0 < steps < 600 for steps in stops.values()), stops
+    summary = json.loads((folder / "summary.json").read_text())
+    assert [t["status"] for t in summary["trials"]] == ["interrupted", "interrupted"]
+    # The table's steps are the last logged ones (progress.csv, evaluations), at most where training stopped.
+    assert all(0 < t["env_steps"] <= stops[t["trial"]] for t in summary["trials"]), summary
 
     again = start_sweep_process(argv, tmp_path / "second")
     try:
