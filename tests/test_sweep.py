@@ -1,8 +1,9 @@
 """d2r-sweep on a real local Ray instance: a grid of tiny runs, a trial's worker killed and resumed, the rliable
-report on runs with known scores, and a 3-trial Optuna search.
+report on runs with known scores, a 3-trial Optuna search, a trial pruned mid-run, and Ctrl-C on the command.
 
-Ray is started once for the module (2 CPUs, no dashboard); the sweep commands find it and leave it running. Every
-run is 2 Meta-World tasks with 20-step episodes and tiny networks, so that a trial takes seconds.
+Ray is started once for the module (2 CPUs, no dashboard); the sweep commands find it and leave it running. The
+Ctrl-C test runs ``zoo/sweep.py`` as a user does, a process with its own local Ray instance. Every run is 2
+Meta-World tasks with 20-step episodes and tiny networks, so that a trial takes seconds.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -19,6 +22,8 @@ import pytest
 import yaml
 from helpers import CommandResult, check_clean_error, check_ok, run_command
 
+from d2r_sb3.common.checkpoints import CheckpointStore
+from d2r_sb3.zoo.trials import find_run_dir, read_progress
 from d2r_sb3.zoo.utils import load_hyperparams
 
 ray = pytest.importorskip("ray")  # the sweep extra (in dev): skip, not fail, where it is not installed
@@ -36,6 +41,7 @@ TINY = [
 # After --: train.py flags of every trial. 2 tasks x 200 steps; an evaluation and a checkpoint every 50 per task.
 TRAIN = "-- -n 400 --env-kwargs max_episode_steps:20 --eval-freq 50 --eval-episodes 2 --final-eval-episodes 2".split()
 TRAIN += "--save-freq 50 --verbose 1".split()
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def sweep(*argv: str) -> CommandResult:
@@ -215,3 +221,139 @@ def test_optimize_runs_a_persisted_study_and_writes_a_usable_yaml(tmp_path: Path
     assert best["policy_kwargs"]["net_arch"] == json.loads(params["policy_kwargs.net_arch"])
     assert best["learning_starts"] == 100 and best["n_timesteps"] == 1e6  # the sweep's and the file's values
     assert yaml.safe_load((folder / "best_hyperparams.yml").read_text()).keys() == {"custom-paper"}
+
+
+def stopped_at(trial_folder: Path, algo: str) -> int:
+    """The env steps at which a trial's training stopped on SIGINT, checked against the checkpoint it wrote then."""
+    log = (trial_folder / "trial.log").read_text()
+    assert "SIGINT: writing a checkpoint, then stopping." in log and "=== exit code 130" in log, log[-3000:]
+    steps = int(log.split("Stopped at ")[1].split()[0])
+    run = find_run_dir(trial_folder, algo)
+    assert run is not None and CheckpointStore(run / "checkpoints").list()[0].num_timesteps == steps
+    assert not (run / "results.json").exists()
+    return steps
+
+
+def test_optimize_prunes_a_trial_below_the_median_and_stops_it_with_a_checkpoint(tmp_path: Path):
+    import optuna
+
+    folder = tmp_path / "search"
+    folder.mkdir()
+    space = tmp_path / "space.yml"
+    space.write_text("mtsac:\n  learning_rate: {type: float, low: 1.0e-4, high: 1.0e-3, log: true}\n")
+    # Two trials of an earlier session of the study, with success 1.0 at every evaluation (50, 100, ... env steps
+    # per task). No tiny run gets any success on reach and push, so earlier trials that did are written into the
+    # study here; the new trial's real success, 0 at its first evaluation, is below their median at that step.
+    study = optuna.create_study(
+        study_name="study", storage=f"sqlite:///{folder / 'study.db'}", direction="maximize"
+    )
+    distribution = optuna.distributions.FloatDistribution(1e-4, 1e-3, log=True)
+    for learning_rate in (2e-4, 5e-4):
+        study.add_trial(
+            optuna.trial.create_trial(
+                params={"learning_rate": learning_rate},
+                distributions={"learning_rate": distribution},
+                value=1.0,
+                intermediate_values={step: 1.0 for step in range(50, 501, 50)},
+            )
+        )
+    argv = ["--optimize", "--algo", "mtsac", "--env", "reach,push", "--n-trials", "3", "-f", str(folder)]
+    argv += ["--search-space", str(space), "--hyperparams", "learning_starts:100", "buffer_size:2000"]
+    argv += ["batch_size:16", "policy_kwargs:{net_arch: [32, 32]}"]
+    # 500 env steps per task: the trial is pruned at its first evaluation (50), long before its end.
+    argv += ["--", *"-n 1000 --env-kwargs max_episode_steps:20 --eval-freq 50".split()]
+    out = check_ok(sweep(*argv, *"--eval-episodes 1 --final-eval-episodes 1 --verbose 1".split()))
+
+    study = optuna.load_study(study_name="study", storage=f"sqlite:///{folder / 'study.db'}")
+    states = optuna.trial.TrialState
+    assert [t.state for t in study.trials] == [states.COMPLETE, states.COMPLETE, states.PRUNED], out
+    pruned = study.trials[2]
+    assert pruned.intermediate_values == {50: 0.0}  # below the median (1.0) of the earlier trials at step 50
+    assert "Trial 2: pruned at 50 steps per task" in out and "Study: 2 complete, 1 pruned" in out
+    # Stopped mid-run (ray.cancel: SIGINT), with a checkpoint of where it stopped.
+    steps = stopped_at(folder / "runs" / "trial_0002", "mtsac")
+    assert 100 <= steps < 1000
+    # The study ends and writes the best settings (an earlier trial's).
+    best, _ = load_hyperparams("mtsac", "custom", "paper", conf_file=folder / "best_hyperparams.yml")
+    assert best["learning_rate"] == pytest.approx(study.best_trial.params["learning_rate"])
+    assert study.best_trial.number in (0, 1) and "Wrote" in out
+
+
+def start_sweep_process(argv: list[str], output: Path) -> subprocess.Popen:
+    """``python zoo/sweep.py`` as a user starts it in a terminal: a shell job (the leader of its own process group)
+    that starts its own local Ray instance. Its stdout and stderr go to ``output``.{out,err}."""
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "RAY_ADDRESS": "local",  # a new instance, not this module's nor a `ray start` cluster of the machine
+    }
+    with output.with_suffix(".out").open("w") as out, output.with_suffix(".err").open("w") as err:
+        return subprocess.Popen(
+            [sys.executable, "zoo/sweep.py", *argv],
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=err,
+            start_new_session=True,
+        )
+
+
+def test_ctrl_c_checkpoints_the_running_trials_and_the_same_command_resumes_them(tmp_path: Path):
+    """Ctrl-C in the terminal: SIGINT to the sweep's process group. Ray starts its own processes with SIGINT blocked
+    (and its workers in other process groups), so only the sweep process gets it; it cancels the running trials
+    (ray.cancel: SIGINT in each worker), whose training writes a checkpoint and stops."""
+    folder = tmp_path / "sweep"
+    trial_ids = ["d2r_reach+push_rand_base_s0", "d2r_reach+push_rand_base_s1"]
+    argv = [*"--algo d2r --env reach,push --seeds 0 1 --num-cpus 2 --refresh 2 -f".split(), str(folder)]
+    argv += [*TINY, "learning_starts:560"]  # the later value wins: random actions, gradient steps from 560 on
+    argv += [*"-- -n 600 --env-kwargs max_episode_steps:20 --eval-freq 50 --eval-episodes 1".split()]
+    argv += "--final-eval-episodes 1 --verbose 1".split()
+    process = start_sweep_process(argv, tmp_path / "first")
+    try:
+        # Both trials train (2 CPUs, 2 trials), then Ctrl-C: SIGINT to the terminal's foreground process group.
+        deadline = time.monotonic() + 240
+        runs = [folder / "runs" / trial_id for trial_id in trial_ids]
+        while not all(read_progress(find_run_dir(run, "d2r")).steps > 0 for run in runs):
+            assert process.poll() is None, (tmp_path / "first.err").read_text()[-3000:]
+            assert time.monotonic() < deadline, "the trials made no progress"
+            time.sleep(0.2)
+        os.killpg(process.pid, signal.SIGINT)
+        code = process.wait(timeout=180)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    out, err = (tmp_path / "first.out").read_text(), (tmp_path / "first.err").read_text()
+    assert code == 130, out[-3000:] + err[-3000:]
+    assert (
+        "Interrupted: the running trials write a checkpoint and stop; run the sweep again to continue." in out
+    )
+    assert "Interrupted." in err.splitlines() and "Traceback" not in err, err[-3000:]
+    stops = {trial_id: stopped_at(folder / "runs" / trial_id, "d2r") for trial_id in trial_ids}
+    assert all(0 < steps < 600 for steps in stops.values()), stops
+    summary = json.loads((folder / "summary.json").read_text())
+    assert [t["status"] for t in summary["trials"]] == ["interrupted", "interrupted"]
+    # The table's steps are the last logged ones (progress.csv, evaluations), at most where training stopped.
+    assert all(0 < t["env_steps"] <= stops[t["trial"]] for t in summary["trials"]), summary
+
+    again = start_sweep_process(argv, tmp_path / "second")
+    try:
+        assert again.wait(timeout=300) == 0, (tmp_path / "second.err").read_text()[-3000:]
+    finally:
+        if again.poll() is None:
+            os.killpg(again.pid, signal.SIGKILL)
+    assert "2 trials, 0 finished earlier, 2 to run" in (tmp_path / "second.out").read_text()
+    summary = json.loads((folder / "summary.json").read_text())
+    assert [t["status"] for t in summary["trials"]] == ["done (resumed)", "done (resumed)"]
+    assert all(t["env_steps"] == 600 and t["final_success"] is not None for t in summary["trials"])
+    for trial_id, steps in stops.items():
+        run = find_run_dir(folder / "runs" / trial_id, "d2r")
+        assert run is not None
+        log = (folder / "runs" / trial_id / "trial.log").read_text()
+        assert f"from checkpoints/step_{steps:012d} at {steps} steps (target 600)" in log, log[-3000:]
+        commands = (run / "custom-rand" / "command.txt").read_text().splitlines()
+        assert len(commands) == 2 and commands[1].startswith("python zoo/train.py --resume")
+        history = json.loads((run / "evaluations.json").read_text())["timesteps"]
+        # One history: the first session's evaluations, then the resumed session's, each once (not restarted).
+        assert history == list(range(100, 601, 100))

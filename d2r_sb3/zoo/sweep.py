@@ -293,9 +293,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     folder.mkdir(parents=True, exist_ok=True)
     write_manifest(folder, trials, grid)
     start = time.monotonic()
-    statuses = {}
+    statuses: dict[str, str] = {}  # filled in by run_sweep, also when Ctrl-C interrupts it
     try:
-        statuses = run_sweep(trials, folder, args)
+        run_sweep(trials, folder, args, statuses)
     finally:
         print()
         print(table(trials, statuses))

@@ -639,12 +639,19 @@ def load_manifest(folder: str | Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def run_sweep(trials: Sequence[Trial], folder: Path, args: argparse.Namespace) -> dict[str, str]:
+def run_sweep(
+    trials: Sequence[Trial],
+    folder: Path,
+    args: argparse.Namespace,
+    statuses: dict[str, str] | None = None,
+) -> dict[str, str]:
     """Run the trials that are not finished on Ray, printing the table every ``args.refresh`` seconds.
 
+    :param statuses: Filled in with the trials' statuses as they become known (a new dict when None), so that the
+        caller has them when Ctrl-C stops the sweep: the trials still running or queued are ``interrupted`` then.
     :return: The status of every trial (``done``, ``skipped (finished earlier)``, ``failed (...)``, ...).
     """
-    statuses: dict[str, str] = {}
+    statuses = {} if statuses is None else statuses
     todo = []
     for trial in trials:
         run_dir = find_run_dir(trial.folder, trial.algo)
@@ -682,6 +689,7 @@ def run_sweep(trials: Sequence[Trial], folder: Path, args: argparse.Namespace) -
             for ref in pending:
                 ray.cancel(ref)
             ray.wait(list(pending), num_returns=len(pending), timeout=120)
+            statuses.update({trial.id: "interrupted" for trial in pending.values()})
             raise
     finally:
         if started:
