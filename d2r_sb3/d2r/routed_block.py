@@ -232,8 +232,8 @@ class _PullGraph:
         out = _bag(table, self.rows[module], self.offsets[module], self.weights[module])
         if self.pairs == 1:
             return out, None
-        out = out.view(-1, 2, out.shape[-1])
-        return out[:, 0], out[:, 1]
+        full, total = out.view(-1, 2, out.shape[-1]).unbind(1)
+        return full, total
 
 
 class _PushGraph:
@@ -415,37 +415,43 @@ class RoutedBlockFunction(th.autograd.Function):
         grad_w_hid = x0.new_empty(n_hid, ens, dim, dim) if need_w_hid else None
         grad_b_hid = x0.new_empty(n_hid, ens, dim) if need_b_hid else None
 
+        # Every per-node view taken at once (one call each instead of a few small ones per node).
+        row_counts = [ens * size for size in layout.sizes[:n]]
+        node_grads = table[0, : layout.starts[n]].split(row_counts)
+        node_shortcut_grads = table[1, : layout.starts[n]].split(row_counts) if graph.two_sided else None
+        node_outputs = outputs.split(row_counts)
+        w_hid_k = w_hid.unbind(1)
+        grad_w_hid_k = grad_w_hid.unbind(0) if grad_w_hid is not None else None
+        grad_b_hid_k = grad_b_hid.unbind(0) if grad_b_hid is not None else None
         for node in range(n - 1, -1, -1):
             size = layout.sizes[node]
             k = plan.param_index[node]
             if not size:  # no sample reaches this module: its gradients are 0
                 if not plan.is_input[node]:
-                    for grad in (grad_w_hid, grad_b_hid):
-                        if grad is not None:
-                            grad[k].zero_()
+                    for grads in (grad_w_hid_k, grad_b_hid_k):
+                        if grads is not None:
+                            grads[k].zero_()
                 continue
-            rows = layout.node_rows(node)
             grad_full, grad_total = graph.pull(flat_table, node)
             grad_full = grad_full.view(ens, size, dim)
             if plan.is_input[node]:
-                output = outputs[rows].view(ens, size, dim)
+                output = node_outputs[node].view(ens, size, dim)
                 _input_module_backward(
                     grad_full, output, x0, layout, node, w_in, k, grad_x0, grad_w_in, grad_b_in
                 )
-            else:
-                _hidden_module_backward(
-                    graph,
-                    table,
-                    rows,
-                    grad_full,
-                    grad_total,
-                    hidden[k],
-                    inputs[k],
-                    w_hid,
-                    k,
-                    grad_w_hid,
-                    grad_b_hid,
-                )
+                continue
+            _hidden_module_backward(
+                grad_full,
+                grad_total,
+                hidden[k],
+                inputs[k],
+                w_hid_k[k],
+                node_grads[node].view(ens, size, dim),
+                node_shortcut_grads[node].view(ens, size, dim) if node_shortcut_grads is not None else None,
+                grad_w_hid_k[k] if grad_w_hid_k is not None else None,
+                grad_b_hid_k[k] if grad_b_hid_k is not None else None,
+            )
+            graph.push(table, layout.node_rows(node))
 
         grad_p = None
         if need_p:
@@ -507,39 +513,35 @@ def _input_module_backward(
 
 
 def _hidden_module_backward(
-    graph: _PullGraph | _PushGraph,
-    table: th.Tensor,
-    rows: slice,
     grad_full: th.Tensor,
     grad_total: th.Tensor | None,
     hidden: th.Tensor,
     inputs: th.Tensor,
-    w_hid: th.Tensor,
-    k: int,
-    grad_w_hid: th.Tensor | None,
-    grad_b_hid: th.Tensor | None,
+    weight: th.Tensor,
+    node_grad: th.Tensor,
+    shortcut_grad: th.Tensor | None,
+    grad_weight: th.Tensor | None,
+    grad_bias: th.Tensor | None,
 ) -> None:
-    """Backward of a routed module (weight slot ``k``, table ``rows``) from ``gF`` ``[E, m, D]`` and ``gT``
-    (``[E * m, D]``, ``None`` without ResRouting): writes its table rows, pushes them to its sources and writes its
-    weight and bias gradients (those requested, slot-major).
+    """Backward of a routed module from ``gF`` ``[E, m, D]`` and ``gT`` (``[E * m, D]``, ``None`` without
+    ResRouting): writes its table rows ``A`` (``node_grad``) and ``gS`` (``shortcut_grad``, with the "full"
+    shortcut and ResRouting) and its weight and bias gradients (those requested).
 
     :param hidden: the module's saved ``relu`` output ``h`` (its mask); ``inputs``: its saved input ``u``.
     """
-    ens, size, dim = grad_full.shape
     grad_pre = th.ops.aten.threshold_backward(grad_full, hidden, 0)
     if grad_total is None:  # no ResRouting: the shortcut gets gF
         grad_total = grad_full
     else:
-        grad_total = grad_total.view(ens, size, dim)
-        if graph.two_sided:
-            table[1, rows].view(ens, size, dim).copy_(grad_total)  # gS
+        grad_total = grad_total.view(grad_full.shape)
+        if shortcut_grad is not None:
+            shortcut_grad.copy_(grad_total)  # gS
     # A = gU + gS, with gU = grad_pre W ("full") or grad_pre W + gT (s_i == u_i).
-    th.baddbmm(grad_total, grad_pre, w_hid[:, k], out=table[0, rows].view(ens, size, dim))
-    graph.push(table, rows)
-    if grad_w_hid is not None:
-        th.bmm(grad_pre.transpose(1, 2), inputs, out=grad_w_hid[k])
-    if grad_b_hid is not None:
-        th.sum(grad_pre, 1, out=grad_b_hid[k])
+    th.baddbmm(grad_total, grad_pre, weight, out=node_grad)
+    if grad_weight is not None:
+        th.bmm(grad_pre.transpose(1, 2), inputs, out=grad_weight)
+    if grad_bias is not None:
+        th.sum(grad_pre, 1, out=grad_bias)
 
 
 def _routing_weight_gradient(
