@@ -121,6 +121,19 @@ def test_bad_input_gives_clean_errors(tmp_path: Path):
     assert "not a sweep folder" in check_clean_error(sweep("report", str(tmp_path)))
     unreachable = check_clean_error(sweep("--address", "ray://127.0.0.1:9", "-f", str(tmp_path / "x")))
     assert "Cannot reach the Ray cluster at --address ray://127.0.0.1:9" in unreachable
+    # Ray joins the cluster RAY_ADDRESS names even without --address; --num-cpus cannot size it. (A subprocess:
+    # this process may hold a Ray session of its own.)
+    joined = subprocess.run(
+        [sys.executable, "zoo/sweep.py", "--algo", "mtsac", "--env", "reach,push", "--seeds", "0"]
+        + ["-f", str(tmp_path / "joined"), "--num-cpus", "2", "--", "-n", "100"],
+        cwd=ROOT,
+        env={**os.environ, "RAY_ADDRESS": "127.0.0.1:1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert joined.returncode == 2 and "Traceback" not in joined.stderr, joined.stderr
+    assert "RAY_ADDRESS=local for a fresh local instance" in joined.stderr
     grid = tmp_path / "ok.yml"
     grid.write_text(
         "algos: [d2r, mtsac]\nenvs: ['reach,push']\nseeds: [0, 1, 2]\nhp_sets: {a: {gamma: 0.9}, b: {}}\n"

@@ -463,7 +463,19 @@ def connect(address: str | None, num_cpus: int | None, num_gpus: int | None) -> 
                 "--address ray://<head>:10001 from elsewhere), or leave out --address for a local instance."
             ) from None
     else:
-        ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, log_to_driver=False)
+        try:
+            ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, log_to_driver=False)
+        except ValueError as err:
+            if num_cpus is None and num_gpus is None:
+                raise
+            # Without --address Ray still joins an existing cluster (RAY_ADDRESS, or one `ray start`ed here),
+            # whose size is its own.
+            found = os.environ.get("RAY_ADDRESS") or "a cluster started with `ray start` on this machine"
+            raise ZooError(
+                f"Ray joins an existing cluster here ({found}), and --num-cpus/--num-gpus only size a new local "
+                f"instance ({err}). Leave them out to run on that cluster (or pass its --address), or set "
+                "RAY_ADDRESS=local for a fresh local instance of that size."
+            ) from None
     return True
 
 
