@@ -3,7 +3,8 @@
 A run lives in ``<log folder>/<algo>/<EnvName>_<N>/`` (the rl-baselines3-zoo layout)::
 
     MT10-rand_1/
-        MT10-rand/            config.yml, args.yml, env_kwargs.yml, command.txt (the run's records)
+        MT10-rand/            config.yml, args.yml, env_kwargs.yml, command.txt (the run's records), and
+                              warm_start.yml for a run started with --warm-start (what it started from)
         MT10-rand.zip         the final model (SB3 zip)
         best_model.zip        the best model by mean success
         policy/, best_policy/ the same policies in the safe format
@@ -23,8 +24,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-RECORDS = ("config.yml", "args.yml", "env_kwargs.yml", "command.txt")
-"""The run's records, kept in its ``<EnvName>/`` sub-folder."""
+RECORDS = ("config.yml", "args.yml", "env_kwargs.yml", "command.txt", "warm_start.yml")
+"""The run's records, kept in its ``<EnvName>/`` sub-folder (``warm_start.yml`` only for a run started with
+``train.py --warm-start``: the file it loaded, its SHA-256, its steps and updates)."""
 RESULTS_FILE = "results.json"
 EVALUATIONS_FILE = "evaluations.json"
 PROGRESS_FILE = "progress.csv"
@@ -87,7 +89,7 @@ class RunLayout:
 
     @property
     def records_dir(self) -> Path:
-        """``<run>/<EnvName>/``: config.yml, args.yml, env_kwargs.yml and command.txt."""
+        """``<run>/<EnvName>/``: config.yml, args.yml, env_kwargs.yml, command.txt (and warm_start.yml)."""
         return self.run_dir / self.env_name
 
     def record(self, name: str) -> Path:

@@ -15,7 +15,8 @@ from d2r_sb3.serialization.sb3_zip import find_model_zip
 __all__ = ["RECORD_FILES", "Run", "read_run", "task_results"]
 
 RECORD_FILES = RECORDS
-"""The run's records (config.yml, args.yml, env_kwargs.yml, command.txt): :data:`~d2r_sb3.common.run_layout.RECORDS`."""
+"""The run's records (config.yml, args.yml, env_kwargs.yml, command.txt, warm_start.yml):
+:data:`~d2r_sb3.common.run_layout.RECORDS`."""
 
 
 @dataclass

@@ -17,6 +17,8 @@ The modules, each importing only those above it in this list:
 - :mod:`~d2r_sb3.serialization.safe_format`: ``policy.safetensors`` + ``policy.json``, written and read;
 - :mod:`~d2r_sb3.serialization.sb3_zip`: SB3 zips, read without unpickling, or unpickled on request;
 - :mod:`~d2r_sb3.serialization.run_policies`: the safe files of a zoo run;
+- :mod:`~d2r_sb3.serialization.seed`: resume seeds (actor, critics and their targets, log alpha, counters in one
+  safetensors file) and the warm start of a new model from one;
 - :mod:`~d2r_sb3.serialization.hub`: downloads from the Hugging Face Hub (no loading);
 - :mod:`~d2r_sb3.serialization.loading`: :func:`resolve_model`, :func:`load_policy`, :func:`load_from_hub`.
 
@@ -44,6 +46,16 @@ from d2r_sb3.serialization.safe_format import (
     save_policy,
 )
 from d2r_sb3.serialization.sb3_zip import ZIP_REQUIRED_KEYS, PickleNotAllowedError, find_model_zip
+from d2r_sb3.serialization.seed import (
+    ResumeSeed,
+    SeedMismatchError,
+    check_seed_fits,
+    is_seed_file,
+    read_seed,
+    seed_from_model,
+    warm_start,
+    write_seed,
+)
 
 RUN_POLICY_DIR = POLICY_DIR
 """Subfolder of a zoo run holding the safe files of the final model (:data:`d2r_sb3.common.run_layout.POLICY_DIR`)."""
@@ -64,12 +76,20 @@ __all__ = [
     "ModelLocation",
     "ModelNotFoundError",
     "PickleNotAllowedError",
+    "ResumeSeed",
+    "SeedMismatchError",
     "check_policy_folder",
+    "check_seed_fits",
     "find_model_zip",
+    "is_seed_file",
     "load_from_hub",
     "load_policy",
     "read_policy_config",
+    "read_seed",
     "resolve_model",
     "save_policy",
+    "seed_from_model",
+    "warm_start",
     "write_safe_policy",
+    "write_seed",
 ]

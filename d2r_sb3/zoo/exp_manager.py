@@ -1,7 +1,8 @@
 """The experiment manager of the zoo: set up a new run (env, model, run folder and its records) and lock it.
 
-:mod:`d2r_sb3.zoo.resume` sets up a run that continues from its checkpoints; :mod:`d2r_sb3.zoo.training` trains
-either one. ``python zoo/train.py`` (:mod:`d2r_sb3.zoo.train`) is the command line over them.
+:mod:`d2r_sb3.zoo.resume` sets up a run that continues from its checkpoints; :mod:`d2r_sb3.zoo.warm_start` reads
+the learned state a new run can start from (``--warm-start``); :mod:`d2r_sb3.zoo.training` trains any of them.
+``python zoo/train.py`` (:mod:`d2r_sb3.zoo.train`) is the command line over them.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from d2r_sb3.common.run_layout import RunLayout
 from d2r_sb3.common.run_lock import RunLock, RunLockedError
 from d2r_sb3.envs import MultiTaskVecEnv, check_env_kwargs, make_mt_env
 from d2r_sb3.registry import ALGOS
+from d2r_sb3.serialization.seed import ResumeSeed, SeedMismatchError, warm_start
 from d2r_sb3.zoo.utils import (
     ZooError,
     apply_overrides,
@@ -53,8 +55,23 @@ SCRIPT_SET = {
 
 
 @dataclass
+class WarmStart:
+    """The learned state a new run starts from (``train.py --warm-start``), read by
+    :func:`d2r_sb3.zoo.warm_start.load_seed`.
+
+    :param seed: the actor, critics, their targets, log alpha and the counters.
+    :param origin: what was read, for people (``"seed file seeds/MT10-rand-1M.safetensors"``).
+    :param record: what the run's ``warm_start.yml`` records about it (path, SHA-256, steps, ...).
+    """
+
+    seed: ResumeSeed
+    origin: str
+    record: dict[str, Any]
+
+
+@dataclass
 class RunSetup:
-    """Everything :func:`train` needs, for a new or a resumed run."""
+    """Everything :func:`train` needs, for a new, warm-started or resumed run."""
 
     args: argparse.Namespace
     run_dir: Path
@@ -68,6 +85,12 @@ class RunSetup:
     training_state: dict[str, Any] | None = (
         None  # from the checkpoint resumed (restored just before learning)
     )
+    warm_started_from: str | None = None  # what the run's first launch loaded its weights from (--warm-start)
+
+    @property
+    def continues_steps(self) -> bool:
+        """Whether ``learn`` continues the model's step counter (a resumed or warm-started run)."""
+        return self.resumed_from is not None or self.warm_started_from is not None
 
     @property
     def layout(self) -> RunLayout:
@@ -118,8 +141,12 @@ def check_hyperparams(cls: type[MultiTaskSAC], policy: str, hyperparams: dict[st
             )
 
 
-def new_run(args: argparse.Namespace, command: str) -> RunSetup:
-    """Build the env and the model of a new run and write the run's settings (``command``: its command line)."""
+def new_run(args: argparse.Namespace, command: str, warm: WarmStart | None = None) -> RunSetup:
+    """Build the env and the model of a new run and write the run's settings (``command``: its command line).
+
+    :param warm: the learned state to start from (``--warm-start``): loaded into the model once it is built;
+        the step counter then starts at its steps and ``n_timesteps`` is the target total.
+    """
     env_kwargs = env_kwargs_from_args(args)
     benchmark = env_kwargs["benchmark"]
     label = "custom" if isinstance(benchmark, list) else benchmark
@@ -133,6 +160,11 @@ def new_run(args: argparse.Namespace, command: str) -> RunSetup:
         n_timesteps = args.n_timesteps
     if n_timesteps is None:
         raise ZooError(f"{source} sets no n_timesteps: add it there or pass -n.")
+    if warm is not None and n_timesteps <= warm.seed.num_timesteps:
+        raise ZooError(
+            f"-n {n_timesteps} is not above the {warm.seed.num_timesteps:,} env steps of {warm.origin}: with "
+            f"--warm-start, -n is the target total (as with --resume); pass -n N with N > {warm.seed.num_timesteps}."
+        )
     cls, default_policy = ALGOS[args.algo]
     policy = hyperparams.pop("policy", default_policy)
     check_hyperparams(cls, policy, hyperparams, source)
@@ -142,33 +174,89 @@ def new_run(args: argparse.Namespace, command: str) -> RunSetup:
     name = env_name(env.benchmark, env.goals, env.preset)
     run_dir, lock = create_run_dir(args.log_folder, args.algo, name)
     try:
-        model = cls(policy, env, seed=args.seed, device=args.device, verbose=args.verbose, **hyperparams)
-    except (ValueError, TypeError) as err:
+        model = _build_model(cls, policy, env, args, hyperparams, source)
+        # config.yml: the hyperparameters as used, with the algorithm's None defaults resolved.
+        config: dict[str, Any] = {"policy": policy, "n_timesteps": int(n_timesteps), **hyperparams}
+        for key in ("buffer_size", "learning_starts", "batch_size"):
+            config[key] = int(getattr(model, key))
+        if warm is not None:
+            _warm_start(model, env, warm, args)
+    except BaseException:
         lock.release()
         shutil.rmtree(run_dir, ignore_errors=True)
-        raise ZooError(f"Cannot build {cls.__name__} with the hyperparameters of {source}: {err}") from None
-    if model.replay_buffer.stratified and model.batch_size % env.num_tasks:
-        lock.release()
-        shutil.rmtree(run_dir, ignore_errors=True)
-        raise ZooError(
-            f"batch_size={model.batch_size} must be a multiple of the {env.num_tasks} tasks (stratified batches "
-            f"take batch_size / T samples of every task), e.g. {128 * env.num_tasks}."
-        )
+        raise
 
-    # config.yml: the hyperparameters as used, with the algorithm's None defaults resolved.
-    config: dict[str, Any] = {"policy": policy, "n_timesteps": int(n_timesteps), **hyperparams}
-    for key in ("buffer_size", "learning_starts", "batch_size"):
-        config[key] = int(getattr(model, key))
     layout = RunLayout(run_dir, name)
     write_yaml(layout.record("config.yml"), config)
     write_yaml(layout.record("args.yml"), dict(sorted(vars(args).items())))
     write_yaml(layout.record("env_kwargs.yml"), env.env_kwargs())
     layout.record("command.txt").write_text(command + "\n")
+    if warm is not None:
+        write_yaml(
+            layout.record("warm_start.yml"), {**warm.record, "warmup_until": int(model.learning_starts)}
+        )
     if args.verbose >= 1:
         print(f"Hyperparameters from {source}; run folder {run_dir}")
     return RunSetup(
-        args, run_dir, name, env, env.env_kwargs(), model, int(n_timesteps), resumed_from=None, lock=lock
+        args,
+        run_dir,
+        name,
+        env,
+        env.env_kwargs(),
+        model,
+        int(n_timesteps),
+        resumed_from=None,
+        lock=lock,
+        warm_started_from=warm.origin if warm is not None else None,
     )
+
+
+def _build_model(
+    cls: type[MultiTaskSAC],
+    policy: str,
+    env: MultiTaskVecEnv,
+    args: argparse.Namespace,
+    hyperparams: dict[str, Any],
+    source: str,
+) -> MultiTaskSAC:
+    """The algorithm of a new run, with its construction errors as :class:`ZooError`."""
+    try:
+        model = cls(policy, env, seed=args.seed, device=args.device, verbose=args.verbose, **hyperparams)
+    except (ValueError, TypeError) as err:
+        raise ZooError(f"Cannot build {cls.__name__} with the hyperparameters of {source}: {err}") from None
+    if model.replay_buffer.stratified and model.batch_size % env.num_tasks:
+        raise ZooError(
+            f"batch_size={model.batch_size} must be a multiple of the {env.num_tasks} tasks (stratified batches "
+            f"take batch_size / T samples of every task), e.g. {128 * env.num_tasks}."
+        )
+    return model
+
+
+def _warm_start(model: MultiTaskSAC, env: MultiTaskVecEnv, warm: WarmStart, args: argparse.Namespace) -> None:
+    """Load the seed into the new model (:func:`d2r_sb3.serialization.seed.warm_start`), or a clear error."""
+    seed = warm.seed
+    try:
+        warm_start(model, seed)
+    except SeedMismatchError as err:
+        raise ZooError(
+            f"--warm-start {args.warm_start} does not fit this run: {err} (differing key: {err.key})"
+        ) from None
+    if seed.task_names != list(env.task_names):
+        warn_user(
+            f"{warm.origin} was trained on the tasks {seed.task_names}, this run's are {list(env.task_names)}: "
+            "each task one-hot index now means another task."
+        )
+    if not model.policy_warmup:
+        warn_user(
+            "policy_warmup is off: the replay buffer is refilled with uniform actions, not the loaded policy."
+        )
+    if args.verbose >= 1:
+        refill = model.learning_starts - seed.num_timesteps
+        print(
+            f"Warm start from {warm.origin}: {seed.num_timesteps:,} env steps and {seed.n_updates:,} updates done; "
+            f"fresh optimiser moments and an empty replay buffer, refilled for {refill:,} steps (learning_starts) "
+            f"before updates resume at env step {model.learning_starts:,}."
+        )
 
 
 MIN_FREE_BYTES = 100 * 2**20

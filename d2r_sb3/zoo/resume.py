@@ -215,6 +215,8 @@ def _load_resume_point(
         write_yaml(layout.record("config.yml"), {**config, "n_timesteps": n_timesteps})
     with open(layout.record("command.txt"), "a") as file:
         file.write(command + "\n")
+    warm = layout.record("warm_start.yml")
+    warm_started_from = (read_yaml(warm) or {}).get("origin") if warm.is_file() else None
     return RunSetup(
         args,
         run_dir,
@@ -226,4 +228,5 @@ def _load_resume_point(
         resumed_from=origin,
         lock=lock,
         training_state=checkpoint.state() if checkpoint is not None else None,
+        warm_started_from=warm_started_from,
     )

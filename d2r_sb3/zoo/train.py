@@ -10,6 +10,10 @@ Examples, from the repository root::
     # a checkpoint every 10 minutes; after a crash, continue the run exactly where its last checkpoint was taken
     python zoo/train.py --algo d2r --env MT50 --save-interval-minutes 10
     python zoo/train.py --resume logs/d2r/MT50-rand_1
+    # when a run's folder is lost: keep a small resume seed of it (weights, log alpha, counters; ~14 MB on MT10),
+    # then start a new run from it (fresh optimisers, replay buffer refilled by the loaded policy)
+    python zoo/train.py --write-seed logs/d2r/MT10-rand_1 --allow-pickle -o seeds/MT10-rand-1M.safetensors
+    python zoo/train.py --algo d2r --env MT10 --warm-start seeds/MT10-rand-1M.safetensors -n 4000000
 
 A run writes ``<log-folder>/<algo>/<EnvName>_<N>/`` (EnvName = ``MT10-rand``, or ``MT10-rand-mw3`` for another preset):
 ``<EnvName>.zip`` (final model), ``best_model.zip``, ``policy/`` and ``best_policy/`` (their weights in the safe
@@ -20,7 +24,14 @@ format), ``checkpoints/step_<steps>/`` (training checkpoints, see
 hyperparameters), ``args.yml``, ``env_kwargs.yml`` and ``command.txt``.
 
 Step counts: ``-n`` is the total number of env steps (summed over tasks, as SB3 counts them); ``--eval-freq`` and
-``--save-freq`` are in env steps **per task** (the paper evaluates every 10,000 steps per task).
+``--save-freq`` are in env steps **per task** (the paper evaluates every 10,000 steps per task). With ``--resume``
+and ``--warm-start``, ``-n`` is the target total, counted from the first step of the run continued.
+
+``--warm-start PATH`` (:mod:`d2r_sb3.zoo.warm_start`) builds a new run from the hyperparameters as usual, then
+loads the actor, the twin critics and their targets, log alpha and D2R's routing temperatures of PATH (a seed file
+written by ``--write-seed``, an SB3 zip, a checkpoint folder or a run folder; the last three are pickles and need
+``--allow-pickle``). The new run's optimisers are fresh, its replay buffer is refilled for ``learning_starts`` steps
+by the loaded policy before updates resume, and its step counter starts at PATH's steps.
 """
 
 from __future__ import annotations
@@ -38,10 +49,12 @@ from d2r_sb3.zoo.training import train
 from d2r_sb3.zoo.utils import (
     HelpFormatter,
     ZooError,
+    add_loading_arguments,
     explicit_options,
     run_main,
     set_num_threads,
 )
+from d2r_sb3.zoo.warm_start import load_seed, write_seed_command
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--n-timesteps",
         type=int,
         default=-1,
-        help="Total env steps, summed over tasks (-1: the YAML's)",
+        help="Total env steps, summed over tasks (-1: the YAML's); with --resume and --warm-start the target "
+        "total, counting the steps already done",
     )
     parser.add_argument("-f", "--log-folder", default="logs", help="Root folder of the logs")
     parser.add_argument(
@@ -120,8 +134,33 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="RUN_DIR",
         help="Continue the run in RUN_DIR from its newest valid checkpoint (exactly where it stopped)",
     )
+    parser.add_argument(
+        "--warm-start",
+        metavar="PATH",
+        help="Start a NEW run from the learned state of PATH: a seed file (--write-seed), an SB3 .zip, a checkpoint "
+        "folder or a run folder (its newest checkpoint). The model is built from the hyperparameters as usual (the "
+        "network must match PATH's), then gets PATH's actor, twin critics and their targets, log alpha and routing "
+        "temperatures; the optimisers are fresh, the empty replay buffer is refilled for learning_starts steps by "
+        "the loaded policy before updates resume, and the step count starts at PATH's steps: -n is the target "
+        "total, as with --resume. Not with --resume",
+    )
+    parser.add_argument(
+        "--write-seed",
+        metavar="SOURCE",
+        help="Do not train: write the resume seed of SOURCE (a run folder: its newest checkpoint; a checkpoint "
+        "folder; an SB3 .zip) to -o FILE, for --warm-start: actor, critics and their targets, log alpha, routing "
+        "temperatures, env steps, updates, algo and policy arguments in safetensors + JSON (no optimiser state, "
+        "no replay buffer; about 14 MB for the default MT10 D2R network). Prints its size",
+    )
+    parser.add_argument("-o", "--output", metavar="FILE", help="The seed file --write-seed writes")
+    parser.add_argument(
+        "--seed-without-targets",
+        action="store_true",
+        help="With --write-seed: leave out the critics' target networks (smaller: about 8 MB for the default MT10 "
+        "D2R network); --warm-start then starts the targets from the critics",
+    )
     parser.add_argument("--vec-env", default="dummy", choices=["dummy", "subproc"], help="VecEnv type")
-    parser.add_argument("--device", default="auto", help="PyTorch device (cpu, cuda, auto)")
+    add_loading_arguments(parser)  # --device, --allow-pickle (for --warm-start / --write-seed of SB3 zips)
     parser.add_argument(
         "--num-threads", type=int, default=-1, help="PyTorch CPU threads (-1: torch's default)"
     )
@@ -143,23 +182,47 @@ def command_line(argv: Sequence[str] | None) -> str:
     return shlex.join(["python", "zoo/train.py", *(sys.argv[1:] if argv is None else argv)])
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point: parse the flags, set up a new or resumed run, train it."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def check_modes(args: argparse.Namespace) -> None:
+    """Clear errors for flags that do not go together (before anything is read or written)."""
     if args.eval_freq > 0 and args.eval_episodes < 1:
         raise ZooError(
             f"--eval-episodes must be >= 1 (or --eval-freq 0 to skip evaluations), got {args.eval_episodes}."
         )
     if args.final_eval_episodes < 0:
         raise ZooError(f"--final-eval-episodes must be >= 0, got {args.final_eval_episodes}.")
+    if args.resume and args.warm_start:
+        raise ZooError(
+            f"--warm-start starts a new run from the weights of {args.warm_start}; --resume continues {args.resume} "
+            "exactly from its own checkpoint. Pass one of them: --resume RUN to continue a run whose folder you "
+            "still have, --warm-start PATH (without --resume) to start a new run when it is lost."
+        )
+    if args.write_seed and (args.resume or args.warm_start):
+        flag = "--resume" if args.resume else "--warm-start"
+        raise ZooError(
+            f"--write-seed only writes a seed file and trains nothing: drop {flag}, or run it separately."
+        )
+    if not args.write_seed and (args.output or args.seed_without_targets):
+        flag = "-o" if args.output else "--seed-without-targets"
+        raise ZooError(
+            f"{flag} goes with --write-seed SOURCE (it names the seed file to write / what it holds)."
+        )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: parse the flags, set up a new, warm-started or resumed run and train it, or write a seed."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_modes(args)
     set_num_threads(args.num_threads)
+    if args.write_seed:
+        return write_seed_command(args)
     if args.resume:
         setup = resume_run(args, explicit_options(parser, argv), command_line(argv))
         if setup is None:
             return 0
     else:
-        setup = new_run(args, command_line(argv))
+        warm = load_seed(args.warm_start, allow_pickle=args.allow_pickle) if args.warm_start else None
+        setup = new_run(args, command_line(argv), warm)
     try:
         return train(setup)
     finally:

@@ -166,6 +166,7 @@ def final_evaluation(setup: RunSetup, train_seconds: float) -> dict[str, Any]:
         },
         "wall_clock_s": {"train": round(train_seconds, 1), "final_eval": round(eval_seconds, 1)},
         "resumed_from": setup.resumed_from,
+        "warm_started_from": setup.warm_started_from,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "versions": versions(),
         "hardware": hardware(),
@@ -236,7 +237,7 @@ def train(setup: RunSetup) -> int:
                 callback=CallbackList(callbacks.as_list()),
                 log_interval=log_interval,
                 progress_bar=args.progress,
-                reset_num_timesteps=setup.resumed_from is None,
+                reset_num_timesteps=not setup.continues_steps,
             )
             final_checkpoint = callbacks.checkpoints.save()
         except TrainingInterrupted as stopped:
