@@ -372,3 +372,36 @@ def test_training_block_computes_each_module_only_for_the_samples_that_reach_it(
     y_skip, _ = run_nodes(x0, *params, layout, net.plan)
     y_dense, _ = run_nodes(x0, *params, dense, net.plan)
     th.testing.assert_close(y_skip, y_dense, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backward", ["pull", "push"])
+@pytest.mark.parametrize("n_nets", [1, 2])
+def test_input_modules_some_samples_do_not_reach_get_the_dense_gradients(backward, n_nets):
+    """Model-level routing with four chains of two, of which the output reads two: each chain's input module is
+    reached by some samples only, so skipping gathers ``x0`` for it and scatters its gradient back. Outputs and
+    gradients equal those of the dense layout, where every input module runs on every sample. (The reference
+    implementation states module-level routing only.)"""
+    results = []
+    for skip in (True, False):
+        net = small_net("topk", "full", n_nets, n_modules=8, routing_level="model", n_layers=2).double()
+        use_block_strategy(net, f"{backward}-{'skip' if skip else 'dense'}")
+        state, task_ids = inputs(batch=23)
+        state.requires_grad_(True)
+        request = RouteRequest(explore=True, resrouting=True)
+        if skip:
+            with th.no_grad():
+                th.manual_seed(3)
+                active = net.routing_path(state, task_ids, request).active  # [E, B, n]
+            chain_starts = active[..., ::2].reshape(-1, 4)
+            assert (~chain_starts).any() and chain_starts.any(0).all(), "every input module partly reached"
+        th.manual_seed(3)
+        out, _ = net(state, task_ids, request)
+        upstream = th.randn(out.shape, generator=th.Generator().manual_seed(4), dtype=out.dtype)
+        (out * upstream).sum().backward()
+        grads = {name: p.grad for name, p in net.named_parameters()}
+        results.append((out.detach(), state.grad, grads))
+    (out_skip, state_skip, grads_skip), (out_dense, state_dense, grads_dense) = results
+    th.testing.assert_close(out_skip, out_dense, rtol=1e-12, atol=1e-13)
+    th.testing.assert_close(state_skip, state_dense, rtol=1e-10, atol=1e-12)
+    for name, grad in grads_dense.items():
+        th.testing.assert_close(grads_skip[name], grad, rtol=1e-10, atol=1e-12, msg=f"gradient of {name}")
