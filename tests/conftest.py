@@ -28,6 +28,16 @@ def offline_hub(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPa
     yield constants
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """One torch thread for a module whose tests run the zoo's commands in-process (``--num-threads`` sets the
+    process-wide count); the count before is restored afterwards."""
+    threads = th.get_num_threads()
+    th.set_num_threads(1)
+    yield
+    th.set_num_threads(threads)
+
+
 # The files with the longest tests run first: the parallel workers take files in collection order, and a long
 # file started last would leave one worker running alone at the end.
 LONG_FILES_FIRST = (

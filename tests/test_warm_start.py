@@ -23,6 +23,8 @@ from d2r_sb3.serialization import read_seed, seed_from_model, write_seed
 from d2r_sb3.zoo import train as train_cli
 from d2r_sb3.zoo.exp_manager import RunSetup
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # the in-process commands set threads
+
 NAME = "custom-rand"
 # 2 tasks: 200 env steps = 100 vector steps; updates after the 60-step warm-up: (200 - 60) / 2 = 70.
 SOURCE_STEPS, SOURCE_UPDATES, LEARNING_STARTS = 200, 70, 60
@@ -45,14 +47,6 @@ RUN_FLAGS = run_flags()
 
 def train(*args: str) -> CommandResult:
     return run_command("train", list(args))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    threads = th.get_num_threads()
-    th.set_num_threads(1)
-    yield
-    th.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

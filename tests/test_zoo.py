@@ -17,7 +17,6 @@ from pathlib import Path
 import imageio.v2 as imageio
 import numpy as np
 import pytest
-import torch as th
 import yaml
 from helpers import TINY_D2R_FLAG, CommandResult, check_clean_error, check_ok, run_command
 from stable_baselines3.common.logger import HumanOutputFormat
@@ -31,6 +30,8 @@ from d2r_sb3.zoo import plot, resume, train
 from d2r_sb3.zoo.task_env import make_task_env
 from d2r_sb3.zoo.utils import ZooError, env_name, load_hyperparams, parse_key_values
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # the in-process commands set threads
+
 ROOT = Path(__file__).resolve().parents[1]
 
 MT10 = benchmark_task_names("MT10")
@@ -43,15 +44,6 @@ FAST = "--env-kwargs max_episode_steps:20 --eval-freq 10 --eval-episodes 1 --num
 def run_cli(script: str, *args: str) -> CommandResult:
     """``python zoo/<script> args``, run in this process."""
     return run_command(script.removesuffix(".py"), args)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """The in-process tests use one torch thread too (see run_cli)."""
-    threads = th.get_num_threads()
-    th.set_num_threads(1)
-    yield
-    th.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
