@@ -47,7 +47,7 @@ from d2r_sb3.common.nonfinite import (
     first_nonfinite_tensor,
     nonfinite_rows,
 )
-from d2r_sb3.common.optimizers import fused_kwargs, refuse_fused
+from d2r_sb3.common.optimizers import fused_kwargs, restore_fused
 from d2r_sb3.common.params import format_parameter_counts, parameter_counts
 from d2r_sb3.common.policies import InvalidObservationError, MultiTaskPolicy
 from d2r_sb3.envs import short_task_name
@@ -341,9 +341,9 @@ class MultiTaskSAC(SAC):
         """SB3's ``set_parameters``; the optimizers stay fused (loading a state dict resets the flag)."""
         super().set_parameters(load_path_or_dict, exact_match, device)
         for optimizer in (self.actor.optimizer, self.critic.optimizer):
-            refuse_fused(optimizer, self.policy.optimizer_kwargs)
+            restore_fused(optimizer, self.policy.optimizer_kwargs)
         if self.ent_coef_optimizer is not None:
-            refuse_fused(self.ent_coef_optimizer, {})
+            restore_fused(self.ent_coef_optimizer, {})
 
     def _check_configuration(self) -> None:
         """Construction-time checks of the sizes, the env's task layout and the policy's number of tasks.

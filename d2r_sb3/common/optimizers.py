@@ -12,7 +12,7 @@ from typing import Any
 
 import torch as th
 
-__all__ = ["FUSED_DEVICES", "fused_kwargs", "refuse_fused"]
+__all__ = ["FUSED_DEVICES", "fused_kwargs", "restore_fused"]
 
 FUSED_DEVICES = ("cpu", "cuda")
 _FUSABLE = (th.optim.Adam, th.optim.AdamW)
@@ -36,7 +36,7 @@ def fused_kwargs(
     return kwargs
 
 
-def refuse_fused(optimizer: th.optim.Optimizer, kwargs: dict[str, Any]) -> None:
+def restore_fused(optimizer: th.optim.Optimizer, kwargs: dict[str, Any]) -> None:
     """Fuse ``optimizer`` again after ``load_state_dict``, which overwrites the param groups' ``fused`` flag
     with the saved one (``None`` in optimizers saved before fusing was the default)."""
     params = [p for group in optimizer.param_groups for p in group["params"]]
