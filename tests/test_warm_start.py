@@ -155,6 +155,70 @@ def test_write_seed_holds_the_learned_state_and_its_size(source_run: Path, seed_
     assert not (tmp_path / "x.safetensors").exists()
 
 
+def rounded_to_float16(tensors: dict[str, th.Tensor]) -> dict[str, th.Tensor]:
+    """What a float16 seed keeps of float32 tensors: matrices rounded to float16 (back in float32), the rest."""
+    return {k: v.half().float() if v.dim() >= 2 else v for k, v in tensors.items()}
+
+
+def test_float16_seed_halves_the_matrices_and_warm_starts_them_as_rounded(
+    seed_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    full, half = tmp_path / "full.safetensors", tmp_path / "half.safetensors"
+    check_ok(train("--write-seed", str(seed_file), "--seed-without-targets", "-o", str(full)))
+    printed = check_ok(
+        train(
+            "--write-seed",
+            str(seed_file),
+            "--seed-without-targets",
+            "--seed-precision",
+            "float16",
+            "-o",
+            str(half),
+        )
+    )
+    assert "weight matrices in float16" in printed
+    exact, compact = read_seed(full), read_seed(half)
+    assert (exact.matrix_precision, compact.matrix_precision) == ("float32", "float16")
+
+    # Matrices in float16, everything else (biases, routing temperatures, log alpha) untouched.
+    matrix_bytes = 0
+    for name, tensor in exact.tensors.items():
+        stored = compact.tensors[name]
+        if tensor.dim() >= 2:
+            assert stored.dtype == th.float16, name
+            matrix_bytes += tensor.numel() * 2
+        else:
+            assert stored.dtype == tensor.dtype and th.equal(stored, tensor), name
+    assert any(name.endswith("route_temperature") for name in compact.tensors)
+    assert th.equal(compact.log_ent_coef, exact.log_ent_coef)
+    assert compact.nbytes == exact.nbytes - matrix_bytes
+    assert half.stat().st_size - compact.nbytes == pytest.approx(full.stat().st_size - exact.nbytes, abs=200)
+
+    # A warm start loads the rounded matrices into the float32 model: each weight within float16's 2**-11.
+    captured = capture_setup(monkeypatch, then_train=False)
+    check_ok(train(*RUN_FLAGS, "-n", "400", "-f", str(tmp_path / "logs"), "--warm-start", str(half)))
+    expected = rounded_to_float16(exact.policy_state_dict())
+    assert_same_tensors(captured["state"], expected)
+    assert all(v.dtype == th.float32 for v in captured["state"].values() if v.is_floating_point())
+    weights = exact.tensors["actor.net.w_in"]
+    loaded = captured["state"]["actor.net.w_in"]
+    assert not th.equal(loaded, weights)  # it did round...
+    normal = weights.abs() > 1e-4  # (float16 subnormals below 6e-5 keep an absolute error under 3e-8)
+    assert ((loaded - weights).abs()[normal] <= weights.abs()[normal] * 2**-11).all()  # ...within half an ulp
+    assert th.equal(captured["log_ent_coef"], exact.log_ent_coef)
+
+    # Without --write-seed, --seed-precision is refused.
+    error = check_clean_error(train(*RUN_FLAGS, "-n", "400", "--seed-precision", "float16"))
+    assert "--seed-precision goes with --write-seed" in error
+
+
+def test_float16_seed_refuses_matrices_beyond_its_range(seed_file: Path):
+    seed = read_seed(seed_file)
+    seed.tensors["actor.net.w_in"].view(-1)[0] = 1e5
+    with pytest.raises(ValueError, match=r"holds 1e\+05, beyond float16's range.*\(--seed-precision float32\)"):
+        seed.with_matrices_in_float16()
+
+
 @pytest.mark.slow
 def test_seed_of_the_default_mt10_d2r_network_is_about_14_mb(tmp_path: Path):
     env = make_mt_env("MT10")
@@ -163,10 +227,18 @@ def test_seed_of_the_default_mt10_d2r_network_is_about_14_mb(tmp_path: Path):
         seed = seed_from_model(model)
         full = write_seed(seed, tmp_path / "mt10.safetensors").stat().st_size
         light = write_seed(seed.without_critic_target(), tmp_path / "light.safetensors").stat().st_size
+        compact = seed.without_critic_target().with_matrices_in_float16()
+        half = write_seed(compact, tmp_path / "half.safetensors").stat().st_size
+        # The policy acts nearly the same with the float16-rounded matrices (deterministic actions in [-1, 1]).
+        obs = env.reset()
+        actions, _ = model.predict(obs, deterministic=True)
+        model.policy.load_state_dict(rounded_to_float16(seed.policy_state_dict()))
+        rounded_actions, _ = model.predict(obs, deterministic=True)
     finally:
         env.close()
-    # actor 2.7 MB + twin critics 5.5 MB + their targets 5.5 MB; 8.2 MB without the targets.
-    assert 13.5e6 < full < 14.0e6 and 8.0e6 < light < 8.5e6
+    # actor 2.7 MB + twin critics 5.5 MB + their targets 5.5 MB; 8.2 MB without the targets, 4.1 MB in float16.
+    assert 13.5e6 < full < 14.0e6 and 8.0e6 < light < 8.5e6 and 4.0e6 < half < 4.3e6
+    assert 0 < abs(actions - rounded_actions).max() < 1e-2
     assert read_seed(tmp_path / "mt10.safetensors").log_ent_coef.shape == (10,)
 
 

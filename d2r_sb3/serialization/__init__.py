@@ -47,6 +47,7 @@ from d2r_sb3.serialization.safe_format import (
 )
 from d2r_sb3.serialization.sb3_zip import ZIP_REQUIRED_KEYS, PickleNotAllowedError, find_model_zip
 from d2r_sb3.serialization.seed import (
+    SEED_PRECISIONS,
     ResumeSeed,
     SeedMismatchError,
     check_seed_fits,
@@ -71,6 +72,7 @@ __all__ = [
     "REQUIRED_KEYS",
     "RUN_BEST_POLICY_DIR",
     "RUN_POLICY_DIR",
+    "SEED_PRECISIONS",
     "ZIP_REQUIRED_KEYS",
     "LoadedPolicy",
     "ModelLocation",

@@ -174,6 +174,8 @@ def describe(seed: ResumeSeed) -> str:
         parts.append(f"log alpha ({count} coefficient{'s' if count > 1 else ''})")
     if any(name.endswith("route_temperature") for name in seed.tensors):
         parts.append("routing temperatures")
+    if seed.matrix_precision != "float32":
+        parts.append(f"weight matrices in {seed.matrix_precision}")
     return (
         f"{seed.algo or '?'} / {seed.policy_class} on {len(seed.task_names)} tasks at {seed.num_timesteps:,} env "
         f"steps and {seed.n_updates:,} updates: {', '.join(parts)}"
@@ -194,6 +196,8 @@ def write_seed_command(args: argparse.Namespace) -> int:
     warm = load_seed(args.write_seed, allow_pickle=args.allow_pickle, flag="--write-seed")
     seed = warm.seed.without_critic_target() if args.seed_without_targets else warm.seed
     try:
+        if args.seed_precision == "float16":
+            seed = seed.with_matrices_in_float16()
         write_seed(seed, output)
     except (OSError, ValueError) as err:
         raise ZooError(f"Cannot write the seed to {output}: {err}") from None
