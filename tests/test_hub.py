@@ -658,3 +658,42 @@ def test_cli_loading_options(tmp_path):
     loaded = load_policy(DEFAULT_REPO_ID, device="auto")  # auto works without a GPU
     assert loaded.policy.device.type == ("cuda" if th.cuda.is_available() else "cpu")
     assert analyze.default_output_dir(DEFAULT_REPO_ID) == Path("routing_analysis")
+
+
+def test_learning_curve_with_evaluations_known_only_in_part(tmp_path):
+    """A history rebuilt after a run's folder was lost: early points with the mean only (None elsewhere)."""
+    from matplotlib.figure import Figure
+
+    from d2r_sb3.common.callbacks import evaluations_up_to
+    from d2r_sb3.publishing import plot_learning_curve
+
+    history = {
+        "task_names": ["reach-v3", "push-v3"],
+        "n_eval_episodes": 32,
+        "timesteps": [100, 200, 300],
+        "timesteps_per_task": [50, 100, 150],
+        "mean_success": [0.25, 0.5, 0.75],
+        "mean_return": [None, None, 90.0],
+        "wall_time": [None, None, 1.0],
+        "success": {"reach-v3": [None, None, 1.0], "push-v3": [None, None, 0.5]},
+        "return": {"reach-v3": [None, None, 100.0], "push-v3": [None, None, 80.0]},
+    }
+    drawn: list[list[float]] = []
+    real_plot = Figure.subplots
+
+    def spy(self: Figure, *args: Any, **kwargs: Any) -> Any:
+        ax = real_plot(self, *args, **kwargs)
+        real = ax.plot
+        ax.plot = lambda x, y, **kw: drawn.append(list(y)) or real(x, y, **kw)
+        return ax
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Figure, "subplots", spy)
+        path = plot_learning_curve(history, tmp_path / "curve.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert drawn[-1] == [0.25, 0.5, 0.75]  # the mean over tasks, every point
+    assert np.isnan(drawn[0][:2]).all() and drawn[0][2] == 1.0  # per task: gaps where unknown
+
+    cut = evaluations_up_to(history, 200)
+    assert cut["timesteps"] == [100, 200] and cut["success"]["push-v3"] == [None, None]
+    assert cut["task_names"] == history["task_names"] and history["timesteps"] == [100, 200, 300]

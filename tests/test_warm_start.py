@@ -215,7 +215,9 @@ def test_float16_seed_halves_the_matrices_and_warm_starts_them_as_rounded(
 def test_float16_seed_refuses_matrices_beyond_its_range(seed_file: Path):
     seed = read_seed(seed_file)
     seed.tensors["actor.net.w_in"].view(-1)[0] = 1e5
-    with pytest.raises(ValueError, match=r"holds 1e\+05, beyond float16's range.*\(--seed-precision float32\)"):
+    with pytest.raises(
+        ValueError, match=r"holds 1e\+05, beyond float16's range.*\(--seed-precision float32\)"
+    ):
         seed.with_matrices_in_float16()
 
 
@@ -310,6 +312,51 @@ def test_warm_start_from_a_checkpoint_a_zip_and_a_seed_without_targets(
         assert th.equal(captured["state"][name], expected[source]), name
     record = yaml.safe_load((captured["run_dir"] / NAME / "warm_start.yml").read_text())
     assert record["critic_target"] == "copied from the critics"
+
+
+def test_the_learning_curve_travels_with_the_seed_and_continues_in_the_new_run(tmp_path: Path):
+    at = RUN_FLAGS.index("--eval-freq")  # every 40 env steps per task instead of never, 1 episode
+    evaluated = [*RUN_FLAGS[:at], "--eval-freq", "40", "--eval-episodes", "1", *RUN_FLAGS[at + 2 :]]
+    check_ok(train(*evaluated, "-n", str(SOURCE_STEPS), "-f", str(tmp_path / "source"), "--save-freq", "50"))
+    source = tmp_path / "source" / "d2r" / f"{NAME}_1"
+    history = json.loads((source / "evaluations.json").read_text())
+    assert history["timesteps"] == [80, 160]  # every 40 env steps per task, 2 tasks
+
+    seed_path = tmp_path / "seed.safetensors"
+    printed = check_ok(train("--write-seed", str(source), "--allow-pickle", "-o", str(seed_path)))
+    assert "evaluation history (2 evaluations, up to 160 env steps)" in printed
+    seed = read_seed(seed_path)
+    assert seed.evaluations == history
+
+    # A history rebuilt from notes after a lost folder may lack the first point's returns (None): it still loads.
+    history["mean_return"][0] = None
+    history["return"] = {task: [None, values[1]] for task, values in history["return"].items()}
+    seed.config["evaluations"] = history
+    write_seed(seed, seed_path)
+
+    # On a new machine (another folder), the warm-started run's curve starts with the seed's evaluations.
+    check_ok(train(*evaluated, "-n", "300", "-f", str(tmp_path / "new"), "--warm-start", str(seed_path)))
+    run = tmp_path / "new" / "d2r" / f"{NAME}_1"
+    continued = json.loads((run / "evaluations.json").read_text())
+    assert continued["timesteps"] == [80, 160, 240]
+    for key in ("mean_success", "mean_return", "wall_time"):
+        assert continued[key][:2] == history[key]
+    for key in ("success", "return"):
+        assert {task: values[:2] for task, values in continued[key].items()} == history[key]
+    assert yaml.safe_load((run / NAME / "warm_start.yml").read_text())["evaluations"] == 2
+
+    # A checkpoint written before an evaluation gives a seed without the later ones.
+    early = tmp_path / "early.safetensors"
+    check_ok(
+        train(
+            "--write-seed",
+            str(source / "checkpoints" / "step_000000000100"),
+            "--allow-pickle",
+            "-o",
+            str(early),
+        )
+    )
+    assert read_seed(early).evaluations["timesteps"] == [80]
 
 
 def test_warm_start_refuses_clearly(seed_file: Path, source_run: Path, tmp_path: Path):

@@ -33,10 +33,30 @@ from d2r_sb3.common.nonfinite import first_nonfinite_tensor
 from d2r_sb3.common.schedule import PerTaskPeriod, check_freq_per_task
 from d2r_sb3.envs import short_task_name
 
-__all__ = ["MultiTaskCheckpointCallback", "PerTaskEvalCallback"]
+__all__ = ["MultiTaskCheckpointCallback", "PerTaskEvalCallback", "evaluations_up_to"]
 
 EVALUATIONS_FILE = "evaluations.json"
 BEST_MODEL_NAME = "best_model"
+_PER_EVALUATION_LISTS = ("timesteps", "timesteps_per_task", "mean_success", "mean_return", "wall_time")
+_PER_TASK_LISTS = ("success", "return")
+
+
+def evaluations_up_to(history: dict[str, Any], num_timesteps: int) -> dict[str, Any]:
+    """An ``evaluations.json`` history cut to the evaluations made at or before ``num_timesteps`` env steps.
+
+    :param history: the history (:class:`PerTaskEvalCallback`'s format).
+    :param num_timesteps: the last env step (summed over tasks) to keep.
+    :return: a new history with the same other entries (task names, episodes per evaluation, ...).
+    """
+    keep = [i for i, steps in enumerate(history.get("timesteps", [])) if steps <= num_timesteps]
+    cut = dict(history)
+    for key in _PER_EVALUATION_LISTS:
+        if key in history:
+            cut[key] = [history[key][i] for i in keep]
+    for key in _PER_TASK_LISTS:
+        if key in history:
+            cut[key] = {name: [values[i] for i in keep] for name, values in history[key].items()}
+    return cut
 
 
 class PerTaskEvalCallback(BaseCallback):
@@ -134,14 +154,15 @@ class PerTaskEvalCallback(BaseCallback):
         saved = json.loads(path.read_text())
         if saved.get("task_names") != self.task_names:
             raise ValueError(f"{path} holds evaluations of other tasks ({saved.get('task_names')}).")
-        keep = [i for i, steps in enumerate(saved["timesteps"]) if steps <= num_timesteps]
+        cut = evaluations_up_to(saved, num_timesteps)
         history = self._empty_history()
-        for key in ("timesteps", "timesteps_per_task", "mean_success", "mean_return", "wall_time"):
-            history[key] = [saved[key][i] for i in keep]
-        for key in ("success", "return"):
-            history[key] = {name: [saved[key][name][i] for i in keep] for name in self.task_names}
-        if keep:
-            self.best_score = max(zip(history["mean_success"], history["mean_return"], strict=True))
+        for key in _PER_EVALUATION_LISTS:
+            history[key] = cut[key]
+        for key in _PER_TASK_LISTS:
+            history[key] = {name: cut[key][name] for name in self.task_names}
+        if history["timesteps"]:  # (a history rebuilt from notes may lack returns: None ranks lowest)
+            returns = [-np.inf if r is None else r for r in history["mean_return"]]
+            self.best_score = max(zip(history["mean_success"], returns, strict=True))
         return history
 
     def _on_step(self) -> bool:

@@ -14,6 +14,9 @@ tensor                      what
 ``log_ent_coef``            the learned log entropy coefficient(s), one per task (absent for a fixed ``ent_coef``)
 ==========================  =====================================================================================
 
+The description also carries the run's evaluation history up to the seed's steps (:attr:`ResumeSeed.evaluations`,
+a few KB), when the seed is written from a zoo run that has one: the learning curve survives with the weights.
+
 The tensors are the policy's ``state_dict()`` under its own names, stored with safetensors; the file's
 safetensors metadata holds, under :data:`SEED_METADATA_KEY`, a JSON object with the format version, the registry
 name of the algorithm, the policy alias and its constructor keyword arguments (:mod:`.json_codec`), the spaces,
@@ -170,6 +173,16 @@ class ResumeSeed:
                 if name.startswith("critic."):
                     state["critic_target." + name[len("critic.") :]] = tensor
         return state
+
+    @property
+    def evaluations(self) -> dict[str, Any] | None:
+        """The run's evaluation history up to the seed's steps (``evaluations.json``'s format), if it had one.
+
+        A warm start writes it as the new run's ``evaluations.json``, so that the run's learning curve continues
+        across the loss of its machine.
+        """
+        history = self.config.get("evaluations")
+        return history if isinstance(history, dict) and history.get("timesteps") else None
 
     @property
     def matrix_precision(self) -> str:

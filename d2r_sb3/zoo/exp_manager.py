@@ -8,6 +8,7 @@ the learned state a new run can start from (``--warm-start``); :mod:`d2r_sb3.zoo
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
@@ -18,6 +19,7 @@ from typing import Any
 from d2r_sb3.common.checkpoints import (
     CheckpointStore,
 )
+from d2r_sb3.common.files import atomic_write_bytes
 from d2r_sb3.common.kwargs import accepted_kwargs
 from d2r_sb3.common.mt_sac import MultiTaskSAC
 from d2r_sb3.common.run_layout import RunLayout
@@ -195,6 +197,8 @@ def new_run(args: argparse.Namespace, command: str, warm: WarmStart | None = Non
         write_yaml(
             layout.record("warm_start.yml"), {**warm.record, "warmup_until": int(model.learning_starts)}
         )
+        if warm.seed.evaluations:  # the learning curve continues from the seed's run
+            atomic_write_bytes(layout.evaluations_file, json.dumps(warm.seed.evaluations).encode())
     if args.verbose >= 1:
         print(f"Hyperparameters from {source}; run folder {run_dir}")
     return RunSetup(

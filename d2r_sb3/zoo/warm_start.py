@@ -19,9 +19,11 @@ loads the seed into it (:func:`d2r_sb3.serialization.seed.warm_start`).
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 from typing import Any
 
+from d2r_sb3.common.callbacks import evaluations_up_to
 from d2r_sb3.common.checkpoints import MANIFEST_FILE, MODEL_FILE, Checkpoint, CheckpointError, CheckpointStore
 from d2r_sb3.common.files import sha256_file
 from d2r_sb3.common.run_layout import CHECKPOINTS_DIR, RunLayout
@@ -84,7 +86,24 @@ def _from_zip(zip_path: Path, allow_pickle: bool, flag: str, origin: str, given:
         seed = seed_from_model(loaded.model, algo=algo, env_kwargs=env_kwargs, source=str(zip_path.resolve()))
     except ValueError as err:
         raise ZooError(f"{flag} {given}: {err}") from None
+    if run_dir is not None:
+        _add_evaluations(seed, RunLayout(run_dir).evaluations_file)
     return _warm_start(seed, given, origin, zip_path)
+
+
+def _add_evaluations(seed: ResumeSeed, path: Path) -> None:
+    """Give the seed its run's evaluation history up to the seed's steps (nothing when the run has none)."""
+    if not path.is_file():
+        return
+    try:
+        history = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        warn_user(f"{path} is unreadable ({err}); the seed carries no evaluation history.")
+        return
+    if isinstance(history, dict) and history.get("task_names") == seed.task_names:
+        cut = evaluations_up_to(history, seed.num_timesteps)
+        if cut.get("timesteps"):
+            seed.config["evaluations"] = cut
 
 
 def _from_checkpoint(folder: Path, allow_pickle: bool, flag: str, given: Path, verified: bool) -> WarmStart:
@@ -124,6 +143,7 @@ def _warm_start(seed: ResumeSeed, given: Path, origin: str, file: Path) -> WarmS
         "task_names": seed.task_names,
         "env_kwargs": seed.env_kwargs,
         "seed_written_from": seed.config.get("source"),
+        "evaluations": len(seed.evaluations["timesteps"]) if seed.evaluations else 0,
     }
     return WarmStart(seed, origin, record)
 
@@ -174,6 +194,9 @@ def describe(seed: ResumeSeed) -> str:
         parts.append(f"log alpha ({count} coefficient{'s' if count > 1 else ''})")
     if any(name.endswith("route_temperature") for name in seed.tensors):
         parts.append("routing temperatures")
+    if seed.evaluations:
+        steps = seed.evaluations["timesteps"]
+        parts.append(f"evaluation history ({len(steps)} evaluations, up to {steps[-1]:,} env steps)")
     if seed.matrix_precision != "float32":
         parts.append(f"weight matrices in {seed.matrix_precision}")
     return (
