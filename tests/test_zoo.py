@@ -295,6 +295,19 @@ def test_evaluate_prints_one_row_per_task(logs: Path, tmp_path: Path):
     assert results["env_kwargs"]["max_episode_steps"] == 5 and results["env_kwargs"]["seed"] == 1
 
 
+def test_evaluate_a_checkpoint_with_its_runs_env_settings(logs: Path, tmp_path: Path):
+    """A checkpoint's model.zip is evaluated on its run's env (here 20-step episodes), not on the defaults."""
+    output = tmp_path / "results.json"
+    checkpoint = logs / "d2r" / "MT10-rand_1" / "checkpoints" / "step_000000000300" / "model.zip"
+    result = run_cli(
+        "evaluate.py", "--model", str(checkpoint), "--allow-pickle", "--episodes", "1", "-o", str(output)
+    )
+    check_ok(result)
+    assert "no env settings were saved" not in result.stderr
+    env_kwargs = json.loads(output.read_text())["env_kwargs"]
+    assert env_kwargs["max_episode_steps"] == 20 and env_kwargs["seed"] == 0 and env_kwargs["goals"] == "rand"
+
+
 def test_plot_draws_curves_from_two_runs(logs: Path, tmp_path: Path):
     curves, grid = tmp_path / "curves.png", tmp_path / "grid.png"
     pattern = str(logs / "d2r" / "MT10-rand_*")

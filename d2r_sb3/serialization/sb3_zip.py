@@ -21,7 +21,7 @@ from d2r_sb3.common.files import sha256_file
 from d2r_sb3.common.mt_sac import MultiTaskSAC
 from d2r_sb3.common.nonfinite import first_nonfinite_tensor
 from d2r_sb3.common.policies import MultiTaskPolicy
-from d2r_sb3.common.run_layout import BEST_MODEL_ZIP, LEGACY_CHECKPOINT, RunLayout
+from d2r_sb3.common.run_layout import BEST_MODEL_ZIP, CHECKPOINTS_DIR, LEGACY_CHECKPOINT, RunLayout
 from d2r_sb3.registry import METHODS
 from d2r_sb3.serialization.loaded_policy import LoadedPolicy
 from d2r_sb3.serialization.safe_format import infer_algo
@@ -129,9 +129,12 @@ def _algo_of_zip(path: Path) -> tuple[str | None, type[MultiTaskSAC]]:
 
 
 def _env_kwargs_near(zip_path: Path) -> dict[str, Any]:
-    """make_mt_env kwargs saved beside a zip: ``env_kwargs.yml`` in its folder or in one subfolder (zoo)."""
+    """make_mt_env kwargs saved beside a zip: ``env_kwargs.yml`` in its folder or in one subfolder (zoo), or, for
+    a training checkpoint's ``<run>/checkpoints/step_<N>/model.zip``, in its run's records."""
     candidates = [zip_path.parent / ENV_KWARGS_FILE, zip_path.parent / zip_path.stem / ENV_KWARGS_FILE]
     candidates += sorted(zip_path.parent.glob(f"*/{ENV_KWARGS_FILE}"))
+    if zip_path.parent.parent.name == CHECKPOINTS_DIR:
+        candidates += sorted(zip_path.parent.parent.parent.glob(f"*/{ENV_KWARGS_FILE}"))
     for path in candidates:
         if path.is_file():
             try:
