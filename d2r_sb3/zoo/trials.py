@@ -25,6 +25,7 @@ from typing import Any
 
 import yaml
 
+from d2r_sb3.common.checkpoints import CheckpointStore
 from d2r_sb3.common.run_layout import CHECKPOINTS_DIR, RunLayout
 from d2r_sb3.envs import GOAL_MODES, PRESETS
 from d2r_sb3.registry import ALGOS
@@ -333,6 +334,9 @@ def read_progress(run_dir: Path | None) -> Progress:
     except (OSError, KeyError, ValueError):
         pass
     progress.steps = max(progress.steps, _last_logged_steps(layout.progress_file))
+    checkpoints = CheckpointStore(layout.checkpoints_dir).list()  # a stopped run's checkpoint is past its last log
+    if checkpoints:
+        progress.steps = max(progress.steps, checkpoints[0].num_timesteps)
     try:
         results = json.loads(layout.results_file.read_text())
         progress.final_success = float(results["mean_success"])
