@@ -320,6 +320,45 @@ def test_plot_draws_curves_from_two_runs(logs: Path, tmp_path: Path):
     assert "No run with an evaluations.json" in message
 
 
+def test_plot_compares_runs_at_equal_env_steps(logs: Path, tmp_path: Path):
+    from d2r_sb3.zoo.plot import load_run
+
+    run1, run2 = logs / "d2r" / "MT10-rand_1", logs / "d2r" / "MT10-rand_2"  # evaluated at 100, 200 (, 300)
+    history = json.loads((run1 / "evaluations.json").read_text())
+    assert history["timesteps"] == [100, 200, 300] and (run1 / "results.json").is_file()
+    at_200 = load_run(run1, "success", per_task_x=False, at_steps=200)
+    assert at_200.final_steps == 200 and list(at_200.steps) == [100, 200]
+    assert at_200.final == {task: values[1] for task, values in history["success"].items()}
+    assert load_run(run1, "success", per_task_x=False).final_steps == 300  # results.json, at the end
+
+    stats = tmp_path / "stats"
+    result = run_cli("plot.py", str(run1), str(run2), "-o", str(tmp_path / "c.png"), "--at-steps", "250")
+    check_ok(result)
+    for run in (run1, run2):
+        assert (
+            f"{run} has no evaluation at 250 env steps; its scores are those of its last evaluation before, at 200"
+            in (result.stderr)
+        )
+    check_ok(
+        run_cli(
+            "plot.py",
+            str(run1),
+            str(run2),
+            "-o",
+            str(tmp_path / "c.png"),
+            "--at-steps",
+            "200",
+            "--stats",
+            str(stats),
+        )
+    )
+    assert (stats / "statistics.md").is_file()
+    error = check_clean_error(
+        run_cli("plot.py", str(run1), "-o", str(tmp_path / "c.png"), "--at-steps", "50")
+    )
+    assert "has no evaluation at or before 50 env steps" in error
+
+
 def test_plot_aggregates_seeds_with_iqm_and_bootstrap():
     values = np.array([[0.0, 0.2], [0.1, 0.4], [0.2, 0.6], [0.9, 1.0]])  # [runs, steps], one task
     curve = plot.aggregate(np.array([1, 2]), values, n_bootstrap=500)

@@ -5,6 +5,7 @@ Examples, from the repository root::
     python zoo/plot.py logs/d2r/MT10-rand_* logs/mtsac/MT10-rand_* -o curves.png --per-task per_task.png
     python zoo/plot.py logs/d2r logs/mtsac -o curves.png          # every run in these folders
     python zoo/plot.py logs/d2r logs/mtsac --stats stats/          # + final-score tables and figures
+    python zoo/plot.py logs/d2r logs/mhsac-wide --at-steps 1000000 --stats stats/   # at equal env steps
 
 Runs are grouped by algorithm (the folder above the run, ``logs/<algo>/<EnvName>_<N>``) and env. Each group is
 drawn as one curve: the interquartile mean (IQM, or ``--estimator``) over runs x tasks with a 95% stratified
@@ -12,7 +13,8 @@ bootstrap confidence interval, as rliable computes it (:mod:`d2r_sb3.zoo.statist
 without a band. Runs evaluated at different steps are interpolated onto common steps, up to the shortest run.
 
 ``--stats DIR`` writes the statistics of the final scores (the final evaluation in ``results.json``, else the
-last periodic one) of each env: IQM, mean, median and optimality gap with intervals, the probability of
+last periodic one; with ``--at-steps N``, each run's evaluation at N env steps, to compare methods at equal
+budgets) of each env: IQM, mean, median and optimality gap with intervals, the probability of
 improvement between methods, performance profiles and per-task means, as tables (``statistics.md``) and PNGs.
 """
 
@@ -29,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from d2r_sb3.common.callbacks import evaluations_up_to
 from d2r_sb3.common.run_layout import EVALUATIONS_FILE, RunLayout
 from d2r_sb3.envs import short_task_name
 from d2r_sb3.zoo import statistics
@@ -51,6 +54,7 @@ class Run:
     mean: np.ndarray  # mean over tasks at each evaluation
     per_task: dict[str, np.ndarray]
     final: dict[str, float]  # per-task final score: results.json, else the last evaluation
+    final_steps: int = 0  # env steps (summed over tasks) of the final score
 
     @property
     def task_matrix(self) -> np.ndarray:
@@ -92,22 +96,35 @@ def find_runs(patterns: Sequence[str]) -> list[Path]:
     return runs
 
 
-def load_run(path: Path, metric: str, per_task_x: bool) -> Run | None:
-    """Read a run's evaluation history (None, with a warning, if it has no evaluation yet)."""
+def load_run(path: Path, metric: str, per_task_x: bool, at_steps: int | None = None) -> Run | None:
+    """Read a run's evaluation history (None, with a warning, if it has no evaluation yet).
+
+    :param at_steps: keep only the evaluations at or before this many env steps (summed over tasks); the final
+        scores are then those of the last of them (or the run's ``results.json`` if it was written at exactly
+        that step).
+    :raises ZooError: with ``at_steps``, if the run has no evaluation at or before it.
+    """
     data = json.loads((path / EVALUATIONS_FILE).read_text())
     mean_key, task_key, _ = METRICS[metric]
+    if at_steps is not None and data["timesteps"]:
+        data = evaluations_up_to(data, at_steps)
+        if not data["timesteps"]:
+            raise ZooError(f"{path} has no evaluation at or before {at_steps:,} env steps (--at-steps).")
     if not data["timesteps"]:
         print(f"Warning: {path} has no evaluation yet; skipped.", file=sys.stderr)
         return None
     steps = np.asarray(data["timesteps_per_task" if per_task_x else "timesteps"], dtype=float)
     per_task = {name: np.asarray(values, dtype=float) for name, values in data[task_key].items()}
     final = {name: float(values[-1]) for name, values in per_task.items()}
+    final_steps = int(data["timesteps"][-1])
     results_path = RunLayout(path).results_file
     if results_path.is_file():  # the final evaluation (more episodes) when the run finished
         results = json.loads(results_path.read_text())
         final_key = "success" if metric == "success" else "mean_return"
-        if set(results.get(final_key, {})) == set(final):
+        written_at = results.get("total_timesteps")
+        if set(results.get(final_key, {})) == set(final) and (at_steps is None or written_at == at_steps):
             final = {name: float(results[final_key][name]) for name in final}
+            final_steps = int(written_at) if written_at is not None else final_steps
     return Run(
         path=path,
         algo=path.parent.name,
@@ -116,6 +133,7 @@ def load_run(path: Path, metric: str, per_task_x: bool) -> Run | None:
         mean=np.asarray(data[mean_key], dtype=float),
         per_task=per_task,
         final=final,
+        final_steps=final_steps,
     )
 
 
@@ -272,6 +290,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="Also write the final-score statistics (IQM, mean, median, optimality gap, probability of "
         "improvement, performance profiles, per-task means; tables and PNGs) to DIR",
     )
+    parser.add_argument(
+        "--at-steps",
+        type=int,
+        metavar="N",
+        help="Compare at equal env steps: only the evaluations at or before N env steps (summed over tasks) count; "
+        "curves stop there and the final scores of --stats are each run's evaluation at N (a run evaluated last "
+        "before N is named with a warning)",
+    )
     parser.add_argument("--title", help="Figure title")
     parser.add_argument("--dpi", type=int, default=150, help="Resolution of the PNGs")
     return parser
@@ -288,11 +314,23 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     per_task_x = args.x_axis == "per-task"
     args.x_label = "Env steps per task" if per_task_x else "Env steps (all tasks)"
+    if args.at_steps is not None and args.at_steps < 1:
+        raise ZooError(f"--at-steps must be a positive number of env steps, got {args.at_steps}.")
     runs = [
-        run for path in find_runs(args.runs) if (run := load_run(path, args.metric, per_task_x)) is not None
+        run
+        for path in find_runs(args.runs)
+        if (run := load_run(path, args.metric, per_task_x, args.at_steps)) is not None
     ]
     if not runs:
         raise ZooError("None of the runs has an evaluation yet.")
+    if args.at_steps is not None:
+        for run in runs:
+            if run.final_steps != args.at_steps:
+                print(
+                    f"Warning: {run.path} has no evaluation at {args.at_steps:,} env steps; its scores are those "
+                    f"of its last evaluation before, at {run.final_steps:,}.",
+                    file=sys.stderr,
+                )
     groups = group_runs(runs)
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)

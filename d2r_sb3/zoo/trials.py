@@ -334,7 +334,9 @@ def read_progress(run_dir: Path | None) -> Progress:
     except (OSError, KeyError, ValueError):
         pass
     progress.steps = max(progress.steps, _last_logged_steps(layout.progress_file))
-    checkpoints = CheckpointStore(layout.checkpoints_dir).list()  # a stopped run's checkpoint is past its last log
+    checkpoints = CheckpointStore(
+        layout.checkpoints_dir
+    ).list()  # a stopped run's checkpoint is past its last log
     if checkpoints:
         progress.steps = max(progress.steps, checkpoints[0].num_timesteps)
     try:
