@@ -329,8 +329,10 @@ def test_the_learning_curve_travels_with_the_seed_and_continues_in_the_new_run(t
     assert seed.evaluations == history
 
     # A history rebuilt from notes after a lost folder may lack the first point's returns (None): it still loads.
+    # Its best (success 1.0 here) has no model in the new run, so the new run's first evaluation writes one.
     history["mean_return"][0] = None
     history["return"] = {task: [None, values[1]] for task, values in history["return"].items()}
+    history["mean_success"] = [1.0, 1.0]
     seed.config["evaluations"] = history
     write_seed(seed, seed_path)
 
@@ -344,6 +346,7 @@ def test_the_learning_curve_travels_with_the_seed_and_continues_in_the_new_run(t
     for key in ("success", "return"):
         assert {task: values[:2] for task, values in continued[key].items()} == history[key]
     assert yaml.safe_load((run / NAME / "warm_start.yml").read_text())["evaluations"] == 2
+    assert (run / "best_model.zip").is_file() and continued["mean_success"][2] < 1.0
 
     # A checkpoint written before an evaluation gives a seed without the later ones.
     early = tmp_path / "early.safetensors"

@@ -160,7 +160,14 @@ class PerTaskEvalCallback(BaseCallback):
             history[key] = cut[key]
         for key in _PER_TASK_LISTS:
             history[key] = {name: cut[key][name] for name in self.task_names}
-        if history["timesteps"]:  # (a history rebuilt from notes may lack returns: None ranks lowest)
+        best_model = (
+            None
+            if self.best_model_save_path is None
+            else self.best_model_save_path / f"{BEST_MODEL_NAME}.zip"
+        )
+        # The earlier best counts only while its model exists: a run warm-started with its seed's history has
+        # none yet, and its first evaluation must write one. (A rebuilt history may lack returns: None ranks lowest.)
+        if history["timesteps"] and (best_model is None or best_model.is_file()):
             returns = [-np.inf if r is None else r for r in history["mean_return"]]
             self.best_score = max(zip(history["mean_success"], returns, strict=True))
         return history
