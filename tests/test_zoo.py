@@ -359,6 +359,21 @@ def test_plot_compares_runs_at_equal_env_steps(logs: Path, tmp_path: Path):
     assert "has no evaluation at or before 50 env steps" in error
 
 
+def test_plot_draws_a_runs_recorded_mean_where_its_tasks_are_unknown(logs: Path, tmp_path: Path):
+    """A history rebuilt after a lost run folder: the first evaluation keeps its mean only."""
+    run = tmp_path / "d2r" / "MT10-rand_1"
+    run.mkdir(parents=True)
+    history = json.loads((logs / "d2r" / "MT10-rand_1" / "evaluations.json").read_text())
+    history["mean_success"][0] = 0.25
+    history["success"] = {task: [None, *values[1:]] for task, values in history["success"].items()}
+    (run / "evaluations.json").write_text(json.dumps(history))
+    png = str(tmp_path / "c.png")
+    out = check_ok(run_cli("plot.py", str(run), "-o", png, "--estimator", "Mean", "--at-steps", "100"))
+    assert "d2r: success 0.250 at 100 steps (1 run)" in out
+    out = check_ok(run_cli("plot.py", str(run), "-o", png, "--estimator", "Mean"))
+    assert f"d2r: success {np.mean([v[-1] for v in history['success'].values()]):.3f} at 300 steps" in out
+
+
 def test_plot_aggregates_seeds_with_iqm_and_bootstrap():
     values = np.array([[0.0, 0.2], [0.1, 0.4], [0.2, 0.6], [0.9, 1.0]])  # [runs, steps], one task
     curve = plot.aggregate(np.array([1, 2]), values, n_bootstrap=500)

@@ -206,8 +206,13 @@ def plot_mean(groups: dict[str, list[Run]], output: Path, args: argparse.Namespa
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     curves = {}
     for i, (label, runs) in enumerate(groups.items()):
-        steps, values = align([(run.steps, run.task_matrix) for run in runs])
-        curve = aggregate(steps, values, args.n_bootstrap, estimator=args.estimator)
+        if args.estimator == "Mean" and len(runs) == 1:
+            # The run's recorded mean over tasks: the same numbers, and known where per-task values are not (a
+            # history rebuilt after its run folder was lost).
+            curve = Curve(runs[0].steps, runs[0].mean, None, None, "")
+        else:
+            steps, values = align([(run.steps, run.task_matrix) for run in runs])
+            curve = aggregate(steps, values, args.n_bootstrap, estimator=args.estimator)
         curves[label] = curve
         method = f", {curve.method}" if curve.method else ""
         _draw(ax, curve, f"{label} ({len(runs)} seed{'s' * (len(runs) > 1)}{method})", f"C{i}")
