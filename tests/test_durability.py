@@ -241,6 +241,24 @@ def test_sigterm_and_sigint_checkpoint_then_exit_and_the_resume_is_exact(referen
     assert_same_outcome(outcome(run), reference, "stopped by SIGTERM and SIGINT")
 
 
+def test_a_run_stopped_after_its_last_checkpoint_is_finished_by_resume(
+    reference_run: Path, reference: dict, tmp_path: Path
+):
+    """Killed after the checkpoint at its target, during the final evaluation: the final files are missing, and
+    --resume writes them (training no further) instead of saying that there is nothing to do."""
+    run = copy_run(reference_run, tmp_path)
+    for name in (f"{NAME}.zip", "results.json"):
+        (run / name).unlink()
+    shutil.rmtree(run / "policy")
+    result = check_ok(run_train("--resume", str(run)))
+    assert "has trained its 600 steps; writing its final model and evaluation" in result
+    assert "Training" not in result and "nothing to do" not in result
+    assert (run / "policy" / "policy.safetensors").is_file()
+    assert_same_outcome(outcome(run), reference, "finished by --resume after the last checkpoint")
+    # Now finished: a resume has nothing to do.
+    assert "nothing to do and nothing changed" in check_ok(run_train("--resume", str(run)))
+
+
 def test_damaged_newest_checkpoint_falls_back_to_the_one_before(
     reference_run: Path, reference: dict, tmp_path: Path
 ):

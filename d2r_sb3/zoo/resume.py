@@ -21,6 +21,7 @@ from d2r_sb3.common.checkpoints import (
 from d2r_sb3.common.run_layout import CHECKPOINTS_DIR, RunLayout
 from d2r_sb3.common.run_lock import RunLock
 from d2r_sb3.registry import ALGOS
+from d2r_sb3.serialization.sb3_zip import read_zip_data
 from d2r_sb3.zoo.exp_manager import (
     RunSetup,
     build_env,
@@ -163,6 +164,22 @@ def resume_run(args: argparse.Namespace, explicit: set[str], command: str) -> Ru
         raise
 
 
+def _finished(layout: RunLayout, steps: int, final_eval_episodes: int) -> bool:
+    """Whether a run's final files describe its newest checkpoint (at ``steps``): its final evaluation
+    (``results.json``), or, when the run skips that (``final_eval_episodes`` 0), its final model."""
+    if layout.results_file.is_file():
+        try:
+            return int(json.loads(layout.results_file.read_text())["total_timesteps"]) >= steps
+        except (OSError, KeyError, TypeError, ValueError):
+            return False
+    if final_eval_episodes > 0 or not layout.final_model.is_file():
+        return False
+    try:
+        return int(read_zip_data(layout.final_model)["num_timesteps"]) >= steps
+    except (OSError, KeyError, TypeError, ValueError):
+        return False
+
+
 def _load_resume_point(
     args: argparse.Namespace,
     run_dir: Path,
@@ -189,15 +206,17 @@ def _load_resume_point(
     else:  # a run written before training checkpoints existed
         steps, model_path, buffer_path = find_resume_point(run_dir, name)
         origin = model_path.name
-    if n_timesteps <= steps:
+    layout = RunLayout(run_dir, name)
+    if n_timesteps <= steps and _finished(layout, steps, args.final_eval_episodes):
         print(
             f"{run_dir} already has {steps} steps (target {n_timesteps}); nothing to do and nothing changed. "
             f"Pass -n N with N > {steps} to train further."
         )
         lock.release()
         return None
+    # (At or past the target but unfinished: stopped after its last checkpoint, before the final model or its
+    # evaluation was written; the resumed run trains no further and writes them.)
 
-    layout = RunLayout(run_dir, name)
     drop_progress_after(layout.progress_file, steps)
     env = build_env(env_kwargs)
     cls = ALGOS[args.algo][0]

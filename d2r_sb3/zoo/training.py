@@ -207,6 +207,20 @@ def _last_checkpoint_note(callbacks: Callbacks) -> str:
     return f"The last good checkpoint is {checkpoints[0].path}; continue with: python zoo/train.py --resume {{run}}"
 
 
+def _announce(setup: RunSetup, remaining: int) -> None:
+    num_tasks = setup.env.num_tasks
+    if remaining:
+        print(
+            f"Training {setup.args.algo} on {setup.name} ({num_tasks} tasks) for {remaining} steps "
+            f"({remaining // num_tasks} per task); logs in {setup.run_dir}"
+        )
+    else:  # resumed after its last checkpoint, before its final files were written
+        print(
+            f"{setup.run_dir} has trained its {setup.model.num_timesteps} steps; writing its final model and "
+            "evaluation."
+        )
+
+
 def train(setup: RunSetup) -> int:
     """Learn up to ``setup.n_timesteps``, checkpoint, save the final model and write results.json.
 
@@ -214,16 +228,13 @@ def train(setup: RunSetup) -> int:
         (non-finite values, a write error); the last good checkpoint is untouched then.
     """
     args, model, run_dir = setup.args, setup.model, setup.run_dir
-    remaining = setup.n_timesteps - model.num_timesteps
+    remaining = max(0, setup.n_timesteps - model.num_timesteps)
     if setup.resumed_from is not None:
         setup.layout.results_file.unlink(missing_ok=True)  # it describes the previous final model
     model.set_logger(make_logger(run_dir, args.verbose, resumed=setup.resumed_from is not None))
     num_tasks = setup.env.num_tasks
     if args.verbose >= 1:
-        print(
-            f"Training {args.algo} on {setup.name} ({num_tasks} tasks) for {remaining} steps "
-            f"({remaining // num_tasks} per task); logs in {run_dir}"
-        )
+        _announce(setup, remaining)
     log_interval = args.log_interval if args.log_interval > 0 else num_tasks
     warn_if_checkpoints_may_not_fit(model, run_dir, args.keep_checkpoints)
     callbacks = make_callbacks(setup)
@@ -232,14 +243,17 @@ def train(setup: RunSetup) -> int:
     failure: str | None = None
     with StopOnSignal(callbacks.checkpoints) as stop:
         try:
-            model.learn(
-                remaining,
-                callback=CallbackList(callbacks.as_list()),
-                log_interval=log_interval,
-                progress_bar=args.progress,
-                reset_num_timesteps=not setup.continues_steps,
-            )
-            final_checkpoint = callbacks.checkpoints.save()
+            if remaining:
+                model.learn(
+                    remaining,
+                    callback=CallbackList(callbacks.as_list()),
+                    log_interval=log_interval,
+                    progress_bar=args.progress,
+                    reset_num_timesteps=not setup.continues_steps,
+                )
+                final_checkpoint = callbacks.checkpoints.save()
+            else:
+                final_checkpoint = callbacks.checkpoints.store.list()[0]  # the one this run resumed from
         except TrainingInterrupted as stopped:
             print(
                 f"Stopped at {model.num_timesteps} steps; checkpoint {stopped.checkpoint.path}. "
