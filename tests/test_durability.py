@@ -216,7 +216,10 @@ def test_sigkill_at_random_moments_and_during_checkpoint_writes_resumes_bit_iden
         f"seed {seed}: exit {process.returncode}\n{stdout[-2000:]}\n{stderr[-2000:]}"
     )
     assert len(kills) >= 2, f"seed {seed}: the run finished before it could be killed twice"
-    assert "Resumed exactly where the checkpoint was taken" in stdout, stdout[-2000:]
+    # The last process resumed and trained, unless the last kill landed once the run had written everything
+    # (results.json last): then it rightly had nothing to do, and the outcome below is what shows it was exact.
+    if "nothing to do and nothing changed" not in stdout:
+        assert "Resumed exactly where the checkpoint was taken" in stdout, stdout[-2000:]
     assert_same_outcome(outcome(run), reference, f"seed {seed}, checkpoints at the kills: {kills}")
     assert not [n for n in checkpoint_names(run) if n.startswith(".partial-")]  # leftovers cleaned
 
