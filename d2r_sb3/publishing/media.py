@@ -93,13 +93,16 @@ def plot_learning_curve(evaluations: dict[str, Any], path: str | Path) -> Path:
     steps = evaluations.get("timesteps_per_task") or evaluations["timesteps"]
     fig = Figure(figsize=(6, 3.6), dpi=100)
     ax = fig.subplots()
-
-    def curve(values: list[float | None]) -> np.ndarray:  # unknown values (None) leave gaps
-        return np.asarray([np.nan if v is None else v for v in values], dtype=float)
-
+    # dtype=float turns unknown values (None, in a rebuilt history) into NaN: gaps in the lines.
     for values in (evaluations.get("success") or {}).values():
-        ax.plot(steps, curve(values), lw=0.8, alpha=0.35)
-    ax.plot(steps, curve(evaluations["mean_success"]), lw=2.2, color="black", label="mean over tasks")
+        ax.plot(steps, np.asarray(values, dtype=float), lw=0.8, alpha=0.35)
+    ax.plot(
+        steps,
+        np.asarray(evaluations["mean_success"], dtype=float),
+        lw=2.2,
+        color="black",
+        label="mean over tasks",
+    )
     ax.set_xlabel("env steps per task" if evaluations.get("timesteps_per_task") else "env steps")
     ax.set_ylabel("success rate")
     ax.set_ylim(-0.02, 1.02)

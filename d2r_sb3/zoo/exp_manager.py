@@ -8,7 +8,6 @@ the learned state a new run can start from (``--warm-start``); :mod:`d2r_sb3.zoo
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -19,7 +18,6 @@ from typing import Any
 from d2r_sb3.common.checkpoints import (
     CheckpointStore,
 )
-from d2r_sb3.common.files import atomic_write_bytes
 from d2r_sb3.common.kwargs import accepted_kwargs
 from d2r_sb3.common.mt_sac import MultiTaskSAC
 from d2r_sb3.common.run_layout import RunLayout
@@ -35,6 +33,7 @@ from d2r_sb3.zoo.utils import (
     normalize_hyperparams,
     parse_env,
     parse_key_values,
+    write_json,
     write_yaml,
 )
 
@@ -198,7 +197,7 @@ def new_run(args: argparse.Namespace, command: str, warm: WarmStart | None = Non
             layout.record("warm_start.yml"), {**warm.record, "warmup_until": int(model.learning_starts)}
         )
         if warm.seed.evaluations:  # the learning curve continues from the seed's run
-            atomic_write_bytes(layout.evaluations_file, json.dumps(warm.seed.evaluations).encode())
+            write_json(layout.evaluations_file, warm.seed.evaluations)
     if args.verbose >= 1:
         print(f"Hyperparameters from {source}; run folder {run_dir}")
     return RunSetup(

@@ -209,16 +209,18 @@ def check_modes(args: argparse.Namespace) -> None:
         raise ZooError(
             f"--write-seed only writes a seed file and trains nothing: drop {flag}, or run it separately."
         )
-    if not args.write_seed and (args.output or args.seed_without_targets or args.seed_precision):
-        flag = (
-            "-o"
-            if args.output
-            else "--seed-without-targets"
-            if args.seed_without_targets
-            else "--seed-precision"
+    seed_flags = [
+        flag
+        for flag, value in (
+            ("-o", args.output),
+            ("--seed-without-targets", args.seed_without_targets),
+            ("--seed-precision", args.seed_precision),
         )
+        if value
+    ]
+    if not args.write_seed and seed_flags:
         raise ZooError(
-            f"{flag} goes with --write-seed SOURCE (it names the seed file to write / what it holds)."
+            f"{seed_flags[0]} goes with --write-seed SOURCE (it names the seed file to write / what it holds)."
         )
 
 

@@ -334,9 +334,8 @@ def read_progress(run_dir: Path | None) -> Progress:
     except (OSError, KeyError, ValueError):
         pass
     progress.steps = max(progress.steps, _last_logged_steps(layout.progress_file))
-    checkpoints = CheckpointStore(
-        layout.checkpoints_dir
-    ).list()  # a stopped run's checkpoint is past its last log
+    # A run stopped by a signal checkpoints past its last log line.
+    checkpoints = CheckpointStore(layout.checkpoints_dir).list()
     if checkpoints:
         progress.steps = max(progress.steps, checkpoints[0].num_timesteps)
     try:
