@@ -309,6 +309,15 @@ def test_evaluate_a_checkpoint_with_its_runs_env_settings(logs: Path, tmp_path: 
     assert "no env settings were saved" not in result.stderr
     env_kwargs = json.loads(output.read_text())["env_kwargs"]
     assert env_kwargs["max_episode_steps"] == 20 and env_kwargs["seed"] == 0 and env_kwargs["goals"] == "rand"
+    # A checkpoint folder copied out of its run (a kept milestone) carries its env settings itself.
+    assert yaml.safe_load((newest / "env_kwargs.yml").read_text())["max_episode_steps"] == 20
+    copied = shutil.copytree(newest, tmp_path / "milestone")
+    result = run_cli(
+        "evaluate.py", "--model", str(copied / "model.zip"), "--allow-pickle", "--episodes", "1", "-o", str(output)
+    )
+    check_ok(result)
+    assert "no env settings were saved" not in result.stderr
+    assert json.loads(output.read_text())["env_kwargs"] == env_kwargs
 
 
 def test_plot_draws_curves_from_two_runs(logs: Path, tmp_path: Path):

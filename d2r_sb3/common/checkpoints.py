@@ -9,6 +9,8 @@ it had never stopped:
 ``state.json``      what SB3 does not save: every RNG state (torch, numpy, Python, the action space's, each
                     sub-env's), the episode counter and statistics, the last observation, how far each
                     sub-env is into its episode, and the callbacks' state (evaluation history, best score)
+``env_kwargs.yml``  the env's ``make_mt_env`` settings (when the env has them), so that a checkpoint folder
+                    copied out of its run is still evaluated on the env it was trained on
 ``manifest.json``   written last: the size and SHA-256 of every other file
 ==================  =====================================================================================
 
@@ -51,12 +53,14 @@ from typing import Any
 
 import numpy as np
 import torch as th
+import yaml
 from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.buffers import ReplayBuffer
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.vec_env import VecEnv
 
 from d2r_sb3.common.files import atomic_write_bytes, fsync_dir, fsync_file, sha256_file
+from d2r_sb3.common.run_layout import ENV_KWARGS_FILE
 from d2r_sb3.common.schedule import PerTaskPeriod, check_freq_per_task
 
 __all__ = [
@@ -494,6 +498,9 @@ class CheckpointStore:
             if include_buffer and buffer is not None:
                 save_buffer(buffer, partial / BUFFER_FILE)
             atomic_write_bytes(partial / STATE_FILE, json.dumps(state).encode())
+            env_kwargs = getattr(getattr(model, "env", None), "env_kwargs", None)
+            if callable(env_kwargs):
+                atomic_write_bytes(partial / ENV_KWARGS_FILE, yaml.safe_dump(env_kwargs(), sort_keys=False).encode())
             files = {
                 path.name: {"size": path.stat().st_size, "sha256": sha256_file(path)}
                 for path in sorted(partial.iterdir())

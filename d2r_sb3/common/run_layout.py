@@ -24,7 +24,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-RECORDS = ("config.yml", "args.yml", "env_kwargs.yml", "command.txt", "warm_start.yml")
+ENV_KWARGS_FILE = "env_kwargs.yml"
+"""The env's :func:`~d2r_sb3.make_mt_env` settings: a run record, and a file of every training checkpoint."""
+RECORDS = ("config.yml", "args.yml", ENV_KWARGS_FILE, "command.txt", "warm_start.yml")
 """The run's records, kept in its ``<EnvName>/`` sub-folder (``warm_start.yml`` only for a run started with
 ``train.py --warm-start``: the file it loaded, its SHA-256, its steps and updates)."""
 RESULTS_FILE = "results.json"

@@ -21,7 +21,13 @@ from d2r_sb3.common.files import sha256_file
 from d2r_sb3.common.mt_sac import MultiTaskSAC
 from d2r_sb3.common.nonfinite import first_nonfinite_tensor
 from d2r_sb3.common.policies import MultiTaskPolicy
-from d2r_sb3.common.run_layout import BEST_MODEL_ZIP, CHECKPOINTS_DIR, LEGACY_CHECKPOINT, RunLayout
+from d2r_sb3.common.run_layout import (
+    BEST_MODEL_ZIP,
+    CHECKPOINTS_DIR,
+    ENV_KWARGS_FILE,
+    LEGACY_CHECKPOINT,
+    RunLayout,
+)
 from d2r_sb3.registry import METHODS
 from d2r_sb3.serialization.loaded_policy import LoadedPolicy
 from d2r_sb3.serialization.safe_format import infer_algo
@@ -39,7 +45,6 @@ __all__ = [
 _ZIP_CUSTOM_OBJECTS = {"learning_rate": 0.0, "lr_schedule": lambda _: 0.0}
 # Entries of an SB3 zip's "data" that loading a policy cannot do without.
 ZIP_REQUIRED_KEYS = ("policy_class", "policy_kwargs", "observation_space", "action_space", "n_envs")
-ENV_KWARGS_FILE = "env_kwargs.yml"  # one of run_layout.RECORDS
 
 
 class PickleNotAllowedError(ValueError):
@@ -129,8 +134,9 @@ def _algo_of_zip(path: Path) -> tuple[str | None, type[MultiTaskSAC]]:
 
 
 def _env_kwargs_near(zip_path: Path) -> dict[str, Any]:
-    """make_mt_env kwargs saved beside a zip: ``env_kwargs.yml`` in its folder or in one subfolder (zoo), or, for
-    a training checkpoint's ``<run>/checkpoints/step_<N>/model.zip``, in its run's records."""
+    """make_mt_env kwargs saved beside a zip: ``env_kwargs.yml`` in its folder (a training checkpoint, also when
+    copied elsewhere) or in one subfolder (zoo), or, for a checkpoint written before checkpoints held the file,
+    ``<run>/checkpoints/step_<N>/model.zip``, in its run's records."""
     candidates = [zip_path.parent / ENV_KWARGS_FILE, zip_path.parent / zip_path.stem / ENV_KWARGS_FILE]
     candidates += sorted(zip_path.parent.glob(f"*/{ENV_KWARGS_FILE}"))
     if zip_path.parent.parent.name == CHECKPOINTS_DIR:
