@@ -296,28 +296,22 @@ def test_evaluate_prints_one_row_per_task(logs: Path, tmp_path: Path):
 
 
 def test_evaluate_a_checkpoint_with_its_runs_env_settings(logs: Path, tmp_path: Path):
-    """A checkpoint's model.zip is evaluated on its run's env (here 20-step episodes), not on the defaults."""
+    """A checkpoint's model.zip is evaluated on its run's env (here 20-step episodes), not on the defaults; so is a
+    copy of the checkpoint folder outside its run (a kept milestone), which carries its env settings itself."""
     output = tmp_path / "results.json"
     newest = sorted((logs / "d2r" / "MT10-rand_1" / "checkpoints").glob("step_*"))[
         -1
     ]  # (other tests extend run 1)
-    checkpoint = newest / "model.zip"
-    result = run_cli(
-        "evaluate.py", "--model", str(checkpoint), "--allow-pickle", "--episodes", "1", "-o", str(output)
-    )
-    check_ok(result)
-    assert "no env settings were saved" not in result.stderr
-    env_kwargs = json.loads(output.read_text())["env_kwargs"]
-    assert env_kwargs["max_episode_steps"] == 20 and env_kwargs["seed"] == 0 and env_kwargs["goals"] == "rand"
-    # A checkpoint folder copied out of its run (a kept milestone) carries its env settings itself.
     assert yaml.safe_load((newest / "env_kwargs.yml").read_text())["max_episode_steps"] == 20
     copied = shutil.copytree(newest, tmp_path / "milestone")
-    result = run_cli(
-        "evaluate.py", "--model", str(copied / "model.zip"), "--allow-pickle", "--episodes", "1", "-o", str(output)
-    )
-    check_ok(result)
-    assert "no env settings were saved" not in result.stderr
-    assert json.loads(output.read_text())["env_kwargs"] == env_kwargs
+    for checkpoint in (newest / "model.zip", copied / "model.zip"):
+        result = run_cli(
+            "evaluate.py", "--model", str(checkpoint), "--allow-pickle", "--episodes", "1", "-o", str(output)
+        )
+        check_ok(result)
+        assert "no env settings were saved" not in result.stderr
+        env = json.loads(output.read_text())["env_kwargs"]
+        assert (env["max_episode_steps"], env["seed"], env["goals"]) == (20, 0, "rand")
 
 
 def test_plot_draws_curves_from_two_runs(logs: Path, tmp_path: Path):

@@ -500,7 +500,8 @@ class CheckpointStore:
             atomic_write_bytes(partial / STATE_FILE, json.dumps(state).encode())
             env_kwargs = getattr(getattr(model, "env", None), "env_kwargs", None)
             if callable(env_kwargs):
-                atomic_write_bytes(partial / ENV_KWARGS_FILE, yaml.safe_dump(env_kwargs(), sort_keys=False).encode())
+                env_yaml = yaml.safe_dump(env_kwargs(), sort_keys=False)
+                atomic_write_bytes(partial / ENV_KWARGS_FILE, env_yaml.encode())
             files = {
                 path.name: {"size": path.stat().st_size, "sha256": sha256_file(path)}
                 for path in sorted(partial.iterdir())
