@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -360,6 +361,14 @@ def test_the_learning_curve_travels_with_the_seed_and_continues_in_the_new_run(t
         )
     )
     assert read_seed(early).evaluations["timesteps"] == [80]
+
+    # A checkpoint folder copied out of its run (a kept milestone) gives the same history: its state.json holds
+    # the history the run had when the checkpoint was written.
+    copied = shutil.copytree(source / "checkpoints" / "step_000000000100", tmp_path / "milestone")
+    for given in (copied, copied / "model.zip"):
+        from_copy = tmp_path / "from_copy.safetensors"
+        check_ok(train("--write-seed", str(given), "--allow-pickle", "-o", str(from_copy)))
+        assert read_seed(from_copy).evaluations == read_seed(early).evaluations
 
 
 def test_warm_start_refuses_clearly(seed_file: Path, source_run: Path, tmp_path: Path):

@@ -9,7 +9,7 @@ no optimiser state and no replay buffer. :func:`load_seed` reads one from
 - an SB3 model ``.zip`` (a final model, ``best_model.zip``, a checkpoint's ``model.zip``): a pickle, so only with
   ``--allow-pickle``, as for ``enjoy.py`` / ``evaluate.py``;
 - a checkpoint folder ``<run>/checkpoints/step_<N>/`` (verified against its manifest first; its ``model.zip``
-  needs ``--allow-pickle``);
+  needs ``--allow-pickle``), also when copied out of its run;
 - a zoo run folder: its newest valid checkpoint, else its newest model zip (``--allow-pickle``).
 
 :func:`d2r_sb3.zoo.exp_manager.new_run` then builds the new run's model from its hyperparameters as usual and
@@ -24,7 +24,14 @@ from pathlib import Path
 from typing import Any
 
 from d2r_sb3.common.callbacks import evaluations_up_to
-from d2r_sb3.common.checkpoints import MANIFEST_FILE, MODEL_FILE, Checkpoint, CheckpointError, CheckpointStore
+from d2r_sb3.common.checkpoints import (
+    MANIFEST_FILE,
+    MODEL_FILE,
+    STATE_FILE,
+    Checkpoint,
+    CheckpointError,
+    CheckpointStore,
+)
 from d2r_sb3.common.files import sha256_file
 from d2r_sb3.common.run_layout import CHECKPOINTS_DIR, RunLayout
 from d2r_sb3.serialization.safe_format import POLICY_CONFIG_FILE
@@ -88,11 +95,17 @@ def _from_zip(zip_path: Path, allow_pickle: bool, flag: str, origin: str, given:
         raise ZooError(f"{flag} {given}: {err}") from None
     if run_dir is not None:
         _add_evaluations(seed, RunLayout(run_dir).evaluations_file)
+    elif (zip_path.parent / STATE_FILE).is_file():  # a checkpoint folder copied out of its run (a milestone)
+        _add_evaluations(seed, zip_path.parent / STATE_FILE, checkpoint_state=True)
     return _warm_start(seed, given, origin, zip_path)
 
 
-def _add_evaluations(seed: ResumeSeed, path: Path) -> None:
-    """Give the seed its run's evaluation history up to the seed's steps (nothing when the run has none)."""
+def _add_evaluations(seed: ResumeSeed, path: Path, checkpoint_state: bool = False) -> None:
+    """Give the seed its run's evaluation history up to the seed's steps (nothing when the run has none).
+
+    :param path: the run's ``evaluations.json``, or a checkpoint's ``state.json`` (``checkpoint_state``), which
+        keeps the history the run had when the checkpoint was written.
+    """
     if not path.is_file():
         return
     try:
@@ -100,6 +113,8 @@ def _add_evaluations(seed: ResumeSeed, path: Path) -> None:
     except (OSError, json.JSONDecodeError) as err:
         warn_user(f"{path} is unreadable ({err}); the seed carries no evaluation history.")
         return
+    if checkpoint_state and isinstance(history, dict):
+        history = (history.get("callbacks") or {}).get("evaluation", {}).get("history")
     if isinstance(history, dict) and history.get("task_names") == seed.task_names:
         cut = evaluations_up_to(history, seed.num_timesteps)
         if cut.get("timesteps"):
