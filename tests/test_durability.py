@@ -184,6 +184,39 @@ def test_in_process_resume_from_any_checkpoint_is_exact_for_every_goal_mode(goal
         assert resumed._episode_num == uninterrupted._episode_num
 
 
+def test_checkpoints_record_env_settings_given_as_numpy_values_and_tuples(tmp_path: Path):
+    """An env whose ``env_kwargs()`` holds numpy numbers or tuples still checkpoints; the YAML reads back plain."""
+    from d2r_sb3 import make_mt_env
+    from d2r_sb3.common.checkpoints import TrainingCheckpointCallback
+    from d2r_sb3.common.run_layout import ENV_KWARGS_FILE
+
+    env = make_mt_env(["reach", "drawer-close"], max_episode_steps=20, seed=0)
+    plain = env.env_kwargs()
+    env.env_kwargs = lambda: {  # type: ignore[method-assign]
+        **plain,
+        "benchmark": tuple(plain["benchmark"]),
+        "seed": np.int64(plain["seed"]),
+        "reward_scale": np.float32(plain["reward_scale"]),
+    }
+    model = D2RSAC(
+        "D2RPolicy",
+        env,
+        seed=0,
+        batch_size=16,
+        learning_starts=40,
+        buffer_size=500,
+        policy_kwargs=dict(n_modules=4, module_dim=16, encoder_sizes=[32], gate_sizes=[16]),
+    )
+    store = CheckpointStore(tmp_path)
+    model.learn(60, callback=TrainingCheckpointCallback(store, save_freq_per_task=25))
+    newest = store.latest()
+    assert newest is not None and newest.num_timesteps == 50
+    newest.verify()
+    saved = yaml.safe_load((newest.path / ENV_KWARGS_FILE).read_text())
+    assert saved == {**plain, "reward_scale": float(np.float32(plain["reward_scale"]))}
+    assert type(saved["seed"]) is int and type(saved["benchmark"]) is list
+
+
 @pytest.mark.slow
 def test_sigkill_at_random_moments_and_during_checkpoint_writes_resumes_bit_identical(
     reference: dict, tmp_path: Path

@@ -59,7 +59,7 @@ from stable_baselines3.common.buffers import ReplayBuffer
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.vec_env import VecEnv
 
-from d2r_sb3.common.files import atomic_write_bytes, fsync_dir, fsync_file, sha256_file
+from d2r_sb3.common.files import atomic_write_bytes, fsync_dir, fsync_file, sha256_file, to_plain
 from d2r_sb3.common.run_layout import ENV_KWARGS_FILE
 from d2r_sb3.common.schedule import PerTaskPeriod, check_freq_per_task
 
@@ -499,8 +499,8 @@ class CheckpointStore:
                 save_buffer(buffer, partial / BUFFER_FILE)
             atomic_write_bytes(partial / STATE_FILE, json.dumps(state).encode())
             env_kwargs = getattr(getattr(model, "env", None), "env_kwargs", None)
-            if callable(env_kwargs):
-                env_yaml = yaml.safe_dump(env_kwargs(), sort_keys=False)
+            if callable(env_kwargs):  # plain types, so an env's numpy seed or tuple cannot stop the write
+                env_yaml = yaml.safe_dump(to_plain(env_kwargs()), sort_keys=False)
                 atomic_write_bytes(partial / ENV_KWARGS_FILE, env_yaml.encode())
             files = {
                 path.name: {"size": path.stat().st_size, "sha256": sha256_file(path)}

@@ -1,12 +1,16 @@
-"""Crash-safe file writing and checksums, shared by checkpoints, evaluation logs and the safe policy format."""
+"""Crash-safe file writing, checksums and plain record data, shared by checkpoints, evaluation logs, run records
+and the safe policy format."""
 
 from __future__ import annotations
 
 import hashlib
 import os
 from pathlib import Path
+from typing import Any
 
-__all__ = ["atomic_write_bytes", "fsync_dir", "fsync_file", "sha256_file"]
+import numpy as np
+
+__all__ = ["atomic_write_bytes", "fsync_dir", "fsync_file", "sha256_file", "to_plain"]
 
 
 def fsync_file(path: Path) -> None:
@@ -44,3 +48,20 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def to_plain(value: Any) -> Any:
+    """A YAML/JSON-safe copy of ``value`` (tuples -> lists, numpy -> Python, classes -> dotted names)."""
+    if isinstance(value, dict):
+        return {str(key): to_plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_plain(item) for item in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, type):
+        return f"{value.__module__}.{value.__qualname__}"
+    return str(value)

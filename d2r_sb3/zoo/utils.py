@@ -20,10 +20,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import yaml
 
-from d2r_sb3.common.files import atomic_write_bytes
+from d2r_sb3.common.files import atomic_write_bytes, to_plain
 
 ZOO_DIR = Path(__file__).resolve().parent
 HYPERPARAMS_DIR = ZOO_DIR / "hyperparams"
@@ -259,23 +258,6 @@ def parse_env(text: str) -> str | list[str]:
 # --------------------------------------------------------------------------------------------------
 # Records
 # --------------------------------------------------------------------------------------------------
-def to_plain(value: Any) -> Any:
-    """A YAML/JSON-safe copy of ``value`` (tuples -> lists, numpy -> Python, classes -> dotted names)."""
-    if isinstance(value, dict):
-        return {str(key): to_plain(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [to_plain(item) for item in value]
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    if isinstance(value, type):
-        return f"{value.__module__}.{value.__qualname__}"
-    return str(value)
-
-
 def write_yaml(path: Path, data: Any) -> None:
     """Write ``data`` (made plain with :func:`to_plain`) as YAML."""
     path.parent.mkdir(parents=True, exist_ok=True)
