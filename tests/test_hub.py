@@ -460,6 +460,44 @@ def test_the_default_pretrained_policy_is_bundled():
     assert DEFAULT_REPO_ID in BUNDLED_REPO_IDS
 
 
+def bundled_results(repo_id: str) -> dict[str, Any]:
+    """The ``results.json`` of a bundled policy's current snapshot."""
+    folder = hub.PRETRAINED_CACHE / f"models--{repo_id.replace('/', '--')}"
+    revision = (folder / "refs" / "main").read_text().strip()
+    return json.loads((folder / "snapshots" / revision / "results.json").read_text())
+
+
+def test_the_readme_quotes_the_bundled_policies_results():
+    """The README's tables of the bundles (mean per bundle, success per task) are the bundled results.json's."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## Pretrained MT10 policies", 1)[1].split("\n## ", 1)[0]
+    columns = {"Rand": "d2r-sb3/d2r-MT10-rand", "Fixed": "d2r-sb3/d2r-MT10-fixed"}
+    results = {goals: bundled_results(repo_id) for goals, repo_id in columns.items()}
+    for goals, repo_id in columns.items():
+        row = re.search(rf"^\| `{re.escape(repo_id)}` \| {goals} \|.*\| \*\*([0-9.]+)\*\* \|$", section, re.M)
+        assert row is not None, f"no row for {repo_id} in the README's table of bundles"
+        assert float(row.group(1)) == pytest.approx(results[goals]["mean_success"], abs=5e-4), repo_id
+    header = re.search(r"^\| task \| (Rand|Fixed), [^|]+ \| (Rand|Fixed), [^|]+ \|$", section, re.M)
+    assert header is not None, "no per-task table of the bundles in the README"
+    order = [header.group(1), header.group(2)]
+    quoted = dict.fromkeys(results["Rand"]["success"], 0)
+    for line in section[header.end() :].splitlines()[2:]:
+        cells = [cell.strip().strip("*") for cell in line.strip().strip("|").split("|")]
+        if len(cells) != 3:
+            break
+        task = cells[0] if cells[0] == "mean" else f"{cells[0]}-v3"
+        for goals, value in zip(order, cells[1:], strict=True):
+            expected = results[goals]["mean_success" if task == "mean" else "success"]
+            expected = expected if task == "mean" else expected[task]
+            assert float(value) == pytest.approx(expected, abs=5e-3 if task != "mean" else 5e-4), (
+                goals,
+                task,
+            )
+        if task != "mean":
+            quoted[task] += 1
+    assert all(count == 1 for count in quoted.values()), quoted
+
+
 @pytest.mark.parametrize("repo_id", BUNDLED_REPO_IDS)
 def test_bundled_pretrained_policies_load_without_pickle_and_run_drawer_open(repo_id, monkeypatch):
     def refuse(*args: Any, **kwargs: Any) -> None:
