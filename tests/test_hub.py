@@ -523,7 +523,32 @@ def test_bundled_pretrained_policies_load_without_pickle_and_run_drawer_open(rep
     folder = download_policy(repo_id)
     results = json.loads((folder / "results.json").read_text())
     assert set(results["success"]) == set(loaded.task_names)
+    assert loaded.evaluation is not None and loaded.evaluation.success == results["success"]
+    assert loaded.evaluation.episodes_per_task == 100  # the final evaluation the README quotes
     assert ModelCard.load(folder / "README.md").data.library_name == "stable-baselines3"
+
+
+def test_the_main_job_says_what_the_bundle_recorded_on_its_task(capsys):
+    """The README's main job prints the bundle's recorded success on drawer-open before playing it and, while
+    the bundle does not solve drawer-open, names the tasks it does solve, so a 0.00 is expected, not a fault."""
+    from d2r_sb3.zoo import enjoy
+
+    assert (
+        enjoy.main(["--task", "drawer-open", "--episodes", "1", "--env-kwargs", "max_episode_steps:3"]) == 0
+    )
+    out = capsys.readouterr().out
+    results = bundled_results(DEFAULT_REPO_ID)
+    rate = results["success"]["drawer-open-v3"]
+    assert (
+        f"Recorded evaluation of this policy (results.json, 100 deterministic episodes per task, with its own env "
+        f"settings, which this run overrides): drawer-open success {rate:.2f}, mean over the 10 tasks "
+        f"{results['mean_success']:.3f}." in out
+    )
+    solved = [name.removesuffix("-v3") for name, value in results["success"].items() if value >= 0.9]
+    assert (
+        f"It does not solve drawer-open yet; it solves {', '.join(solved[:-1])} and {solved[-1]}" in out
+    ) == (rate < 0.5)
+    assert out.index("Recorded evaluation") < out.index("Episode 1:")
 
 
 def test_hub_module_exports():

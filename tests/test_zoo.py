@@ -230,6 +230,44 @@ def test_enjoy_writes_playable_mp4_and_gif(run1: Path, tmp_path: Path):
     assert len(frames) == 10 and frames[0].shape[:2] == (48, 48)  # every 2nd frame by default for GIFs
 
 
+def test_enjoy_prints_the_recorded_evaluation_of_exactly_the_loaded_model(tmp_path: Path):
+    """A run's final model carries the run's final evaluation (results.json) into enjoy's output; the best model,
+    or a run whose results.json is of another step count (it continued after it), do not."""
+    check_ok(
+        run_cli(
+            "train.py",
+            *"--algo d2r --env MT10 --seed 2 -n 200 --final-eval-episodes 1 --verbose 0 -f".split(),
+            str(tmp_path),
+            *TINY,
+            *FAST,
+        )
+    )
+    run = tmp_path / "d2r" / "MT10-rand_1"
+    results = json.loads(RunLayout(run).results_file.read_text())
+    expected = f"drawer-open success {results['success']['drawer-open-v3']:.2f}, mean over the 10 tasks"
+    quick = "--episodes 1 --env-kwargs max_episode_steps:5 --num-threads 1".split()
+    for model in (run, run / "policy"):
+        out = check_ok(run_cli("enjoy.py", "--task", "drawer-open", "--model", str(model), *quick))
+        assert (
+            "Recorded evaluation of this policy (results.json, 1 deterministic episode per task, with its own "
+            in out
+        )
+        assert expected in out
+    best = check_ok(run_cli("enjoy.py", "--task", "reach", "--model", str(run), "--load-best", *quick))
+    assert "Recorded evaluation" not in best
+
+    record = RunLayout(run).results_file
+    record.write_text(json.dumps({**results, "total_timesteps": results["total_timesteps"] + 10}))
+    assert "Recorded evaluation" not in check_ok(
+        run_cli("enjoy.py", "--task", "reach", "--model", str(run), *quick)
+    )
+    from d2r_sb3 import load_policy
+
+    record.write_text("{not json")
+    with pytest.warns(UserWarning, match="not a readable results record"):
+        assert load_policy(run).evaluation is None
+
+
 def test_enjoy_unknown_task_lists_the_valid_tasks(run1: Path):
     message = check_clean_error(run_cli("enjoy.py", "--task", "hammer", "--model", str(run1)))
     assert "Unknown task 'hammer'" in message and "Valid tasks: " + ", ".join(SHORT) in message

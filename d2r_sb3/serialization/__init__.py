@@ -12,7 +12,8 @@ model, ``<run>/best_policy/`` for ``best_model.zip``), and those are what a run 
 
 The modules, each importing only those above it in this list:
 
-- :mod:`~d2r_sb3.serialization.loaded_policy`: :class:`LoadedPolicy`, what loading returns;
+- :mod:`~d2r_sb3.serialization.loaded_policy`: :class:`LoadedPolicy`, what loading returns (with the
+  :class:`RecordedEvaluation` of its ``results.json`` when there is one);
 - :mod:`~d2r_sb3.serialization.json_codec`: spaces and constructor arguments as plain JSON;
 - :mod:`~d2r_sb3.serialization.safe_format`: ``policy.safetensors`` + ``policy.json``, written and read;
 - :mod:`~d2r_sb3.serialization.sb3_zip`: SB3 zips, read without unpickling, or unpickled on request;
@@ -26,7 +27,7 @@ This package only re-exports their public names; none of its modules imports it 
 """
 
 from d2r_sb3.common.run_layout import BEST_MODEL_ZIP, BEST_POLICY_DIR, POLICY_DIR
-from d2r_sb3.serialization.loaded_policy import LoadedPolicy
+from d2r_sb3.serialization.loaded_policy import LoadedPolicy, RecordedEvaluation
 from d2r_sb3.serialization.loading import (
     HUB_PREFIX,
     ModelLocation,
@@ -78,6 +79,7 @@ __all__ = [
     "ModelLocation",
     "ModelNotFoundError",
     "PickleNotAllowedError",
+    "RecordedEvaluation",
     "ResumeSeed",
     "SeedMismatchError",
     "check_policy_folder",

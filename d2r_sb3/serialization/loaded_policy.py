@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import math
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -11,7 +16,69 @@ from gymnasium import spaces
 from d2r_sb3.common.mt_sac import MultiTaskSAC
 from d2r_sb3.common.policies import MultiTaskPolicy
 
-__all__ = ["LoadedPolicy"]
+__all__ = ["LoadedPolicy", "RecordedEvaluation", "read_recorded_evaluation"]
+
+
+@dataclass(frozen=True)
+class RecordedEvaluation:
+    """The evaluation recorded with a policy (its ``results.json``): success per task over many episodes.
+
+    :param success: success rate of each task (full task names, as in :attr:`LoadedPolicy.task_names`).
+    :param episodes_per_task: episodes evaluated per task.
+    :param deterministic: whether the evaluation acted deterministically.
+    :param path: the ``results.json`` it was read from.
+    """
+
+    success: dict[str, float]
+    episodes_per_task: int
+    deterministic: bool
+    path: Path
+
+    @property
+    def mean_success(self) -> float:
+        """Mean of the per-task success rates."""
+        return float(np.mean(list(self.success.values())))
+
+    def solved_tasks(self, threshold: float = 0.9) -> list[str]:
+        """The tasks with a recorded success rate of at least ``threshold``, in task order."""
+        return [task for task, rate in self.success.items() if rate >= threshold]
+
+
+def read_recorded_evaluation(
+    path: Path, task_names: list[str], num_timesteps: int | None = None
+) -> RecordedEvaluation | None:
+    """Read the ``results.json`` at ``path`` if it describes a policy with these tasks.
+
+    :param path: the ``results.json`` (a published policy's, or a zoo run's final evaluation).
+    :param task_names: the loaded policy's tasks; a record of other tasks is not this policy's.
+    :param num_timesteps: the loaded policy's env steps, when known: a run's record of another step count (the run
+        continued after it) is not this policy's. Records without ``total_timesteps`` are not checked.
+    :return: the evaluation, or ``None`` when there is no such file, it has no per-task ``success`` (another
+        kind of results record) or it describes another policy. A file that cannot be read as a record
+        (unreadable JSON, a ``success`` that is not a mapping of numbers) gives ``None`` with a warning.
+    """
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+        if not isinstance(record, dict) or "success" not in record:
+            return None
+        success = {str(task): float(rate) for task, rate in record["success"].items()}
+        episodes = int(record.get("episodes_per_task", record.get("episodes", 0)))
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as error:
+        warnings.warn(
+            f"Ignored {path}: it is not a readable results record with a per-task 'success' "
+            f"({type(error).__name__}: {error}).",
+            UserWarning,
+            stacklevel=3,
+        )
+        return None
+    steps = record.get("total_timesteps")
+    if list(success) != list(task_names) or not all(math.isfinite(rate) for rate in success.values()):
+        return None
+    if num_timesteps is not None and steps is not None and int(steps) != int(num_timesteps):
+        return None
+    return RecordedEvaluation(success, episodes, bool(record.get("deterministic", True)), path)
 
 
 class LoadedPolicy:
@@ -29,6 +96,8 @@ class LoadedPolicy:
     :param model: the full algorithm when loaded from an SB3 zip (``None`` for the safe format).
     :param origin: what was loaded, for people: ``"local folder logs/d2r/MT10-rand_1/policy"``,
         ``"Hub repo d2r-sb3/d2r-MT10-rand (bundled snapshot)"``, ... (default: ``source``).
+    :param evaluation: the evaluation recorded with exactly this policy (a published policy's ``results.json``,
+        or a zoo run's final evaluation for its final model), ``None`` when there is none.
     """
 
     def __init__(
@@ -41,6 +110,7 @@ class LoadedPolicy:
         source: str | None = None,
         model: MultiTaskSAC | None = None,
         origin: str | None = None,
+        evaluation: RecordedEvaluation | None = None,
     ):
         self.policy = policy
         self.algo = algo
@@ -50,6 +120,7 @@ class LoadedPolicy:
         self.source = source
         self.model = model
         self.origin = origin or source
+        self.evaluation = evaluation
 
     @property
     def num_tasks(self) -> int:

@@ -18,14 +18,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from d2r_sb3.common.run_layout import RunLayout
+from d2r_sb3.common.run_layout import POLICY_DIR, RESULTS_FILE, RunLayout
 from d2r_sb3.serialization.hub import (
     DEFAULT_REPO_ID,
     HubPolicyNotFoundError,
     download_policy,
     is_bundled,
 )
-from d2r_sb3.serialization.loaded_policy import LoadedPolicy
+from d2r_sb3.serialization.loaded_policy import LoadedPolicy, read_recorded_evaluation
 from d2r_sb3.serialization.safe_format import POLICY_CONFIG_FILE, POLICY_WEIGHTS_FILE, load_safe_folder
 from d2r_sb3.serialization.sb3_zip import find_model_zip, load_model_zip
 
@@ -165,7 +165,12 @@ def _load_local(location: ModelLocation, device: str, load_best: bool, allow_pic
         raise ModelNotFoundError(message + ".")
     safe = _safe_source(path, load_best)
     if safe is not None:
-        return load_safe_folder(safe, device)
+        loaded = load_safe_folder(safe, device)
+        if (safe / RESULTS_FILE).is_file():  # a published policy: its record lies beside it
+            _attach_evaluation(loaded, safe / RESULTS_FILE)
+        elif safe.name == POLICY_DIR:  # a run's final model: the run's final evaluation
+            _attach_evaluation(loaded, RunLayout(safe.parent).results_file)
+        return loaded
     if path.is_file():
         if path.suffix == ".zip":
             return load_model_zip(path, device, allow_pickle)
@@ -175,9 +180,21 @@ def _load_local(location: ModelLocation, device: str, load_best: bool, allow_pic
         )
     zip_path = find_model_zip(path, load_best)
     if zip_path is not None:
-        return load_model_zip(zip_path, device, allow_pickle, run_dir=path)
+        loaded = load_model_zip(zip_path, device, allow_pickle, run_dir=path)
+        layout = RunLayout(path)
+        if zip_path == layout.final_model:  # the run's final evaluation is of this model
+            _attach_evaluation(loaded, layout.results_file)
+        return loaded
     raise FileNotFoundError(
         f"{path} holds neither {POLICY_CONFIG_FILE} (safe policy folder) nor a model .zip (zoo log folder)."
+    )
+
+
+def _attach_evaluation(loaded: LoadedPolicy, results: Path) -> None:
+    """Give ``loaded`` the evaluation in ``results`` when that record is of exactly this policy."""
+    steps = loaded.metadata.get("num_timesteps")
+    loaded.evaluation = read_recorded_evaluation(
+        results, loaded.task_names, int(steps) if steps is not None else None
     )
 
 

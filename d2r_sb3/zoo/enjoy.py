@@ -272,6 +272,38 @@ def play_episode(
     return result
 
 
+def recorded_evaluation_lines(loaded: Any, task: str, overridden: bool = False) -> list[str]:
+    """What the policy's recorded evaluation (its ``results.json``) says of ``task``, so that a user knows what
+    to expect before watching: the task's success rate, the mean, and, for a task the policy does not solve, the
+    tasks it does solve. Empty when no evaluation was recorded with the policy.
+
+    :param loaded: the :class:`~d2r_sb3.serialization.LoadedPolicy`.
+    :param task: the full task name.
+    :param overridden: the env settings differ from the policy's own (``--goals``, ``--env-kwargs``).
+    """
+    record = loaded.evaluation
+    if record is None or task not in record.success:
+        return []
+    name = short_task_name(task)
+    rate = record.success[task]
+    episodes = (
+        f"{record.episodes_per_task} {'deterministic' if record.deterministic else 'stochastic'} episode"
+    )
+    lines = [
+        f"Recorded evaluation of this policy ({record.path.name}, {episodes}{'s' * (record.episodes_per_task != 1)}"
+        f" per task{', with its own env settings, which this run overrides' if overridden else ''}): {name} success "
+        f"{rate:.2f}, mean over the {len(record.success)} tasks {record.mean_success:.3f}."
+    ]
+    solved = [short_task_name(other) for other in record.solved_tasks(0.9)]
+    if rate < 0.5 and solved:
+        listed = ", ".join(solved[:-1]) + (" and " if len(solved) > 1 else "") + solved[-1]
+        lines.append(
+            f"It does not solve {name} yet; it solves {listed} in at least 90 % of episodes "
+            f"(e.g. --task {solved[0]})."
+        )
+    return lines
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: load the model, play ``--episodes`` episodes of one task, print them, write the video."""
     args = build_parser().parse_args(argv)
@@ -297,6 +329,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{loaded.source}: {short_task_name(task)} ({args.episodes} episode{'s' * (args.episodes > 1)}, "
         f"{'deterministic' if deterministic else 'stochastic'} policy)"
     )
+    # A different seed draws other goals of the same distribution; other settings change what is measured.
+    overridden = any(loaded.env_kwargs.get(key) != value for key, value in overrides.items() if key != "seed")
+    for line in recorded_evaluation_lines(loaded, task, overridden):
+        print(line)
     frames: list[np.ndarray] | None = [] if video is not None else None
     episodes: list[Episode] = []
     try:
