@@ -230,6 +230,7 @@ def test_stage_full_repo_evaluates_when_the_run_has_no_results(model, env, obser
         "not directly comparable",
         "mujoco-py",
         "It is a pickle",
+        "Reproduce with the zoo (the training command of this run",  # trained from scratch
         "python zoo/train.py --algo d2r --env MT10 -n 200",
         "python zoo/evaluate.py --model d2r-sb3/d2r-MT10-rand",
         f"{sum(p.numel() for p in model.policy.actor.parameters()):,}",

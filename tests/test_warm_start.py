@@ -286,6 +286,20 @@ def test_warm_start_loads_the_seed_exactly_and_trains_to_the_target(
     assert yaml.safe_load((records / "args.yml").read_text())["warm_start"] == str(seed_file)
     assert yaml.safe_load((records / "config.yml").read_text())["learning_starts"] == LEARNING_STARTS
 
+    # Its model card does not offer its commands as a from-scratch reproduction: it names the seed they continue.
+    from d2r_sb3.publishing import stage_repo
+
+    card = (
+        stage_repo(run, tmp_path / "stage", video=None, n_eval_episodes=1).folder / "README.md"
+    ).read_text()
+    assert "Reproduce with the zoo" not in card
+    assert (
+        f"The commands of this run, as its records hold them: it was restarted from a resume seed at 200 env steps "
+        f"(`seed file {seed_file}`, SHA-256 `{warm['file_sha256'][:16]}…`), so they continue an earlier run"
+        in card
+    )
+    assert f"--warm-start {seed_file}" in card
+
 
 def test_warm_start_from_a_checkpoint_a_zip_and_a_seed_without_targets(
     source_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch

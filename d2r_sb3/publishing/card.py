@@ -27,6 +27,8 @@ MODEL_CARD_TEMPLATE = (
 )
 """The card's Jinja template (``d2r_sb3/publishing/templates/model_card.md``)."""
 ALGO_TITLES = {name: method.title for name, method in METHODS.items()}
+REPRODUCE_INTRO = "Reproduce with the zoo (the training command of this run, then evaluation of this policy):"
+"""The sentence before the card's commands, for a run trained from scratch."""
 """The title of each registered method (:attr:`d2r_sb3.registry.Method.title`)."""
 
 # Published success rates on the same benchmarks, for the card's comparison table: (method, fixed goals, random
@@ -92,6 +94,7 @@ def build_model_card(
     train_command: str,
     enjoy_command: str,
     zip_name: str | None = None,
+    commands_intro: str = REPRODUCE_INTRO,
     video_file: str | None = None,
     has_curve: bool = False,
     results_origin: str = "",
@@ -111,6 +114,8 @@ def build_model_card(
     :param num_timesteps: env steps trained (summed over tasks).
     :param train_command: the command that trained the run.
     :param enjoy_command: a command that evaluates it with the zoo.
+    :param commands_intro: the sentence before the commands (:data:`REPRODUCE_INTRO` for a run trained from
+        scratch; a run restarted from a resume seed says so, since its commands do not rebuild it alone).
     :param zip_name: name of the SB3 zip in the repo (``None``: not published).
     :param video_file: name of the replay file (``None``: none).
     :param has_curve: whether ``learning_curve.png`` is in the repo.
@@ -133,6 +138,7 @@ def build_model_card(
         "video_file": video_file,
         "video_tasks": ", ".join(short_task_name(name) for name in video_tasks or []),
         "notes": notes.strip() if notes else None,
+        "commands_intro": commands_intro,
         "train_command": train_command,
         "enjoy_command": enjoy_command,
         "run_record": _run_record(results),

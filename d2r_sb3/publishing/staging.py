@@ -24,7 +24,7 @@ from d2r_sb3.common.mt_sac import MultiTaskSAC
 from d2r_sb3.common.provenance import hardware, versions
 from d2r_sb3.common.run_layout import EVALUATIONS_FILE, RESULTS_FILE
 from d2r_sb3.envs import task_index
-from d2r_sb3.publishing.card import build_model_card
+from d2r_sb3.publishing.card import REPRODUCE_INTRO, build_model_card
 from d2r_sb3.publishing.environment import protocol, zoo_env_name
 from d2r_sb3.publishing.media import CURVE_FILE, plot_learning_curve, record_replay
 from d2r_sb3.publishing.runs import Run, read_run, task_results
@@ -297,6 +297,7 @@ def _model_card(
     )
     train_command, enjoy_command = _commands(staging.run, staging.algo, staging.env_kwargs, staging.repo_id)
     card = build_model_card(
+        commands_intro=_commands_intro(staging.run),
         repo_id=staging.repo_id,
         algo=staging.algo,
         policy=staging.loaded,
@@ -317,6 +318,24 @@ def _model_card(
     )
     card.save(staging.folder / "README.md")
     staging.files.append("README.md")
+
+
+def _commands_intro(run: Run) -> str:
+    """The sentence before the card's commands: a run restarted from a resume seed cannot be rebuilt from its own
+    commands alone, so the card names the seed it loaded (``warm_start.yml``)."""
+    if "warm_start.yml" not in run.records:
+        return REPRODUCE_INTRO
+    record = run.read_yaml("warm_start.yml")
+    steps = record.get("num_timesteps")
+    seed = f"a resume seed at {int(steps):,} env steps" if steps is not None else "a resume seed"
+    digest = record.get("file_sha256")
+    return (
+        f"The commands of this run, as its records hold them: it was restarted from {seed} "
+        f"(`{record.get('origin', record.get('source', 'unknown'))}`"
+        + (f", SHA-256 `{str(digest)[:16]}…`" if digest else "")
+        + "), so they continue an earlier run rather than rebuild this policy from scratch (its history is under "
+        '"About this run"); then the evaluation of this policy:'
+    )
 
 
 def _commands(run: Run, algo: str, env_kwargs: dict[str, Any], repo_id: str) -> tuple[str, str]:

@@ -64,7 +64,7 @@ def read_recorded_evaluation(
         if not isinstance(record, dict) or "success" not in record:
             return None
         success = {str(task): float(rate) for task, rate in record["success"].items()}
-        episodes = int(record.get("episodes_per_task", record.get("episodes", 0)))
+        episodes = int(record.get("episodes_per_task") or record.get("episodes") or 0)
     except (OSError, ValueError, TypeError, KeyError, AttributeError) as error:
         warnings.warn(
             f"Ignored {path}: it is not a readable results record with a per-task 'success' "

@@ -1,5 +1,8 @@
 """Watch a multi-task policy solve one task: per-episode return and success, optional video or window.
 
+Before playing, it prints the evaluation recorded with the policy (its ``results.json``) for the task, when there
+is one, and, for a task the policy does not solve, the tasks it does.
+
 Examples, from the repository root::
 
     python zoo/enjoy.py --task drawer-open                               # the bundled pretrained MT10 policy
@@ -46,7 +49,8 @@ DEFAULT_FRAME_SKIP = {".mp4": 1, ".gif": 2}
 def build_parser() -> argparse.ArgumentParser:
     """The command-line interface (rl-baselines3-zoo's ``enjoy.py`` names where they apply)."""
     parser = argparse.ArgumentParser(
-        description="Run a multi-task policy on one task; print per-episode return and success.",
+        description="Run a multi-task policy on one task; print what its recorded evaluation says of the task (when "
+        "there is one), then the return and success of each episode.",
         formatter_class=HelpFormatter,
     )
     parser.add_argument(

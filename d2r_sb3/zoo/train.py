@@ -2,7 +2,7 @@
 
 Examples, from the repository root::
 
-    # D2R, MT10 with random goals, the paper's settings (zoo/hyperparams/d2r.yml, section MT10-paper)
+    # D2R, MT10 with random goals, the paper's settings (d2r_sb3/zoo/hyperparams/d2r.yml, section MT10-paper)
     python zoo/train.py --algo d2r --env MT10 --goals rand --preset paper --seed 0
     # a quick run with overridden hyperparameters and env settings
     python zoo/train.py --algo d2r --env MT10 -n 200000 --hyperparams batch_size:640 policy_kwargs:"{routing: soft}" \\
@@ -91,7 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
         "mappings such as policy_kwargs are merged into the file's",
     )
     parser.add_argument(
-        "-conf", "--conf-file", help="Hyperparameter YAML to use instead of zoo/hyperparams/<algo>.yml"
+        "-conf",
+        "--conf-file",
+        help="Hyperparameter YAML to use instead of d2r_sb3/zoo/hyperparams/<algo>.yml",
     )
     parser.add_argument(
         "--env-kwargs",
