@@ -230,26 +230,40 @@ def test_enjoy_writes_playable_mp4_and_gif(run1: Path, tmp_path: Path):
     assert len(frames) == 10 and frames[0].shape[:2] == (48, 48)  # every 2nd frame by default for GIFs
 
 
-def test_enjoy_prints_the_recorded_evaluation_of_exactly_the_loaded_model(tmp_path: Path):
-    """A run's final model carries the run's final evaluation (results.json) into enjoy's output; the best model,
-    or a run whose results.json is of another step count (it continued after it), do not."""
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny run that finished with its final evaluation (results.json, 2 episodes per task); not modified."""
+    folder = tmp_path_factory.mktemp("finished")
     check_ok(
         run_cli(
             "train.py",
-            *"--algo d2r --env MT10 --seed 2 -n 200 --final-eval-episodes 1 --verbose 0 -f".split(),
-            str(tmp_path),
+            *"--algo d2r --env MT10 --seed 2 -n 200 --final-eval-episodes 2 --verbose 0 -f".split(),
+            str(folder),
             *TINY,
             *FAST,
         )
     )
-    run = tmp_path / "d2r" / "MT10-rand_1"
+    return folder / "d2r" / "MT10-rand_1"
+
+
+def copy_of_run(run: Path, folder: Path) -> Path:
+    """A copy of a run folder (its final model, policy and records) that a test may modify."""
+    copy = folder / run.parent.name / run.name
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("checkpoints", "*.pkl"))
+    return copy
+
+
+def test_enjoy_prints_the_recorded_evaluation_of_exactly_the_loaded_model(finished_run: Path, tmp_path: Path):
+    """A run's final model carries the run's final evaluation (results.json) into enjoy's output; the best model,
+    or a run whose results.json is of another step count (it continued after it), do not."""
+    run = copy_of_run(finished_run, tmp_path)
     results = json.loads(RunLayout(run).results_file.read_text())
     expected = f"drawer-open success {results['success']['drawer-open-v3']:.2f}, mean over the 10 tasks"
     quick = "--episodes 1 --env-kwargs max_episode_steps:5 --num-threads 1".split()
     for model in (run, run / "policy"):
         out = check_ok(run_cli("enjoy.py", "--task", "drawer-open", "--model", str(model), *quick))
         assert (
-            "Recorded evaluation of this policy (results.json, 1 deterministic episode per task, with its own "
+            "Recorded evaluation of this policy (results.json, 2 deterministic episodes per task, with its own "
             in out
         )
         assert expected in out
@@ -331,6 +345,27 @@ def test_evaluate_prints_one_row_per_task(logs: Path, tmp_path: Path):
     results = json.loads(output.read_text())
     assert set(results["success"]) == set(MT10) and results["episodes_per_task"] == 1
     assert results["env_kwargs"]["max_episode_steps"] == 5 and results["env_kwargs"]["seed"] == 1
+
+
+def test_evaluate_reproduces_the_recorded_evaluation_exactly(finished_run: Path, tmp_path: Path):
+    """Under the recorded protocol, evaluate.py gives every task's recorded success rate again (the evaluation is
+    deterministic) and says so; a changed record is reported task by task; another protocol is not compared."""
+    run = copy_of_run(finished_run, tmp_path)
+    output = tmp_path / "again.json"
+    out = check_ok(run_cli("evaluate.py", "--model", str(run), "--episodes", "2", "-o", str(output)))
+    assert "Recorded evaluation (results.json, 2 episodes per task): reproduced exactly" in out
+    assert json.loads(output.read_text())["reproduces_recorded"] is True
+
+    record = RunLayout(run).results_file
+    results = json.loads(record.read_text())
+    was = results["success"]["push-v3"]
+    results["success"]["push-v3"] = 1.0 - was
+    record.write_text(json.dumps(results))
+    out = check_ok(run_cli("evaluate.py", "--model", str(run), "--episodes", "2", "-o", str(output)))
+    assert f"differs on 1 task(s) (recorded -> now): push {1.0 - was:.2f} -> {was:.2f}." in out
+    assert json.loads(output.read_text())["reproduces_recorded"] is False
+    out = check_ok(run_cli("evaluate.py", "--model", str(run), "--episodes", "1", "--seed", "5"))
+    assert "(another protocol: not compared)" in out
 
 
 def test_evaluate_a_checkpoint_with_its_runs_env_settings(logs: Path, tmp_path: Path):

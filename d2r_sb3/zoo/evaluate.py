@@ -8,7 +8,9 @@ Examples, from the repository root::
 
 The protocol is the one of training's evaluation: one env per task built from the model's env settings (same
 seed unless ``--seed``), ``--episodes`` episodes per task, success = success at any step of an episode,
-deterministic policy unless ``--stochastic``.
+deterministic policy unless ``--stochastic``. When the policy carries the evaluation recorded with it (a published
+policy's ``results.json``, a run's final evaluation) and the protocol is the same, the command says whether every
+task's success rate was reproduced.
 """
 
 from __future__ import annotations
@@ -18,10 +20,11 @@ import time
 from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
-from d2r_sb3.common.evaluation import evaluate_per_task
+from d2r_sb3.common.evaluation import TaskEvaluation, evaluate_per_task
 from d2r_sb3.common.provenance import hardware, versions
-from d2r_sb3.envs import make_mt_env
+from d2r_sb3.envs import make_mt_env, short_task_name
 from d2r_sb3.zoo.utils import (
     HelpFormatter,
     ZooError,
@@ -46,6 +49,36 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--vec-env", default="dummy", choices=["dummy", "subproc"], help="VecEnv type")
     parser.add_argument("-o", "--output", metavar="JSON", help="Also write the results to this JSON file")
     return parser
+
+
+def compare_with_recorded(
+    loaded: Any, result: TaskEvaluation, deterministic: bool, same_env: bool
+) -> tuple[bool | None, str] | None:
+    """Set this evaluation beside the one recorded with the policy (its ``results.json``), if any.
+
+    Under the recorded protocol (same episodes per task, same determinism, the policy's own env settings and seed)
+    the evaluation is deterministic, so every task's success rate should be equal; under another protocol the
+    recorded mean is only shown.
+
+    :return: ``(reproduced, line to print)`` (``reproduced`` is ``None`` when the protocols differ), or ``None``
+        when no evaluation was recorded with the policy.
+    """
+    record = loaded.evaluation
+    if record is None:
+        return None
+    head = f"Recorded evaluation ({record.path.name}, {record.episodes_per_task} episodes per task)"
+    if not (
+        same_env and deterministic == record.deterministic and result.episodes == record.episodes_per_task
+    ):
+        return None, f"{head}: mean success {record.mean_success:.3f} (another protocol: not compared)."
+    measured = dict(zip(loaded.task_names, (float(rate) for rate in result.success), strict=True))
+    differing = [task for task in loaded.task_names if abs(measured[task] - record.success[task]) > 1e-9]
+    if not differing:
+        return True, f"{head}: reproduced exactly, every task's success rate is the recorded one."
+    listed = ", ".join(
+        f"{short_task_name(task)} {record.success[task]:.2f} -> {measured[task]:.2f}" for task in differing
+    )
+    return False, f"{head}: differs on {len(differing)} task(s) (recorded -> now): {listed}."
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -78,6 +111,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     seconds = time.time() - start
     env.close()
     print(result.markdown())
+    # The recorded protocol: the policy's own env settings and seed (how the envs are stepped does not matter).
+    same_env = all(
+        loaded.env_kwargs.get(key) == value for key, value in overrides.items() if key != "vec_env"
+    )
+    comparison = compare_with_recorded(loaded, result, deterministic, same_env)
+    if comparison is not None:
+        print(comparison[1])
     if args.output:
         output = Path(args.output)
         write_json(
@@ -88,6 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "env_kwargs": env.env_kwargs(),
                 **result.to_dict(),
                 "episodes_per_task": result.episodes,
+                **({"reproduces_recorded": comparison[0]} if comparison is not None else {}),
                 "wall_clock_s": round(seconds, 1),
                 "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 "versions": versions(),
