@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -402,6 +403,34 @@ def test_a_full_disk_is_refused_up_front_and_filling_up_mid_run_keeps_the_last_c
     check_ok(
         run_train("--resume", str(run), "-n", str(newest.num_timesteps + 40), "--final-eval-episodes", "0")
     )
+
+
+def test_tensorboards_writer_thread_failing_on_a_full_disk_prints_one_line_and_is_closed(small_disk: Path, capsys):
+    from stable_baselines3.common.logger import configure
+
+    from d2r_sb3.zoo.training import BackgroundWriteErrorsInOneLine, _close_logger_after_failure
+
+    logger = configure(str(small_disk / "run"), ["tensorboard"])
+    with open(small_disk / "filler", "wb", buffering=0) as filler:
+        with pytest.raises(OSError):
+            while True:
+                filler.write(b"\0" * 2**16)
+    main_saw = None
+    with BackgroundWriteErrorsInOneLine():
+        for step in range(10_000):  # the writer thread fails first; the next dump raises the same error here
+            logger.record("train/loss", float(step))
+            try:
+                logger.dump(step)
+            except OSError as err:
+                main_saw = err
+                break
+            time.sleep(0.001)
+        _close_logger_after_failure(logger)
+    assert main_saw is not None and main_saw.errno == 28
+    err = capsys.readouterr().err
+    assert "a background writer (thread" in err and "No space left on device" in err, err
+    assert "Traceback" not in err
+    assert [t for t in threading.enumerate() if t is not threading.main_thread()] == []
 
 
 def test_a_disk_too_small_for_the_checkpoints_is_announced_before_training(small_disk: Path, capsys):

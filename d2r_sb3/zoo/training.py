@@ -8,6 +8,7 @@ import os
 import shutil
 import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -134,6 +135,34 @@ class StopOnSignal:
             signal.signal(signum, handler)
 
 
+class BackgroundWriteErrorsInOneLine:
+    """While active, an ``OSError`` that ends a background thread (TensorBoard's event writer on a full disk)
+    prints one line instead of a traceback; the run's own next write meets the same error and reports it with
+    the last good checkpoint. Other exceptions keep Python's default report.
+    """
+
+    def __init__(self) -> None:
+        self._previous = threading.excepthook
+
+    def _hook(self, failure: threading.ExceptHookArgs) -> None:
+        if failure.exc_type is not None and issubclass(failure.exc_type, OSError):
+            name = failure.thread.name if failure.thread is not None else "?"
+            try:
+                print(f"warning: a background writer (thread {name}) stopped: {failure.exc_value}", file=sys.stderr)
+            except OSError:
+                pass  # stderr itself is gone: nothing left to tell
+            return
+        self._previous(failure)
+
+    def __enter__(self) -> BackgroundWriteErrorsInOneLine:
+        self._previous = threading.excepthook
+        threading.excepthook = self._hook
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        threading.excepthook = self._previous
+
+
 def final_evaluation(setup: RunSetup, train_seconds: float) -> dict[str, Any]:
     """Evaluate the final model on a fresh env (same seed) and describe the run: the content of results.json."""
     args, model = setup.args, setup.model
@@ -207,6 +236,14 @@ def _last_checkpoint_note(callbacks: Callbacks) -> str:
     return f"The last good checkpoint is {checkpoints[0].path}; continue with: python zoo/train.py --resume {{run}}"
 
 
+def _close_logger_after_failure(logger: Logger) -> None:
+    """Close the outputs of a failed run; a write that fails again here (a full disk) was already reported."""
+    try:
+        logger.close()
+    except OSError:
+        pass
+
+
 def _announce(setup: RunSetup, remaining: int) -> None:
     num_tasks = setup.env.num_tasks
     if remaining:
@@ -241,7 +278,7 @@ def train(setup: RunSetup) -> int:
     restore_callbacks_and_state(setup, callbacks)
     start = time.time()
     failure: str | None = None
-    with StopOnSignal(callbacks.checkpoints) as stop:
+    with StopOnSignal(callbacks.checkpoints) as stop, BackgroundWriteErrorsInOneLine():
         try:
             if remaining:
                 model.learn(
@@ -268,6 +305,8 @@ def train(setup: RunSetup) -> int:
         finally:
             if callbacks.evaluation is not None:
                 callbacks.evaluation.eval_env.close()
+        if failure is not None:
+            _close_logger_after_failure(model.logger)  # joins TensorBoard's writer thread while quieted
     if failure is not None:
         print(f"error: {failure}", file=sys.stderr)
         print(_last_checkpoint_note(callbacks).format(run=run_dir), file=sys.stderr)
