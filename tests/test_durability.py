@@ -405,10 +405,12 @@ def test_a_full_disk_is_refused_up_front_and_filling_up_mid_run_keeps_the_last_c
     )
 
 
-def test_tensorboards_writer_thread_failing_on_a_full_disk_prints_one_line_and_is_closed(small_disk: Path, capsys):
+def test_tensorboards_writer_thread_failing_on_a_full_disk_prints_one_line_and_is_closed(
+    small_disk: Path, capsys
+):
     from stable_baselines3.common.logger import configure
 
-    from d2r_sb3.zoo.training import BackgroundWriteErrorsInOneLine, _close_logger_after_failure
+    from d2r_sb3.zoo.training import BackgroundWriteErrorsInOneLine, Callbacks, _close_after_learning
 
     logger = configure(str(small_disk / "run"), ["tensorboard"])
     with open(small_disk / "filler", "wb", buffering=0) as filler:
@@ -425,7 +427,7 @@ def test_tensorboards_writer_thread_failing_on_a_full_disk_prints_one_line_and_i
                 main_saw = err
                 break
             time.sleep(0.001)
-        _close_logger_after_failure(logger)
+        _close_after_learning(Callbacks(None, None), logger, failed=True)  # type: ignore[arg-type]
     assert main_saw is not None and main_saw.errno == 28
     err = capsys.readouterr().err
     assert "a background writer (thread" in err and "No space left on device" in err, err

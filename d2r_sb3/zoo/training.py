@@ -148,7 +148,10 @@ class BackgroundWriteErrorsInOneLine:
         if failure.exc_type is not None and issubclass(failure.exc_type, OSError):
             name = failure.thread.name if failure.thread is not None else "?"
             try:
-                print(f"warning: a background writer (thread {name}) stopped: {failure.exc_value}", file=sys.stderr)
+                print(
+                    f"warning: a background writer (thread {name}) stopped: {failure.exc_value}",
+                    file=sys.stderr,
+                )
             except OSError:
                 pass  # stderr itself is gone: nothing left to tell
             return
@@ -236,12 +239,17 @@ def _last_checkpoint_note(callbacks: Callbacks) -> str:
     return f"The last good checkpoint is {checkpoints[0].path}; continue with: python zoo/train.py --resume {{run}}"
 
 
-def _close_logger_after_failure(logger: Logger) -> None:
-    """Close the outputs of a failed run; a write that fails again here (a full disk) was already reported."""
-    try:
-        logger.close()
-    except OSError:
-        pass
+def _close_after_learning(callbacks: Callbacks, logger: Logger, failed: bool) -> None:
+    """Close the evaluation env; after a failure also the logger's outputs, which joins TensorBoard's writer
+    thread while its errors are still quieted (a write that fails again here was already reported).
+    """
+    if callbacks.evaluation is not None:
+        callbacks.evaluation.eval_env.close()
+    if failed:
+        try:
+            logger.close()
+        except OSError:
+            pass
 
 
 def _announce(setup: RunSetup, remaining: int) -> None:
@@ -303,10 +311,7 @@ def train(setup: RunSetup) -> int:
         except (CheckpointError, OSError) as err:
             failure = f"a write failed: {err}"
         finally:
-            if callbacks.evaluation is not None:
-                callbacks.evaluation.eval_env.close()
-        if failure is not None:
-            _close_logger_after_failure(model.logger)  # joins TensorBoard's writer thread while quieted
+            _close_after_learning(callbacks, model.logger, failed=failure is not None)
     if failure is not None:
         print(f"error: {failure}", file=sys.stderr)
         print(_last_checkpoint_note(callbacks).format(run=run_dir), file=sys.stderr)
