@@ -46,29 +46,21 @@ def run_cli(script: str, *args: str) -> CommandResult:
     return run_command(script.removesuffix(".py"), args)
 
 
+def train_tiny(folder: Path, args: str) -> None:
+    """``zoo/train.py`` with the tiny network and fast settings into ``folder`` (quiet)."""
+    check_ok(run_cli("train.py", *args.split(), "--verbose", "0", "-f", str(folder), *TINY, *FAST))
+
+
 @pytest.fixture(scope="module")
 def logs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Two tiny MT10 D2R runs: run 1 (300 steps, checkpoints with buffers, final eval) and run 2 (seed 1)."""
     folder = tmp_path_factory.mktemp("logs")
-    check_ok(
-        run_cli(
-            "train.py",
-            *"--algo d2r --env MT10 --goals rand --seed 0 -n 300 -f".split(),
-            str(folder),
-            *TINY,
-            *FAST,
-            *"--save-freq 20 --save-replay-buffer --final-eval-episodes 1 --verbose 0".split(),
-        )
+    train_tiny(
+        folder,
+        "--algo d2r --env MT10 --goals rand --seed 0 -n 300 --save-freq 20 --save-replay-buffer "
+        "--final-eval-episodes 1",
     )
-    check_ok(
-        run_cli(
-            "train.py",
-            *"--env MT10 --seed 1 -n 200 --final-eval-episodes 0 --verbose 0 -f".split(),
-            str(folder),
-            *TINY,
-            *FAST,
-        )
-    )
+    train_tiny(folder, "--env MT10 --seed 1 -n 200 --final-eval-episodes 0")
     return folder
 
 
@@ -234,15 +226,7 @@ def test_enjoy_writes_playable_mp4_and_gif(run1: Path, tmp_path: Path):
 def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny run that finished with its final evaluation (results.json, 2 episodes per task); not modified."""
     folder = tmp_path_factory.mktemp("finished")
-    check_ok(
-        run_cli(
-            "train.py",
-            *"--algo d2r --env MT10 --seed 2 -n 200 --final-eval-episodes 2 --verbose 0 -f".split(),
-            str(folder),
-            *TINY,
-            *FAST,
-        )
-    )
+    train_tiny(folder, "--algo d2r --env MT10 --seed 2 -n 200 --final-eval-episodes 2")
     return folder / "d2r" / "MT10-rand_1"
 
 
