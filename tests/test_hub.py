@@ -547,7 +547,7 @@ def test_the_main_job_says_what_the_bundle_recorded_on_its_task(capsys):
     )
     solved = [name.removesuffix("-v3") for name, value in results["success"].items() if value >= 0.9]
     assert (
-        f"It does not solve drawer-open yet; it solves {', '.join(solved[:-1])} and {solved[-1]}" in out
+        f"This policy does not solve drawer-open; it solves {', '.join(solved[:-1])} and {solved[-1]}" in out
     ) == (rate < 0.5)
     assert out.index("Recorded evaluation") < out.index("Episode 1:")
 

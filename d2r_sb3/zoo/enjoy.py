@@ -302,7 +302,7 @@ def recorded_evaluation_lines(loaded: Any, task: str, overridden: bool = False) 
     if rate < 0.5 and solved:
         listed = ", ".join(solved[:-1]) + (" and " if len(solved) > 1 else "") + solved[-1]
         lines.append(
-            f"It does not solve {name} yet; it solves {listed} in at least 90 % of episodes "
+            f"This policy does not solve {name}; it solves {listed} in at least 90 % of episodes "
             f"(e.g. --task {solved[0]})."
         )
     return lines
