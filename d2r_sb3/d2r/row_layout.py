@@ -81,7 +81,7 @@ def build_row_layout(
     grid_size = ens * batch * nodes
     if skip:
         # The sizes of the blocks are needed on the host anyway, so the whole index bookkeeping runs there, in
-        # numpy: about a tenth of the time of the same few hundred small tensor operations.
+        # numpy: 1.6-2x faster per call than the same few hundred small tensor operations.
         index = _skipping_index(sources.detach().cpu().numpy(), is_input)
         grid_of_row = th.from_numpy(index.grid_of_row).to(sources.device)
         sizes, complete, starts = index.sizes, index.complete, index.starts
@@ -127,7 +127,9 @@ class _SkippingIndex:
     complete: list[bool]
     starts: list[int]
     grid_of_row: np.ndarray  # [rows]; one past the grid on padding rows
-    source_rows: np.ndarray  # [E * B * (n + 1), C]: the row of each grid entry's source (0 where unreached)
+    source_rows: (
+        np.ndarray
+    )  # [E * B * (n + 1), C]: the row of each grid entry's source (meaningful where reached)
 
 
 def _skipping_index(sources: np.ndarray, is_input: tuple[bool, ...]) -> _SkippingIndex:
@@ -141,17 +143,17 @@ def _skipping_index(sources: np.ndarray, is_input: tuple[bool, ...]) -> _Skippin
     )
     reached = _reached(source_position, is_input)  # node-major [n + 1, E * B]
     counts = reached.reshape(nodes, ens, batch).sum(-1)
-    sizes = counts.max(1).tolist()  # rows per member of every node
+    largest = counts.max(1)  # rows per member of every node
     complete = (counts.min(1) == batch).tolist()
-    starts = [0, *np.cumsum(ens * counts.max(1)).tolist()]
-    member = np.arange(ens).reshape(1, ens, 1) * counts.max(1).reshape(nodes, 1, 1)
+    starts = [0, *np.cumsum(ens * largest).tolist()]
+    member = np.arange(ens).reshape(1, ens, 1) * largest.reshape(nodes, 1, 1)
     rank = reached.reshape(nodes, ens, batch).cumsum(-1) - 1  # place among the member's reached samples
     row_of = (np.asarray(starts[:-1]).reshape(nodes, 1, 1) + member + rank).reshape(-1)  # node-major
     position = np.flatnonzero(reached)  # reached (node, sample) pairs, node-major
     grid_of_row = np.full(starts[-1], grid_size, dtype=np.int64)  # padding rows point one past the grid
     grid_of_row[row_of[position]] = position % n_samples * nodes + position // n_samples
     return _SkippingIndex(
-        sizes, complete, starts, grid_of_row, row_of[source_position.reshape(grid_size, slots)]
+        largest.tolist(), complete, starts, grid_of_row, row_of[source_position.reshape(grid_size, slots)]
     )
 
 
