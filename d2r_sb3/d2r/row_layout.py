@@ -127,9 +127,8 @@ class _SkippingIndex:
     complete: list[bool]
     starts: list[int]
     grid_of_row: np.ndarray  # [rows]; one past the grid on padding rows
-    source_rows: (
-        np.ndarray
-    )  # [E * B * (n + 1), C]: the row of each grid entry's source (meaningful where reached)
+    # [E * B * (n + 1), C]: the row of each grid entry's source (meaningful where the source is reached)
+    source_rows: np.ndarray
 
 
 def _skipping_index(sources: np.ndarray, is_input: tuple[bool, ...]) -> _SkippingIndex:
