@@ -82,8 +82,8 @@ def modules_computed(model, batch: int) -> float:
 
     def counting(sources, *args, **kwargs):
         layout = build(sources, *args, **kwargs)
-        n_modules = len(layout.sizes) - 1
-        counts[0] += layout.ens * sum(layout.sizes[:n_modules])
+        n_modules = len(layout.member_sizes) - 1
+        counts[0] += layout.starts[n_modules]
         counts[1] += layout.ens * layout.batch * n_modules
         return layout
 

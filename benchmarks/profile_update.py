@@ -1,6 +1,7 @@
 """Where the time of one D2R gradient step goes (torch.profiler), by phase and by kind of work.
 
     python benchmarks/profile_update.py              # 1 thread, 5 profiled steps, MT10 data, batch 1280
+    python benchmarks/profile_update.py --batch 320 --precision bfloat16   # the opt-in mixed precision
 
 Phases are the five policy calls of the multi-task SAC update (table in d2r_sb3/common/policies.py), the backward
 pass and the optimiser steps; inside each phase the self time of every operator is put in one bucket: matrix products,
@@ -14,7 +15,7 @@ import argparse
 
 import torch as th
 from _common import machine_lines, markdown_table, set_threads
-from bench_update import build_models
+from bench_update import D2R_BF16, build_models
 from torch.profiler import ProfilerActivity, profile, record_function
 
 MATMUL = {"aten::bmm", "aten::baddbmm", "aten::baddbmm_", "aten::mm", "aten::addmm", "aten::matmul"}
@@ -48,10 +49,16 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--batch", type=int, default=1280)
+    parser.add_argument(
+        "--precision",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="train_precision of the D2R model",
+    )
     args = parser.parse_args()
     set_threads(args.threads)
     env, models = build_models(args.batch, 150, seed=0)
-    model = models["D2R (D2RSAC, default MT10 network)"]
+    model = models["D2R (D2RSAC, default MT10 network)" if args.precision == "float32" else D2R_BF16]
     instrument(model)
     model.train(2, args.batch)  # warm-up
     with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -104,7 +111,8 @@ def main() -> None:
             ]
         )
     print(
-        f"## One D2R gradient step, batch {args.batch}, {args.threads} thread(s): {total:.0f} ms under the profiler\n"
+        f"## One D2R gradient step ({args.precision}), batch {args.batch}, {args.threads} thread(s): "
+        f"{total:.0f} ms under the profiler\n"
     )
     print(
         markdown_table(

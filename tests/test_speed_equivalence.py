@@ -333,9 +333,10 @@ def test_gpu_strategy_reads_nothing_back_to_the_host(monkeypatch):
 @pytest.mark.parametrize("level", ["module", "layer", "model"])
 @pytest.mark.parametrize("n_nets", [1, 2])
 def test_training_block_computes_each_module_only_for_the_samples_that_reach_it(level, n_nets):
-    """The skipping layout holds one row per reached (module, sample) pair plus padding to equal member sizes,
-    the reached pairs being those of the routing path's ``active`` set; the dense layout holds every pair."""
-    from d2r_sb3.d2r.row_layout import build_row_layout
+    """The skipping layout holds one row per reached (module, sample) pair, member by member, the reached pairs
+    being those of the routing path's ``active`` set, plus padding where a node's members are padded to equal
+    slabs; the dense layout holds every pair."""
+    from d2r_sb3.d2r.row_layout import build_row_layout, padded_share
 
     net = small_net("topk", n_nets=n_nets, n_modules=8, routing_level=level, n_layers=4)
     state, task_ids = inputs(batch=40, dtype=th.float32)
@@ -350,10 +351,15 @@ def test_training_block_computes_each_module_only_for_the_samples_that_reach_it(
     sources = sources.expand(weights.shape)
     layout = build_row_layout(sources, weights, keep, net.plan.is_input, skip=True)
     reached = active.sum(1)  # [E, n]: samples of each member reaching each module
-    assert layout.sizes[:-1] == reached.amax(0).tolist()
-    assert layout.sizes[-1] == 40 and layout.complete[-1]
+    for node, counts in enumerate(reached.t().tolist()):
+        slabs = layout.member_sizes[node]
+        waste = n_nets * max(counts) - sum(counts)
+        assert slabs == (
+            counts if waste > padded_share(th.float32) * n_nets * max(counts) else [max(counts)] * n_nets
+        )
+    assert layout.member_sizes[-1] == [40] * n_nets and layout.complete[-1]
     if level == "module":  # (with 2 of 2 sources per node, the layer and model levels reach every module)
-        assert sum(layout.sizes[:-1]) < 8 * 40, "some module must be skipped for some sample"
+        assert layout.starts[8] < n_nets * 8 * 40, "some module must be skipped for some sample"
     for node in range(8):
         rows = layout.node_rows(node)
         real = layout.grid_of_row[rows] < n_nets * 40 * 9  # padding rows point one past the grid
@@ -361,9 +367,9 @@ def test_training_block_computes_each_module_only_for_the_samples_that_reach_it(
         samples, nodes = grid // 9, grid % 9
         assert th.all(nodes == node)
         expected = th.nonzero(active[:, :, node].reshape(-1)).flatten()
-        assert th.equal(samples, expected), node
+        assert th.equal(samples, expected), node  # member by member, in sample order
     dense = build_row_layout(sources, weights, keep, net.plan.is_input, skip=False)
-    assert dense.sizes == [40] * 9 and dense.dense and all(dense.complete)
+    assert dense.member_sizes == [[40] * n_nets] * 9 and dense.dense and all(dense.complete)
     # One forward on each layout gives the same output.
     x0 = th.relu(th.randn(n_nets, 40, 20))
     params = (net.w_in.detach(), net.b_in.detach(), net.w_hid.detach(), net.b_hid.detach())
@@ -405,3 +411,52 @@ def test_input_modules_some_samples_do_not_reach_get_the_dense_gradients(backwar
     th.testing.assert_close(state_skip, state_dense, rtol=1e-10, atol=1e-12)
     for name, grad in grads_dense.items():
         th.testing.assert_close(grads_skip[name], grad, rtol=1e-10, atol=1e-12, msg=f"gradient of {name}")
+
+
+def test_twin_members_with_far_apart_counts_get_exact_slabs_and_close_ones_padded_slabs():
+    """Hand-made routes of two members (module 0 reads the state, 1 reads 0, 2 reads 0 and 1; the output node reads
+    two slots): member 0 reaches every module with all 64 samples; member 1 reaches module 1 with 63 and module 2
+    with 2. Module 1's slabs are padded to 64 + 64 (one padding row), module 2's are exact (64 + 2): one product
+    per member. Values and every gradient equal those of the dense layout, in float64."""
+    from d2r_sb3.d2r.routed_block import BlockPlan, BlockWorkspace, routed_block
+    from d2r_sb3.d2r.row_layout import build_row_layout
+
+    ens, batch, din, dim = 2, 64, 5, 6
+    sources = th.zeros(ens, batch, 4, 2, dtype=th.long)
+    weights = th.zeros(ens, batch, 4, 2, dtype=th.float64)
+    sources[:, :, 2] = th.tensor([0, 1])  # module 2 reads modules 0 and 1
+    weights[:, :, 1, 0], weights[:, :, 2] = 1.0, th.tensor([0.3, 0.7], dtype=th.float64)
+    sources[0, :, 3], weights[0, :, 3] = th.tensor([2, 1]), th.tensor([0.6, 0.4], dtype=th.float64)
+    sources[1, 0, 3], weights[1, 0, 3, 0] = 0, 1.0  # sample 0 reads module 0 only
+    sources[1, 1:3, 3, 0], weights[1, 1:3, 3, 0] = 2, 1.0  # samples 1-2: module 2 (and through it module 1)
+    sources[1, 3:, 3, 0], weights[1, 3:, 3, 0] = 1, 1.0  # samples 3-63: module 1
+    plan = BlockPlan(is_input=(True, False, False), param_index=(0, 0, 1), masked_shortcut=False)
+    keep = th.rand(ens, batch, 4, 2, generator=th.Generator().manual_seed(0)) < 0.7
+
+    layout = build_row_layout(sources, weights, keep, plan.is_input, skip=True, compute_dtype=th.float64)
+    assert layout.member_sizes == [[64, 64], [64, 64], [64, 2], [64, 64]]
+    assert (layout.grid_of_row[layout.node_rows(1)] == ens * batch * 4).sum() == 1  # module 1's padding row
+    # With 6 of 64 samples fewer (5 % padding) module 1 is padded for bfloat16 products, not for float32 ones.
+    fewer = sources.clone()
+    fewer[1, 59:, 3, 0] = 0
+    assert build_row_layout(fewer, weights, keep, plan.is_input, True, th.float32).member_sizes[1] == [64, 58]
+    assert build_row_layout(fewer, weights, keep, plan.is_input, True, th.bfloat16).member_sizes[1] == [
+        64,
+        64,
+    ]
+
+    gen = th.Generator().manual_seed(1)
+    params = [
+        th.randn(shape, generator=gen, dtype=th.float64)
+        for shape in ((ens, batch, din), (ens, 1, dim, din), (ens, 1, dim), (ens, 2, dim, dim), (ens, 2, dim))
+    ]
+    upstream = th.randn(ens, batch, dim, generator=gen, dtype=th.float64)
+    results = []
+    for skip in (True, False):
+        leaves = [t.clone().requires_grad_(True) for t in (*params, weights)]
+        workspace = BlockWorkspace(plan, skip_unreached=skip)
+        y = routed_block(*leaves, sources, keep, workspace)
+        (y * upstream).sum().backward()
+        results.append([y.detach(), *(t.grad for t in leaves)])
+    for skipped, dense in zip(*results, strict=True):
+        th.testing.assert_close(skipped, dense, rtol=1e-12, atol=1e-13)

@@ -77,6 +77,78 @@ def _bag(table: th.Tensor, index: th.Tensor, offsets: th.Tensor, weights: th.Ten
     return th.embedding_bag(table, index, offsets, False, _SUM, False, weights, False, None)[0]
 
 
+def _member_products(
+    x: th.Tensor,
+    weight: th.Tensor,
+    sizes: list[int],
+    *,
+    bias: th.Tensor | None = None,
+    add: th.Tensor | None = None,
+    out: th.Tensor | None = None,
+) -> th.Tensor:
+    """Each member's rows times that member's weights: ``out[rows of e] = base + x[rows of e] @ weight[e]``.
+
+    :param x: ``[rows, K]``, the slab of member 0, then member 1, ... (``sizes[e]`` rows each).
+    :param weight: ``[E, K, N]`` (a transposed view is fine).
+    :param bias: ``[E, N]`` added to every row of its member; or ``add``: ``[rows, N]`` added row by row.
+    :param out: ``[rows, N]`` to write into (contiguous rows); a new tensor when ``None``.
+
+    Slabs of equal size (one member, the dense layout, padded nodes) make one batched product; otherwise there is
+    one product per member.
+    """
+    rows = x.shape[0]
+    if out is None:
+        out = x.new_empty(rows, weight.shape[-1])
+    ens = len(sizes)
+    if sizes.count(sizes[0]) == ens:  # all members equal: one batched product
+        out3, x3 = out.view(ens, sizes[0], -1), x.view(ens, sizes[0], -1)
+        if add is not None:
+            th.baddbmm(add.view(out3.shape), x3, weight, out=out3)
+        elif bias is not None:
+            th.baddbmm(bias.unsqueeze(1), x3, weight, out=out3)
+        else:
+            th.bmm(x3, weight, out=out3)
+        return out
+    lo = 0
+    for member, size in enumerate(sizes):
+        hi = lo + size
+        if size:
+            base = add[lo:hi] if add is not None else (bias[member] if bias is not None else None)
+            if base is None:
+                th.mm(x[lo:hi], weight[member], out=out[lo:hi])
+            else:
+                th.addmm(base, x[lo:hi], weight[member], out=out[lo:hi])
+        lo = hi
+    return out
+
+
+def _member_weight_gradients(
+    grad_pre: th.Tensor,
+    x: th.Tensor,
+    sizes: list[int],
+    grad_weight: th.Tensor | None,
+    grad_bias: th.Tensor | None,
+) -> None:
+    """Per member ``e``: ``grad_weight[e] = grad_pre[rows of e]^T @ x[rows of e]`` and ``grad_bias[e]`` the sum of
+    ``grad_pre`` over those rows (``grad_pre [rows, N]``, ``x [rows, K]``, outputs ``[E, N, K]`` and ``[E, N]``)."""
+    ens = len(sizes)
+    if sizes.count(sizes[0]) == ens:  # all members equal: one batched product
+        grad3 = grad_pre.view(ens, sizes[0], -1)
+        if grad_weight is not None:
+            th.bmm(grad3.transpose(1, 2), x.view(ens, sizes[0], -1), out=grad_weight)
+        if grad_bias is not None:
+            th.sum(grad3, 1, out=grad_bias)
+        return
+    lo = 0
+    for member, size in enumerate(sizes):
+        hi = lo + size
+        if grad_weight is not None:
+            th.mm(grad_pre[lo:hi].t(), x[lo:hi], out=grad_weight[member])  # (no rows: 0)
+        if grad_bias is not None:
+            th.sum(grad_pre[lo:hi], 0, out=grad_bias[member])
+        lo = hi
+
+
 def _routed_rows(
     layout: RowLayout, plan: BlockPlan, device: th.device
 ) -> tuple[slice | th.Tensor, th.Tensor]:
@@ -94,11 +166,11 @@ def _routed_rows(
 
 
 def _input_rows(x0: th.Tensor, layout: RowLayout, node: int) -> th.Tensor:
-    """``x0`` of the samples of input ``node``'s rows, ``[E, m, Din]``."""
+    """``x0`` of the samples of input ``node``'s rows, ``[rows, Din]``."""
+    flat = x0.reshape(-1, x0.shape[-1])
     if layout.complete[node]:
-        return x0
-    picked = x0.reshape(-1, x0.shape[-1]).index_select(0, layout.sample_of_row[layout.node_rows(node)])
-    return picked.view(layout.ens, layout.sizes[node], -1)
+        return flat
+    return flat.index_select(0, layout.sample_of_row[layout.node_rows(node)])
 
 
 def run_nodes(
@@ -115,40 +187,42 @@ def run_nodes(
 
     :param layout: the rows to compute (:func:`~d2r_sb3.d2r.row_layout.build_row_layout`).
     :param saved: ``(hidden, inputs)`` lists that receive, by weight slot, each hidden module's ``relu`` output
-        ``h_i`` (its mask for the backward pass) and its input ``u_i`` (for the weight gradients), ``[E, m_i, D]``.
+        ``h_i`` (its mask for the backward pass) and its input ``u_i`` (for the weight gradients), ``[rows, D]``.
     """
     ens = layout.ens
     n = len(plan.is_input)
     dim = w_in.shape[2]
     outputs = x0.new_empty(layout.starts[n], dim)
     slots = layout.entry_rows.shape[-1]
-    offsets = th.arange(0, ens * max(layout.sizes) * slots, slots, device=x0.device)
+    block_sizes = layout.block_sizes()
+    offsets = th.arange(0, max(block_sizes) * slots, slots, device=x0.device)
     # Every per-node view taken at once (one call each instead of a few small ones per node).
-    blocks = outputs.split([ens * size for size in layout.sizes[:n]])
-    entry_rows = layout.entry_rows.view(-1).split([ens * size * slots for size in layout.sizes])
-    entry_weights = layout.entry_weights.view(-1).split([ens * size * slots for size in layout.sizes])
-    w_hid_t, b_hid_rows = w_hid.transpose(2, 3).unbind(1), b_hid.unsqueeze(2).unbind(1)
+    blocks = outputs.split(block_sizes[:n])
+    entry_rows = layout.entry_rows.view(-1).split([size * slots for size in block_sizes])
+    entry_weights = layout.entry_weights.view(-1).split([size * slots for size in block_sizes])
+    w_in_t, w_hid_t = w_in.transpose(2, 3).unbind(1), w_hid.transpose(2, 3).unbind(1)
+    b_in_k, b_hid_k = b_in.unbind(1), b_hid.unbind(1)
     for node in range(n):
-        size = layout.sizes[node]
+        size = block_sizes[node]
         k = plan.param_index[node]
+        members = layout.member_sizes[node]
         if plan.is_input[node]:
             if size:
-                block = blocks[node].view(ens, size, dim)
                 # o = h = relu(M(x0)); the relu mask is recovered from `outputs` in backward.
                 x = _input_rows(x0, layout, node)
-                th.baddbmm(b_in[:, k].unsqueeze(1), x, w_in[:, k].transpose(1, 2), out=block).relu_()
+                _member_products(x, w_in_t[k], members, bias=b_in_k[k], out=blocks[node]).relu_()
             continue
         if not size:
             if saved is not None:
-                saved[0].append(outputs.new_empty(ens, 0, dim))
-                saved[1].append(outputs.new_empty(ens, 0, dim))
+                saved[0].append(outputs.new_empty(0, dim))
+                saved[1].append(outputs.new_empty(0, dim))
             continue
-        u = _bag(outputs, entry_rows[node], offsets[: ens * size], entry_weights[node]).view(ens, size, dim)
-        h = th.baddbmm(b_hid_rows[k], u, w_hid_t[k]).relu_()
+        u = _bag(outputs, entry_rows[node], offsets[:size], entry_weights[node])
+        h = _member_products(u, w_hid_t[k], members, bias=b_hid_k[k]).relu_()
         if saved is not None:
             saved[0].append(h)
             saved[1].append(u)
-        th.add(h, u, out=blocks[node].view(ens, size, dim))  # residual shortcut: in value s_i == u_i
+        th.add(h, u, out=blocks[node])  # residual shortcut: in value s_i == u_i
     y = _bag(outputs, entry_rows[n], offsets[: ens * layout.batch], entry_weights[n])
     return y.view(ens, layout.batch, dim), outputs
 
@@ -216,7 +290,7 @@ class _PullGraph:
         self.rows = rows.split([hi - lo for lo, hi in zip(segment[:-1], segment[1:], strict=True)])
         self.weights = entry_weights.split([len(r) for r in self.rows])
         # Bag offsets of every module, relative to its first entry, all computed at once.
-        row_counts = [layout.ens * size for size in layout.sizes[:n]]
+        row_counts = layout.block_sizes()[:n]
         module_base = segment_t[:-1].repeat_interleave(
             th.tensor(row_counts, device=device), output_size=n_sources
         )
@@ -322,12 +396,15 @@ class BlockWorkspace:
         self.skip_unreached = state.get("skip_unreached")
         self._scratch = {}
 
-    def layout(self, sources: th.Tensor, weights: th.Tensor, keep: th.Tensor | None) -> RowLayout:
-        """The rows of one call with these routes (skipping unreached modules where this workspace does)."""
+    def layout(
+        self, sources: th.Tensor, weights: th.Tensor, keep: th.Tensor | None, compute_dtype: th.dtype
+    ) -> RowLayout:
+        """The rows of one call with these routes (skipping unreached modules where this workspace does), for
+        module products in ``compute_dtype``."""
         skip = self.skip_unreached
         if skip is None:
             skip = sources.device.type == "cpu"
-        return build_row_layout(sources, weights, keep, self.plan.is_input, skip)
+        return build_row_layout(sources, weights, keep, self.plan.is_input, skip, compute_dtype)
 
     def gradient_graph(
         self, layout: RowLayout, routed: slice | th.Tensor, routed_index: th.Tensor, like: th.Tensor
@@ -382,7 +459,7 @@ class RoutedBlockFunction(th.autograd.Function):
         keep: th.Tensor | None,
         workspace: BlockWorkspace,
     ) -> th.Tensor:
-        layout = workspace.layout(sources, weights, keep)
+        layout = workspace.layout(sources, weights, keep, x0.dtype)
         hidden: list[th.Tensor] = []
         inputs: list[th.Tensor] = []
         y, outputs = run_nodes(x0, w_in, b_in, w_hid, b_hid, layout, workspace.plan, saved=(hidden, inputs))
@@ -416,7 +493,7 @@ class RoutedBlockFunction(th.autograd.Function):
         grad_b_hid = x0.new_empty(n_hid, ens, dim) if need_b_hid else None
 
         # Every per-node view taken at once (one call each instead of a few small ones per node).
-        row_counts = [ens * size for size in layout.sizes[:n]]
+        row_counts = layout.block_sizes()[:n]
         node_grads = table[0, : layout.starts[n]].split(row_counts)
         node_shortcut_grads = table[1, : layout.starts[n]].split(row_counts) if graph.two_sided else None
         node_outputs = outputs.split(row_counts)
@@ -424,8 +501,9 @@ class RoutedBlockFunction(th.autograd.Function):
         grad_w_hid_k = grad_w_hid.unbind(0) if grad_w_hid is not None else None
         grad_b_hid_k = grad_b_hid.unbind(0) if grad_b_hid is not None else None
         for node in range(n - 1, -1, -1):
-            size = layout.sizes[node]
+            size = row_counts[node]
             k = plan.param_index[node]
+            members = layout.member_sizes[node]
             if not size:  # no sample reaches this module: its gradients are 0
                 if not plan.is_input[node]:
                     for grads in (grad_w_hid_k, grad_b_hid_k):
@@ -433,21 +511,20 @@ class RoutedBlockFunction(th.autograd.Function):
                             grads[k].zero_()
                 continue
             grad_full, grad_total = graph.pull(flat_table, node)
-            grad_full = grad_full.view(ens, size, dim)
             if plan.is_input[node]:
-                output = node_outputs[node].view(ens, size, dim)
                 _input_module_backward(
-                    grad_full, output, x0, layout, node, w_in, k, grad_x0, grad_w_in, grad_b_in
+                    grad_full, node_outputs[node], x0, layout, node, w_in, k, grad_x0, grad_w_in, grad_b_in
                 )
                 continue
             _hidden_module_backward(
                 grad_full,
                 grad_total,
+                members,
                 hidden[k],
                 inputs[k],
                 w_hid_k[k],
-                node_grads[node].view(ens, size, dim),
-                node_shortcut_grads[node].view(ens, size, dim) if node_shortcut_grads is not None else None,
+                node_grads[node],
+                node_shortcut_grads[node] if node_shortcut_grads is not None else None,
                 grad_w_hid_k[k] if grad_w_hid_k is not None else None,
                 grad_b_hid_k[k] if grad_b_hid_k is not None else None,
             )
@@ -491,23 +568,29 @@ def _input_module_backward(
     grad_w_in: th.Tensor | None,
     grad_b_in: th.Tensor | None,
 ) -> None:
-    """Backward of input module ``node`` (weight slot ``k``; ``o = relu(M(x0))``, output ``[E, m, D]``) from its
-    gradient ``gF`` ``[E, m, D]``: writes its weight and bias gradients and adds its share of ``grad_x0`` (those
+    """Backward of input module ``node`` (weight slot ``k``; ``o = relu(M(x0))``, output ``[rows, D]``) from its
+    gradient ``gF`` ``[rows, D]``: writes its weight and bias gradients and adds its share of ``grad_x0`` (those
     requested).
 
     ``rsg(o_1) = sg(o_1)``: the masked edges' gradient stops here. The relu mask comes from ``o = relu(.)``.
     """
+    members = layout.member_sizes[node]
     grad_pre = th.ops.aten.threshold_backward(grad_full, output, 0)
-    if grad_w_in is not None:
-        grad_w_in[:, k] = th.bmm(grad_pre.transpose(1, 2), _input_rows(x0, layout, node))
-    if grad_b_in is not None:
-        grad_b_in[:, k] = grad_pre.sum(1)
+    if grad_w_in is not None or grad_b_in is not None:
+        # (grad_w_in[:, k] is not contiguous: computed apart, then copied in)
+        grad_w = x0.new_empty(w_in[:, k].shape) if grad_w_in is not None else None
+        grad_b = x0.new_empty(w_in.shape[0], w_in.shape[2]) if grad_b_in is not None else None
+        _member_weight_gradients(grad_pre, _input_rows(x0, layout, node), members, grad_w, grad_b)
+        if grad_w_in is not None and grad_w is not None:
+            grad_w_in[:, k] = grad_w
+        if grad_b_in is not None and grad_b is not None:
+            grad_b_in[:, k] = grad_b
     if grad_x0 is None:
         return
     if layout.complete[node]:
-        grad_x0.baddbmm_(grad_pre, w_in[:, k])
+        grad_x0.baddbmm_(grad_pre.view(grad_x0.shape[0], -1, grad_pre.shape[-1]), w_in[:, k])
     else:
-        grad_rows = th.bmm(grad_pre, w_in[:, k]).view(-1, x0.shape[-1])
+        grad_rows = _member_products(grad_pre, w_in[:, k], members)
         samples = layout.sample_of_row[layout.node_rows(node)]
         grad_x0.view(-1, x0.shape[-1]).index_add_(0, samples, grad_rows)  # padding rows add 0
 
@@ -515,6 +598,7 @@ def _input_module_backward(
 def _hidden_module_backward(
     grad_full: th.Tensor,
     grad_total: th.Tensor | None,
+    members: list[int],
     hidden: th.Tensor,
     inputs: th.Tensor,
     weight: th.Tensor,
@@ -523,25 +607,21 @@ def _hidden_module_backward(
     grad_weight: th.Tensor | None,
     grad_bias: th.Tensor | None,
 ) -> None:
-    """Backward of a routed module from ``gF`` ``[E, m, D]`` and ``gT`` (``[E * m, D]``, ``None`` without
+    """Backward of a routed module from ``gF`` and ``gT`` (each ``[rows, D]``; ``gT`` is ``None`` without
     ResRouting): writes its table rows ``A`` (``node_grad``) and ``gS`` (``shortcut_grad``, with the "full"
     shortcut and ResRouting) and its weight and bias gradients (those requested).
 
+    :param members: the module's rows of each ensemble member (``weight [E, D, D]`` is applied member by member).
     :param hidden: the module's saved ``relu`` output ``h`` (its mask); ``inputs``: its saved input ``u``.
     """
     grad_pre = th.ops.aten.threshold_backward(grad_full, hidden, 0)
     if grad_total is None:  # no ResRouting: the shortcut gets gF
         grad_total = grad_full
-    else:
-        grad_total = grad_total.view(grad_full.shape)
-        if shortcut_grad is not None:
-            shortcut_grad.copy_(grad_total)  # gS
+    elif shortcut_grad is not None:
+        shortcut_grad.copy_(grad_total)  # gS
     # A = gU + gS, with gU = grad_pre W ("full") or grad_pre W + gT (s_i == u_i).
-    th.baddbmm(grad_total, grad_pre, weight, out=node_grad)
-    if grad_weight is not None:
-        th.bmm(grad_pre.transpose(1, 2), inputs, out=grad_weight)
-    if grad_bias is not None:
-        th.sum(grad_pre, 1, out=grad_bias)
+    _member_products(grad_pre, weight, members, add=grad_total, out=node_grad)
+    _member_weight_gradients(grad_pre, inputs, members, grad_weight, grad_bias)
 
 
 def _routing_weight_gradient(
@@ -595,5 +675,5 @@ def routed_block(
     if th.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return RoutedBlockFunction.apply(*tensors, sources, keep, workspace)
     # No gradient wanted (targets, acting): nothing to save for a backward pass.
-    layout = workspace.layout(sources, weights, keep)
+    layout = workspace.layout(sources, weights, keep, x0.dtype)
     return run_nodes(x0, w_in, b_in, w_hid, b_hid, layout, workspace.plan)[0]

@@ -61,7 +61,7 @@ def forward_skipping(
         out = F.linear(y, net.head.weight[0], net.head.bias[0])
         return out.unsqueeze(0), sources, len(needed)
     # Each module runs on the samples whose route reaches it.
-    layout = build_row_layout(sources, weights, None, net.plan.is_input, skip=True)
+    layout = build_row_layout(sources, weights, None, net.plan.is_input, skip=True, compute_dtype=x0.dtype)
     y, _ = run_nodes(x0, net.w_in, net.b_in, net.w_hid, net.b_hid, layout, net.plan)
     return net.head(y), sources, len(needed)
 
