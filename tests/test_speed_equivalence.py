@@ -172,6 +172,22 @@ def test_two_pending_graphs_backpropagate_independently():
         th.testing.assert_close(together[name], alone[0][name] + alone[1][name], rtol=1e-5, atol=1e-6)
 
 
+def test_scratch_memory_is_sized_once_for_the_most_rows_a_call_can_have():
+    """The backward's scratch buffer is taken at the size of the dense layout (every node for every sample), so
+    routes that reach more modules later reuse it instead of mapping a new one."""
+    net = small_net(n_nets=2, n_modules=8, n_layers=4)
+    request = RouteRequest(explore=True, resrouting=True)
+    pointers = set()
+    for seed in range(4):  # other samples, other routes, other row counts
+        state, task_ids = inputs(batch=24, dtype=th.float32, seed=seed)
+        th.manual_seed(seed)
+        net(state, task_ids, request)[0].sum().backward()
+        (buffer,) = net.block_workspace._scratch.values()
+        pointers.add(buffer.data_ptr())
+        assert buffer.shape[0] == 2 * 2 * 24 * 9  # [table halves x E x B x (n + 1), D]
+    assert len(pointers) == 1
+
+
 def _relative_error(value: th.Tensor, reference: th.Tensor) -> float:
     return float((value.double() - reference.double()).norm() / reference.double().norm())
 

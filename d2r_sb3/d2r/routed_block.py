@@ -419,15 +419,20 @@ class BlockWorkspace:
             return _PushGraph(layout, self.plan, like)
         raise ValueError(f"Unknown backward_strategy {strategy!r}; choose one of {BACKWARD_STRATEGIES}.")
 
-    def take_scratch(self, halves: int, rows: int, like: th.Tensor) -> th.Tensor:
-        """An uninitialised ``[halves, rows, D]`` buffer like ``like``; give it back with :meth:`give_back_scratch`."""
+    def take_scratch(self, halves: int, rows: int, like: th.Tensor, most_rows: int) -> th.Tensor:
+        """An uninitialised ``[halves, rows, D]`` buffer like ``like``; give it back with :meth:`give_back_scratch`.
+
+        :param most_rows: the most rows a call of this shape can have (the dense layout's). A buffer that is too
+            small is replaced by one of that size: the rows vary with the routes, and growing to each new largest
+            count would map (and first touch, page by page) a fresh buffer of tens of MB every few steps.
+        """
         dim = like.shape[-1]
         if like.device.type != "cpu":
             return like.new_empty(halves, rows, dim)
         key = (dim, like.dtype)
         buffer = self._scratch.pop(key, None)
         if buffer is None or buffer.shape[0] < halves * rows:
-            buffer = like.new_empty(halves * rows, dim)
+            buffer = like.new_empty(halves * max(rows, most_rows), dim)
         return buffer[: halves * rows].view(halves, rows, dim)
 
     def give_back_scratch(self, buffer: th.Tensor) -> None:
@@ -482,7 +487,8 @@ class RoutedBlockFunction(th.autograd.Function):
         ens, dim = layout.ens, outputs.shape[-1]
         routed, routed_index = _routed_rows(layout, plan, grad_y.device)
         graph = workspace.gradient_graph(layout, routed, routed_index, grad_y)
-        table = workspace.take_scratch(2 if graph.two_sided else 1, layout.n_rows, grad_y)
+        most_rows = ens * layout.batch * len(layout.member_sizes)  # every node for every sample
+        table = workspace.take_scratch(2 if graph.two_sided else 1, layout.n_rows, grad_y, most_rows)
         _start_output_gradient(table, graph, grad_y, layout.node_rows(n))
         flat_table = table.view(-1, dim)
         grad_x0 = th.zeros_like(x0) if need_x0 else None
