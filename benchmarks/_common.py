@@ -16,14 +16,29 @@ from collections.abc import Callable, Sequence
 
 import torch as th
 
+from d2r_sb3.common.memory import keep_freed_memory
 from d2r_sb3.common.precision import cpu_flags
 
+_malloc = "glibc defaults"
 
-def set_threads(threads: int) -> None:
-    """Use ``threads`` intra-op threads (and one inter-op thread) for the whole benchmark."""
+
+def set_threads(threads: int, malloc_defaults: bool = False) -> None:
+    """Use ``threads`` intra-op threads (and one inter-op thread) for the whole benchmark, and keep freed memory
+    for reuse as the zoo's ``train.py`` does (:func:`d2r_sb3.keep_freed_memory`) unless ``malloc_defaults``."""
+    global _malloc
     if threads < 1:
         raise ValueError(f"--threads must be >= 1, got {threads}.")
     th.set_num_threads(threads)
+    if not malloc_defaults and keep_freed_memory():
+        _malloc = "freed memory kept for reuse (keep_freed_memory, as train.py)"
+
+
+def add_malloc_flag(parser) -> None:
+    """``--malloc-defaults``: measure with glibc's default malloc thresholds (what a script that does not call
+    ``keep_freed_memory`` gets)."""
+    parser.add_argument(
+        "--malloc-defaults", action="store_true", help="leave glibc's malloc thresholds at their defaults"
+    )
 
 
 def cpu_model() -> str:
@@ -44,6 +59,7 @@ def machine_lines() -> list[str]:
         f"- CPU: {cpu_model()}, {os.cpu_count()} logical cores; torch threads: {th.get_num_threads()}",
         f"- CPU flags: {' '.join(cpu_flags()) or 'none of avx2 / avx512f / avx512_bf16 / amx (or unreadable)'}",
         f"- torch {th.__version__}, Python {platform.python_version()}",
+        f"- malloc: {_malloc}",
     ]
     if th.cuda.is_available():
         lines.append(f"- GPU: {th.cuda.get_device_name(0)}")

@@ -16,7 +16,7 @@ import argparse
 import time
 
 import torch as th
-from _common import machine_lines, markdown_table, set_threads
+from _common import add_malloc_flag, machine_lines, markdown_table, set_threads
 
 from d2r_sb3 import D2RSAC, make_mt_env
 
@@ -79,8 +79,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=320, help="the training campaign's batch by default")
     parser.add_argument("--vec-env", default="dummy", choices=["dummy", "subproc"])
     parser.add_argument("--seed", type=int, default=0)
+    add_malloc_flag(parser)
     args = parser.parse_args()
-    set_threads(args.threads)
+    set_threads(args.threads, args.malloc_defaults)
     if args.warmup is None:
         args.warmup = args.batch // 10 + 30  # past learning_starts, then some gradient steps
     from stable_baselines3 import SAC

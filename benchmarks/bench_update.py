@@ -16,7 +16,15 @@ import argparse
 
 import numpy as np
 import torch as th
-from _common import interleaved, machine_lines, markdown_table, median, paired_ratio, set_threads
+from _common import (
+    add_malloc_flag,
+    interleaved,
+    machine_lines,
+    markdown_table,
+    median,
+    paired_ratio,
+    set_threads,
+)
 from naive_d2r import naive_forward
 
 from d2r_sb3 import D2RSAC, MultiTaskSAC, make_mt_env
@@ -106,8 +114,9 @@ def main() -> None:
     parser.add_argument("--collect", type=int, default=300, help="vector env steps collected for the replay")
     parser.add_argument("--no-network", action="store_true", help="skip the network-only table")
     parser.add_argument("--seed", type=int, default=0)
+    add_malloc_flag(parser)
     args = parser.parse_args()
-    set_threads(args.threads)
+    set_threads(args.threads, args.malloc_defaults)
     th.manual_seed(args.seed)
     np.random.seed(args.seed)
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 
 import torch as th
-from _common import machine_lines, markdown_table, set_threads
+from _common import add_malloc_flag, machine_lines, markdown_table, set_threads
 from bench_update import D2R_BF16, build_models
 from torch.profiler import ProfilerActivity, profile, record_function
 
@@ -55,8 +55,9 @@ def main() -> None:
         default="float32",
         help="train_precision of the D2R model",
     )
+    add_malloc_flag(parser)
     args = parser.parse_args()
-    set_threads(args.threads)
+    set_threads(args.threads, args.malloc_defaults)
     env, models = build_models(args.batch, 150, seed=0)
     model = models["D2R (D2RSAC, default MT10 network)" if args.precision == "float32" else D2R_BF16]
     instrument(model)

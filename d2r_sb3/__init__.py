@@ -18,6 +18,7 @@ from d2r_sb3 import registry  # noqa: F401  (fills the algorithms' policy_aliase
 from d2r_sb3.serialization import LoadedPolicy, load_policy, save_policy
 from d2r_sb3.hub import load_from_hub
 from d2r_sb3.common.params import parameter_counts
+from d2r_sb3.common.memory import keep_freed_memory
 
 __version__ = "0.1.0"
 
@@ -35,6 +36,7 @@ __all__ = [
     "TaskEvaluation",
     "WideMHSACPolicy",
     "evaluate_per_task",
+    "keep_freed_memory",
     "load_from_hub",
     "load_policy",
     "__version__",
