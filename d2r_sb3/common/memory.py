@@ -4,10 +4,11 @@ A D2R gradient step allocates tens of MB of per-call buffers whose sizes change 
 reach each module). With glibc's default, *dynamic* ``malloc`` thresholds, every allocation larger than the largest
 one freed so far gets fresh pages from the kernel (``mmap``), and a heap whose free top grows past twice that size
 is handed back (trimmed): the next step first-touches those pages again, one page fault per 4 KiB. Measured on a
-2-core AMD EPYC VM, batch 1280, two threads: 3,300 minor page faults and 13 ms of system time per D2R step,
-against none for SB3's MLP SAC, whose buffers never change size. Fixing the thresholds keeps freed memory in the
-heap for the next step: 1,200 faults and 4 ms. The process's memory stays at its peak, which a training step
-reaches anyway.
+2-core AMD EPYC VM at batch 1280 with two threads, 20-30 steps into training: up to 7,700 minor page faults per
+D2R step with the defaults (the heap shrinks and grows again every few steps; 7-13 ms of system time per step),
+none for SB3's MLP SAC, whose buffers never change size, and none for D2R after its first dozen steps once the
+thresholds are fixed and freed memory stays in the heap. (At batch 320 with one thread the defaults settle as
+well.) The process's memory stays at its peak, which a training step reaches anyway.
 """
 
 from __future__ import annotations
