@@ -114,6 +114,12 @@ def main() -> None:
     parser.add_argument("--collect", type=int, default=300, help="vector env steps collected for the replay")
     parser.add_argument("--no-network", action="store_true", help="skip the network-only table")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--warmup-steps",
+        type=int,
+        default=16,
+        help="untimed gradient steps per model first (a D2R process's heap reaches its steady size in about a dozen)",
+    )
     add_malloc_flag(parser)
     args = parser.parse_args()
     set_threads(args.threads, args.malloc_defaults)
@@ -122,7 +128,7 @@ def main() -> None:
 
     env, models = build_models(args.batch, args.collect, args.seed)
     candidates = {name: (lambda m=model: m.train(args.steps, args.batch)) for name, model in models.items()}
-    times = interleaved(candidates, args.repeats, warmup=2)
+    times = interleaved(candidates, args.repeats, warmup=max(1, -(-args.warmup_steps // args.steps)))
     reference = next(iter(models))
     rows = []
     for name in models:
