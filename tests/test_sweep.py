@@ -372,3 +372,26 @@ def test_ctrl_c_checkpoints_the_running_trials_and_the_same_command_resumes_them
         history = json.loads((run / "evaluations.json").read_text())["timesteps"]
         # One history: the first session's evaluations, then the resumed session's, each once (not restarted).
         assert history == list(range(1000, 6001, 1000))
+
+
+def test_ctrl_c_during_the_sweeps_wait_is_a_flag_that_cannot_be_lost():
+    """The first SIGINT only sets the flag the sweep's loop reads between Ray waits (a KeyboardInterrupt raised
+    inside ray.wait's C++ call can be lost); a second one interrupts at once; the previous handler comes back."""
+    from d2r_sb3.zoo.trials import ctrl_c_as_a_flag
+
+    before = signal.getsignal(signal.SIGINT)
+    with ctrl_c_as_a_flag() as ctrl_c:
+        assert not ctrl_c.requested
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)  # (the handler runs at the next bytecode)
+        assert ctrl_c.requested
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+    assert signal.getsignal(signal.SIGINT) is before
+    # Off the main thread (signals reach the main thread only) nothing is installed.
+    seen = []
+    thread = threading.Thread(target=lambda: seen.append(ctrl_c_as_a_flag().__enter__().requested))
+    thread.start()
+    thread.join()
+    assert seen == [False] and signal.getsignal(signal.SIGINT) is before

@@ -35,6 +35,7 @@ from d2r_sb3.zoo.trials import (
     Trial,
     check_resources,
     connect,
+    ctrl_c_as_a_flag,
     find_run_dir,
     import_ray,
     remote_trial,
@@ -276,28 +277,32 @@ def optimize(grid: Grid, folder: Path, args: argparse.Namespace, num_threads: in
             spec = spec_of(frozen.number, frozen.params)
             running[task.remote(asdict(spec))] = (trial, spec)
             print(f"Trial {frozen.number}: continuing ({spec.folder})")
-        while True:
-            done = len(study.get_trials(deepcopy=False, states=finished))
-            while len(running) < slots and done + len(running) < args.n_trials:
-                trial = study.ask()
-                spec = spec_of(trial.number, sample(trial, space))
-                running[task.remote(asdict(spec))] = (trial, spec)
-                print(f"Trial {trial.number}: {json.dumps(trial.params)} ({spec.folder})", flush=True)
-            if not running:
-                break
-            ready, _ = ray.wait(list(running), num_returns=1, timeout=1.0)
-            for ref in ready:
-                trial, spec = running.pop(ref)
-                _finish(ray, study, ref, trial, spec, pruned, reported, states)
-            for ref, (trial, spec) in running.items():
-                if trial.number not in pruned and _report(trial, spec, reported):
-                    pruned.add(trial.number)
-                    study.tell(trial, state=states.PRUNED)
-                    print(
-                        f"Trial {trial.number}: pruned at {reported[trial.number]} steps per task", flush=True
-                    )
-                    ray.cancel(ref)  # SIGINT: the trial checkpoints and stops
-            time.sleep(0.5)
+        with ctrl_c_as_a_flag() as ctrl_c:  # (ray.wait can lose a KeyboardInterrupt: read a flag instead)
+            while True:
+                if ctrl_c.requested:
+                    raise KeyboardInterrupt
+                done = len(study.get_trials(deepcopy=False, states=finished))
+                while len(running) < slots and done + len(running) < args.n_trials:
+                    trial = study.ask()
+                    spec = spec_of(trial.number, sample(trial, space))
+                    running[task.remote(asdict(spec))] = (trial, spec)
+                    print(f"Trial {trial.number}: {json.dumps(trial.params)} ({spec.folder})", flush=True)
+                if not running:
+                    break
+                ready, _ = ray.wait(list(running), num_returns=1, timeout=1.0)
+                for ref in ready:
+                    trial, spec = running.pop(ref)
+                    _finish(ray, study, ref, trial, spec, pruned, reported, states)
+                for ref, (trial, spec) in running.items():
+                    if trial.number not in pruned and _report(trial, spec, reported):
+                        pruned.add(trial.number)
+                        study.tell(trial, state=states.PRUNED)
+                        print(
+                            f"Trial {trial.number}: pruned at {reported[trial.number]} steps per task",
+                            flush=True,
+                        )
+                        ray.cancel(ref)  # SIGINT: the trial checkpoints and stops
+                time.sleep(0.5)
     finally:
         if started:
             ray.shutdown()

@@ -14,10 +14,12 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import sys
+import threading
 import time
-from collections.abc import Sequence
-from contextlib import redirect_stderr, redirect_stdout
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -656,6 +658,37 @@ def load_manifest(folder: str | Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
+@dataclass
+class _CtrlC:
+    requested: bool = False
+
+
+@contextmanager
+def ctrl_c_as_a_flag() -> Iterator[_CtrlC]:
+    """While inside, the first SIGINT (Ctrl-C) only sets ``requested``; a second one interrupts at once.
+
+    The sweep's loop spends nearly all its time inside ``ray.wait``, whose blocking C++ call runs Python's signal
+    handlers itself and can lose the ``KeyboardInterrupt`` they raise (a sweep on CI ran its trials to the end
+    after Ctrl-C). A flag cannot be lost: the loop reads it after every wait (at most a second). Outside the
+    main thread (signals go to the main thread only) nothing is installed and ``requested`` stays ``False``.
+    """
+    flag = _CtrlC()
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        if flag.requested:
+            raise KeyboardInterrupt
+        flag.requested = True
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def run_sweep(
     trials: Sequence[Trial],
     folder: Path,
@@ -689,15 +722,18 @@ def run_sweep(
         pending = {task.remote(asdict(trial)): trial for trial in todo}
         last = 0.0
         try:
-            while pending:
-                ready, _ = ray.wait(list(pending), num_returns=1, timeout=min(1.0, args.refresh))
-                for ref in ready:
-                    trial = pending.pop(ref)
-                    statuses[trial.id] = _outcome(ray, ref)
-                if time.monotonic() - last >= args.refresh and pending:
-                    last = time.monotonic()
-                    print(f"\n[{time.strftime('%H:%M:%S')}] {len(pending)} trial(s) left", flush=True)
-                    print(table(trials, statuses), flush=True)
+            with ctrl_c_as_a_flag() as ctrl_c:
+                while pending:
+                    if ctrl_c.requested:
+                        raise KeyboardInterrupt
+                    ready, _ = ray.wait(list(pending), num_returns=1, timeout=min(1.0, args.refresh))
+                    for ref in ready:
+                        trial = pending.pop(ref)
+                        statuses[trial.id] = _outcome(ray, ref)
+                    if time.monotonic() - last >= args.refresh and pending:
+                        last = time.monotonic()
+                        print(f"\n[{time.strftime('%H:%M:%S')}] {len(pending)} trial(s) left", flush=True)
+                        print(table(trials, statuses), flush=True)
         except KeyboardInterrupt:
             # Ray delivers SIGINT to the running trials: each writes a checkpoint and stops.
             print(
