@@ -49,6 +49,7 @@ to skip unreached modules, scratch memory) lives in that network's :class:`Block
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import accumulate
 
 import numpy as np
 import torch as th
@@ -78,6 +79,11 @@ def _bag(table: th.Tensor, index: th.Tensor, offsets: th.Tensor, weights: th.Ten
     return th.embedding_bag(table, index, offsets, False, _SUM, False, weights, False, None)[0]
 
 
+def _member_slabs(sizes: list[int]) -> list[slice]:
+    """The rows of every member's slab, for slabs of ``sizes`` rows laid out member by member."""
+    return [slice(end - size, end) for size, end in zip(sizes, accumulate(sizes), strict=True)]
+
+
 def _member_products(
     x: th.Tensor,
     weight: th.Tensor,
@@ -97,9 +103,8 @@ def _member_products(
     Slabs of equal size (one member, the dense layout, padded nodes) make one batched product; otherwise there is
     one product per member.
     """
-    rows = x.shape[0]
     if out is None:
-        out = x.new_empty(rows, weight.shape[-1])
+        out = x.new_empty(x.shape[0], weight.shape[-1])
     ens = len(sizes)
     if sizes.count(sizes[0]) == ens:  # all members equal: one batched product
         out3, x3 = out.view(ens, sizes[0], -1), x.view(ens, sizes[0], -1)
@@ -110,16 +115,14 @@ def _member_products(
         else:
             th.bmm(x3, weight, out=out3)
         return out
-    lo = 0
-    for member, size in enumerate(sizes):
-        hi = lo + size
-        if size:
-            base = add[lo:hi] if add is not None else (bias[member] if bias is not None else None)
-            if base is None:
-                th.mm(x[lo:hi], weight[member], out=out[lo:hi])
-            else:
-                th.addmm(base, x[lo:hi], weight[member], out=out[lo:hi])
-        lo = hi
+    for member, rows in enumerate(_member_slabs(sizes)):
+        if rows.start == rows.stop:
+            continue
+        base = add[rows] if add is not None else (bias[member] if bias is not None else None)
+        if base is None:
+            th.mm(x[rows], weight[member], out=out[rows])
+        else:
+            th.addmm(base, x[rows], weight[member], out=out[rows])
     return out
 
 
@@ -140,14 +143,11 @@ def _member_weight_gradients(
         if grad_bias is not None:
             th.sum(grad3, 1, out=grad_bias)
         return
-    lo = 0
-    for member, size in enumerate(sizes):
-        hi = lo + size
+    for member, rows in enumerate(_member_slabs(sizes)):
         if grad_weight is not None:
-            th.mm(grad_pre[lo:hi].t(), x[lo:hi], out=grad_weight[member])  # (no rows: 0)
+            th.mm(grad_pre[rows].t(), x[rows], out=grad_weight[member])  # (no rows: 0)
         if grad_bias is not None:
-            th.sum(grad_pre[lo:hi], 0, out=grad_bias[member])
-        lo = hi
+            th.sum(grad_pre[rows], 0, out=grad_bias[member])
 
 
 def _routed_rows(
@@ -502,9 +502,11 @@ class RoutedBlockFunction(th.autograd.Function):
         _start_output_gradient(table, graph, grad_y, layout.node_rows(n))
         flat_table = table.view(-1, dim)
         grad_x0 = th.zeros_like(x0) if need_x0 else None
-        grad_w_in = th.zeros_like(w_in) if need_w_in else None
-        grad_b_in = x0.new_zeros(w_in.shape[:3]) if need_b_in else None
-        # Weight gradients by slot first ([n_hid, E, ...]), so each module's is written in place (out=).
+        # Weight gradients by slot first ([slots, E, ...]), so each module's is written in place (out=). Input
+        # modules no sample reaches keep their zeros.
+        n_in, din = w_in.shape[1], w_in.shape[3]
+        grad_w_in = x0.new_zeros(n_in, ens, dim, din) if need_w_in else None
+        grad_b_in = x0.new_zeros(n_in, ens, dim) if need_b_in else None
         grad_w_hid = x0.new_empty(n_hid, ens, dim, dim) if need_w_hid else None
         grad_b_hid = x0.new_empty(n_hid, ens, dim) if need_b_hid else None
 
@@ -529,7 +531,15 @@ class RoutedBlockFunction(th.autograd.Function):
             grad_full, grad_total = graph.pull(flat_table, node)
             if plan.is_input[node]:
                 _input_module_backward(
-                    grad_full, node_outputs[node], x0, layout, node, w_in, k, grad_x0, grad_w_in, grad_b_in
+                    grad_full,
+                    node_outputs[node],
+                    x0,
+                    layout,
+                    node,
+                    w_in[:, k],
+                    grad_x0,
+                    grad_w_in[k] if grad_w_in is not None else None,
+                    grad_b_in[k] if grad_b_in is not None else None,
                 )
                 continue
             _hidden_module_backward(
@@ -551,10 +561,12 @@ class RoutedBlockFunction(th.autograd.Function):
             grad_p = _routing_weight_gradient(outputs, table[0], layout, routed, n)
             grad_p = grad_p.to(ctx.weights_dtype)
         workspace.give_back_scratch(table)
-        if grad_w_hid is not None:
-            grad_w_hid = grad_w_hid.transpose(0, 1).contiguous()
-        if grad_b_hid is not None:
-            grad_b_hid = grad_b_hid.transpose(0, 1).contiguous()
+        grad_w_in, grad_b_in, grad_w_hid, grad_b_hid = (
+            None
+            if grads is None
+            else grads.transpose(0, 1).contiguous()  # -> [E, slots, ...] like the weights
+            for grads in (grad_w_in, grad_b_in, grad_w_hid, grad_b_hid)
+        )
         return grad_x0, grad_w_in, grad_b_in, grad_w_hid, grad_b_hid, grad_p, None, None, None
 
 
@@ -578,35 +590,27 @@ def _input_module_backward(
     x0: th.Tensor,
     layout: RowLayout,
     node: int,
-    w_in: th.Tensor,
-    k: int,
+    weight: th.Tensor,
     grad_x0: th.Tensor | None,
-    grad_w_in: th.Tensor | None,
-    grad_b_in: th.Tensor | None,
+    grad_weight: th.Tensor | None,
+    grad_bias: th.Tensor | None,
 ) -> None:
-    """Backward of input module ``node`` (weight slot ``k``; ``o = relu(M(x0))``, output ``[rows, D]``) from its
-    gradient ``gF`` ``[rows, D]``: writes its weight and bias gradients and adds its share of ``grad_x0`` (those
-    requested).
+    """Backward of input module ``node`` (``o = relu(M(x0))``, output ``[rows, D]``, ``weight [E, D, Din]``) from
+    its gradient ``gF`` ``[rows, D]``: writes its weight and bias gradients (``[E, D, Din]`` and ``[E, D]``) and adds
+    its share of ``grad_x0`` (those requested).
 
     ``rsg(o_1) = sg(o_1)``: the masked edges' gradient stops here. The relu mask comes from ``o = relu(.)``.
     """
     members = layout.member_sizes[node]
     grad_pre = th.ops.aten.threshold_backward(grad_full, output, 0)
-    if grad_w_in is not None or grad_b_in is not None:
-        # (grad_w_in[:, k] is not contiguous: computed apart, then copied in)
-        grad_w = x0.new_empty(w_in[:, k].shape) if grad_w_in is not None else None
-        grad_b = x0.new_empty(w_in.shape[0], w_in.shape[2]) if grad_b_in is not None else None
-        _member_weight_gradients(grad_pre, _input_rows(x0, layout, node), members, grad_w, grad_b)
-        if grad_w_in is not None and grad_w is not None:
-            grad_w_in[:, k] = grad_w
-        if grad_b_in is not None and grad_b is not None:
-            grad_b_in[:, k] = grad_b
+    if grad_weight is not None or grad_bias is not None:
+        _member_weight_gradients(grad_pre, _input_rows(x0, layout, node), members, grad_weight, grad_bias)
     if grad_x0 is None:
         return
     if layout.complete[node]:
-        grad_x0.baddbmm_(grad_pre.view(grad_x0.shape[0], -1, grad_pre.shape[-1]), w_in[:, k])
+        grad_x0.baddbmm_(grad_pre.view(grad_x0.shape[0], -1, grad_pre.shape[-1]), weight)
     else:
-        grad_rows = _member_products(grad_pre, w_in[:, k], members)
+        grad_rows = _member_products(grad_pre, weight, members)
         samples = layout.sample_of_row[layout.node_rows(node)]
         grad_x0.view(-1, x0.shape[-1]).index_add_(0, samples, grad_rows)  # padding rows add 0
 
