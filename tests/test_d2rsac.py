@@ -273,7 +273,9 @@ def test_d2r_learns_every_task_of_a_cheap_multi_task_problem(precision):
             assert model.policy.effective_train_precision == expected
     assert model.policy.effective_train_precision == expected
     success = np.zeros(4)
-    for _ in range(10):  # at most 20k steps (~60 s here); typically solved by ~12k
+    # At most 30k steps (~90 s here); typically solved by 12-22k. The success at any one check is noisy (4
+    # episodes per task), and which check first finds all four solved moves with the last bits of the update.
+    for _ in range(15):
         model.learn(2000, reset_num_timesteps=False)
         success = evaluate_per_task(model, eval_env, 4).success
         if success.min() >= 0.75:

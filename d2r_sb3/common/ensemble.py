@@ -12,6 +12,7 @@ from typing import Protocol
 
 import torch as th
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 OUTPUT_INIT_BOUND = 3e-3
 """The authors' ``uniform_init`` of a network's last layer: ``U(-3e-3, 3e-3)`` for its weight and bias."""
@@ -39,9 +40,43 @@ def output_init_(layer: WeightAndBias) -> None:
     uniform_(layer.bias, OUTPUT_INIT_BOUND)
 
 
-def ensemble_linear(x: th.Tensor, weight: th.Tensor, bias: th.Tensor) -> th.Tensor:
-    """Ensemble linear layer: ``x [E, B, in]``, ``weight [E, out, in]``, ``bias [E, out]`` -> ``[E, B, out]``."""
-    return th.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2))
+class _EnsembleLinearFunction(th.autograd.Function):
+    """``relu?(x W^T + b)`` for every member, with a backward pass that writes each gradient in its final layout.
+
+    Left to autograd, ``baddbmm(b, x, W^T)`` computes the weight gradient as ``x^T g`` (``[E, in, out]``) and then
+    copies its transpose into ``W.grad``: a strided copy per layer and step that cost more than the layer's
+    bias gradient. Here ``dW = g^T x`` is one batched product straight into ``[E, out, in]``, and a following
+    ReLU is part of the same node (one autograd node per layer instead of several).
+    """
+
+    @staticmethod
+    def forward(ctx, x: th.Tensor, weight: th.Tensor, bias: th.Tensor, relu: bool) -> th.Tensor:
+        out = th.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2))
+        if relu:
+            out.relu_()
+        ctx.save_for_backward(x, weight, out if relu else None)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: th.Tensor):
+        x, weight, out = ctx.saved_tensors
+        if out is not None:
+            grad = th.ops.aten.threshold_backward(grad, out, 0)
+        need_x, need_weight, need_bias, _ = ctx.needs_input_grad
+        grad_x = th.bmm(grad, weight) if need_x else None
+        grad_weight = th.bmm(grad.transpose(1, 2), x) if need_weight else None
+        grad_bias = grad.sum(1) if need_bias else None
+        return grad_x, grad_weight, grad_bias, None
+
+
+def ensemble_linear(x: th.Tensor, weight: th.Tensor, bias: th.Tensor, relu: bool = False) -> th.Tensor:
+    """Ensemble linear layer: ``x [E, B, in]``, ``weight [E, out, in]``, ``bias [E, out]`` -> ``[E, B, out]``,
+    followed by a ReLU when ``relu``."""
+    if th.is_grad_enabled() and (x.requires_grad or weight.requires_grad or bias.requires_grad):
+        return _EnsembleLinearFunction.apply(x, weight, bias, relu)
+    out = th.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2))
+    return out.relu_() if relu else out
 
 
 class EnsembleLinear(nn.Module):
@@ -63,16 +98,19 @@ class EnsembleLinear(nn.Module):
         uniform_(self.weight, 1.0 / math.sqrt(self.weight.shape[1]))
         nn.init.constant_(self.bias, 0.1)
 
-    def forward(self, x: th.Tensor, detach: bool = False, dtype: th.dtype | None = None) -> th.Tensor:
+    def forward(
+        self, x: th.Tensor, detach: bool = False, dtype: th.dtype | None = None, relu: bool = False
+    ) -> th.Tensor:
         """``x [E, B, in] -> [E, B, out]``.
 
         :param detach: use detached parameters (gradient reaches ``x`` only).
         :param dtype: compute in this (reduced) precision; the parameters themselves stay as they are.
+        :param relu: apply a ReLU to the output (in the same autograd node).
         """
         weight, bias = (self.weight.detach(), self.bias.detach()) if detach else (self.weight, self.bias)
         if dtype is not None:
             weight, bias = weight.to(dtype), bias.to(dtype)
-        return ensemble_linear(x, weight, bias)
+        return ensemble_linear(x, weight, bias, relu)
 
 
 class EnsembleMLP(nn.Module):
@@ -92,8 +130,7 @@ class EnsembleMLP(nn.Module):
 
     def forward(self, x: th.Tensor, detach: bool = False, dtype: th.dtype | None = None) -> th.Tensor:
         """``x [E, B, sizes[0]] -> [E, B, sizes[-1]]``; ``detach`` and ``dtype`` as in :class:`EnsembleLinear`."""
+        last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
-            x = layer(x, detach, dtype)
-            if i < len(self.layers) - 1 or self.final_relu:
-                x = x.relu_()  # in place on the fresh layer output (its backward does not read it)
+            x = layer(x, detach, dtype, relu=i < last or self.final_relu)
         return x
