@@ -386,6 +386,24 @@ def test_training_block_computes_each_module_only_for_the_samples_that_reach_it(
         assert th.equal(samples, expected), node  # member by member, in sample order
     dense = build_row_layout(sources, weights, keep, net.plan.is_input, skip=False)
     assert dense.member_sizes == [[40] * n_nets] * 9 and dense.dense and all(dense.complete)
+    # Each real row of the skipping layout carries what the dense layout's row of the same (node, sample) carries:
+    # sources (as the same pairs), routing weights (bit for bit, also as bfloat16, which the host-side gathers
+    # move as raw bits) and masks; padding rows read row 0 with weight 0.
+    for dtype in (th.float32, th.bfloat16):
+        skipping = build_row_layout(sources, weights.to(dtype), keep, net.plan.is_input, True, dtype)
+        full = build_row_layout(sources, weights.to(dtype), keep, net.plan.is_input, False, dtype)
+        dense_row = th.empty_like(full.grid_of_row)
+        dense_row[full.grid_of_row] = th.arange(len(dense_row))
+        real = skipping.grid_of_row < n_nets * 40 * 9
+        same = dense_row[skipping.grid_of_row[real]]
+        assert skipping.entry_weights.dtype == dtype
+        assert th.equal(skipping.entry_weights[real], full.entry_weights[same])
+        assert th.equal(skipping.entry_keep[real], full.entry_keep[same])
+        assert th.equal(
+            skipping.grid_of_row[skipping.entry_rows[real]], full.grid_of_row[full.entry_rows[same]]
+        )
+        assert th.equal(skipping.sample_of_row[real], full.sample_of_row[same])
+        assert not skipping.entry_weights[~real].any() and not skipping.entry_rows[~real].any()
     # One forward on each layout gives the same output.
     x0 = th.relu(th.randn(n_nets, 40, 20))
     params = (net.w_in.detach(), net.b_in.detach(), net.w_hid.detach(), net.b_hid.detach())

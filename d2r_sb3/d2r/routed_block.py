@@ -55,7 +55,7 @@ import numpy as np
 import torch as th
 from torch.autograd.function import once_differentiable
 
-from d2r_sb3.d2r.row_layout import RowLayout, build_row_layout
+from d2r_sb3.d2r.row_layout import RowLayout, build_row_layout, from_host, host_array
 
 _SUM = 0  # embedding_bag mode "sum"
 
@@ -152,9 +152,10 @@ def _member_weight_gradients(
 
 def _routed_rows(
     layout: RowLayout, plan: BlockPlan, device: th.device
-) -> tuple[slice | th.Tensor, th.Tensor]:
+) -> tuple[slice | th.Tensor, np.ndarray]:
     """The rows of every routed node (the rows that read other modules), in row order: as a slice when they are
-    one range (D2R's module-level graph: every node but module 1), else as indices; and always as indices."""
+    one range (D2R's module-level graph: every node but module 1), else as an index tensor; and always as a numpy
+    index (for the host-side bookkeeping)."""
     ranges: list[list[int]] = []
     for node in plan.routed_nodes:
         lo, hi = layout.starts[node], layout.starts[node + 1]
@@ -162,8 +163,8 @@ def _routed_rows(
             ranges[-1][1] = hi  # adjacent blocks: one range
         else:
             ranges.append([lo, hi])
-    index = th.cat([th.arange(lo, hi, device=device) for lo, hi in ranges])
-    return (slice(*ranges[0]) if len(ranges) == 1 else index), index
+    index = np.concatenate([np.arange(lo, hi) for lo, hi in ranges])
+    return (slice(*ranges[0]) if len(ranges) == 1 else th.from_numpy(index).to(device)), index
 
 
 def _input_rows(x0: th.Tensor, layout: RowLayout, node: int) -> th.Tensor:
@@ -254,17 +255,19 @@ class _PullGraph:
     rows, so the second read comes from cache.
     """
 
-    def __init__(
-        self, layout: RowLayout, plan: BlockPlan, routed: slice | th.Tensor, routed_index: th.Tensor
-    ):
+    def __init__(self, layout: RowLayout, plan: BlockPlan, reader: np.ndarray):
         n = len(plan.is_input)
-        device = routed_index.device
         slots = layout.entry_rows.shape[-1]
         n_sources = layout.starts[n]  # rows of modules (the output node is never a source)
-        # Index arithmetic on a few thousand edges: on the host in numpy, a few microseconds a call where tensor
-        # operations cost tens (this bookkeeping took 0.5-0.9 ms per backward as tensor code at batch 320).
-        reader = routed_index.cpu().numpy()
-        source = layout.entry_rows.cpu().numpy()[reader].reshape(-1)
+        # Index arithmetic on a few thousand edges: on the host in numpy, a few microseconds an operation where
+        # tensor operations cost tens. The routing weights travel as their bits (bfloat16 too), selected only.
+        # The routed rows are one range for D2R's graph: a slice then, not a gather.
+        routed = (
+            slice(reader[0], reader[-1] + 1)
+            if len(reader) and reader[-1] - reader[0] + 1 == len(reader)
+            else reader
+        )
+        source = host_array(layout.entry_rows)[routed].reshape(-1)
         # A stable sort by source row groups the edges into bags and keeps a fixed order inside each bag
         # (deterministic sums).
         order = _stable_order(source, n_sources)
@@ -272,19 +275,21 @@ class _PullGraph:
         counts = np.bincount(bag_key, minlength=n_sources)
         starts = np.cumsum(counts) - counts  # first entry of every source row's bag
         main_row = np.repeat(reader, slots)[order]
-        p = layout.entry_weights[routed].reshape(-1)  # in edge order; values stay tensors (bfloat16 too)
+        p = host_array(layout.entry_weights)[routed].reshape(-1)  # in edge order
         keep = layout.entry_keep
         self.two_sided = keep is not None and not plan.masked_shortcut
         self.pairs = 1 if keep is None else 2  # bags per row
         if keep is None:
-            rows, entry_weights = main_row, p[th.from_numpy(order).to(device)]
+            rows, entry_weights = main_row, p[order]
         else:
-            kept = keep[routed].reshape(-1)
+            kept = host_array(keep)[routed].reshape(-1)
             if self.two_sided:
-                sorted_kept = kept.cpu().numpy()[order]
-                full_rows, full_weights = np.where(sorted_kept, main_row, main_row + layout.n_rows), p
+                full_rows, full_weights = np.where(kept[order], main_row, main_row + layout.n_rows), p
             else:
-                full_rows, full_weights = main_row, p * kept
+                full_rows, full_weights = (
+                    main_row,
+                    np.where(kept, p, 0),
+                )  # (0 bits: +0.0 in every float format)
             # Bag F of row g starts at 2 * start_g, bag T right after it: edge e goes to e + start_g (F)
             # and e + start_g + count_g (T). The weights come in one gather from [F weights, T weights].
             n_edges = len(order)
@@ -294,13 +299,14 @@ class _PullGraph:
             rows[at_f], rows[at_t] = full_rows, main_row
             picked = np.empty(2 * n_edges, dtype=np.int64)
             picked[at_f], picked[at_t] = order, order + n_edges
-            entry_weights = th.cat([full_weights, p])[th.from_numpy(picked).to(device)]
+            entry_weights = np.concatenate([full_weights, p])[picked]
             starts = np.stack([2 * starts, 2 * starts + counts], -1)
         starts = starts.reshape(n_sources, -1)
         segment = np.append(starts[:, 0], len(rows))[layout.starts[: n + 1]]  # entry range of each module
         sizes = np.diff(segment).tolist()
+        device = layout.entry_rows.device
         self.rows = th.from_numpy(rows).to(device).split(sizes)
-        self.weights = entry_weights.split(sizes)
+        self.weights = from_host(entry_weights, layout.entry_weights).split(sizes)
         # Bag offsets of every module, relative to its first entry, all computed at once.
         row_counts = layout.block_sizes()[:n]
         offsets = starts - np.repeat(segment[:-1], row_counts)[:, None]
@@ -417,14 +423,15 @@ class BlockWorkspace:
         return build_row_layout(sources, weights, keep, self.plan.is_input, skip, compute_dtype)
 
     def gradient_graph(
-        self, layout: RowLayout, routed: slice | th.Tensor, routed_index: th.Tensor, like: th.Tensor
+        self, layout: RowLayout, routed_index: np.ndarray, like: th.Tensor
     ) -> _PullGraph | _PushGraph:
-        """The edge bookkeeping of one backward pass, for the chosen strategy."""
+        """The edge bookkeeping of one backward pass, for the chosen strategy (``routed_index``: the rows of the
+        routed nodes, :func:`_routed_rows`)."""
         strategy = self.backward_strategy
         if strategy == "auto":
             strategy = "pull" if like.device.type == "cpu" else "push"
         if strategy == "pull":
-            return _PullGraph(layout, self.plan, routed, routed_index)
+            return _PullGraph(layout, self.plan, routed_index)
         if strategy == "push":
             return _PushGraph(layout, self.plan, like)
         raise ValueError(f"Unknown backward_strategy {strategy!r}; choose one of {BACKWARD_STRATEGIES}.")
@@ -496,19 +503,20 @@ class RoutedBlockFunction(th.autograd.Function):
         n = len(plan.is_input)
         ens, dim = layout.ens, outputs.shape[-1]
         routed, routed_index = _routed_rows(layout, plan, grad_y.device)
-        graph = workspace.gradient_graph(layout, routed, routed_index, grad_y)
+        graph = workspace.gradient_graph(layout, routed_index, grad_y)
         most_rows = ens * layout.batch * len(layout.member_sizes)  # every node for every sample
         table = workspace.take_scratch(2 if graph.two_sided else 1, layout.n_rows, grad_y, most_rows)
         _start_output_gradient(table, graph, grad_y, layout.node_rows(n))
         flat_table = table.view(-1, dim)
         grad_x0 = th.zeros_like(x0) if need_x0 else None
-        # Weight gradients by slot first ([slots, E, ...]), so each module's is written in place (out=). Input
-        # modules no sample reaches keep their zeros.
+        # Weight gradients in the weights' layout [E, slots, ...]; each module's slot ([E, ...], strided across the
+        # members) is written in place (out=), so nothing is transposed or copied afterwards. Input modules no
+        # sample reaches keep their zeros.
         n_in, din = w_in.shape[1], w_in.shape[3]
-        grad_w_in = x0.new_zeros(n_in, ens, dim, din) if need_w_in else None
-        grad_b_in = x0.new_zeros(n_in, ens, dim) if need_b_in else None
-        grad_w_hid = x0.new_empty(n_hid, ens, dim, dim) if need_w_hid else None
-        grad_b_hid = x0.new_empty(n_hid, ens, dim) if need_b_hid else None
+        grad_w_in = x0.new_zeros(ens, n_in, dim, din) if need_w_in else None
+        grad_b_in = x0.new_zeros(ens, n_in, dim) if need_b_in else None
+        grad_w_hid = x0.new_empty(ens, n_hid, dim, dim) if need_w_hid else None
+        grad_b_hid = x0.new_empty(ens, n_hid, dim) if need_b_hid else None
 
         # Every per-node view taken at once (one call each instead of a few small ones per node).
         row_counts = layout.block_sizes()[:n]
@@ -516,8 +524,8 @@ class RoutedBlockFunction(th.autograd.Function):
         node_shortcut_grads = table[1, : layout.starts[n]].split(row_counts) if graph.two_sided else None
         node_outputs = outputs.split(row_counts)
         w_hid_k = w_hid.unbind(1)
-        grad_w_hid_k = grad_w_hid.unbind(0) if grad_w_hid is not None else None
-        grad_b_hid_k = grad_b_hid.unbind(0) if grad_b_hid is not None else None
+        grad_w_hid_k = grad_w_hid.unbind(1) if grad_w_hid is not None else None
+        grad_b_hid_k = grad_b_hid.unbind(1) if grad_b_hid is not None else None
         for node in range(n - 1, -1, -1):
             size = row_counts[node]
             k = plan.param_index[node]
@@ -538,8 +546,8 @@ class RoutedBlockFunction(th.autograd.Function):
                     node,
                     w_in[:, k],
                     grad_x0,
-                    grad_w_in[k] if grad_w_in is not None else None,
-                    grad_b_in[k] if grad_b_in is not None else None,
+                    grad_w_in[:, k] if grad_w_in is not None else None,
+                    grad_b_in[:, k] if grad_b_in is not None else None,
                 )
                 continue
             _hidden_module_backward(
@@ -561,12 +569,6 @@ class RoutedBlockFunction(th.autograd.Function):
             grad_p = _routing_weight_gradient(outputs, table[0], layout, routed, n)
             grad_p = grad_p.to(ctx.weights_dtype)
         workspace.give_back_scratch(table)
-        grad_w_in, grad_b_in, grad_w_hid, grad_b_hid = (
-            None
-            if grads is None
-            else grads.transpose(0, 1).contiguous()  # -> [E, slots, ...] like the weights
-            for grads in (grad_w_in, grad_b_in, grad_w_hid, grad_b_hid)
-        )
         return grad_x0, grad_w_in, grad_b_in, grad_w_hid, grad_b_hid, grad_p, None, None, None
 
 

@@ -110,27 +110,18 @@ def build_row_layout(
     ens, batch, nodes, slots = sources.shape
     grid_size = ens * batch * nodes
     if skip:
-        # The sizes of the blocks are needed on the host anyway, so the whole index bookkeeping runs there, in
-        # numpy: 1.6-2x faster per call than the same few hundred small tensor operations.
-        index = _skipping_index(sources.detach().cpu().numpy(), is_input, padded_share(compute_dtype))
-        grid_of_row = th.from_numpy(index.grid_of_row).to(sources.device)
-        member_sizes, complete, starts = index.member_sizes, index.complete, index.starts
-        source_rows = th.from_numpy(index.source_rows).to(sources.device)
-    else:
-        member_sizes, complete = [[batch] * ens for _ in range(nodes)], [True] * nodes
-        starts = [ens * batch * node for node in range(nodes + 1)]
-        # Node-major: row r is (node r // EB, sample r % EB); grid row q = g * (n + 1) + i.
-        row = th.arange(grid_size, device=sources.device)
-        grid_of_row = row % (ens * batch) * nodes + row // (ens * batch)
-        sample = th.arange(ens * batch, device=sources.device).view(ens * batch, 1, 1)
-        source_rows = sources.reshape(ens * batch, nodes, slots) * (ens * batch) + sample
+        return _skipping_layout(sources, weights, keep, is_input, padded_share(compute_dtype))
+    member_sizes, complete = [[batch] * ens for _ in range(nodes)], [True] * nodes
+    starts = [ens * batch * node for node in range(nodes + 1)]
+    # Node-major: row r is (node r // EB, sample r % EB); grid row q = g * (n + 1) + i.
+    row = th.arange(grid_size, device=sources.device)
+    grid_of_row = row % (ens * batch) * nodes + row // (ens * batch)
+    sample = th.arange(ens * batch, device=sources.device).view(ens * batch, 1, 1)
+    source_rows = sources.reshape(ens * batch, nodes, slots) * (ens * batch) + sample
 
-    def per_row(values: th.Tensor, fill: float | int | bool) -> th.Tensor:
-        """Grid values ``[E, B, n + 1, C]`` -> ``[rows, C]`` (padding rows: ``fill``)."""
-        values = values.reshape(grid_size, slots)
-        if not skip:
-            return values.index_select(0, grid_of_row)
-        return th.cat([values, values.new_full((1, slots), fill)]).index_select(0, grid_of_row)
+    def per_row(values: th.Tensor) -> th.Tensor:
+        """Grid values ``[E, B, n + 1, C]`` -> ``[rows, C]``."""
+        return values.reshape(grid_size, slots).index_select(0, grid_of_row)
 
     return RowLayout(
         ens,
@@ -138,12 +129,65 @@ def build_row_layout(
         member_sizes,
         complete,
         starts,
-        per_row(source_rows, 0),
-        per_row(weights.detach(), 0.0),
-        per_row(keep, False) if keep is not None else None,
+        per_row(source_rows),
+        per_row(weights.detach()),
+        per_row(keep) if keep is not None else None,
         grid_of_row,
         grid_of_row // nodes % (ens * batch),
-        dense=not skip,
+        dense=True,
+    )
+
+
+def host_array(values: th.Tensor) -> np.ndarray:
+    """``values`` as a numpy array on the host, sharing memory on a CPU; dtypes numpy lacks (bfloat16) come as
+    integers of the same width, whose bits the array moves unchanged (index and select only, no arithmetic)."""
+    values = values.detach().cpu()
+    if values.dtype in _BITS_AS:
+        values = values.view(_BITS_AS[values.dtype])
+    return values.numpy()
+
+
+def from_host(array: np.ndarray, like: th.Tensor) -> th.Tensor:
+    """The tensor of a :func:`host_array` result (or of a selection from one), in ``like``'s dtype and device."""
+    tensor = th.from_numpy(array)
+    if like.dtype in _BITS_AS:
+        tensor = tensor.view(like.dtype)
+    return tensor.to(like.device)
+
+
+_BITS_AS = {th.bfloat16: th.int16}
+
+
+def _skipping_layout(
+    sources: th.Tensor, weights: th.Tensor, keep: th.Tensor | None, is_input: tuple[bool, ...], share: float
+) -> RowLayout:
+    """The skipping layout. The sizes of the blocks are needed on the host anyway, so the whole index bookkeeping
+    runs there, in numpy (a few microseconds an operation, where each tensor operation costs tens): the rows,
+    and every per-row gather of the routes, weights and masks."""
+    ens, batch, nodes, slots = sources.shape
+    index = _skipping_index(host_array(sources), is_input, share)
+    grid_of_row = index.grid_of_row
+    # One extra grid row of zeros is what padding rows (grid row `grid_size`) read: source row 0, weight 0.
+    pad = np.zeros((1, slots), dtype=np.int64)
+
+    def per_row(values: np.ndarray) -> np.ndarray:
+        """Grid values ``[E * B * (n + 1), C]`` -> ``[rows, C]`` (padding rows: zeros)."""
+        return np.concatenate([values, pad.astype(values.dtype)]).take(grid_of_row, axis=0)
+
+    device = sources.device
+    weight_grid = host_array(weights).reshape(-1, slots)
+    return RowLayout(
+        ens,
+        batch,
+        index.member_sizes,
+        index.complete,
+        index.starts,
+        th.from_numpy(per_row(index.source_rows)).to(device),
+        from_host(per_row(weight_grid), weights),
+        th.from_numpy(per_row(host_array(keep).reshape(-1, slots))).to(device) if keep is not None else None,
+        th.from_numpy(grid_of_row).to(device),
+        th.from_numpy(grid_of_row // nodes % (ens * batch)).to(device),
+        dense=False,
     )
 
 
