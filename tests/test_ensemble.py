@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch as th
 
-from d2r_sb3.common.ensemble import EnsembleMLP, ensemble_linear
+from d2r_sb3.common.ensemble import EnsembleMLP, ensemble_linear, ensemble_lookup
 
 
 def _plain(x: th.Tensor, weight: th.Tensor, bias: th.Tensor, relu: bool) -> th.Tensor:
@@ -58,3 +58,22 @@ def test_ensemble_mlp_relu_between_layers_only() -> None:
         strict=True,
     ):
         assert th.allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [th.float64, th.float32, th.bfloat16])
+def test_lookup_is_the_layer_of_one_hot_inputs_bit_for_bit(dtype: th.dtype) -> None:
+    gen = th.Generator().manual_seed(1)
+    weight = th.randn(2, 6, 4, generator=gen).to(dtype).requires_grad_()
+    bias = th.randn(2, 6, generator=gen).to(dtype).requires_grad_()
+    index = th.tensor([3, 0, 3, 1, 2, 2, 0])
+    upstream = th.randn(2, 7, 6, generator=gen).to(dtype)
+    onehot = th.nn.functional.one_hot(index, 4).to(dtype).expand(2, -1, -1)
+    looked_up = ensemble_lookup(index, weight, bias)
+    product = ensemble_linear(onehot, weight, bias)
+    assert looked_up.dtype == dtype and th.equal(looked_up, product)
+    got = th.autograd.grad((looked_up * upstream).sum(), (weight, bias))
+    want = th.autograd.grad((product * upstream).sum(), (weight, bias))
+    for g, w in zip(got, want, strict=True):
+        assert th.equal(g, w)
+    with th.no_grad():
+        assert th.equal(ensemble_lookup(index, weight, bias), product)

@@ -70,6 +70,42 @@ class _EnsembleLinearFunction(th.autograd.Function):
         return grad_x, grad_weight, grad_bias, None
 
 
+class _EnsembleLookupFunction(th.autograd.Function):
+    """The ensemble linear layer of one-hot inputs given by their indices: ``W[:, i] + b`` for index ``i``.
+
+    The same values as the product with the one-hot matrix, bit for bit (one product by 1, the rest by 0), read
+    from a ``[E, in, out]`` table in one pass instead of a matmul over a ``K = in`` one-hot and a bias copy. The
+    backward pass is the product's (``dW = g^T onehot``, ``db = sum g``): a lookup's own backward would scatter
+    ``B`` rows into ``in``.
+    """
+
+    @staticmethod
+    def forward(ctx, index: th.Tensor, weight: th.Tensor, bias: th.Tensor) -> th.Tensor:
+        ctx.save_for_backward(index)
+        ctx.n_inputs = weight.shape[2]
+        return (weight.transpose(1, 2) + bias.unsqueeze(1)).index_select(1, index)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: th.Tensor):
+        (index,) = ctx.saved_tensors
+        _, need_weight, need_bias = ctx.needs_input_grad
+        grad_weight = grad_bias = None
+        if need_weight:
+            onehot = th.nn.functional.one_hot(index, ctx.n_inputs).to(grad.dtype)
+            grad_weight = th.bmm(grad.transpose(1, 2), onehot.expand(grad.shape[0], -1, -1))
+        if need_bias:
+            grad_bias = grad.sum(1)
+        return None, grad_weight, grad_bias
+
+
+def ensemble_lookup(index: th.Tensor, weight: th.Tensor, bias: th.Tensor) -> th.Tensor:
+    """:func:`ensemble_linear` of the one-hot inputs ``one_hot(index, in)`` (``index [B]`` long): ``[E, B, out]``."""
+    if th.is_grad_enabled() and (weight.requires_grad or bias.requires_grad):
+        return _EnsembleLookupFunction.apply(index, weight, bias)
+    return (weight.transpose(1, 2) + bias.unsqueeze(1)).index_select(1, index)
+
+
 def ensemble_linear(x: th.Tensor, weight: th.Tensor, bias: th.Tensor, relu: bool = False) -> th.Tensor:
     """Ensemble linear layer: ``x [E, B, in]``, ``weight [E, out, in]``, ``bias [E, out]`` -> ``[E, B, out]``,
     followed by a ReLU when ``relu``."""
@@ -111,6 +147,14 @@ class EnsembleLinear(nn.Module):
         if dtype is not None:
             weight, bias = weight.to(dtype), bias.to(dtype)
         return ensemble_linear(x, weight, bias, relu)
+
+    def lookup(self, index: th.Tensor, detach: bool = False, dtype: th.dtype | None = None) -> th.Tensor:
+        """The layer of one-hot inputs given by their indices (``index [B]`` long, each below ``in_features``):
+        ``[E, B, out]``, equal to ``self(one_hot(index))`` bit for bit (see :func:`ensemble_lookup`)."""
+        weight, bias = (self.weight.detach(), self.bias.detach()) if detach else (self.weight, self.bias)
+        if dtype is not None:
+            weight, bias = weight.to(dtype), bias.to(dtype)
+        return ensemble_lookup(index, weight, bias)
 
 
 class EnsembleMLP(nn.Module):

@@ -119,7 +119,6 @@ class RoutedNetwork(nn.Module):
     # Buffers (registered in __init__ and _register_routing_tables).
     route_temperature: th.Tensor
     _edge_position: th.Tensor
-    _node_offset: th.Tensor
 
     def __init__(
         self,
@@ -176,10 +175,8 @@ class RoutedNetwork(nn.Module):
     def _register_routing_tables(self) -> None:
         """Index tables of the fast Top-K weight path (non-persistent buffers: they follow ``.to(device)`` and
         stay out of the state dict); the graph's own tables live in :class:`RoutingGraph`."""
-        graph, n = self.graph, self.n_modules
-        # Flat logit position of edge (node, source): the chosen logits are gathered without padding.
-        self.register_buffer("_edge_position", graph.flat_index.clamp(min=0).flatten(), persistent=False)
-        self.register_buffer("_node_offset", th.arange(n + 1).view(n + 1, 1) * n, persistent=False)
+        # Flat logit position of edge (node, source), [n + 1, n]: the chosen logits are gathered without padding.
+        self.register_buffer("_edge_position", self.graph.flat_index.clamp(min=0), persistent=False)
 
     # ----------------------------------------------------------------------------------------------------
     def encode(
@@ -204,10 +201,8 @@ class RoutedNetwork(nn.Module):
         if dtype is not None:
             state = state.to(dtype)
         f_pre = self.state_encoder(state, detach, dtype)
-        # H(onehot) = W onehot + b as a batched matmul: exact (one product by 1, the rest by 0), and both its
-        # passes are GEMMs (a lookup's backward is a slow scatter of B rows into T).
-        onehot = th.nn.functional.one_hot(task_ids, self.num_tasks).to(f_pre.dtype).expand(ens, -1, -1)
-        task_embedding = self.task_encoder(onehot, detach, dtype)
+        # H(onehot) = W onehot + b: a lookup of W's columns, whose backward is the one-hot matmul's.
+        task_embedding = self.task_encoder.lookup(task_ids, detach, dtype)
         gate_logits = self.gate(task_embedding * f_pre, detach, dtype)  # gate input is taken before the ReLU
         if dtype is not None:
             gate_logits = gate_logits.to(self.task_encoder.weight.dtype)
@@ -243,7 +238,10 @@ class RoutedNetwork(nn.Module):
         :return: weights ``[E, B, n + 1, k]``, zero on unused slots; each routed node's weights sum to 1.
         """
         lead = logits.shape[:-1]
-        position = self._edge_position[self._node_offset + sources]  # [E or 1, B, n + 1, k]
+        edges = self._edge_position
+        position = edges.expand(*sources.shape[:-2], *edges.shape).gather(
+            -1, sources
+        )  # [E or 1, B, n + 1, k]
         position = position.expand(*lead, *position.shape[-2:])
         chosen = logits.gather(-1, position.reshape(*lead, -1)).view(position.shape)
         valid = self.graph.slot_valid
