@@ -220,10 +220,12 @@ def run_nodes(
                 saved[1].append(outputs.new_empty(0, dim))
             continue
         u = _bag(outputs, entry_rows[node], offsets[:size], entry_weights[node])
+        if saved is None:  # nothing kept for a backward pass: h is computed in place in the output rows
+            _member_products(u, w_hid_t[k], members, bias=b_hid_k[k], out=blocks[node]).relu_().add_(u)
+            continue
         h = _member_products(u, w_hid_t[k], members, bias=b_hid_k[k]).relu_()
-        if saved is not None:
-            saved[0].append(h)
-            saved[1].append(u)
+        saved[0].append(h)
+        saved[1].append(u)
         th.add(h, u, out=blocks[node])  # residual shortcut: in value s_i == u_i
     y = _bag(outputs, entry_rows[n], offsets[: ens * layout.batch], entry_weights[n])
     return y.view(ens, layout.batch, dim), outputs
@@ -508,7 +510,7 @@ class RoutedBlockFunction(th.autograd.Function):
         table = workspace.take_scratch(2 if graph.two_sided else 1, layout.n_rows, grad_y, most_rows)
         _start_output_gradient(table, graph, grad_y, layout.node_rows(n))
         flat_table = table.view(-1, dim)
-        grad_x0 = th.zeros_like(x0) if need_x0 else None
+        grad_x0: th.Tensor | None = None  # written by the first input module that runs (no zero fill)
         # Weight gradients in the weights' layout [E, slots, ...]; each module's slot ([E, ...], strided across the
         # members) is written in place (out=), so nothing is transposed or copied afterwards. Input modules no
         # sample reaches keep their zeros.
@@ -538,7 +540,7 @@ class RoutedBlockFunction(th.autograd.Function):
                 continue
             grad_full, grad_total = graph.pull(flat_table, node)
             if plan.is_input[node]:
-                _input_module_backward(
+                grad_x0 = _input_module_backward(
                     grad_full,
                     node_outputs[node],
                     x0,
@@ -548,6 +550,7 @@ class RoutedBlockFunction(th.autograd.Function):
                     grad_x0,
                     grad_w_in[:, k] if grad_w_in is not None else None,
                     grad_b_in[:, k] if grad_b_in is not None else None,
+                    need_x0,
                 )
                 continue
             _hidden_module_backward(
@@ -569,6 +572,8 @@ class RoutedBlockFunction(th.autograd.Function):
             grad_p = _routing_weight_gradient(outputs, table[0], layout, routed, n)
             grad_p = grad_p.to(ctx.weights_dtype)
         workspace.give_back_scratch(table)
+        if need_x0 and grad_x0 is None:  # (no input module reached: not possible with a route, but exact)
+            grad_x0 = th.zeros_like(x0)
         return grad_x0, grad_w_in, grad_b_in, grad_w_hid, grad_b_hid, grad_p, None, None, None
 
 
@@ -596,10 +601,16 @@ def _input_module_backward(
     grad_x0: th.Tensor | None,
     grad_weight: th.Tensor | None,
     grad_bias: th.Tensor | None,
-) -> None:
+    need_x0: bool,
+) -> th.Tensor | None:
     """Backward of input module ``node`` (``o = relu(M(x0))``, output ``[rows, D]``, ``weight [E, D, Din]``) from
     its gradient ``gF`` ``[rows, D]``: writes its weight and bias gradients (``[E, D, Din]`` and ``[E, D]``) and adds
-    its share of ``grad_x0`` (those requested).
+    its share of ``dL/dx0`` (those requested).
+
+    :param grad_x0: ``dL/dx0`` so far (``None`` before the first input module's share).
+    :param need_x0: whether ``dL/dx0`` is wanted.
+    :return: ``dL/dx0`` with this module's share (a new tensor for the first share: no zero fill), or ``None``
+        when it is not wanted.
 
     ``rsg(o_1) = sg(o_1)``: the masked edges' gradient stops here. The relu mask comes from ``o = relu(.)``.
     """
@@ -607,14 +618,16 @@ def _input_module_backward(
     grad_pre = th.ops.aten.threshold_backward(grad_full, output, 0)
     if grad_weight is not None or grad_bias is not None:
         _member_weight_gradients(grad_pre, _input_rows(x0, layout, node), members, grad_weight, grad_bias)
-    if grad_x0 is None:
-        return
+    if not need_x0:
+        return None
     if layout.complete[node]:
-        grad_x0.baddbmm_(grad_pre.view(grad_x0.shape[0], -1, grad_pre.shape[-1]), weight)
-    else:
-        grad_rows = _member_products(grad_pre, weight, members)
-        samples = layout.sample_of_row[layout.node_rows(node)]
-        grad_x0.view(-1, x0.shape[-1]).index_add_(0, samples, grad_rows)  # padding rows add 0
+        grad_pre = grad_pre.view(x0.shape[0], -1, grad_pre.shape[-1])
+        return th.bmm(grad_pre, weight) if grad_x0 is None else grad_x0.baddbmm_(grad_pre, weight)
+    total = th.zeros_like(x0) if grad_x0 is None else grad_x0
+    grad_rows = _member_products(grad_pre, weight, members)
+    samples = layout.sample_of_row[layout.node_rows(node)]
+    total.view(-1, x0.shape[-1]).index_add_(0, samples, grad_rows)  # padding rows add 0
+    return total
 
 
 def _hidden_module_backward(
