@@ -40,6 +40,17 @@ def output_init_(layer: WeightAndBias) -> None:
     uniform_(layer.bias, OUTPUT_INIT_BOUND)
 
 
+def _linear(x: th.Tensor, weight: th.Tensor, bias: th.Tensor, relu: bool) -> th.Tensor:
+    """``relu?(x W^T + b)`` for every member (no autograd node of its own)."""
+    out = th.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2))
+    return out.relu_() if relu else out
+
+
+def _lookup(index: th.Tensor, weight: th.Tensor, bias: th.Tensor) -> th.Tensor:
+    """``W[:, i] + b`` for every index ``i`` and member (no autograd node of its own)."""
+    return (weight.transpose(1, 2) + bias.unsqueeze(1)).index_select(1, index)
+
+
 class _EnsembleLinearFunction(th.autograd.Function):
     """``relu?(x W^T + b)`` for every member, with a backward pass that writes each gradient in its final layout.
 
@@ -51,9 +62,7 @@ class _EnsembleLinearFunction(th.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: th.Tensor, weight: th.Tensor, bias: th.Tensor, relu: bool) -> th.Tensor:
-        out = th.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2))
-        if relu:
-            out.relu_()
+        out = _linear(x, weight, bias, relu)
         ctx.save_for_backward(x, weight, out if relu else None)
         return out
 
@@ -83,7 +92,7 @@ class _EnsembleLookupFunction(th.autograd.Function):
     def forward(ctx, index: th.Tensor, weight: th.Tensor, bias: th.Tensor) -> th.Tensor:
         ctx.save_for_backward(index)
         ctx.n_inputs = weight.shape[2]
-        return (weight.transpose(1, 2) + bias.unsqueeze(1)).index_select(1, index)
+        return _lookup(index, weight, bias)
 
     @staticmethod
     @once_differentiable
@@ -103,7 +112,7 @@ def ensemble_lookup(index: th.Tensor, weight: th.Tensor, bias: th.Tensor) -> th.
     """:func:`ensemble_linear` of the one-hot inputs ``one_hot(index, in)`` (``index [B]`` long): ``[E, B, out]``."""
     if th.is_grad_enabled() and (weight.requires_grad or bias.requires_grad):
         return _EnsembleLookupFunction.apply(index, weight, bias)
-    return (weight.transpose(1, 2) + bias.unsqueeze(1)).index_select(1, index)
+    return _lookup(index, weight, bias)
 
 
 def ensemble_linear(x: th.Tensor, weight: th.Tensor, bias: th.Tensor, relu: bool = False) -> th.Tensor:
@@ -111,8 +120,7 @@ def ensemble_linear(x: th.Tensor, weight: th.Tensor, bias: th.Tensor, relu: bool
     followed by a ReLU when ``relu``."""
     if th.is_grad_enabled() and (x.requires_grad or weight.requires_grad or bias.requires_grad):
         return _EnsembleLinearFunction.apply(x, weight, bias, relu)
-    out = th.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2))
-    return out.relu_() if relu else out
+    return _linear(x, weight, bias, relu)
 
 
 class EnsembleLinear(nn.Module):
@@ -143,18 +151,19 @@ class EnsembleLinear(nn.Module):
         :param dtype: compute in this (reduced) precision; the parameters themselves stay as they are.
         :param relu: apply a ReLU to the output (in the same autograd node).
         """
-        weight, bias = (self.weight.detach(), self.bias.detach()) if detach else (self.weight, self.bias)
-        if dtype is not None:
-            weight, bias = weight.to(dtype), bias.to(dtype)
-        return ensemble_linear(x, weight, bias, relu)
+        return ensemble_linear(x, *self._weight_and_bias(detach, dtype), relu)
 
     def lookup(self, index: th.Tensor, detach: bool = False, dtype: th.dtype | None = None) -> th.Tensor:
         """The layer of one-hot inputs given by their indices (``index [B]`` long, each below ``in_features``):
         ``[E, B, out]``, equal to ``self(one_hot(index))`` bit for bit (see :func:`ensemble_lookup`)."""
+        return ensemble_lookup(index, *self._weight_and_bias(detach, dtype))
+
+    def _weight_and_bias(self, detach: bool, dtype: th.dtype | None) -> tuple[th.Tensor, th.Tensor]:
+        """``(weight, bias)``, detached and cast as :meth:`forward` describes."""
         weight, bias = (self.weight.detach(), self.bias.detach()) if detach else (self.weight, self.bias)
         if dtype is not None:
             weight, bias = weight.to(dtype), bias.to(dtype)
-        return ensemble_lookup(index, weight, bias)
+        return weight, bias
 
 
 class EnsembleMLP(nn.Module):

@@ -239,9 +239,8 @@ class RoutedNetwork(nn.Module):
         """
         lead = logits.shape[:-1]
         edges = self._edge_position
-        position = edges.expand(*sources.shape[:-2], *edges.shape).gather(
-            -1, sources
-        )  # [E or 1, B, n + 1, k]
+        # [E or 1, B, n + 1, k], then broadcast to the logits' leading shape
+        position = edges.expand(*sources.shape[:-2], *edges.shape).gather(-1, sources)
         position = position.expand(*lead, *position.shape[-2:])
         chosen = logits.gather(-1, position.reshape(*lead, -1)).view(position.shape)
         valid = self.graph.slot_valid

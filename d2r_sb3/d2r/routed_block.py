@@ -257,19 +257,15 @@ class _PullGraph:
     rows, so the second read comes from cache.
     """
 
-    def __init__(self, layout: RowLayout, plan: BlockPlan, reader: np.ndarray):
+    def __init__(self, layout: RowLayout, plan: BlockPlan, routed: slice | th.Tensor, reader: np.ndarray):
         n = len(plan.is_input)
         slots = layout.entry_rows.shape[-1]
         n_sources = layout.starts[n]  # rows of modules (the output node is never a source)
         # Index arithmetic on a few thousand edges: on the host in numpy, a few microseconds an operation where
         # tensor operations cost tens. The routing weights travel as their bits (bfloat16 too), selected only.
-        # The routed rows are one range for D2R's graph: a slice then, not a gather.
-        routed = (
-            slice(reader[0], reader[-1] + 1)
-            if len(reader) and reader[-1] - reader[0] + 1 == len(reader)
-            else reader
-        )
-        source = host_array(layout.entry_rows)[routed].reshape(-1)
+        # The routed rows (`reader`) are one range for D2R's graph: selected by a slice then, not a gather.
+        routed_rows = routed if isinstance(routed, slice) else reader
+        source = host_array(layout.entry_rows)[routed_rows].reshape(-1)
         # A stable sort by source row groups the edges into bags and keeps a fixed order inside each bag
         # (deterministic sums).
         order = _stable_order(source, n_sources)
@@ -277,21 +273,19 @@ class _PullGraph:
         counts = np.bincount(bag_key, minlength=n_sources)
         starts = np.cumsum(counts) - counts  # first entry of every source row's bag
         main_row = np.repeat(reader, slots)[order]
-        p = host_array(layout.entry_weights)[routed].reshape(-1)  # in edge order
+        p = host_array(layout.entry_weights)[routed_rows].reshape(-1)  # in edge order
         keep = layout.entry_keep
         self.two_sided = keep is not None and not plan.masked_shortcut
         self.pairs = 1 if keep is None else 2  # bags per row
         if keep is None:
             rows, entry_weights = main_row, p[order]
         else:
-            kept = host_array(keep)[routed].reshape(-1)
+            kept = host_array(keep)[routed_rows].reshape(-1)
             if self.two_sided:
                 full_rows, full_weights = np.where(kept[order], main_row, main_row + layout.n_rows), p
             else:
-                full_rows, full_weights = (
-                    main_row,
-                    np.where(kept, p, 0),
-                )  # (0 bits: +0.0 in every float format)
+                # (0 bits: +0.0 in every float format)
+                full_rows, full_weights = main_row, np.where(kept, p, 0)
             # Bag F of row g starts at 2 * start_g, bag T right after it: edge e goes to e + start_g (F)
             # and e + start_g + count_g (T). The weights come in one gather from [F weights, T weights].
             n_edges = len(order)
@@ -425,15 +419,15 @@ class BlockWorkspace:
         return build_row_layout(sources, weights, keep, self.plan.is_input, skip, compute_dtype)
 
     def gradient_graph(
-        self, layout: RowLayout, routed_index: np.ndarray, like: th.Tensor
+        self, layout: RowLayout, routed: slice | th.Tensor, routed_index: np.ndarray, like: th.Tensor
     ) -> _PullGraph | _PushGraph:
-        """The edge bookkeeping of one backward pass, for the chosen strategy (``routed_index``: the rows of the
-        routed nodes, :func:`_routed_rows`)."""
+        """The edge bookkeeping of one backward pass, for the chosen strategy (``routed``, ``routed_index``: the rows
+        of the routed nodes, :func:`_routed_rows`)."""
         strategy = self.backward_strategy
         if strategy == "auto":
             strategy = "pull" if like.device.type == "cpu" else "push"
         if strategy == "pull":
-            return _PullGraph(layout, self.plan, routed_index)
+            return _PullGraph(layout, self.plan, routed, routed_index)
         if strategy == "push":
             return _PushGraph(layout, self.plan, like)
         raise ValueError(f"Unknown backward_strategy {strategy!r}; choose one of {BACKWARD_STRATEGIES}.")
@@ -505,7 +499,7 @@ class RoutedBlockFunction(th.autograd.Function):
         n = len(plan.is_input)
         ens, dim = layout.ens, outputs.shape[-1]
         routed, routed_index = _routed_rows(layout, plan, grad_y.device)
-        graph = workspace.gradient_graph(layout, routed_index, grad_y)
+        graph = workspace.gradient_graph(layout, routed, routed_index, grad_y)
         most_rows = ens * layout.batch * len(layout.member_sizes)  # every node for every sample
         table = workspace.take_scratch(2 if graph.two_sided else 1, layout.n_rows, grad_y, most_rows)
         _start_output_gradient(table, graph, grad_y, layout.node_rows(n))

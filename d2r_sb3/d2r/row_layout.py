@@ -138,6 +138,9 @@ def build_row_layout(
     )
 
 
+_BITS_AS = {th.bfloat16: th.int16}  # dtypes numpy lacks, and the integers of their width
+
+
 def host_array(values: th.Tensor) -> np.ndarray:
     """``values`` as a numpy array on the host, sharing memory on a CPU; dtypes numpy lacks (bfloat16) come as
     integers of the same width, whose bits the array moves unchanged (index and select only, no arithmetic)."""
@@ -155,9 +158,6 @@ def from_host(array: np.ndarray, like: th.Tensor) -> th.Tensor:
     return tensor.to(like.device)
 
 
-_BITS_AS = {th.bfloat16: th.int16}
-
-
 def _skipping_layout(
     sources: th.Tensor, weights: th.Tensor, keep: th.Tensor | None, is_input: tuple[bool, ...], share: float
 ) -> RowLayout:
@@ -167,26 +167,25 @@ def _skipping_layout(
     ens, batch, nodes, slots = sources.shape
     index = _skipping_index(host_array(sources), is_input, share)
     grid_of_row = index.grid_of_row
-    # One extra grid row of zeros is what padding rows (grid row `grid_size`) read: source row 0, weight 0.
-    pad = np.zeros((1, slots), dtype=np.int64)
 
-    def per_row(values: np.ndarray) -> np.ndarray:
-        """Grid values ``[E * B * (n + 1), C]`` -> ``[rows, C]`` (padding rows: zeros)."""
-        return np.concatenate([values, pad.astype(values.dtype)]).take(grid_of_row, axis=0)
+    def per_row(values: np.ndarray, like: th.Tensor) -> th.Tensor:
+        """Grid values ``[E * B * (n + 1), C]`` -> ``[rows, C]`` in ``like``'s dtype and device. Padding rows read
+        the extra grid row of zeros (grid row ``E * B * (n + 1)``): source row 0, weight 0, not kept."""
+        values = values.reshape(-1, slots)
+        padded = np.concatenate([values, np.zeros((1, slots), dtype=values.dtype)])
+        return from_host(padded.take(grid_of_row, axis=0), like)
 
-    device = sources.device
-    weight_grid = host_array(weights).reshape(-1, slots)
     return RowLayout(
         ens,
         batch,
         index.member_sizes,
         index.complete,
         index.starts,
-        th.from_numpy(per_row(index.source_rows)).to(device),
-        from_host(per_row(weight_grid), weights),
-        th.from_numpy(per_row(host_array(keep).reshape(-1, slots))).to(device) if keep is not None else None,
-        th.from_numpy(grid_of_row).to(device),
-        th.from_numpy(grid_of_row // nodes % (ens * batch)).to(device),
+        per_row(index.source_rows, sources),
+        per_row(host_array(weights), weights),
+        per_row(host_array(keep), keep) if keep is not None else None,
+        from_host(grid_of_row, sources),
+        from_host(grid_of_row // nodes % (ens * batch), sources),
         dense=False,
     )
 
