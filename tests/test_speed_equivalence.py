@@ -506,3 +506,72 @@ def test_the_pull_graphs_stable_order_sorts_keys_of_any_width(n_keys):
     keys[:50] = n_keys - 1  # the widest key, many times
     order = _stable_order(keys, n_keys)
     assert np.array_equal(order, np.argsort(keys, kind="stable"))
+
+
+def _two_calls_and_pair(net: RoutedNetwork, routes, dtype, compute_dtype=None):
+    """Outputs and gradients (parameters, both states) of ``forward`` twice (the second with detached parameters)
+    and of one ``forward_pair``, from the same SampleK draws and upstream gradients."""
+    (route, frozen_route), results = routes, []
+    state, task_ids = inputs(dtype=dtype)
+    frozen_state, frozen_task_ids = inputs(batch=13, dtype=dtype, seed=5)
+    for paired in (False, True):
+        net.zero_grad(set_to_none=True)
+        a, b = state.clone().requires_grad_(True), frozen_state.clone().requires_grad_(True)
+        th.manual_seed(3)
+        if paired:
+            out, frozen_out = net.forward_pair(
+                a, task_ids, route, b, frozen_task_ids, frozen_route, compute_dtype
+            )
+        else:
+            out = net(a, task_ids, route, compute_dtype=compute_dtype)[0]
+            frozen_out = net(
+                b, frozen_task_ids, frozen_route, detach_params=True, compute_dtype=compute_dtype
+            )[0]
+        gen = th.Generator().manual_seed(4)
+        loss = (out * th.randn(out.shape, generator=gen, dtype=th.float64).to(out.dtype)).sum()
+        loss = (
+            loss
+            + (frozen_out * th.randn(frozen_out.shape, generator=gen, dtype=th.float64).to(out.dtype)).sum()
+        )
+        loss.backward()
+        grads = {name: p.grad.double() for name, p in net.named_parameters() if p.grad is not None}
+        results.append((out.double(), frozen_out.double(), a.grad.double(), b.grad.double(), grads))
+    return results
+
+
+@pytest.mark.parametrize("strategy", BLOCK_STRATEGIES)
+@pytest.mark.parametrize("resrouting", list(RESROUTING))
+@pytest.mark.parametrize("routing", ["topk", "hard", "soft"])
+def test_one_pass_over_two_batches_equals_a_trained_and_a_frozen_call(routing, resrouting, strategy):
+    """The critics' TD-regression call (SampleK routes, trains the critics) and actor-loss call (TopK routes,
+    critics frozen: gradient reaches the actions only) as one pass: the same values and gradients."""
+    use_rr, shortcut = RESROUTING[resrouting]
+    net = small_net(routing, shortcut, n_nets=2).double()
+    use_block_strategy(net, strategy)
+    routes = (RouteRequest(explore=True, resrouting=use_rr), RouteRequest(resrouting=use_rr))
+    (out, frozen, ga, gb, grads), (p_out, p_frozen, p_ga, p_gb, p_grads) = _two_calls_and_pair(
+        net, routes, th.float64
+    )
+    close = dict(rtol=1e-10, atol=1e-12)
+    th.testing.assert_close(p_out, out, **close)
+    th.testing.assert_close(p_frozen, frozen, **close)
+    th.testing.assert_close(p_ga, ga, **close)
+    th.testing.assert_close(p_gb, gb, **close)
+    assert p_grads.keys() == grads.keys()
+    for name in grads:
+        th.testing.assert_close(p_grads[name], grads[name], **close, msg=f"gradient of {name}")
+    # (The frozen batch's loss does move its inputs: a pass that let it train the parameters would differ above.)
+    assert gb.abs().sum() > 0
+
+
+@pytest.mark.parametrize("compute_dtype", [None, th.bfloat16])
+def test_one_pass_over_two_batches_in_float32_and_bfloat16_matches_the_two_calls(compute_dtype):
+    net = small_net("topk", "full", n_nets=2)
+    routes = (RouteRequest(explore=True, resrouting=True), RouteRequest(resrouting=True))
+    first, paired = _two_calls_and_pair(net, routes, th.float32, compute_dtype)
+    # bfloat16 products of 32 instead of 19 rows may round differently; float32 agrees to its precision.
+    tol = dict(rtol=2e-2, atol=2e-2) if compute_dtype is not None else dict(rtol=1e-5, atol=1e-6)
+    for got, want in zip(paired[:4], first[:4], strict=True):
+        th.testing.assert_close(got, want, **tol)
+    for name in first[4]:
+        th.testing.assert_close(paired[4][name], first[4][name], **tol, msg=f"gradient of {name}")

@@ -51,6 +51,12 @@ def _lookup(index: th.Tensor, weight: th.Tensor, bias: th.Tensor) -> th.Tensor:
     return (weight.transpose(1, 2) + bias.unsqueeze(1)).index_select(1, index)
 
 
+def _trained(rows: th.Tensor, trained_rows: int | None) -> th.Tensor:
+    """The rows ``[E, B, ...]`` that train the parameters: the first ``trained_rows`` of every member (all of them
+    for ``None``)."""
+    return rows if trained_rows is None else rows[:, :trained_rows]
+
+
 class _EnsembleLinearFunction(th.autograd.Function):
     """``relu?(x W^T + b)`` for every member, with a backward pass that writes each gradient in its final layout.
 
@@ -58,12 +64,20 @@ class _EnsembleLinearFunction(th.autograd.Function):
     copies its transpose into ``W.grad``: a strided copy per layer and step that cost more than the layer's
     bias gradient. Here ``dW = g^T x`` is one batched product straight into ``[E, out, in]``, and a following
     ReLU is part of the same node (one autograd node per layer instead of several).
+
+    With ``trained_rows`` set, only the first ``trained_rows`` samples of every member contribute to the weight
+    and bias gradients; the later ones see the parameters as constants (their gradient reaches ``x`` only, as
+    with detached parameters). Two batches that need the same parameters, one to train them and one only for
+    its inputs' gradient, then run as one call (the critics' TD regression and the actor loss).
     """
 
     @staticmethod
-    def forward(ctx, x: th.Tensor, weight: th.Tensor, bias: th.Tensor, relu: bool) -> th.Tensor:
+    def forward(
+        ctx, x: th.Tensor, weight: th.Tensor, bias: th.Tensor, relu: bool, trained_rows: int | None
+    ) -> th.Tensor:
         out = _linear(x, weight, bias, relu)
         ctx.save_for_backward(x, weight, out if relu else None)
+        ctx.trained_rows = trained_rows
         return out
 
     @staticmethod
@@ -72,11 +86,12 @@ class _EnsembleLinearFunction(th.autograd.Function):
         x, weight, out = ctx.saved_tensors
         if out is not None:
             grad = th.ops.aten.threshold_backward(grad, out, 0)
-        need_x, need_weight, need_bias, _ = ctx.needs_input_grad
+        need_x, need_weight, need_bias = ctx.needs_input_grad[:3]
         grad_x = th.bmm(grad, weight) if need_x else None
+        grad, x = _trained(grad, ctx.trained_rows), _trained(x, ctx.trained_rows)
         grad_weight = th.bmm(grad.transpose(1, 2), x) if need_weight else None
         grad_bias = grad.sum(1) if need_bias else None
-        return grad_x, grad_weight, grad_bias, None
+        return grad_x, grad_weight, grad_bias, None, None
 
 
 class _EnsembleLookupFunction(th.autograd.Function):
@@ -85,41 +100,55 @@ class _EnsembleLookupFunction(th.autograd.Function):
     The same values as the product with the one-hot matrix, bit for bit (one product by 1, the rest by 0), read
     from a ``[E, in, out]`` table in one pass instead of a matmul over a ``K = in`` one-hot and a bias copy. The
     backward pass is the product's (``dW = g^T onehot``, ``db = sum g``): a lookup's own backward would scatter
-    ``B`` rows into ``in``.
+    ``B`` rows into ``in``. ``trained_rows`` as in :class:`_EnsembleLinearFunction`.
     """
 
     @staticmethod
-    def forward(ctx, index: th.Tensor, weight: th.Tensor, bias: th.Tensor) -> th.Tensor:
+    def forward(
+        ctx, index: th.Tensor, weight: th.Tensor, bias: th.Tensor, trained_rows: int | None
+    ) -> th.Tensor:
         ctx.save_for_backward(index)
-        ctx.n_inputs = weight.shape[2]
+        ctx.n_inputs, ctx.trained_rows = weight.shape[2], trained_rows
         return _lookup(index, weight, bias)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: th.Tensor):
         (index,) = ctx.saved_tensors
-        _, need_weight, need_bias = ctx.needs_input_grad
+        need_weight, need_bias = ctx.needs_input_grad[1:3]
+        grad, index = _trained(grad, ctx.trained_rows), index[: ctx.trained_rows]
         grad_weight = grad_bias = None
         if need_weight:
             onehot = th.nn.functional.one_hot(index, ctx.n_inputs).to(grad.dtype)
             grad_weight = th.bmm(grad.transpose(1, 2), onehot.expand(grad.shape[0], -1, -1))
         if need_bias:
             grad_bias = grad.sum(1)
-        return None, grad_weight, grad_bias
+        return None, grad_weight, grad_bias, None
 
 
-def ensemble_lookup(index: th.Tensor, weight: th.Tensor, bias: th.Tensor) -> th.Tensor:
-    """:func:`ensemble_linear` of the one-hot inputs ``one_hot(index, in)`` (``index [B]`` long): ``[E, B, out]``."""
+def ensemble_lookup(
+    index: th.Tensor, weight: th.Tensor, bias: th.Tensor, trained_rows: int | None = None
+) -> th.Tensor:
+    """:func:`ensemble_linear` of the one-hot inputs ``one_hot(index, in)`` (``index [B]`` long): ``[E, B, out]``.
+
+    :param trained_rows: as in :func:`ensemble_linear`.
+    """
     if th.is_grad_enabled() and (weight.requires_grad or bias.requires_grad):
-        return _EnsembleLookupFunction.apply(index, weight, bias)
+        return _EnsembleLookupFunction.apply(index, weight, bias, trained_rows)
     return _lookup(index, weight, bias)
 
 
-def ensemble_linear(x: th.Tensor, weight: th.Tensor, bias: th.Tensor, relu: bool = False) -> th.Tensor:
+def ensemble_linear(
+    x: th.Tensor, weight: th.Tensor, bias: th.Tensor, relu: bool = False, trained_rows: int | None = None
+) -> th.Tensor:
     """Ensemble linear layer: ``x [E, B, in]``, ``weight [E, out, in]``, ``bias [E, out]`` -> ``[E, B, out]``,
-    followed by a ReLU when ``relu``."""
+    followed by a ReLU when ``relu``.
+
+    :param trained_rows: only the first ``trained_rows`` samples of every member train ``weight`` and ``bias``;
+        for the later ones the parameters are constants, as if detached (``None``: every sample trains them).
+    """
     if th.is_grad_enabled() and (x.requires_grad or weight.requires_grad or bias.requires_grad):
-        return _EnsembleLinearFunction.apply(x, weight, bias, relu)
+        return _EnsembleLinearFunction.apply(x, weight, bias, relu, trained_rows)
     return _linear(x, weight, bias, relu)
 
 
@@ -143,20 +172,33 @@ class EnsembleLinear(nn.Module):
         nn.init.constant_(self.bias, 0.1)
 
     def forward(
-        self, x: th.Tensor, detach: bool = False, dtype: th.dtype | None = None, relu: bool = False
+        self,
+        x: th.Tensor,
+        detach: bool = False,
+        dtype: th.dtype | None = None,
+        relu: bool = False,
+        trained_rows: int | None = None,
     ) -> th.Tensor:
         """``x [E, B, in] -> [E, B, out]``.
 
         :param detach: use detached parameters (gradient reaches ``x`` only).
         :param dtype: compute in this (reduced) precision; the parameters themselves stay as they are.
         :param relu: apply a ReLU to the output (in the same autograd node).
+        :param trained_rows: only the first ``trained_rows`` samples train the parameters; the later ones see
+            them detached (see :func:`ensemble_linear`).
         """
-        return ensemble_linear(x, *self._weight_and_bias(detach, dtype), relu)
+        return ensemble_linear(x, *self._weight_and_bias(detach, dtype), relu, trained_rows)
 
-    def lookup(self, index: th.Tensor, detach: bool = False, dtype: th.dtype | None = None) -> th.Tensor:
+    def lookup(
+        self,
+        index: th.Tensor,
+        detach: bool = False,
+        dtype: th.dtype | None = None,
+        trained_rows: int | None = None,
+    ) -> th.Tensor:
         """The layer of one-hot inputs given by their indices (``index [B]`` long, each below ``in_features``):
         ``[E, B, out]``, equal to ``self(one_hot(index))`` bit for bit (see :func:`ensemble_lookup`)."""
-        return ensemble_lookup(index, *self._weight_and_bias(detach, dtype))
+        return ensemble_lookup(index, *self._weight_and_bias(detach, dtype), trained_rows)
 
     def _weight_and_bias(self, detach: bool, dtype: th.dtype | None) -> tuple[th.Tensor, th.Tensor]:
         """``(weight, bias)``, detached and cast as :meth:`forward` describes."""
@@ -181,9 +223,16 @@ class EnsembleMLP(nn.Module):
         )
         self.final_relu = final_relu
 
-    def forward(self, x: th.Tensor, detach: bool = False, dtype: th.dtype | None = None) -> th.Tensor:
-        """``x [E, B, sizes[0]] -> [E, B, sizes[-1]]``; ``detach`` and ``dtype`` as in :class:`EnsembleLinear`."""
+    def forward(
+        self,
+        x: th.Tensor,
+        detach: bool = False,
+        dtype: th.dtype | None = None,
+        trained_rows: int | None = None,
+    ) -> th.Tensor:
+        """``x [E, B, sizes[0]] -> [E, B, sizes[-1]]``; ``detach``, ``dtype`` and ``trained_rows`` as in
+        :class:`EnsembleLinear`."""
         last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
-            x = layer(x, detach, dtype, relu=i < last or self.final_relu)
+            x = layer(x, detach, dtype, relu=i < last or self.final_relu, trained_rows=trained_rows)
         return x

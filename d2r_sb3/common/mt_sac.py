@@ -513,11 +513,12 @@ class MultiTaskSAC(SAC):
                 next_q - alpha * next_log_prob
             )
 
-        current_q = policy.q_values(data.observations, data.actions, task_ids)  # [n_critics, B]
+        # [n_critics, B] each: the TD regression's Q values and the actor loss's (critics frozen)
+        current_q, q_pi_all = policy.q_values_pair(data.observations, data.actions, actions_pi, task_ids)
         critic_loss = (current_q - target_q).square().sum(0)
         if self.half_critic_loss:
             critic_loss = 0.5 * critic_loss
-        q_pi = policy.q_values_for_actor(data.observations, actions_pi, task_ids).min(0).values
+        q_pi = q_pi_all.min(0).values
         actor_loss = alpha * log_prob - q_pi
         # Means inside each task (0 for a task absent from the batch), with the task counts computed once and
         # without th.bincount (which sizes its output from the data: a host sync on a GPU).

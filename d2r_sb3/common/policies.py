@@ -13,6 +13,10 @@ method                     used for                                             
 ``target_q_values``        ``Qbar_i(s', a')`` in the TD target                  TopK
 =========================  ===================================================  ============================
 
+The update asks for ``q_values`` and ``q_values_for_actor`` together, through ``q_values_pair``: both read the
+critics from before the update, so a policy may answer them in one pass over its networks (D2R does; the default
+makes the two calls).
+
 Observations are ``[state, task one-hot]`` with the one-hot last, as built by :func:`d2r_sb3.make_mt_env`.
 :meth:`MultiTaskPolicy.predict` (and D2R's ``route`` / ``critic_route``) accept what SB3's ``predict`` accepts and
 check it with :func:`check_observations`: the width, finiteness and an exact task one-hot in every row.
@@ -322,6 +326,16 @@ class MultiTaskPolicy(BasePolicy):
     def q_values_for_actor(self, obs: th.Tensor, actions: th.Tensor, task_ids: th.Tensor) -> th.Tensor:
         """``[n_critics, B]`` Q values for the actor loss: gradient reaches the actions, not the critic."""
         return self.critic.q_values(obs, actions, task_ids, detach_params=True)
+
+    def q_values_pair(
+        self, obs: th.Tensor, actions: th.Tensor, actions_pi: th.Tensor, task_ids: th.Tensor
+    ) -> tuple[th.Tensor, th.Tensor]:
+        """``(q_values(obs, actions), q_values_for_actor(obs, actions_pi))``, in that order.
+
+        The update needs both from the same (pre-update) critics; a policy may compute them in one pass over its
+        networks (D2R does). This default makes the two calls.
+        """
+        return self.q_values(obs, actions, task_ids), self.q_values_for_actor(obs, actions_pi, task_ids)
 
     def target_q_values(self, obs: th.Tensor, actions: th.Tensor, task_ids: th.Tensor) -> th.Tensor:
         return self.critic_target.q_values(obs, actions, task_ids)

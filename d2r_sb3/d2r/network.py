@@ -187,23 +187,30 @@ class RoutedNetwork(nn.Module):
         return x0, self.graph.padded_logits(logits)
 
     def encode_flat(
-        self, state: th.Tensor, task_ids: th.Tensor, detach: bool = False, dtype: th.dtype | None = None
+        self,
+        state: th.Tensor,
+        task_ids: th.Tensor,
+        detach: bool = False,
+        dtype: th.dtype | None = None,
+        trained_rows: int | None = None,
     ) -> tuple[th.Tensor, th.Tensor]:
         """``(x0 [E, B, embed], flat gate logits [E, B, L])`` (Eq. 4).
 
         With a reduced-precision ``dtype`` the encoders and the gate compute in it and ``x0`` stays in it,
         while the gate logits come back in the parameters' dtype: routes, routing weights and ResRouting masks
-        are always decided in full precision.
+        are always decided in full precision. ``trained_rows``: only the first ``trained_rows`` samples train the
+        encoders and the gate (:func:`~d2r_sb3.common.ensemble.ensemble_linear`).
         """
         ens = self.n_nets
         if state.dim() == 2:
             state = state.unsqueeze(0).expand(ens, -1, -1)
         if dtype is not None:
             state = state.to(dtype)
-        f_pre = self.state_encoder(state, detach, dtype)
+        f_pre = self.state_encoder(state, detach, dtype, trained_rows)
         # H(onehot) = W onehot + b: a lookup of W's columns, whose backward is the one-hot matmul's.
-        task_embedding = self.task_encoder.lookup(task_ids, detach, dtype)
-        gate_logits = self.gate(task_embedding * f_pre, detach, dtype)  # gate input is taken before the ReLU
+        task_embedding = self.task_encoder.lookup(task_ids, detach, dtype, trained_rows)
+        # The gate input is taken before the ReLU.
+        gate_logits = self.gate(task_embedding * f_pre, detach, dtype, trained_rows)
         if dtype is not None:
             gate_logits = gate_logits.to(self.task_encoder.weight.dtype)
         return th.relu(f_pre), gate_logits
@@ -287,6 +294,67 @@ class RoutedNetwork(nn.Module):
             compute_dtype = None  # the plain path: no casts
         x0, logits = self.encode_flat(state, task_ids, detach_params, compute_dtype)
         sources, weights, keep = self.choose_routes(logits, task_ids, route)
+        return self._modules_and_head(x0, sources, weights, keep, detach_params, compute_dtype, None), sources
+
+    def forward_pair(
+        self,
+        state: th.Tensor,
+        task_ids: th.Tensor,
+        route: RouteRequest,
+        frozen_state: th.Tensor,
+        frozen_task_ids: th.Tensor,
+        frozen_route: RouteRequest,
+        compute_dtype: th.dtype | None = None,
+    ) -> tuple[th.Tensor, th.Tensor]:
+        """Two batches in one pass over the same parameters: the first trains them, as :meth:`forward` does; for
+        the second (``frozen_*``) they are constants, as with ``detach_params=True``: its gradient reaches its
+        inputs only.
+
+        Equal in values and gradients to the two calls ``forward(state, task_ids, route)`` and
+        ``forward(frozen_state, frozen_task_ids, frozen_route, detach_params=True)``, made in that order (the
+        routes are chosen in that order too, so SampleK draws the same noise), with half the calls: the
+        multi-task SAC update evaluates its critics this way for the TD regression and the actor loss, which
+        both use the parameters from before the update.
+
+        :param state: ``[B, state_dim]`` or ``[E, B, state_dim]``; ``frozen_state`` the same with ``B'`` rows.
+        :return: ``(out [E, B, out_dim], frozen_out [E, B', out_dim])``.
+        """
+        if compute_dtype == self.head.weight.dtype:
+            compute_dtype = None
+        rows = task_ids.shape[0]
+        x0, logits = self.encode_flat(
+            th.cat([state, frozen_state], dim=-2),
+            th.cat([task_ids, frozen_task_ids]),
+            False,
+            compute_dtype,
+            trained_rows=rows,
+        )
+        trained = self.choose_routes(logits[:, :rows], task_ids, route)
+        frozen = self.choose_routes(logits[:, rows:], frozen_task_ids, frozen_route)
+        (sources, weights, keep), (frozen_sources, frozen_weights, frozen_keep) = trained, frozen
+        sources = th.cat([sources.expand_as(weights), frozen_sources.expand_as(frozen_weights)], 1)
+        if keep is not None or frozen_keep is not None:
+            # A half without ResRouting keeps every source (plain gradients).
+            keep, frozen_keep = (
+                k if k is not None else w.new_ones(w.shape, dtype=th.bool)
+                for k, w in ((keep, weights), (frozen_keep, frozen_weights))
+            )
+            keep = th.cat([keep, frozen_keep], 1)
+        weights = th.cat([weights, frozen_weights], 1)
+        out = self._modules_and_head(x0, sources, weights, keep, False, compute_dtype, rows)
+        return out[:, :rows], out[:, rows:]
+
+    def _modules_and_head(
+        self,
+        x0: th.Tensor,
+        sources: th.Tensor,
+        weights: th.Tensor,
+        keep: th.Tensor | None,
+        detach_params: bool,
+        compute_dtype: th.dtype | None,
+        trained_rows: int | None,
+    ) -> th.Tensor:
+        """The routed block and the head on chosen routes: ``out [E, B, out_dim]`` (see :meth:`forward`)."""
         params: tuple[th.Tensor, ...] = (self.w_in, self.b_in, self.w_hid, self.b_hid)
         if detach_params:
             params = tuple(p.detach() for p in params)
@@ -294,10 +362,12 @@ class RoutedNetwork(nn.Module):
             params = tuple(p.to(compute_dtype) for p in params)
             weights = weights.to(compute_dtype)
         w_in, b_in, w_hid, b_hid = params
-        y = routed_block(x0, w_in, b_in, w_hid, b_hid, weights, sources, keep, self.block_workspace)
+        y = routed_block(
+            x0, w_in, b_in, w_hid, b_hid, weights, sources, keep, self.block_workspace, trained_rows
+        )
         if compute_dtype is not None:
             y = y.to(self.head.weight.dtype)  # the head (Q value, action mean / log-std) in full precision
-        return self.head(y, detach_params), sources
+        return self.head(y, detach_params, trained_rows=trained_rows)
 
     @th.no_grad()
     def routing_path(self, state: th.Tensor, task_ids: th.Tensor, route: RouteRequest = TOPK) -> RoutingPath:

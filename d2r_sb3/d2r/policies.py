@@ -150,6 +150,31 @@ class D2RCritic(TaskCritic):
             obs, actions, task_ids, detach_params, route=route, compute_dtype=compute_dtype
         )
 
+    def q_values_pair(
+        self,
+        obs: th.Tensor,
+        actions: th.Tensor,
+        frozen_actions: th.Tensor,
+        task_ids: th.Tensor,
+        route: RouteRequest,
+        frozen_route: RouteRequest,
+        compute_dtype: th.dtype | None = None,
+    ) -> tuple[th.Tensor, th.Tensor]:
+        """``(q_values(obs, actions, route=route), q_values(obs, frozen_actions, route=frozen_route,
+        detach_params=True))`` in one pass over the networks (:meth:`RoutedNetwork.forward_pair`), each
+        ``[n_critics, B]``."""
+        state = obs[..., : self.state_dim]
+        out, frozen_out = self.net.forward_pair(
+            th.cat([state, actions], dim=-1),
+            task_ids,
+            route,
+            th.cat([state, frozen_actions], dim=-1),
+            task_ids,
+            frozen_route,
+            compute_dtype,
+        )
+        return out[..., 0], frozen_out[..., 0]
+
 
 class D2RPolicy(MultiTaskPolicy):
     """D2R actor-critic policy (alias ``"D2RPolicy"``); defaults are the paper's MT10 network.
@@ -379,14 +404,40 @@ class D2RPolicy(MultiTaskPolicy):
         return self.actor.action_log_prob(obs, task_ids, TOPK, self._train_dtype)
 
     def q_values(self, obs: th.Tensor, actions: th.Tensor, task_ids: th.Tensor) -> th.Tensor:
-        request = RouteRequest(explore=self.sample_k, resrouting=self.resrouting)
-        return self.critic.q_values(obs, actions, task_ids, request, compute_dtype=self._train_dtype)
+        return self.critic.q_values(obs, actions, task_ids, self._td_route, compute_dtype=self._train_dtype)
 
     def q_values_for_actor(self, obs: th.Tensor, actions: th.Tensor, task_ids: th.Tensor) -> th.Tensor:
-        request = RouteRequest(resrouting=self.resrouting)
         return self.critic.q_values(
-            obs, actions, task_ids, request, detach_params=True, compute_dtype=self._train_dtype
+            obs,
+            actions,
+            task_ids,
+            self._actor_loss_route,
+            detach_params=True,
+            compute_dtype=self._train_dtype,
         )
+
+    def q_values_pair(
+        self, obs: th.Tensor, actions: th.Tensor, actions_pi: th.Tensor, task_ids: th.Tensor
+    ) -> tuple[th.Tensor, th.Tensor]:
+        return self.critic.q_values_pair(
+            obs,
+            actions,
+            actions_pi,
+            task_ids,
+            self._td_route,
+            self._actor_loss_route,
+            self._train_dtype,
+        )
+
+    @property
+    def _td_route(self) -> RouteRequest:
+        """The critics' routes in the TD regression: fresh SampleK draws (TopK without SampleK)."""
+        return RouteRequest(explore=self.sample_k, resrouting=self.resrouting)
+
+    @property
+    def _actor_loss_route(self) -> RouteRequest:
+        """The critics' routes in the actor loss: TopK."""
+        return RouteRequest(resrouting=self.resrouting)
 
     def target_q_values(self, obs: th.Tensor, actions: th.Tensor, task_ids: th.Tensor) -> th.Tensor:
         return self.critic_target.q_values(obs, actions, task_ids, TOPK, compute_dtype=self._train_dtype)

@@ -132,18 +132,26 @@ def _member_weight_gradients(
     sizes: list[int],
     grad_weight: th.Tensor | None,
     grad_bias: th.Tensor | None,
+    trained: list[int] | None = None,
 ) -> None:
     """Per member ``e``: ``grad_weight[e] = grad_pre[rows of e]^T @ x[rows of e]`` and ``grad_bias[e]`` the sum of
-    ``grad_pre`` over those rows (``grad_pre [rows, N]``, ``x [rows, K]``, outputs ``[E, N, K]`` and ``[E, N]``)."""
+    ``grad_pre`` over those rows (``grad_pre [rows, N]``, ``x [rows, K]``, outputs ``[E, N, K]`` and ``[E, N]``).
+
+    :param trained: the first rows of each member's slab that count (the rows that train the weights); ``None``:
+        the whole slab.
+    """
     ens = len(sizes)
-    if sizes.count(sizes[0]) == ens:  # all members equal: one batched product
-        grad3 = grad_pre.view(ens, sizes[0], -1)
+    if trained is None:
+        trained = sizes
+    if sizes.count(sizes[0]) == ens and trained.count(trained[0]) == ens:  # one batched product
+        grad3 = grad_pre.view(ens, sizes[0], -1)[:, : trained[0]]
         if grad_weight is not None:
-            th.bmm(grad3.transpose(1, 2), x.view(ens, sizes[0], -1), out=grad_weight)
+            th.bmm(grad3.transpose(1, 2), x.view(ens, sizes[0], -1)[:, : trained[0]], out=grad_weight)
         if grad_bias is not None:
             th.sum(grad3, 1, out=grad_bias)
         return
-    for member, rows in enumerate(_member_slabs(sizes)):
+    for member, (rows, used) in enumerate(zip(_member_slabs(sizes), trained, strict=True)):
+        rows = slice(rows.start, rows.start + used)
         if grad_weight is not None:
             th.mm(grad_pre[rows].t(), x[rows], out=grad_weight[member])  # (no rows: 0)
         if grad_bias is not None:
@@ -409,14 +417,19 @@ class BlockWorkspace:
         self._scratch = {}
 
     def layout(
-        self, sources: th.Tensor, weights: th.Tensor, keep: th.Tensor | None, compute_dtype: th.dtype
+        self,
+        sources: th.Tensor,
+        weights: th.Tensor,
+        keep: th.Tensor | None,
+        compute_dtype: th.dtype,
+        trained_rows: int | None = None,
     ) -> RowLayout:
         """The rows of one call with these routes (skipping unreached modules where this workspace does), for
-        module products in ``compute_dtype``."""
+        module products in ``compute_dtype``; ``trained_rows`` as in :func:`routed_block`."""
         skip = self.skip_unreached
         if skip is None:
             skip = sources.device.type == "cpu"
-        return build_row_layout(sources, weights, keep, self.plan.is_input, skip, compute_dtype)
+        return build_row_layout(sources, weights, keep, self.plan.is_input, skip, compute_dtype, trained_rows)
 
     def gradient_graph(
         self, layout: RowLayout, routed: slice | th.Tensor, routed_index: np.ndarray, like: th.Tensor
@@ -476,8 +489,9 @@ class RoutedBlockFunction(th.autograd.Function):
         sources: th.Tensor,
         keep: th.Tensor | None,
         workspace: BlockWorkspace,
+        trained_rows: int | None,
     ) -> th.Tensor:
-        layout = workspace.layout(sources, weights, keep, x0.dtype)
+        layout = workspace.layout(sources, weights, keep, x0.dtype, trained_rows)
         hidden: list[th.Tensor] = []
         inputs: list[th.Tensor] = []
         y, outputs = run_nodes(x0, w_in, b_in, w_hid, b_hid, layout, workspace.plan, saved=(hidden, inputs))
@@ -519,6 +533,7 @@ class RoutedBlockFunction(th.autograd.Function):
         node_grads = table[0, : layout.starts[n]].split(row_counts)
         node_shortcut_grads = table[1, : layout.starts[n]].split(row_counts) if graph.two_sided else None
         node_outputs = outputs.split(row_counts)
+        trained = layout.trained_sizes
         w_hid_k = w_hid.unbind(1)
         grad_w_hid_k = grad_w_hid.unbind(1) if grad_w_hid is not None else None
         grad_b_hid_k = grad_b_hid.unbind(1) if grad_b_hid is not None else None
@@ -558,6 +573,7 @@ class RoutedBlockFunction(th.autograd.Function):
                 node_shortcut_grads[node] if node_shortcut_grads is not None else None,
                 grad_w_hid_k[k] if grad_w_hid_k is not None else None,
                 grad_b_hid_k[k] if grad_b_hid_k is not None else None,
+                trained[node] if trained is not None else None,
             )
             graph.push(table, layout.node_rows(node))
 
@@ -568,7 +584,7 @@ class RoutedBlockFunction(th.autograd.Function):
         workspace.give_back_scratch(table)
         if need_x0 and grad_x0 is None:  # (no input module reached: not possible with a route, but exact)
             grad_x0 = th.zeros_like(x0)
-        return grad_x0, grad_w_in, grad_b_in, grad_w_hid, grad_b_hid, grad_p, None, None, None
+        return grad_x0, grad_w_in, grad_b_in, grad_w_hid, grad_b_hid, grad_p, None, None, None, None
 
 
 def _start_output_gradient(
@@ -611,7 +627,9 @@ def _input_module_backward(
     members = layout.member_sizes[node]
     grad_pre = th.ops.aten.threshold_backward(grad_full, output, 0)
     if grad_weight is not None or grad_bias is not None:
-        _member_weight_gradients(grad_pre, _input_rows(x0, layout, node), members, grad_weight, grad_bias)
+        trained = layout.trained_sizes[node] if layout.trained_sizes is not None else None
+        x = _input_rows(x0, layout, node)
+        _member_weight_gradients(grad_pre, x, members, grad_weight, grad_bias, trained)
     if not need_x0:
         return None
     if layout.complete[node]:
@@ -635,6 +653,7 @@ def _hidden_module_backward(
     shortcut_grad: th.Tensor | None,
     grad_weight: th.Tensor | None,
     grad_bias: th.Tensor | None,
+    trained: list[int] | None = None,
 ) -> None:
     """Backward of a routed module from ``gF`` and ``gT`` (each ``[rows, D]``; ``gT`` is ``None`` without
     ResRouting): writes its table rows ``A`` (``node_grad``) and ``gS`` (``shortcut_grad``, with the "full"
@@ -642,6 +661,7 @@ def _hidden_module_backward(
 
     :param members: the module's rows of each ensemble member (``weight [E, D, D]`` is applied member by member).
     :param hidden: the module's saved ``relu`` output ``h`` (its mask); ``inputs``: its saved input ``u``.
+    :param trained: the rows of each member's slab that train the weights (:attr:`RowLayout.trained_sizes`).
     """
     grad_pre = th.ops.aten.threshold_backward(grad_full, hidden, 0)
     if grad_total is None:  # no ResRouting: the shortcut gets gF
@@ -650,7 +670,7 @@ def _hidden_module_backward(
         shortcut_grad.copy_(grad_total)  # gS
     # A = gU + gS, with gU = grad_pre W ("full") or grad_pre W + gT (s_i == u_i).
     _member_products(grad_pre, weight, members, add=grad_total, out=node_grad)
-    _member_weight_gradients(grad_pre, inputs, members, grad_weight, grad_bias)
+    _member_weight_gradients(grad_pre, inputs, members, grad_weight, grad_bias, trained)
 
 
 def _routing_weight_gradient(
@@ -686,6 +706,7 @@ def routed_block(
     sources: th.Tensor,
     keep: th.Tensor | None,
     workspace: BlockWorkspace,
+    trained_rows: int | None = None,
 ) -> th.Tensor:
     """Run the routed modules and the output node.
 
@@ -697,12 +718,15 @@ def routed_block(
     :param sources: ``[E, B, n + 1, C]`` module indices of the chosen sources.
     :param keep: ``[E, B, n + 1, C]`` ResRouting mask, or ``None`` when ResRouting is off.
     :param workspace: the network's :class:`BlockWorkspace` (its plan, backward strategy and scratch memory).
+    :param trained_rows: only the first ``trained_rows`` samples of every member train the module weights; for
+        the later ones the weights are constants, as if detached (their gradient still reaches ``x0`` and the
+        routing weights). ``None``: every sample trains them.
     :return: ``[E, B, D]`` output-node value.
     """
     sources = sources.expand(weights.shape)
     tensors = (x0, w_in, b_in, w_hid, b_hid, weights)
     if th.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return RoutedBlockFunction.apply(*tensors, sources, keep, workspace)
+        return RoutedBlockFunction.apply(*tensors, sources, keep, workspace, trained_rows)
     # No gradient wanted (targets, acting): nothing to save for a backward pass.
     layout = workspace.layout(sources, weights, keep, x0.dtype)
     return run_nodes(x0, w_in, b_in, w_hid, b_hid, layout, workspace.plan)[0]

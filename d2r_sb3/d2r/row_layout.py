@@ -61,6 +61,8 @@ class RowLayout:
     :param grid_of_row: ``[rows]`` grid row of every row; ``E * B * (n + 1)`` (one past the grid) on padding rows.
     :param sample_of_row: ``[rows]`` sample ``g`` of every row (0 on padding rows).
     :param dense: every module is computed for every sample (row ``i * E * B + g`` is node ``i``, sample ``g``).
+    :param trained_sizes: for every node, the first rows of each member's slab that train the module's weights
+        (the rows of samples ``b < trained_rows``, which come first in a slab), or ``None`` when every row does.
     """
 
     ens: int
@@ -74,6 +76,7 @@ class RowLayout:
     grid_of_row: th.Tensor
     sample_of_row: th.Tensor
     dense: bool
+    trained_sizes: list[list[int]] | None = None
 
     @property
     def n_rows(self) -> int:
@@ -96,6 +99,7 @@ def build_row_layout(
     is_input: tuple[bool, ...],
     skip: bool,
     compute_dtype: th.dtype = th.float32,
+    trained_rows: int | None = None,
 ) -> RowLayout:
     """The rows of a call with these routes.
 
@@ -106,11 +110,13 @@ def build_row_layout(
     :param skip: compute each module only for the samples that reach it (else: the dense layout).
     :param compute_dtype: the dtype of the module products (it decides which nodes are padded,
         :func:`padded_share`).
+    :param trained_rows: only samples ``b < trained_rows`` of every member train the modules' weights (see
+        :attr:`RowLayout.trained_sizes`); ``None``: all of them.
     """
     ens, batch, nodes, slots = sources.shape
     grid_size = ens * batch * nodes
     if skip:
-        return _skipping_layout(sources, weights, keep, is_input, padded_share(compute_dtype))
+        return _skipping_layout(sources, weights, keep, is_input, padded_share(compute_dtype), trained_rows)
     member_sizes, complete = [[batch] * ens for _ in range(nodes)], [True] * nodes
     starts = [ens * batch * node for node in range(nodes + 1)]
     # Node-major: row r is (node r // EB, sample r % EB); grid row q = g * (n + 1) + i.
@@ -135,6 +141,7 @@ def build_row_layout(
         grid_of_row,
         grid_of_row // nodes % (ens * batch),
         dense=True,
+        trained_sizes=None if trained_rows is None else [[trained_rows] * ens for _ in range(nodes)],
     )
 
 
@@ -159,13 +166,18 @@ def from_host(array: np.ndarray, like: th.Tensor) -> th.Tensor:
 
 
 def _skipping_layout(
-    sources: th.Tensor, weights: th.Tensor, keep: th.Tensor | None, is_input: tuple[bool, ...], share: float
+    sources: th.Tensor,
+    weights: th.Tensor,
+    keep: th.Tensor | None,
+    is_input: tuple[bool, ...],
+    share: float,
+    trained_rows: int | None,
 ) -> RowLayout:
     """The skipping layout. The sizes of the blocks are needed on the host anyway, so the whole index bookkeeping
     runs there, in numpy (a few microseconds an operation, where each tensor operation costs tens): the rows,
     and every per-row gather of the routes, weights and masks."""
     ens, batch, nodes, slots = sources.shape
-    index = _skipping_index(host_array(sources), is_input, share)
+    index = _skipping_index(host_array(sources), is_input, share, trained_rows)
     grid_of_row = index.grid_of_row
 
     def per_row(values: np.ndarray, like: th.Tensor) -> th.Tensor:
@@ -187,6 +199,7 @@ def _skipping_layout(
         from_host(grid_of_row, sources),
         from_host(grid_of_row // nodes % (ens * batch), sources),
         dense=False,
+        trained_sizes=index.trained_sizes,
     )
 
 
@@ -200,9 +213,12 @@ class _SkippingIndex:
     grid_of_row: np.ndarray  # [rows]; one past the grid on padding rows
     # [E * B * (n + 1), C]: the row of each grid entry's source (meaningful where the source is reached)
     source_rows: np.ndarray
+    trained_sizes: list[list[int]] | None  # reached samples b < trained_rows of every node and member
 
 
-def _skipping_index(sources: np.ndarray, is_input: tuple[bool, ...], share: float) -> _SkippingIndex:
+def _skipping_index(
+    sources: np.ndarray, is_input: tuple[bool, ...], share: float, trained_rows: int | None = None
+) -> _SkippingIndex:
     """Rows of the reached (node, sample) pairs for routes ``sources [E, B, n + 1, C]`` (see the module docstring);
     a node's slabs are padded where that adds at most ``share`` of padding rows."""
     ens, batch, nodes, slots = sources.shape
@@ -225,8 +241,16 @@ def _skipping_index(sources: np.ndarray, is_input: tuple[bool, ...], share: floa
     position = np.flatnonzero(reached)  # reached (node, sample) pairs, node-major
     grid_of_row = np.full(starts[-1], grid_size, dtype=np.int64)  # padding rows point one past the grid
     grid_of_row[row_of[position]] = position % n_samples * nodes + position // n_samples
+    trained = None
+    if trained_rows is not None:  # a slab holds its samples in order: these come first
+        trained = reached.reshape(nodes, ens, batch)[..., :trained_rows].sum(-1).tolist()
     return _SkippingIndex(
-        slabs.tolist(), complete, starts, grid_of_row, row_of[source_position.reshape(grid_size, slots)]
+        slabs.tolist(),
+        complete,
+        starts,
+        grid_of_row,
+        row_of[source_position.reshape(grid_size, slots)],
+        trained,
     )
 
 
