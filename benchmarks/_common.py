@@ -2,7 +2,10 @@
 
 Timing protocol: every candidate runs in the same process, interleaved (one repeat of
 each in turn, the order alternating between repeats), after warm-up; we report the median over repeats and the
-median of the per-repeat ratios, which cancels most of the drift on a shared machine.
+median of the per-repeat ratios, which cancels most of the drift on a shared machine. Where the candidates allocate
+memory of changing sizes (D2R's per-call buffers follow the routes), the warm-up goes on until the process's heap
+has settled (:func:`settle`): several models in one process need longer than one, and each fresh page costs a
+page fault (about a microsecond in a VM) that a training process stops paying after its first steps.
 """
 
 from __future__ import annotations
@@ -73,11 +76,38 @@ def machine_lines() -> list[str]:
     return lines
 
 
+def minor_page_faults() -> int:
+    """Minor page faults of this process so far (0 where the platform does not count them)."""
+    try:
+        import resource
+    except ImportError:  # (Windows)
+        return 0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def settle(candidates: dict[str, Callable[[], None]], most_faults: int, max_rounds: int = 30) -> int:
+    """Untimed rounds of every candidate until no call of any takes more than ``most_faults`` minor page faults
+    (the heap has reached its steady size), at most ``max_rounds``.
+
+    :return: the rounds run.
+    """
+    for rounds in range(1, max_rounds + 1):
+        worst = 0
+        for fn in candidates.values():
+            before = minor_page_faults()
+            fn()
+            worst = max(worst, minor_page_faults() - before)
+        if worst <= most_faults:
+            return rounds
+    return max_rounds
+
+
 def interleaved(
     candidates: dict[str, Callable[[], None]],
     repeats: int,
     warmup: int = 1,
     sync: Callable[[], None] | None = None,
+    faults: dict[str, list[int]] | None = None,
 ) -> dict[str, list[float]]:
     """Seconds per call of every candidate, ``repeats`` times each, interleaved.
 
@@ -85,6 +115,7 @@ def interleaved(
     :param repeats: measured calls per candidate.
     :param warmup: untimed calls per candidate first.
     :param sync: called before reading the clock (``torch.cuda.synchronize`` on a GPU).
+    :param faults: if given, receives the minor page faults of every timed call, by candidate.
     """
     sync = sync or (lambda: None)
     for _ in range(warmup):
@@ -95,10 +126,13 @@ def interleaved(
     for rep in range(repeats):
         for name in names if rep % 2 == 0 else reversed(names):
             sync()
+            before = minor_page_faults()
             start = time.perf_counter()
             candidates[name]()
             sync()
             times[name].append(time.perf_counter() - start)
+            if faults is not None:
+                faults.setdefault(name, []).append(minor_page_faults() - before)
     return times
 
 

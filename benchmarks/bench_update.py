@@ -24,6 +24,7 @@ from _common import (
     median,
     paired_ratio,
     set_threads,
+    settle,
 )
 from naive_d2r import naive_forward
 
@@ -120,6 +121,12 @@ def main() -> None:
         default=16,
         help="untimed gradient steps per model first (a D2R process's heap reaches its steady size in about a dozen)",
     )
+    parser.add_argument(
+        "--settle-faults",
+        type=int,
+        default=100,
+        help="after the warm-up, more untimed rounds until no model takes more minor page faults per step than this",
+    )
     add_malloc_flag(parser)
     args = parser.parse_args()
     set_threads(args.threads, args.malloc_defaults)
@@ -128,14 +135,25 @@ def main() -> None:
 
     env, models = build_models(args.batch, args.collect, args.seed)
     candidates = {name: (lambda m=model: m.train(args.steps, args.batch)) for name, model in models.items()}
-    times = interleaved(candidates, args.repeats, warmup=max(1, -(-args.warmup_steps // args.steps)))
+    warmup = max(1, -(-args.warmup_steps // args.steps))
+    interleaved(candidates, 0, warmup=warmup)
+    # Then until the heap has settled: the models' allocations interleave, so that takes longer than for one.
+    settled = settle(candidates, most_faults=args.settle_faults * args.steps)
+    faults: dict[str, list[int]] = {}
+    times = interleaved(candidates, args.repeats, warmup=0, faults=faults)
     reference = next(iter(models))
     rows = []
     for name in models:
         ms = 1000 * median(times[name]) / args.steps
-        rows.append([name, f"{ms:.1f}", f"{paired_ratio(times, name, reference):.2f}"])
+        per_step = median(faults[name]) / args.steps
+        rows.append([name, f"{ms:.1f}", f"{paired_ratio(times, name, reference):.2f}", f"{per_step:.0f}"])
     print(f"## SAC gradient step, batch {args.batch}, {args.threads} thread(s)\n")
-    print(markdown_table(["model", "ms per gradient step", f"ratio to {reference.split(',')[0]}"], rows))
+    header = ["model", "ms per gradient step", f"ratio to {reference.split(',')[0]}", "page faults per step"]
+    print(markdown_table(header, rows))
+    print(
+        f"\nWarm-up: {warmup * args.steps} steps per model, then {settled} more round(s) of {args.steps} until no "
+        f"model's round took more than {args.settle_faults} minor page faults per step."
+    )
     share = modules_computed(models["D2R (D2RSAC, default MT10 network)"], args.batch)
     print(
         f"\nD2R computed {100 * share:.0f} % of the (module, sample) pairs of a dense block in these steps "

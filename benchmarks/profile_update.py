@@ -3,8 +3,9 @@
     python benchmarks/profile_update.py              # 1 thread, 5 profiled steps, MT10 data, batch 1280
     python benchmarks/profile_update.py --batch 320 --precision bfloat16   # the opt-in mixed precision
 
-Phases are the five policy calls of the multi-task SAC update (table in d2r_sb3/common/policies.py), the backward
-pass and the optimiser steps; inside each phase the self time of every operator is put in one bucket: matrix products,
+Phases are the policy calls of the multi-task SAC update (table in d2r_sb3/common/policies.py; ``q_values_pair``
+evaluates the critics for the TD regression and for the actor loss in one pass), the backward pass and the
+optimiser steps; inside each phase the self time of every operator is put in one bucket: matrix products,
 the routed block's gathers (``embedding_bag``), other tensor operations, and Python/dispatch overhead (the
 time spent in the phase that no operator accounts for).
 """
@@ -20,7 +21,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 MATMUL = {"aten::bmm", "aten::baddbmm", "aten::baddbmm_", "aten::mm", "aten::addmm", "aten::matmul"}
 GATHER = {"aten::_embedding_bag_forward_only", "aten::embedding_bag", "aten::index_select"}
-POLICY_CALLS = ("actor_loss_sample", "target_sample", "q_values", "q_values_for_actor", "target_q_values")
+POLICY_CALLS = ("actor_loss_sample", "target_sample", "target_q_values", "q_values_pair")
 
 
 def instrument(model) -> None:
