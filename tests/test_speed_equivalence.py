@@ -539,7 +539,7 @@ def _two_calls_and_pair(net: RoutedNetwork, routes, dtype, compute_dtype=None):
     return results
 
 
-@pytest.mark.parametrize("explores", ["trained", "frozen"])
+@pytest.mark.parametrize("explores", ["trained", "frozen", "trained, frozen without ResRouting"])
 @pytest.mark.parametrize("strategy", BLOCK_STRATEGIES)
 @pytest.mark.parametrize("resrouting", list(RESROUTING))
 @pytest.mark.parametrize("routing", ["topk", "hard", "soft"])
@@ -548,12 +548,16 @@ def test_one_pass_over_two_batches_equals_a_trained_and_a_frozen_call(
 ):
     """The critics' TD-regression call (SampleK routes, trains the critics) and actor-loss call (TopK routes,
     critics frozen: gradient reaches the actions only) as one pass: the same values and gradients, whichever batch
-    explores."""
+    explores, and with ResRouting in one batch only."""
     use_rr, shortcut = RESROUTING[resrouting]
     net = small_net(routing, shortcut, n_nets=2).double()
     use_block_strategy(net, strategy)
     sample, top = RouteRequest(explore=True, resrouting=use_rr), RouteRequest(resrouting=use_rr)
-    routes = (sample, top) if explores == "trained" else (top, sample)
+    routes = {
+        "trained": (sample, top),
+        "frozen": (top, sample),
+        "trained, frozen without ResRouting": (sample, RouteRequest()),
+    }[explores]
     (out, frozen, ga, gb, grads), (p_out, p_frozen, p_ga, p_gb, p_grads) = _two_calls_and_pair(
         net, routes, th.float64
     )
