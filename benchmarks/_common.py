@@ -86,23 +86,18 @@ def minor_page_faults() -> int:
 
 
 def settle(candidates: dict[str, Callable[[], None]], most_faults: int, max_rounds: int = 30) -> int:
-    """Untimed rounds of every candidate until each call takes at most ``most_faults`` minor page faults or no
-    fewer than the same candidate's call of the round before (its heap has reached its steady size; some
-    candidates keep a constant number), at most ``max_rounds``.
+    """Untimed rounds of every candidate until no call of any takes more than ``most_faults`` minor page faults
+    (the heap has reached its steady size), at most ``max_rounds``.
 
     :return: the rounds run.
     """
-    previous: dict[str, int] = {}
     for rounds in range(1, max_rounds + 1):
-        settled = True
-        for name, fn in candidates.items():
+        worst = 0
+        for fn in candidates.values():
             before = minor_page_faults()
             fn()
-            taken = minor_page_faults() - before
-            if taken > most_faults and taken < previous.get(name, taken + 1):
-                settled = False  # still above the bar and still falling
-            previous[name] = taken
-        if settled:
+            worst = max(worst, minor_page_faults() - before)
+        if worst <= most_faults:
             return rounds
     return max_rounds
 

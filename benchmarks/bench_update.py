@@ -125,8 +125,7 @@ def main() -> None:
         "--settle-faults",
         type=int,
         default=100,
-        help="after the warm-up, more untimed rounds until every model takes at most this many minor page faults per "
-        "step, or no fewer than in its round before",
+        help="after the warm-up, more untimed rounds until no model takes more minor page faults per step than this",
     )
     add_malloc_flag(parser)
     args = parser.parse_args()
@@ -152,8 +151,8 @@ def main() -> None:
     header = ["model", "ms per gradient step", f"ratio to {reference.split(',')[0]}", "page faults per step"]
     print(markdown_table(header, rows))
     print(
-        f"\nWarm-up: {warmup * args.steps} steps per model, then {settled} more round(s) of {args.steps} until every "
-        f"model's round took at most {args.settle_faults} minor page faults per step or no fewer than its round before."
+        f"\nWarm-up: {warmup * args.steps} steps per model, then {settled} more round(s) of {args.steps} until no "
+        f"model's round took more than {args.settle_faults} minor page faults per step."
     )
     share = modules_computed(models["D2R (D2RSAC, default MT10 network)"], args.batch)
     print(
