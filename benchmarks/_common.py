@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 
 import torch as th
 
+from d2r_sb3.common import cpu_products
 from d2r_sb3.common.memory import keep_freed_memory
 from d2r_sb3.common.precision import cpu_flags
 
@@ -63,6 +64,7 @@ def machine_lines() -> list[str]:
         f"- CPU flags: {' '.join(cpu_flags()) or 'none of avx2 / avx512f / avx512_bf16 / amx (or unreadable)'}",
         f"- torch {th.__version__}, Python {platform.python_version()}",
         f"- malloc: {_malloc}",
+        f"- float32 CPU products of the D2R / baseline dense layers: {_products_line()}",
     ]
     if th.cuda.is_available():
         lines.append(f"- GPU: {th.cuda.get_device_name(0)}")
@@ -74,6 +76,11 @@ def machine_lines() -> list[str]:
     except OSError:
         pass
     return lines
+
+
+def _products_line() -> str:
+    onednn = cpu_products.uses_onednn(th.zeros(1))
+    return f"{cpu_products.cpu_products()} ({'oneDNN' if onednn else 'torch default'} here)"
 
 
 def minor_page_faults() -> int:

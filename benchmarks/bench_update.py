@@ -29,10 +29,23 @@ from _common import (
 from naive_d2r import naive_forward
 
 from d2r_sb3 import D2RSAC, MultiTaskSAC, make_mt_env
+from d2r_sb3.common import cpu_products
 from d2r_sb3.d2r.network import RouteRequest
 
 MLP_ARCH = [400, 400, 400]
+D2R = "D2R (D2RSAC, default MT10 network)"
 D2R_BF16 = "D2R, train_precision=bfloat16 (mixed precision, opt-in)"
+D2R_TORCH_PRODUCTS = "D2R, torch's default products for its dense layers (as SB3's MLP)"
+
+
+def _with_torch_products(model, steps: int, batch: int) -> None:
+    """``model.train`` with the dense layers' products left to torch (``set_cpu_products("default")``)."""
+    choice = cpu_products.cpu_products()
+    cpu_products.set_cpu_products("default")
+    try:
+        model.train(steps, batch)
+    finally:
+        cpu_products.set_cpu_products(choice)
 
 
 def copy_replay(source, target) -> None:
@@ -77,7 +90,7 @@ def build_models(batch: int, collect_steps: int, seed: int, device: str = "cpu")
     return env, {
         "SB3 SAC, MlpPolicy [400, 400, 400]": sb3,
         "MT-SAC (MultiTaskSAC, MLP [400, 400, 400])": mtsac,
-        "D2R (D2RSAC, default MT10 network)": d2r,
+        D2R: d2r,
         D2R_BF16: d2r_bf16,
     }
 
@@ -135,6 +148,9 @@ def main() -> None:
 
     env, models = build_models(args.batch, args.collect, args.seed)
     candidates = {name: (lambda m=model: m.train(args.steps, args.batch)) for name, model in models.items()}
+    if cpu_products.uses_onednn(th.zeros(1)):
+        # The same D2R model with torch's own products, as SB3's MLP computes them: the like-for-like ratio.
+        candidates[D2R_TORCH_PRODUCTS] = lambda m=models[D2R]: _with_torch_products(m, args.steps, args.batch)
     warmup = max(1, -(-args.warmup_steps // args.steps))
     interleaved(candidates, 0, warmup=warmup)
     # Then until the heap has settled: the models' allocations interleave, so that takes longer than for one.
@@ -143,7 +159,7 @@ def main() -> None:
     times = interleaved(candidates, args.repeats, warmup=0, faults=faults)
     reference = next(iter(models))
     rows = []
-    for name in models:
+    for name in candidates:
         ms = 1000 * median(times[name]) / args.steps
         per_step = median(faults[name]) / args.steps
         rows.append([name, f"{ms:.1f}", f"{paired_ratio(times, name, reference):.2f}", f"{per_step:.0f}"])

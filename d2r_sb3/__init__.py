@@ -19,6 +19,7 @@ from d2r_sb3.serialization import LoadedPolicy, load_policy, save_policy
 from d2r_sb3.hub import load_from_hub
 from d2r_sb3.common.params import parameter_counts
 from d2r_sb3.common.memory import keep_freed_memory
+from d2r_sb3.common.cpu_products import set_cpu_products
 
 __version__ = "0.1.0"
 
@@ -43,4 +44,5 @@ __all__ = [
     "make_mt_env",
     "parameter_counts",
     "save_policy",
+    "set_cpu_products",
 ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch as th
 
+from d2r_sb3.common import cpu_products
 from d2r_sb3.common.ensemble import EnsembleMLP, ensemble_linear, ensemble_lookup
 
 
@@ -77,3 +78,62 @@ def test_lookup_is_the_layer_of_one_hot_inputs_bit_for_bit(dtype: th.dtype) -> N
         assert th.equal(g, w)
     with th.no_grad():
         assert th.equal(ensemble_lookup(index, weight, bias), product)
+
+
+@pytest.fixture
+def products(monkeypatch):
+    """The CPU-products choice of this test only (restored afterwards)."""
+    monkeypatch.setattr(cpu_products, "_choice", None)
+    monkeypatch.setattr(cpu_products, "_resolved", None)
+    monkeypatch.delenv("D2R_SB3_CPU_PRODUCTS", raising=False)
+    return cpu_products
+
+
+@pytest.mark.skipif(not cpu_products._onednn_available(), reason="this torch has no oneDNN")
+@pytest.mark.parametrize("trained_rows", [None, 7])
+@pytest.mark.parametrize("members", [1, 2])
+def test_onednn_products_equal_torchs_to_float32_precision(products, members, trained_rows):
+    gen = th.Generator().manual_seed(0)
+    # The input as the critics see it: the state part of a batch of observations (rows 49 apart, a stride oneDNN
+    # would run through a slow reference kernel if it were passed on as it is).
+    obs = th.randn(members, 19, 49, generator=gen)
+    weight = (0.2 * th.randn(members, 30, 39, generator=gen)).requires_grad_(True)
+    bias = th.randn(members, 30, generator=gen).requires_grad_(True)
+    upstream = th.randn(members, 19, 30, generator=gen)
+    results = []
+    for choice in ("default", "onednn"):
+        products.set_cpu_products(choice)
+        x = obs.clone().requires_grad_(True)
+        state = x[..., :39]  # (a view: rows 49 apart)
+        weight.grad = bias.grad = None
+        out = ensemble_linear(state, weight, bias, relu=True, trained_rows=trained_rows)
+        (out * upstream).sum().backward()
+        results.append((out.detach(), x.grad, weight.grad, bias.grad))
+        assert products.uses_onednn(x) == (choice == "onednn")
+    for got, want in zip(results[1], results[0], strict=True):
+        th.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_cpu_products_are_chosen_by_name_and_refuse_unknown_names(products, monkeypatch):
+    x32, x64 = th.zeros(2, 3), th.zeros(2, 3, dtype=th.float64)
+    products.set_cpu_products("default")
+    assert products.cpu_products() == "default" and not products.uses_onednn(x32)
+    products.set_cpu_products("onednn")
+    assert products.uses_onednn(x32) == products._onednn_available()
+    # float64 (the reference tests) and bfloat16 always keep torch's products.
+    assert not products.uses_onednn(x64) and not products.uses_onednn(x32.bfloat16())
+    with pytest.raises(ValueError, match="choose one of"):
+        products.set_cpu_products("mkl")
+    products._choice = None
+    monkeypatch.setenv("D2R_SB3_CPU_PRODUCTS", "fast")
+    with pytest.raises(ValueError, match="D2R_SB3_CPU_PRODUCTS"):
+        products.cpu_products()
+    monkeypatch.setenv("D2R_SB3_CPU_PRODUCTS", "default")
+    products._resolved = None
+    assert not products.uses_onednn(x32)
+    # "auto": oneDNN on AMD CPUs only.
+    monkeypatch.delenv("D2R_SB3_CPU_PRODUCTS")
+    for amd in (False, True):
+        monkeypatch.setattr(products, "_amd_cpu", lambda amd=amd: amd)
+        products._resolved = None
+        assert products.uses_onednn(x32) == (amd and products._onednn_available())

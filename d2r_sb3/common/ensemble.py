@@ -14,6 +14,8 @@ import torch as th
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from d2r_sb3.common import cpu_products
+
 OUTPUT_INIT_BOUND = 3e-3
 """The authors' ``uniform_init`` of a network's last layer: ``U(-3e-3, 3e-3)`` for its weight and bias."""
 
@@ -42,8 +44,22 @@ def output_init_(layer: WeightAndBias) -> None:
 
 def _linear(x: th.Tensor, weight: th.Tensor, bias: th.Tensor, relu: bool) -> th.Tensor:
     """``relu?(x W^T + b)`` for every member (no autograd node of its own)."""
+    if cpu_products.uses_onednn(x):
+        return _members([cpu_products.linear(x[e], weight[e], bias[e], relu) for e in range(len(weight))])
     out = th.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2))
     return out.relu_() if relu else out
+
+
+def _times(a: th.Tensor, b: th.Tensor) -> th.Tensor:
+    """``a @ b`` for every member (``[E, m, k] x [E, k, n]``, any strides)."""
+    if cpu_products.uses_onednn(a):
+        return _members([cpu_products.linear(a[e], b[e].t(), None) for e in range(len(a))])
+    return th.bmm(a, b)
+
+
+def _members(results: list[th.Tensor]) -> th.Tensor:
+    """The members' results as one ``[E, ...]`` tensor (no copy for one member)."""
+    return results[0].unsqueeze(0) if len(results) == 1 else th.stack(results)
 
 
 def _lookup(index: th.Tensor, weight: th.Tensor, bias: th.Tensor) -> th.Tensor:
@@ -87,9 +103,9 @@ class _EnsembleLinearFunction(th.autograd.Function):
         if out is not None:
             grad = th.ops.aten.threshold_backward(grad, out, 0)
         need_x, need_weight, need_bias = ctx.needs_input_grad[:3]
-        grad_x = th.bmm(grad, weight) if need_x else None
+        grad_x = _times(grad, weight) if need_x else None
         grad, x = _trained(grad, ctx.trained_rows), _trained(x, ctx.trained_rows)
-        grad_weight = th.bmm(grad.transpose(1, 2), x) if need_weight else None
+        grad_weight = _times(grad.transpose(1, 2), x) if need_weight else None
         grad_bias = grad.sum(1) if need_bias else None
         return grad_x, grad_weight, grad_bias, None, None
 
