@@ -96,10 +96,10 @@ def test_onednn_products_equal_torchs_to_float32_precision(products, members, tr
     gen = th.Generator().manual_seed(0)
     # The input as the critics see it: the state part of a batch of observations (rows 49 apart, a stride oneDNN
     # would run through a slow reference kernel if it were passed on as it is).
-    obs = th.randn(members, 19, 49, generator=gen)
+    obs = th.randn(members, cpu_products.MIN_ROWS + 3, 49, generator=gen)
     weight = (0.2 * th.randn(members, 30, 39, generator=gen)).requires_grad_(True)
     bias = th.randn(members, 30, generator=gen).requires_grad_(True)
-    upstream = th.randn(members, 19, 30, generator=gen)
+    upstream = th.randn(members, cpu_products.MIN_ROWS + 3, 30, generator=gen)
     results = []
     for choice in ("default", "onednn"):
         products.set_cpu_products(choice)
@@ -120,8 +120,9 @@ def test_cpu_products_are_chosen_by_name_and_refuse_unknown_names(products, monk
     assert products.cpu_products() == "default" and not products.uses_onednn(x32)
     products.set_cpu_products("onednn")
     assert products.uses_onednn(x32) == products._onednn_available()
-    # float64 (the reference tests) and bfloat16 always keep torch's products.
+    # float64 (the reference tests) and bfloat16 always keep torch's products, and so do small batches (acting).
     assert not products.uses_onednn(x64) and not products.uses_onednn(x32.bfloat16())
+    assert not products.uses_onednn(x32, rows=products.MIN_ROWS - 1)
     with pytest.raises(ValueError, match="choose one of"):
         products.set_cpu_products("mkl")
     products._choice = None
