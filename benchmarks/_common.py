@@ -21,7 +21,7 @@ import torch as th
 
 from d2r_sb3.common import cpu_products
 from d2r_sb3.common.memory import keep_freed_memory
-from d2r_sb3.common.precision import cpu_flags
+from d2r_sb3.common.precision import cpu_flags, cpuinfo_field
 
 _malloc = "glibc defaults"
 
@@ -46,14 +46,7 @@ def add_malloc_flag(parser) -> None:
 
 
 def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+    return cpuinfo_field("model name") or platform.processor() or "unknown CPU"
 
 
 def machine_lines() -> list[str]:

@@ -25,6 +25,8 @@ import os
 
 import torch as th
 
+from d2r_sb3.common.precision import cpuinfo_field
+
 __all__ = ["CPU_PRODUCTS", "MIN_ROWS", "cpu_products", "set_cpu_products", "uses_onednn"]
 
 CPU_PRODUCTS: tuple[str, ...] = ("auto", "onednn", "default")
@@ -59,14 +61,7 @@ def _onednn_available() -> bool:
 
 
 def _amd_cpu() -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("vendor_id"):
-                    return "AuthenticAMD" in line
-    except OSError:
-        pass
-    return False
+    return cpuinfo_field("vendor_id") == "AuthenticAMD"
 
 
 MIN_ROWS = 32

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch as th
 
-__all__ = ["CPU_FLAGS_OF_INTEREST", "bfloat16_is_native", "cpu_flags"]
+__all__ = ["CPU_FLAGS_OF_INTEREST", "bfloat16_is_native", "cpu_flags", "cpuinfo_field"]
 
 CPU_FLAGS_OF_INTEREST = ("avx2", "avx512f", "avx512bw", "avx512_bf16", "amx_bf16", "amx_tile")
 """The CPU flags that decide the speed of the float32 and bfloat16 kernels (named with every timing)."""
@@ -25,17 +25,25 @@ _BF16_ISAS = ("AVX512_CORE_BF16", "AVX512_CORE_FP16", "AVX512_CORE_AMX", "AVX512
 
 
 @functools.cache
-def cpu_flags() -> tuple[str, ...]:
-    """The CPU's flags among :data:`CPU_FLAGS_OF_INTEREST` (from ``/proc/cpuinfo``; empty where unreadable)."""
+def cpuinfo_field(name: str) -> str | None:
+    """The value of the first ``name : value`` line of ``/proc/cpuinfo`` (``"vendor_id"``, ``"model name"``,
+    ``"flags"``, ...), or ``None`` where there is no such line or the file is unreadable (not Linux)."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return ()
+        return None
     for line in text.splitlines():
-        if line.startswith("flags"):
-            present = set(line.split(":", 1)[1].split())
-            return tuple(flag for flag in CPU_FLAGS_OF_INTEREST if flag in present)
-    return ()
+        key, _, value = line.partition(":")
+        if key.strip() == name:
+            return value.strip()
+    return None
+
+
+@functools.cache
+def cpu_flags() -> tuple[str, ...]:
+    """The CPU's flags among :data:`CPU_FLAGS_OF_INTEREST` (from ``/proc/cpuinfo``; empty where unreadable)."""
+    present = set((cpuinfo_field("flags") or "").split())
+    return tuple(flag for flag in CPU_FLAGS_OF_INTEREST if flag in present)
 
 
 def _onednn_allows_bf16() -> bool:

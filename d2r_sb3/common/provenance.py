@@ -5,12 +5,11 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import platform
-from pathlib import Path
 from typing import Any
 
 import torch as th
 
-from d2r_sb3.common.precision import cpu_flags
+from d2r_sb3.common.precision import cpu_flags, cpuinfo_field
 
 # Key in the report -> distribution name on PyPI.
 _PACKAGES = {
@@ -40,16 +39,8 @@ def versions() -> dict[str, str]:
 def hardware() -> dict[str, Any]:
     """CPU model, core count, the CPU flags that set kernel speed, torch threads, GPU name (``None`` without CUDA)
     and platform."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     return {
-        "cpu": cpu,
+        "cpu": cpuinfo_field("model name") or platform.processor() or platform.machine(),
         "cpu_cores": os.cpu_count(),
         "cpu_flags": list(cpu_flags()),  # the ones that decide float32 / bfloat16 speed
         "torch_threads": th.get_num_threads(),
