@@ -533,7 +533,6 @@ class RoutedBlockFunction(th.autograd.Function):
         node_grads = table[0, : layout.starts[n]].split(row_counts)
         node_shortcut_grads = table[1, : layout.starts[n]].split(row_counts) if graph.two_sided else None
         node_outputs = outputs.split(row_counts)
-        trained = layout.trained_sizes
         w_hid_k = w_hid.unbind(1)
         grad_w_hid_k = grad_w_hid.unbind(1) if grad_w_hid is not None else None
         grad_b_hid_k = grad_b_hid.unbind(1) if grad_b_hid is not None else None
@@ -573,7 +572,7 @@ class RoutedBlockFunction(th.autograd.Function):
                 node_shortcut_grads[node] if node_shortcut_grads is not None else None,
                 grad_w_hid_k[k] if grad_w_hid_k is not None else None,
                 grad_b_hid_k[k] if grad_b_hid_k is not None else None,
-                trained[node] if trained is not None else None,
+                layout.trained(node),
             )
             graph.push(table, layout.node_rows(node))
 
@@ -627,9 +626,8 @@ def _input_module_backward(
     members = layout.member_sizes[node]
     grad_pre = th.ops.aten.threshold_backward(grad_full, output, 0)
     if grad_weight is not None or grad_bias is not None:
-        trained = layout.trained_sizes[node] if layout.trained_sizes is not None else None
         x = _input_rows(x0, layout, node)
-        _member_weight_gradients(grad_pre, x, members, grad_weight, grad_bias, trained)
+        _member_weight_gradients(grad_pre, x, members, grad_weight, grad_bias, layout.trained(node))
     if not need_x0:
         return None
     if layout.complete[node]:
@@ -661,7 +659,7 @@ def _hidden_module_backward(
 
     :param members: the module's rows of each ensemble member (``weight [E, D, D]`` is applied member by member).
     :param hidden: the module's saved ``relu`` output ``h`` (its mask); ``inputs``: its saved input ``u``.
-    :param trained: the rows of each member's slab that train the weights (:attr:`RowLayout.trained_sizes`).
+    :param trained: the rows of each member's slab that train the weights (:meth:`RowLayout.trained`).
     """
     grad_pre = th.ops.aten.threshold_backward(grad_full, hidden, 0)
     if grad_total is None:  # no ResRouting: the shortcut gets gF

@@ -90,6 +90,11 @@ class RowLayout:
         """The rows of ``node``'s block."""
         return slice(self.starts[node], self.starts[node + 1])
 
+    def trained(self, node: int) -> list[int] | None:
+        """The rows of each member's slab of ``node`` that train its weights (:attr:`trained_sizes`); ``None``:
+        the whole slabs."""
+        return self.trained_sizes[node] if self.trained_sizes is not None else None
+
     def block_sizes(self) -> list[int]:
         """Rows of every node's block (all members), ``n + 1`` ints."""
         return [hi - lo for lo, hi in zip(self.starts[:-1], self.starts[1:], strict=True)]
