@@ -90,16 +90,19 @@ def products(monkeypatch):
 
 
 @pytest.mark.skipif(not cpu_products._onednn_available(), reason="this torch has no oneDNN")
-@pytest.mark.parametrize("trained_rows", [None, 7])
+@pytest.mark.parametrize("trained_rows", [None, 150])
 @pytest.mark.parametrize("members", [1, 2])
 def test_onednn_products_equal_torchs_to_float32_precision(products, members, trained_rows):
     gen = th.Generator().manual_seed(0)
     # The input as the critics see it: the state part of a batch of observations (rows 49 apart, a stride oneDNN
-    # would run through a slow reference kernel if it were passed on as it is).
-    obs = th.randn(members, cpu_products.MIN_ROWS + 3, 49, generator=gen)
-    weight = (0.2 * th.randn(members, 30, 39, generator=gen)).requires_grad_(True)
-    bias = th.randn(members, 30, generator=gen).requires_grad_(True)
-    upstream = th.randn(members, cpu_products.MIN_ROWS + 3, 30, generator=gen)
+    # would run through a slow reference kernel if it were passed on as it is). Its products are large enough for
+    # oneDNN, also the weight gradient of 150 trained rows.
+    rows, outputs = 300, 400
+    assert 150 * 39 * outputs >= cpu_products.MIN_MULTIPLY_ADDS
+    obs = th.randn(members, rows, 49, generator=gen)
+    weight = (0.2 * th.randn(members, outputs, 39, generator=gen)).requires_grad_(True)
+    bias = th.randn(members, outputs, generator=gen).requires_grad_(True)
+    upstream = th.randn(members, rows, outputs, generator=gen)
     results = []
     for choice in ("default", "onednn"):
         products.set_cpu_products(choice)
@@ -109,9 +112,11 @@ def test_onednn_products_equal_torchs_to_float32_precision(products, members, tr
         out = ensemble_linear(state, weight, bias, relu=True, trained_rows=trained_rows)
         (out * upstream).sum().backward()
         results.append((out.detach(), x.grad, weight.grad, bias.grad))
-        assert products.uses_onednn(x) == (choice == "onednn")
+        assert products.uses_onednn(x, 150 * 39 * outputs) == (choice == "onednn")
+    # Sums of up to 400 terms of size ~10 in another order: float32 rounding reaches ~1e-5 (a wrong row or member
+    # would be off by ~1).
     for got, want in zip(results[1], results[0], strict=True):
-        th.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        th.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
 
 
 def test_cpu_products_are_chosen_by_name_and_refuse_unknown_names(products, monkeypatch):
@@ -120,9 +125,10 @@ def test_cpu_products_are_chosen_by_name_and_refuse_unknown_names(products, monk
     assert products.cpu_products() == "default" and not products.uses_onednn(x32)
     products.set_cpu_products("onednn")
     assert products.uses_onednn(x32) == products._onednn_available()
-    # float64 (the reference tests) and bfloat16 always keep torch's products, and so do small batches (acting).
+    # float64 (the reference tests) and bfloat16 always keep torch's products, and so do small products (acting,
+    # small networks).
     assert not products.uses_onednn(x64) and not products.uses_onednn(x32.bfloat16())
-    assert not products.uses_onednn(x32, rows=products.MIN_ROWS - 1)
+    assert not products.uses_onednn(x32, products.MIN_MULTIPLY_ADDS - 1)
     with pytest.raises(ValueError, match="choose one of"):
         products.set_cpu_products("mkl")
     products._choice = None

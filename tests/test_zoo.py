@@ -203,7 +203,7 @@ def test_train_chooses_the_cpu_products_library(tmp_path: Path, monkeypatch):
     with pytest.raises(ZooError, match="Unknown benchmark"):  # (set before the run is built)
         train.main(["--env", "MT11", "-f", str(tmp_path), "--cpu-products", "default"])
     assert cpu_products.cpu_products() == "default"
-    assert not cpu_products.uses_onednn(th.zeros(64, 4), rows=64)
+    assert not cpu_products.uses_onednn(th.zeros(64, 4))
 
 
 # --------------------------------------------------------------------------------------------------

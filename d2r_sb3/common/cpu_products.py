@@ -5,7 +5,8 @@ the core can do: on a 2-core AMD EPYC VM (AVX-512) a ``[640, 400] x [400, 400]``
 1.06 ms with oneDNN (``torch.ops.mkldnn._linear_pointwise``, part of the same torch wheel), with float32 results
 either way. oneDNN builds a kernel per shape (about 0.4 ms for a new one, cached after), so it only pays for
 products whose shapes repeat from step to step: the ensemble layers (encoders, gates, heads: ``B`` or ``2B`` rows),
-not the routed block's modules (their row counts follow the routes).
+not the routed block's modules (their row counts follow the routes). Its fixed cost per call is also higher, so
+small products keep torch's (:data:`MIN_MULTIPLY_ADDS`).
 
 The choice (:func:`set_cpu_products`, or the environment variable ``D2R_SB3_CPU_PRODUCTS``):
 
@@ -27,7 +28,7 @@ import torch as th
 
 from d2r_sb3.common.precision import cpuinfo_field
 
-__all__ = ["CPU_PRODUCTS", "MIN_ROWS", "cpu_products", "set_cpu_products", "uses_onednn"]
+__all__ = ["CPU_PRODUCTS", "MIN_MULTIPLY_ADDS", "cpu_products", "set_cpu_products", "uses_onednn"]
 
 CPU_PRODUCTS: tuple[str, ...] = ("auto", "onednn", "default")
 _ENV = "D2R_SB3_CPU_PRODUCTS"
@@ -64,16 +65,21 @@ def _amd_cpu() -> bool:
     return cpuinfo_field("vendor_id") == "AuthenticAMD"
 
 
-MIN_ROWS = 32
-"""Fewer samples than this keep torch's products: oneDNN's fixed cost per call is higher (one ``[1, 400] x
-[400, 400]`` product with a ReLU: 54 against 21 us; 10 rows 78 against 66; 32 rows 108 against 152), which is what
-acting and evaluation multiply."""
+MIN_MULTIPLY_ADDS = 2_000_000
+"""Products of fewer multiply-adds than this (``rows x inputs x outputs`` per member) keep torch's: oneDNN's fixed
+cost per call is higher (1 to 25 us more, measured on the VM above with one thread). Forward products with a ReLU,
+torch against oneDNN: ``[1, 400] x [400, 400]`` (acting) 21 against 54 us, 10 rows 66 against 78, 32 rows (5M
+multiply-adds) 152 against 108; a 64-unit layer of the tests' small networks, 128 rows (0.5M) 18 against 27;
+``[640, 400] x [400, 1]`` (a critic's head) 19 against 42; ``[320, 400] x [400, 8]`` (1M) 53 against 40;
+``[512, 64] x [64, 64]`` (2.1M) 60 against 50, its weight gradient 57 against 87; ``[256, 128] x [128, 128]`` (4.2M)
+92 against 53, weight gradient 88 against 69."""
 
 
-def uses_onednn(tensor: th.Tensor, rows: int = MIN_ROWS) -> bool:
-    """Whether the ensemble layers compute products of tensors like ``tensor`` for ``rows`` samples with oneDNN."""
+def uses_onednn(tensor: th.Tensor, multiply_adds: int = MIN_MULTIPLY_ADDS) -> bool:
+    """Whether the ensemble layers compute a product of ``multiply_adds`` (per member) of tensors like ``tensor``
+    with oneDNN."""
     global _resolved
-    if tensor.device.type != "cpu" or tensor.dtype != th.float32 or rows < MIN_ROWS:
+    if tensor.device.type != "cpu" or tensor.dtype != th.float32 or multiply_adds < MIN_MULTIPLY_ADDS:
         return False
     if _resolved is None:
         choice = cpu_products()

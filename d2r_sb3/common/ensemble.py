@@ -44,15 +44,15 @@ def output_init_(layer: WeightAndBias) -> None:
 
 def _linear(x: th.Tensor, weight: th.Tensor, bias: th.Tensor, relu: bool) -> th.Tensor:
     """``relu?(x W^T + b)`` for every member (no autograd node of its own)."""
-    if cpu_products.uses_onednn(x, x.shape[1]):
+    if cpu_products.uses_onednn(x, x.shape[1] * weight.shape[1] * weight.shape[2]):
         return _members([cpu_products.linear(x[e], weight[e], bias[e], relu) for e in range(len(weight))])
     out = th.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2))
     return out.relu_() if relu else out
 
 
-def _times(a: th.Tensor, b: th.Tensor, rows: int) -> th.Tensor:
-    """``a @ b`` for every member (``[E, m, k] x [E, k, n]``, any strides) of a layer that saw ``rows`` samples."""
-    if cpu_products.uses_onednn(a, rows):
+def _times(a: th.Tensor, b: th.Tensor) -> th.Tensor:
+    """``a @ b`` for every member (``[E, m, k] x [E, k, n]``, any strides)."""
+    if cpu_products.uses_onednn(a, a.shape[1] * a.shape[2] * b.shape[2]):
         return _members([cpu_products.linear(a[e], b[e].t(), None) for e in range(len(a))])
     return th.bmm(a, b)
 
@@ -103,10 +103,9 @@ class _EnsembleLinearFunction(th.autograd.Function):
         if out is not None:
             grad = th.ops.aten.threshold_backward(grad, out, 0)
         need_x, need_weight, need_bias = ctx.needs_input_grad[:3]
-        rows = grad.shape[1]
-        grad_x = _times(grad, weight, rows) if need_x else None
+        grad_x = _times(grad, weight) if need_x else None
         grad, x = _trained(grad, ctx.trained_rows), _trained(x, ctx.trained_rows)
-        grad_weight = _times(grad.transpose(1, 2), x, rows) if need_weight else None
+        grad_weight = _times(grad.transpose(1, 2), x) if need_weight else None
         grad_bias = grad.sum(1) if need_bias else None
         return grad_x, grad_weight, grad_bias, None, None
 
