@@ -271,6 +271,8 @@ def test_d2r_learns_every_task_of_a_cheap_multi_task_problem(precision):
     if precision == "bfloat16" and not native:
         with pytest.warns(UserWarning, match="not native on this cpu"):
             assert model.policy.effective_train_precision == expected
+        # Its gradient steps would be the float32 case's, step for step (same seed, same computations).
+        pytest.skip("bfloat16 is not native on this CPU: the model trains in float32, as the float32 case")
     assert model.policy.effective_train_precision == expected
     success = np.zeros(4)
     # At most 30k steps (~90 s here); typically solved by 12-22k. The success at any one check is noisy (4
