@@ -253,6 +253,7 @@ def test_bad_arguments_raise_clear_errors():
         tiny_model(batch_size=30, learning_starts=50).learn(100)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["float32", "bfloat16"])
 def test_d2r_learns_every_task_of_a_cheap_multi_task_problem(precision):
     """Fails if the algorithm is broken: random actions never reach the goals, D2R reaches all four (also when

@@ -313,6 +313,7 @@ def start_sweep_process(argv: list[str], output: Path) -> subprocess.Popen:
         )
 
 
+@pytest.mark.slow
 def test_ctrl_c_checkpoints_the_running_trials_and_the_same_command_resumes_them(tmp_path: Path):
     """Ctrl-C in the terminal: SIGINT to the sweep's process group. Ray starts its own processes with SIGINT blocked
     (and its workers in other process groups), so only the sweep process gets it; it cancels the running trials
