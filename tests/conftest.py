@@ -38,6 +38,18 @@ def one_torch_thread() -> Iterator[None]:
     th.set_num_threads(threads)
 
 
+@pytest.fixture
+def products(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """The :mod:`~d2r_sb3.common.cpu_products` module, with a choice of this test only: unset at the start (no
+    ``D2R_SB3_CPU_PRODUCTS``), restored afterwards."""
+    from d2r_sb3.common import cpu_products
+
+    monkeypatch.setattr(cpu_products, "_choice", None)
+    monkeypatch.setattr(cpu_products, "_resolved", None)
+    monkeypatch.delenv("D2R_SB3_CPU_PRODUCTS", raising=False)
+    return cpu_products
+
+
 # The files with the longest tests run first: the parallel workers take files in collection order, and a long
 # file started last would leave one worker running alone at the end.
 LONG_FILES_FIRST = (

@@ -80,15 +80,6 @@ def test_lookup_is_the_layer_of_one_hot_inputs_bit_for_bit(dtype: th.dtype) -> N
         assert th.equal(ensemble_lookup(index, weight, bias), product)
 
 
-@pytest.fixture
-def products(monkeypatch):
-    """The CPU-products choice of this test only (restored afterwards)."""
-    monkeypatch.setattr(cpu_products, "_choice", None)
-    monkeypatch.setattr(cpu_products, "_resolved", None)
-    monkeypatch.delenv("D2R_SB3_CPU_PRODUCTS", raising=False)
-    return cpu_products
-
-
 @pytest.mark.skipif(not cpu_products._onednn_available(), reason="this torch has no oneDNN")
 @pytest.mark.parametrize("trained_rows", [None, 150])
 @pytest.mark.parametrize("members", [1, 2])

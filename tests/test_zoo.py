@@ -189,21 +189,16 @@ def test_train_rejects_bad_input_clearly(tmp_path: Path):
     assert not list(tmp_path.iterdir())  # nothing written for a rejected command
 
 
-def test_train_chooses_the_cpu_products_library(tmp_path: Path, monkeypatch):
+def test_train_chooses_the_cpu_products_library(tmp_path: Path, products):
     import torch as th
 
-    from d2r_sb3.common import cpu_products
-
-    monkeypatch.setattr(cpu_products, "_choice", None)
-    monkeypatch.setattr(cpu_products, "_resolved", None)
-    monkeypatch.delenv("D2R_SB3_CPU_PRODUCTS", raising=False)
     assert train.build_parser().parse_args([]).cpu_products is None  # unset: the environment's, else auto
     with pytest.raises(SystemExit):  # argparse names the choices
         train.build_parser().parse_args(["--cpu-products", "mkl"])
     with pytest.raises(ZooError, match="Unknown benchmark"):  # (set before the run is built)
         train.main(["--env", "MT11", "-f", str(tmp_path), "--cpu-products", "default"])
-    assert cpu_products.cpu_products() == "default"
-    assert not cpu_products.uses_onednn(th.zeros(64, 4))
+    assert products.cpu_products() == "default"
+    assert not products.uses_onednn(th.zeros(64, 4))
 
 
 # --------------------------------------------------------------------------------------------------
