@@ -25,6 +25,9 @@ from d2r_sb3.common.precision import cpu_flags, cpuinfo_field
 
 _malloc = "glibc defaults"
 
+LIMIT_VARIABLES = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+"""Environment variables that cap the instructions of torch's own kernels, oneDNN and MKL below what the CPU has."""
+
 
 def set_threads(threads: int, malloc_defaults: bool = False) -> None:
     """Use ``threads`` intra-op threads (and one inter-op thread) for the whole benchmark, and keep freed memory
@@ -55,6 +58,7 @@ def machine_lines() -> list[str]:
         f"- date: {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}",
         f"- CPU: {cpu_model()}, {os.cpu_count()} logical cores; torch threads: {th.get_num_threads()}",
         f"- CPU flags: {' '.join(cpu_flags()) or 'none of avx2 / avx512f / avx512_bf16 / amx (or unreadable)'}",
+        f"- instructions torch uses: {instruction_set()}",
         f"- torch {th.__version__}, Python {platform.python_version()}",
         f"- malloc: {_malloc}",
         f"- float32 CPU products of the D2R / baseline dense layers: {_products_line()}",
@@ -69,6 +73,14 @@ def machine_lines() -> list[str]:
     except OSError:
         pass
     return lines
+
+
+def instruction_set() -> str:
+    """The vector instructions torch's own kernels use here (``AVX512``, ``AVX2``, ...), with the variables that
+    hold torch, oneDNN or MKL below what the CPU has (the AVX2 stand-in of ``bench_targets.py --instructions``)."""
+    capability = th.backends.cpu.get_cpu_capability()
+    limits = [f"{name}={os.environ[name]}" for name in LIMIT_VARIABLES if os.environ.get(name)]
+    return capability + (f" (held there by {' '.join(limits)})" if limits else "")
 
 
 def _products_line() -> str:

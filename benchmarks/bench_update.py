@@ -13,11 +13,15 @@ batch 1280 with stored routes and ResRouting): the authors-style dense computati
 from __future__ import annotations
 
 import argparse
+import json
+import os
 
 import numpy as np
 import torch as th
 from _common import (
     add_malloc_flag,
+    cpu_model,
+    instruction_set,
     interleaved,
     machine_lines,
     markdown_table,
@@ -30,6 +34,7 @@ from naive_d2r import naive_forward
 
 from d2r_sb3 import D2RSAC, MultiTaskSAC, make_mt_env
 from d2r_sb3.common import cpu_products
+from d2r_sb3.common.precision import cpu_flags
 from d2r_sb3.d2r.network import RouteRequest
 
 MLP_ARCH = [400, 400, 400]
@@ -117,6 +122,29 @@ def modules_computed(model, batch: int) -> float:
     return counts[0] / max(counts[1], 1)
 
 
+def write_json(args: argparse.Namespace, reference: str, records: list[dict]) -> None:
+    """The gradient-step table of this run, with its setting and machine, as JSON at ``args.json``."""
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    run = {
+        "batch": args.batch,
+        "threads": args.threads,
+        "repeats": args.repeats,
+        "steps": args.steps,
+        "reference": reference,
+        "models": records,
+        "machine": {
+            "cpu": cpu_model(),
+            "cpu_flags": list(cpu_flags()),
+            "instructions": instruction_set(),
+            "torch": th.__version__,
+            "cpu_products": cpu_products.cpu_products(),
+            "load_average_1min": load,
+        },
+    }
+    with open(args.json, "w") as file:
+        json.dump(run, file, indent=1)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -140,6 +168,11 @@ def main() -> None:
         default=100,
         help="after the warm-up, more untimed rounds until no model takes more minor page faults per step than this",
     )
+    parser.add_argument(
+        "--json",
+        metavar="PATH",
+        help="also write the gradient-step table as JSON (what bench_targets.py reads)",
+    )
     add_malloc_flag(parser)
     args = parser.parse_args()
     set_threads(args.threads, args.malloc_defaults)
@@ -158,11 +191,19 @@ def main() -> None:
     faults: dict[str, list[int]] = {}
     times = interleaved(candidates, args.repeats, warmup=0, faults=faults)
     reference = next(iter(models))
-    rows = []
-    for name in candidates:
-        ms = 1000 * median(times[name]) / args.steps
-        per_step = median(faults[name]) / args.steps
-        rows.append([name, f"{ms:.1f}", f"{paired_ratio(times, name, reference):.2f}", f"{per_step:.0f}"])
+    records = [
+        {
+            "model": name,
+            "ms_per_step": 1000 * median(times[name]) / args.steps,
+            "ratio": paired_ratio(times, name, reference),
+            "page_faults_per_step": median(faults[name]) / args.steps,
+        }
+        for name in candidates
+    ]
+    rows = [
+        [r["model"], f"{r['ms_per_step']:.1f}", f"{r['ratio']:.2f}", f"{r['page_faults_per_step']:.0f}"]
+        for r in records
+    ]
     print(f"## SAC gradient step, batch {args.batch}, {args.threads} thread(s)\n")
     header = ["model", "ms per gradient step", f"ratio to {reference.split(',')[0]}", "page faults per step"]
     print(markdown_table(header, rows))
@@ -170,6 +211,8 @@ def main() -> None:
         f"\nWarm-up: {warmup * args.steps} steps per model, then {settled} more round(s) of {args.steps} until no "
         f"model's round took more than {args.settle_faults} minor page faults per step."
     )
+    if args.json:
+        write_json(args, reference, records)
     share = modules_computed(models["D2R (D2RSAC, default MT10 network)"], args.batch)
     print(
         f"\nD2R computed {100 * share:.0f} % of the (module, sample) pairs of a dense block in these steps "

@@ -1,0 +1,93 @@
+"""The speed-target report (benchmarks/bench_targets.py): its verdicts, and one real run of its processes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture
+def targets(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))  # the scripts import their helpers as the folder's modules
+    import bench_targets
+
+    return bench_targets
+
+
+def _run(ratios: dict[str, float]) -> dict:
+    """A bench_update.py record with these ratios to SB3's step (SB3 at 50 ms)."""
+    models = [{"model": "SB3", "ms_per_step": 50.0, "ratio": 1.0}]
+    models += [{"model": name, "ms_per_step": 50.0 * r, "ratio": r} for name, r in ratios.items()]
+    return {"reference": "SB3", "models": models}
+
+
+def test_every_runs_ratio_the_median_and_whether_the_target_holds(targets):
+    setting = targets.Setting(320, 1, 2.0, repeats=9, steps=4)
+    runs = [
+        _run({targets.D2R: 1.9, targets.D2R_TORCH_PRODUCTS: 2.3}),
+        _run({targets.D2R: 2.1, targets.D2R_TORCH_PRODUCTS: 2.2}),
+        _run({targets.D2R: 1.95, targets.D2R_TORCH_PRODUCTS: 2.4}),
+    ]
+    default, torch_products = targets.summary_rows(setting, runs)
+    assert default[:3] == ["batch 320, 1 thread", "default", "3"]
+    assert default[3:] == [
+        "50.0-50.0",
+        "95.0-105.0",
+        "1.90, 2.10, 1.95",
+        "**1.95x**",
+        "2.0x",
+        "met at the median, not in every run",
+    ]
+    assert torch_products[6:] == ["**2.3x**", "2.0x", "**not met**"]
+    # Where torch's products are the default there is no second D2R row; a run entirely under the target says so.
+    (only,) = targets.summary_rows(setting, [_run({targets.D2R: 1.5}), _run({targets.D2R: 1.7})])
+    assert only[5:] == ["1.50, 1.70", "**1.6x**", "2.0x", "met in every run"]
+
+
+@pytest.mark.parametrize("text", ["320", "320x1", "320x1=abc", "0x1=2.0", "320x=2.0"])
+def test_a_malformed_setting_is_refused_with_the_expected_form(targets, text):
+    import argparse
+
+    with pytest.raises(argparse.ArgumentTypeError, match="BATCHxTHREADS=TARGET|must be positive"):
+        targets.parse_setting(text)
+
+
+def test_a_real_run_held_to_avx2_instructions(tmp_path):
+    """One bench_update.py process at a tiny setting, with torch, oneDNN and MKL held to AVX2 as the stand-in does:
+    the record names the instructions torch used, and the table has the run's ratio."""
+    out = tmp_path / "targets.json"
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(BENCHMARKS / "bench_targets.py"),
+            "--runs=1",
+            "--setting=20x1=50",
+            "--instructions=avx2",
+            "--repeats=1",
+            "--steps=1",
+            f"--json={out}",
+            # passed on to bench_update.py: a short collection and warm-up
+            "--collect=20",
+            "--warmup-steps=1",
+            "--settle-faults=1000000",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    record = json.loads(out.read_text())
+    (setting,) = record["settings"]
+    (run,) = setting["runs"]
+    assert run["batch"] == 20 and run["threads"] == 1
+    assert run["machine"]["instructions"].startswith("AVX2 (held there by ATEN_CPU_CAPABILITY=avx2")
+    d2r = next(r for r in run["models"] if r["model"] == "D2R (D2RSAC, default MT10 network)")
+    assert d2r["ms_per_step"] > 0 and setting["rows"][0][5] == f"{d2r['ratio']:.2f}"
+    assert "| batch 20, 1 thread | default | 1 |" in done.stdout
+    assert "a stand-in for an AVX2-only CPU" in done.stdout
