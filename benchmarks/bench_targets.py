@@ -95,6 +95,12 @@ def model_values(runs: list[dict], model: str, key: str) -> list[float]:
     return [r[key] for run in runs for r in run["models"] if r["model"] == model]
 
 
+def ratio_text(ratio: float) -> str:
+    """Two decimals, three where the median of an even count of runs falls between two of them (``1.935``)."""
+    text = f"{ratio:.3f}"
+    return text[:-1] if text.endswith("0") else text
+
+
 def span(values: list[float]) -> str:
     return f"{min(values):.1f}-{max(values):.1f}"
 
@@ -123,7 +129,7 @@ def summary_rows(setting: Setting, runs: list[dict]) -> list[list[str]]:
                 span(reference_ms),
                 span(model_values(runs, model, "ms_per_step")),
                 ", ".join(f"{v:.2f}" for v in values),
-                f"**{middle:.3g}x**",
+                f"**{ratio_text(middle)}x**",
                 f"{setting.target}x",
                 verdict,
             ]

@@ -44,10 +44,10 @@ def test_every_runs_ratio_the_median_and_whether_the_target_holds(targets):
         "2.0x",
         "met at the median, not in every run",
     ]
-    assert torch_products[6:] == ["**2.3x**", "2.0x", "**not met**"]
+    assert torch_products[6:] == ["**2.30x**", "2.0x", "**not met**"]
     # Where torch's products are the default there is no second D2R row; a run entirely under the target says so.
-    (only,) = targets.summary_rows(setting, [_run({targets.D2R: 1.5}), _run({targets.D2R: 1.7})])
-    assert only[5:] == ["1.50, 1.70", "**1.6x**", "2.0x", "met in every run"]
+    (only,) = targets.summary_rows(setting, [_run({targets.D2R: 1.5}), _run({targets.D2R: 1.77})])
+    assert only[5:] == ["1.50, 1.77", "**1.635x**", "2.0x", "met in every run"]
 
 
 @pytest.mark.parametrize("text", ["320", "320x1", "320x1=abc", "0x1=2.0", "320x=2.0"])
