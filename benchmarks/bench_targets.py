@@ -95,10 +95,11 @@ def model_values(runs: list[dict], model: str, key: str) -> list[float]:
     return [r[key] for run in runs for r in run["models"] if r["model"] == model]
 
 
-def ratio_text(ratio: float) -> str:
-    """Two decimals, three where the median of an even count of runs falls between two of them (``1.935``)."""
-    text = f"{ratio:.3f}"
-    return text[:-1] if text.endswith("0") else text
+def ratio_text(ratio: float, runs: int) -> str:
+    """A median ratio as the runs' ratios are shown (two decimals), with a third where an even count of runs puts
+    the median between two of them (``1.935``)."""
+    text = f"{ratio:.3f}" if runs % 2 == 0 else f"{ratio:.2f}"
+    return text[:-1] if runs % 2 == 0 and text.endswith("0") else text
 
 
 def span(values: list[float]) -> str:
@@ -129,7 +130,7 @@ def summary_rows(setting: Setting, runs: list[dict]) -> list[list[str]]:
                 span(reference_ms),
                 span(model_values(runs, model, "ms_per_step")),
                 ", ".join(f"{v:.2f}" for v in values),
-                f"**{ratio_text(middle)}x**",
+                f"**{ratio_text(middle, len(values))}x**",
                 f"{setting.target}x",
                 verdict,
             ]
