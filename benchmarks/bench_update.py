@@ -124,7 +124,10 @@ def modules_computed(model, batch: int) -> float:
 
 def write_json(args: argparse.Namespace, reference: str, records: list[dict]) -> None:
     """The gradient-step table of this run, with its setting and machine, as JSON at ``args.json``."""
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    try:
+        load: float | None = os.getloadavg()[0]
+    except (AttributeError, OSError):  # (no load average on this platform)
+        load = None
     run = {
         "batch": args.batch,
         "threads": args.threads,
