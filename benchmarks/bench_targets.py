@@ -8,7 +8,8 @@ The targets: one D2R gradient step at most 2.0x SB3's ``SAC("MlpPolicy", net_arc
 320 with one thread (the training campaign's setting) and at most 2.2x at batch 1280 with two threads. Every run is
 one ``bench_update.py --no-network`` process (all models interleaved in it, median of its repeats); the runs of the
 two settings alternate, so a slow spell of a shared machine falls on both. Besides the default, the table shows D2R
-with torch's own products for its dense layers (as SB3's MLP computes them), where the default is oneDNN.
+with torch's own products for its dense layers (as SB3's MLP computes them), where the default is oneDNN. Options
+this script does not know go to every ``bench_update.py`` process (``--collect 150``, ``--malloc-defaults``, ...).
 
 ``--instructions avx2`` runs the processes with torch's kernels, oneDNN and MKL held to AVX2 instructions
 (``ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2``). On an AVX-512 CPU that is a
