@@ -65,14 +65,33 @@ def machine_lines() -> list[str]:
     ]
     if th.cuda.is_available():
         lines.append(f"- GPU: {th.cuda.get_device_name(0)}")
-    try:
-        load = os.getloadavg()
+    load = load_average()
+    if load is not None:
         lines.append(
             f"- load average at the end: {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1 / 5 / 15 min)"
         )
-    except OSError:
-        pass
     return lines
+
+
+def machine_record() -> dict:
+    """The machine facts of :func:`machine_lines` that a run's JSON record keeps (``bench_update.py --json``)."""
+    load = load_average()
+    return {
+        "cpu": cpu_model(),
+        "cpu_flags": list(cpu_flags()),
+        "instructions": instruction_set(),
+        "torch": th.__version__,
+        "cpu_products": cpu_products.cpu_products(),
+        "load_average_1min": None if load is None else load[0],
+    }
+
+
+def load_average() -> tuple[float, float, float] | None:
+    """The 1, 5 and 15 minute load averages, or ``None`` where the platform has none."""
+    try:
+        return os.getloadavg()
+    except (AttributeError, OSError):
+        return None
 
 
 def instruction_set() -> str:

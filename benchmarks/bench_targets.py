@@ -201,9 +201,9 @@ def main() -> None:
             for setting in order:
                 runs[setting].append(run_once(setting, args, env, Path(folder), index))
                 print(f"run {index + 1}/{args.runs}, {setting.name}: done", file=sys.stderr, flush=True)
-    rows = [row for setting in settings for row in summary_rows(setting, runs[setting])]
+    rows = {setting: summary_rows(setting, runs[setting]) for setting in settings}
     print(f"## D2R's gradient step against SB3's MLP SAC: {args.runs} run(s) per setting\n")
-    print(markdown_table(HEADER, rows))
+    print(markdown_table(HEADER, [row for setting in settings for row in rows[setting]]))
     first = runs[settings[0]][0]
     loads = [run["machine"]["load_average_1min"] for rs in runs.values() for run in rs]
     print(f"\n- machine: {machine_line(first)}")
@@ -219,8 +219,7 @@ def main() -> None:
         record = {
             "instructions": args.instructions,
             "settings": [
-                {**vars(setting), "runs": runs[setting], "rows": summary_rows(setting, runs[setting])}
-                for setting in settings
+                {**vars(setting), "runs": runs[setting], "rows": rows[setting]} for setting in settings
             ],
         }
         Path(args.json).write_text(json.dumps(record, indent=1))

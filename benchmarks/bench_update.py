@@ -14,16 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 
 import numpy as np
 import torch as th
 from _common import (
     add_malloc_flag,
-    cpu_model,
-    instruction_set,
     interleaved,
     machine_lines,
+    machine_record,
     markdown_table,
     median,
     paired_ratio,
@@ -34,7 +32,6 @@ from naive_d2r import naive_forward
 
 from d2r_sb3 import D2RSAC, MultiTaskSAC, make_mt_env
 from d2r_sb3.common import cpu_products
-from d2r_sb3.common.precision import cpu_flags
 from d2r_sb3.d2r.network import RouteRequest
 
 MLP_ARCH = [400, 400, 400]
@@ -124,10 +121,6 @@ def modules_computed(model, batch: int) -> float:
 
 def write_json(args: argparse.Namespace, reference: str, records: list[dict]) -> None:
     """The gradient-step table of this run, with its setting and machine, as JSON at ``args.json``."""
-    try:
-        load: float | None = os.getloadavg()[0]
-    except (AttributeError, OSError):  # (no load average on this platform)
-        load = None
     run = {
         "batch": args.batch,
         "threads": args.threads,
@@ -135,14 +128,7 @@ def write_json(args: argparse.Namespace, reference: str, records: list[dict]) ->
         "steps": args.steps,
         "reference": reference,
         "models": records,
-        "machine": {
-            "cpu": cpu_model(),
-            "cpu_flags": list(cpu_flags()),
-            "instructions": instruction_set(),
-            "torch": th.__version__,
-            "cpu_products": cpu_products.cpu_products(),
-            "load_average_1min": load,
-        },
+        "machine": machine_record(),
     }
     with open(args.json, "w") as file:
         json.dump(run, file, indent=1)
