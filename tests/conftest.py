@@ -50,23 +50,24 @@ def products(monkeypatch: pytest.MonkeyPatch) -> Any:
     return cpu_products
 
 
-# The files in order of their time, longest first (measured: 186, 178, 130, 129, 78, 57, 56, 52, 22, 15, 13, 13 and
-# 12 s of one 2-core run): the parallel workers take files in collection order, and a long file started last
+# The files in order of their time, longest first (measured: 197, 124, 88, 64, 63, 57, 51, 32, 21, 19, 17, 14, 13
+# and 11 s of one 2-core run): the parallel workers take files in collection order, and a long file started last
 # would leave one worker running alone at the end. The files not named here take under 10 s each.
 LONG_FILES_FIRST = (
-    "test_d2rsac.py",
     "test_durability.py",
-    "test_field_baselines_learning.py",
     "test_sweep.py",
-    "test_baselines.py",
+    "test_d2rsac.py",
     "test_zoo.py",
     "test_analysis.py",
     "test_envs.py",
+    "test_baselines.py",
+    "test_field_baselines_learning.py",
     "test_hub.py",
+    "test_warm_start.py",
     "test_examples.py",
     "test_benchmarks.py",
-    "test_warm_start.py",
     "test_validation.py",
+    "test_memory.py",
 )
 
 
