@@ -10,7 +10,7 @@ import pytest
 import torch as th
 from gymnasium import spaces
 from stable_baselines3.sac.policies import SACPolicy
-from toy_envs import ENT_COEF_LR, assert_learns_point_reach, make_point_reach
+from toy_envs import POINT_REACH_TRAINING, assert_learns_point_reach, make_point_reach
 
 from d2r_sb3 import D2RSAC, D2RPolicy, MultiTaskSAC, make_mt_env
 from d2r_sb3.baselines import (
@@ -280,11 +280,9 @@ def test_baselines_learn_every_task_of_a_cheap_multi_task_problem(alias, single_
         make_point_reach(4),
         policy_kwargs=TINY_NETWORKS[alias],
         batch_size=128,
-        learning_starts=400,
-        learning_rate=1e-3,
-        ent_coef_lr=ENT_COEF_LR,
         buffer_size=30_000,
         seed=0,
+        **POINT_REACH_TRAINING,
     )
     assert_learns_point_reach(model)  # seed 0 solves it in 3k-6k steps
 

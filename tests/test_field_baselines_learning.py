@@ -4,7 +4,7 @@ runner can run it beside the other baseline tests)."""
 from __future__ import annotations
 
 import pytest
-from toy_envs import ENT_COEF_LR, assert_learns_point_reach, make_point_reach
+from toy_envs import POINT_REACH_TRAINING, assert_learns_point_reach, make_point_reach
 
 from d2r_sb3 import MultiTaskSAC
 from d2r_sb3.baselines import PaCoSAC
@@ -35,10 +35,8 @@ def test_learns_every_task_of_a_cheap_multi_task_problem(alias):
         make_point_reach(4),
         policy_kwargs=TINY[alias],
         batch_size=TINY_BATCH[alias],
-        learning_starts=400,
-        learning_rate=1e-3,
-        ent_coef_lr=ENT_COEF_LR,
         buffer_size=30_000,
         seed=0,
+        **POINT_REACH_TRAINING,
     )
     assert_learns_point_reach(model)

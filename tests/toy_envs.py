@@ -72,8 +72,9 @@ class RandomAgent:
         return self.rng.uniform(-1, 1, (len(obs), self.action_dim)).astype(np.float32), None
 
 
-ENT_COEF_LR = 3e-3
-"""Adam learning rate of ``log alpha`` for the learning tests. The default (1e-4, the authors') suits runs of
+POINT_REACH_TRAINING = dict(learning_starts=400, learning_rate=1e-3, ent_coef_lr=3e-3)
+"""The learning tests' SAC settings for :func:`assert_learns_point_reach` (with a batch and buffer of each test's
+own). ``ent_coef_lr`` is the Adam learning rate of ``log alpha``: the default (1e-4, the authors') suits runs of
 millions of steps; in a test's few thousand, alpha hardly moves from 1, a large entropy bonus next to these rewards
 (minus a distance under 1.2 per step). With 3e-3 every method's seed 0 solves point reaching in 3k-8k env steps
 instead of 8k-22k (PaCo's took the whole 20k)."""
