@@ -8,18 +8,36 @@ evaluates the critics for the TD regression and for the actor loss in one pass),
 optimiser steps; inside each phase the self time of every operator is put in one bucket: matrix products,
 the routed block's gathers (``embedding_bag``), other tensor operations, and Python/dispatch overhead (the
 time spent in the phase that no operator accounts for).
+
+The same steps are first timed without the profiler, and the minor page faults per step are printed for both runs.
+The profiler's own allocations keep the process's heap from settling, so under it large outputs often land in
+fresh memory: many more page faults per step, whose cost is charged to whichever operator first writes the new
+pages (measured at batch 320 with one thread: 1,463-1,746 faults per step under the profiler against 83-147
+without, and a ``[2, 640, 400]`` ``mul`` at 1.7 ms per call against 85 us alone). Read elementwise operators on large
+tensors with that in mind, and take the speed itself from ``bench_update.py``.
 """
 
 from __future__ import annotations
 
 import argparse
+import time
 
 import torch as th
-from _common import add_malloc_flag, machine_lines, markdown_table, set_threads
+from _common import add_malloc_flag, machine_lines, markdown_table, minor_page_faults, set_threads
 from bench_update import D2R_BF16, build_models
 from torch.profiler import ProfilerActivity, profile, record_function
 
-MATMUL = {"aten::bmm", "aten::baddbmm", "aten::baddbmm_", "aten::mm", "aten::addmm", "aten::matmul"}
+# Matrix products: torch's (MKL on a CPU) and oneDNN's, which the ensemble layers call directly on AMD CPUs
+# (d2r_sb3.common.cpu_products).
+MATMUL = {
+    "aten::bmm",
+    "aten::baddbmm",
+    "aten::baddbmm_",
+    "aten::mm",
+    "aten::addmm",
+    "aten::matmul",
+    "mkldnn::_linear_pointwise",
+}
 GATHER = {"aten::_embedding_bag_forward_only", "aten::embedding_bag", "aten::index_select"}
 POLICY_CALLS = ("actor_loss_sample", "target_sample", "target_q_values", "q_values_pair")
 
@@ -63,9 +81,16 @@ def main() -> None:
     model = models["D2R (D2RSAC, default MT10 network)" if args.precision == "float32" else D2R_BF16]
     instrument(model)
     model.train(2, args.batch)  # warm-up
+    faults = minor_page_faults()
+    start = time.perf_counter()
+    model.train(args.steps, args.batch)
+    plain_ms = (time.perf_counter() - start) / args.steps * 1000
+    plain_faults = (minor_page_faults() - faults) / args.steps
+    faults = minor_page_faults()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         with record_function("phase: whole step"):
             model.train(args.steps, args.batch)
+    profiled_faults = (minor_page_faults() - faults) / args.steps
     events = prof.events()
     total = next(e for e in events if e.name == "phase: whole step").cpu_time_total / args.steps / 1000
 
@@ -114,7 +139,9 @@ def main() -> None:
         )
     print(
         f"## One D2R gradient step ({args.precision}), batch {args.batch}, {args.threads} thread(s): "
-        f"{total:.0f} ms under the profiler\n"
+        f"{total:.0f} ms under the profiler ({plain_ms:.0f} ms without)\n\n"
+        f"Minor page faults per step: {profiled_faults:.0f} under the profiler, {plain_faults:.0f} without "
+        "(each fault's cost lands on the operator that first writes the page).\n"
     )
     print(
         markdown_table(

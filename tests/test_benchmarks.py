@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch as th
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -91,3 +93,40 @@ def test_a_real_run_held_to_avx2_instructions(tmp_path):
     assert d2r["ms_per_step"] > 0 and setting["rows"][0][5] == f"{d2r['ratio']:.2f}"
     assert "| batch 20, 1 thread | default | 1 |" in done.stdout
     assert "a stand-in for an AVX2-only CPU" in done.stdout
+
+
+def _table_rows(text: str, header_start: str) -> list[list[str]]:
+    """The body rows of the Markdown table whose header starts with ``header_start``."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(header_start))
+    rows = []
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        rows.append([cell.strip() for cell in line.strip("|").split("|")])
+    return rows
+
+
+PRODUCTS = ("mkldnn::_linear_pointwise", "aten::bmm", "aten::baddbmm", "aten::mm", "aten::addmm")
+
+
+@pytest.mark.skipif(not hasattr(th.ops.mkldnn, "_linear_pointwise"), reason="this torch has no oneDNN linear")
+def test_the_profile_counts_onednn_products_as_matrix_products():
+    """profile_update.py with the ensemble layers on oneDNN: their products (``mkldnn::_linear_pointwise``) are
+    in the matmul column, not in "other ops", and the page faults of both runs are reported."""
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "profile_update.py"), "--batch=20", "--steps=1"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "D2R_SB3_CPU_PRODUCTS": "onednn"},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Minor page faults per step: " in done.stdout
+    phases = _table_rows(done.stdout, "| phase |")
+    matmul_column = sum(float(row[2]) for row in phases)
+    operators = {row[0]: float(row[1]) for row in _table_rows(done.stdout, "| operator |")}
+    assert operators.get("mkldnn::_linear_pointwise", 0.0) > 0.0
+    listed_products = sum(ms for name, ms in operators.items() if name in PRODUCTS)
+    # every listed product is in the column (each printed figure rounded to 0.1 ms)
+    assert matmul_column >= listed_products - 0.05 * (len(phases) + len(PRODUCTS))
