@@ -130,3 +130,114 @@ def test_the_profile_counts_onednn_products_as_matrix_products():
     listed_products = sum(ms for name, ms in operators.items() if name in PRODUCTS)
     # every listed product is in the column (each printed figure rounded to 0.1 ms)
     assert matmul_column >= listed_products - 0.05 * (len(phases) + len(PRODUCTS))
+
+
+@pytest.fixture
+def perf_step(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import perf_step
+
+    return perf_step
+
+
+def test_perf_samples_are_sorted_into_kinds_of_code_and_given_to_the_round_they_fell_in(perf_step):
+    torch_lib = "/site-packages/torch/lib/libtorch_cpu.so"
+    libc = "/usr/lib/x86_64-linux-gnu/libc.so.6"
+    lines = [
+        ("jit_brgemm_kernel_t.3", "/tmp/perf-100.map"),
+        ("mkl_blas_def_sgemm_kernel_0_zen", torch_lib),
+        ("[unknown]", "/tmp/perf-100.map"),
+        ("c10::function_ref<...at::native::AVX2::add_kernel...>", torch_lib),
+        ("c10::impl::OperatorEntry::lookup", torch_lib),
+        ("_PyEval_EvalFrameDefault", "/usr/lib/libpython3.11.so.1.0"),
+        ("mapiter_trivial_get", "/x/numpy/_core/_multiarray_umath.so"),
+        ("_int_malloc", libc),
+        ("__memmove_avx512_unaligned_erms", libc),
+        ("gomp_barrier_wait_end", "/usr/lib/x86_64-linux-gnu/libgomp.so.1"),
+        ("clear_page_erms", "[kernel.kallsyms]"),
+    ]
+    # one sample per kind, in the order of KINDS; the first ten from thread 100, 1 ms apart
+    text = "\n".join(
+        f" {100 if i < 10 else 101} {50.0 + i / 1000:.6f}:      7efd12c8024b {symbol} ({library})"
+        for i, (symbol, library) in enumerate(lines)
+    )
+    text += "\n 100      7efd12c8024b mkl_no_time (x.so)\n\nnot a sample line\n"
+    samples = perf_step.parse_samples(text)
+    assert [s.kind for s in samples] == list(perf_step.KINDS[:11])
+    kinds = perf_step.KINDS
+    assert perf_step.kind_of("L_loop32gas_1", torch_lib) == kinds[1]  # MKL's assembly, under its sdot
+    assert perf_step.kind_of("LSUMgas_1", torch_lib) == kinds[1]
+    assert perf_step.kind_of("mkl_vml_kernel_sSqrt_EXHAynn", torch_lib) == kinds[3]
+    assert perf_step.kind_of("vssqrt_cout_rare", torch_lib) == kinds[3]
+    assert (
+        perf_step.kind_of("(anonymous namespace)::copy_same_type_transpose_(at::Tensor&)", torch_lib)
+        == kinds[3]
+    )
+    assert (
+        perf_step.kind_of("_ZN3c1012function_refIFvPPcPKlllEE11callback_fnIZN2at6native4AVX2", torch_lib)
+        == kinds[3]
+    )
+    assert perf_step.kind_of("pthread_mutex_lock", libc) == perf_step.KINDS[11]
+    loop = "c10::function_ref<void (char**)>::callback_fn<at::native::AVX2::VectorizedLoop2d<at::native::(anonymous "
+    loop += "namespace)::add_kernel(at::TensorIteratorBase&, c10::Scalar const&)::{lambda()#1}, at::native::add_kernel>"
+    assert perf_step.short_name(loop) == "add_kernel"
+    assert perf_step.short_name("_PyEval_EvalFrameDefault") == "_PyEval_EvalFrameDefault"
+    assert [s.thread for s in samples] == [100] * 10 + [101]
+    assert samples[3].time == 50.003
+    Round = perf_step.Round
+    # rounds: A over samples 0-2, B over samples 5-7; samples 3-4 and 8-10 fall between or after them
+    by_model = perf_step.assign(samples, [Round("B", 50.005, 50.0075), Round("A", 49.0, 50.0025)])
+    assert [s.time for s in by_model["A"]] == [50.0, 50.001, 50.002]
+    assert [s.time for s in by_model["B"]] == [50.005, 50.006, 50.007]
+    result = perf_step.breakdown(by_model["A"], [Round("A", 49.0, 50.0025)] * 2, 3, pid=100, frequency=1000)
+    assert result.steps == 6 and result.main[perf_step.KINDS[0]] == pytest.approx(1 / 6)
+    assert result.main[perf_step.OFF_CPU] == pytest.approx(1000.0 * 1.0025 * 2 / 6 - 3 / 6)
+
+
+def _perf_can_record() -> bool:
+    import shutil
+
+    if shutil.which("perf") is None:
+        return False
+    done = subprocess.run(
+        ["perf", "record", "-e", "cpu-clock", "-o", "/dev/null", "--", "true"], capture_output=True
+    )
+    return done.returncode == 0
+
+
+@pytest.mark.skipif(not _perf_can_record(), reason="Linux perf is missing or may not record here")
+def test_a_real_perf_run_accounts_for_the_steps_of_both_models():
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(BENCHMARKS / "perf_step.py"),
+            "--batch=20",
+            "--seconds=2",
+            "--steps=1",
+            "--collect=20",
+            "--warmup-steps=2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = {row[0]: row[1:] for row in _table_rows(done.stdout, "| kind of code")}
+    # columns: SB3 main, SB3 other threads, D2R main, D2R other threads, D2R - SB3
+    products = [
+        float(rows["products: oneDNN (generated code)"][column]) + float(rows["products: MKL"][column])
+        for column in (0, 2)
+    ]
+    assert all(ms > 0 for ms in products)
+    assert float(rows["Python interpreter"][2]) > 0
+    for name, column in (("SB3", 0), ("D2R", 2)):
+        step = float(done.stdout.split(f"- {name}: ")[1].split(" ms per step")[0])
+        sampled = sum(float(values[column]) for kind, values in rows.items() if not kind.startswith("not on"))
+        assert 0.5 * step < sampled < 1.2 * step, (name, step, sampled)
+
+
+@pytest.mark.parametrize("models", ["SB3,XYZ", "D2R,D2R", ","])
+def test_perf_step_refuses_unknown_or_repeated_models(perf_step, models, capsys):
+    with pytest.raises(SystemExit):
+        perf_step.parse_args([f"--models={models}"])
+    assert "is not a list of distinct names from SB3, D2R" in capsys.readouterr().err
