@@ -27,6 +27,22 @@ _malloc = "glibc defaults"
 
 LIMIT_VARIABLES = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
 """Environment variables that cap the instructions of torch's own kernels, oneDNN and MKL below what the CPU has."""
+AVX2_LIMITS = dict(zip(LIMIT_VARIABLES, ("avx2", "AVX2", "AVX2"), strict=True))
+
+
+def add_instructions_flag(parser) -> None:
+    """``--instructions native|avx2``: run the measured processes as the CPU allows, or held to AVX2."""
+    parser.add_argument(
+        "--instructions",
+        choices=("native", "avx2"),
+        default="native",
+        help="avx2: hold torch, oneDNN and MKL to AVX2 instructions (a stand-in for an AVX2-only CPU)",
+    )
+
+
+def instruction_limits(instructions: str) -> dict[str, str]:
+    """The environment variables of an ``--instructions`` choice (none for ``native``)."""
+    return dict(AVX2_LIMITS) if instructions == "avx2" else {}
 
 
 def set_threads(threads: int, malloc_defaults: bool = False) -> None:

@@ -28,11 +28,10 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from _common import LIMIT_VARIABLES, markdown_table
+from _common import add_instructions_flag, instruction_limits, markdown_table
 from bench_update import D2R, D2R_TORCH_PRODUCTS
 
 HERE = Path(__file__).resolve().parent
-AVX2_LIMITS = dict(zip(LIMIT_VARIABLES, ("avx2", "AVX2", "AVX2"), strict=True))
 
 
 @dataclass(frozen=True)
@@ -174,12 +173,7 @@ def main() -> None:
         metavar="BATCHxTHREADS=TARGET",
         help="measure this setting instead of the two targets (repeatable), e.g. 320x1=2.0",
     )
-    parser.add_argument(
-        "--instructions",
-        choices=("native", "avx2"),
-        default="native",
-        help="avx2: hold torch, oneDNN and MKL to AVX2 instructions (a stand-in for an AVX2-only CPU)",
-    )
+    add_instructions_flag(parser)
     parser.add_argument(
         "--repeats", type=int, help="timed repeats per run (default: 9 at batch 320, 7 at 1280)"
     )
@@ -193,7 +187,7 @@ def main() -> None:
     if args.runs < 1:
         parser.error("--runs must be at least 1")
     settings = args.setting or list(SETTINGS)
-    env = dict(os.environ, **(AVX2_LIMITS if args.instructions == "avx2" else {}))
+    env = dict(os.environ, **instruction_limits(args.instructions))
     runs: dict[Setting, list[dict]] = {setting: [] for setting in settings}
     with tempfile.TemporaryDirectory() as folder:
         for index in range(args.runs):

@@ -39,8 +39,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import NamedTuple
 
-from _common import machine_lines, markdown_table
-from bench_targets import AVX2_LIMITS
+from _common import add_instructions_flag, instruction_limits, machine_lines, markdown_table
 
 MODELS = {"SB3": "SB3 SAC, MlpPolicy [400, 400, 400]", "D2R": "D2R (D2RSAC, default MT10 network)"}
 
@@ -191,7 +190,7 @@ def record(args: argparse.Namespace, perf: str) -> tuple[list[Sample], list[Roun
             f"--collect={args.collect}",
             f"--warmup-steps={args.warmup_steps}",
         ]
-        env = dict(os.environ, ONEDNN_JIT_PROFILE="2", **(AVX2_LIMITS if args.instructions == "avx2" else {}))
+        env = dict(os.environ, ONEDNN_JIT_PROFILE="2", **instruction_limits(args.instructions))
         process = subprocess.Popen(command, env=env, cwd=Path(__file__).parent)
         try:
             while not (work / "ready").exists():
@@ -276,12 +275,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--frequency", type=int, default=999, help="samples per second of a thread's CPU time"
     )
-    parser.add_argument(
-        "--instructions",
-        choices=("native", "avx2"),
-        default="native",
-        help="avx2: hold torch, oneDNN and MKL to AVX2 instructions (a stand-in for an AVX2-only CPU)",
-    )
+    add_instructions_flag(parser)
     parser.add_argument(
         "--symbols",
         type=int,

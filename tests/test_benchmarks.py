@@ -14,6 +14,21 @@ import torch as th
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
+def _run_benchmark(
+    script: str, *arguments: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """Run a benchmark script as a real process; it must succeed."""
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / script), *arguments],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
 @pytest.fixture
 def targets(monkeypatch):
     monkeypatch.syspath_prepend(str(BENCHMARKS))  # the scripts import their helpers as the folder's modules
@@ -64,26 +79,19 @@ def test_a_real_run_held_to_avx2_instructions(tmp_path):
     """One bench_update.py process at a tiny setting, with torch, oneDNN and MKL held to AVX2 as the stand-in does:
     the record names the instructions torch used, and the table has the run's ratio."""
     out = tmp_path / "targets.json"
-    done = subprocess.run(
-        [
-            sys.executable,
-            str(BENCHMARKS / "bench_targets.py"),
-            "--runs=1",
-            "--setting=20x1=50",
-            "--instructions=avx2",
-            "--repeats=1",
-            "--steps=1",
-            f"--json={out}",
-            # passed on to bench_update.py: a short collection and warm-up
-            "--collect=20",
-            "--warmup-steps=1",
-            "--settle-faults=1000000",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
+    done = _run_benchmark(
+        "bench_targets.py",
+        "--runs=1",
+        "--setting=20x1=50",
+        "--instructions=avx2",
+        "--repeats=1",
+        "--steps=1",
+        f"--json={out}",
+        # passed on to bench_update.py: a short collection and warm-up
+        "--collect=20",
+        "--warmup-steps=1",
+        "--settle-faults=1000000",
     )
-    assert done.returncode == 0, done.stderr[-3000:]
     record = json.loads(out.read_text())
     (setting,) = record["settings"]
     (run,) = setting["runs"]
@@ -114,14 +122,8 @@ PRODUCTS = ("mkldnn::_linear_pointwise", "aten::bmm", "aten::baddbmm", "aten::mm
 def test_the_profile_counts_onednn_products_as_matrix_products():
     """profile_update.py with the ensemble layers on oneDNN: their products (``mkldnn::_linear_pointwise``) are
     in the matmul column, not in "other ops", and the page faults of both runs are reported."""
-    done = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "profile_update.py"), "--batch=20", "--steps=1"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "D2R_SB3_CPU_PRODUCTS": "onednn"},
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    products = {**os.environ, "D2R_SB3_CPU_PRODUCTS": "onednn"}
+    done = _run_benchmark("profile_update.py", "--batch=20", "--steps=1", env=products)
     assert "Minor page faults per step: " in done.stdout
     phases = _table_rows(done.stdout, "| phase |")
     matmul_column = sum(float(row[2]) for row in phases)
@@ -207,21 +209,9 @@ def _perf_can_record() -> bool:
 
 @pytest.mark.skipif(not _perf_can_record(), reason="Linux perf is missing or may not record here")
 def test_a_real_perf_run_accounts_for_the_steps_of_both_models():
-    done = subprocess.run(
-        [
-            sys.executable,
-            str(BENCHMARKS / "perf_step.py"),
-            "--batch=20",
-            "--seconds=2",
-            "--steps=1",
-            "--collect=20",
-            "--warmup-steps=2",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
+    done = _run_benchmark(
+        "perf_step.py", "--batch=20", "--seconds=2", "--steps=1", "--collect=20", "--warmup-steps=2"
     )
-    assert done.returncode == 0, done.stderr[-3000:]
     rows = {row[0]: row[1:] for row in _table_rows(done.stdout, "| kind of code")}
     # columns: SB3 main, SB3 other threads, D2R main, D2R other threads, D2R - SB3
     products = [
