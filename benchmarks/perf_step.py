@@ -234,6 +234,8 @@ def record(args: argparse.Namespace, perf: str) -> tuple[list[Sample], list[Roun
             if process.poll() is None:
                 process.send_signal(signal.SIGKILL)
                 process.wait()
+            # the symbol map oneDNN wrote where perf looks for it (ONEDNN_JIT_PROFILE=2), read by perf script above
+            Path("/tmp", f"perf-{process.pid}.map").unlink(missing_ok=True)
         rounds = [Round(*r) for r in json.loads((work / "rounds.json").read_text())]
         return parse_samples(script.stdout), rounds, pid, (work / "machine.txt").read_text()
 

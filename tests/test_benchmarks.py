@@ -209,9 +209,11 @@ def _perf_can_record() -> bool:
 
 @pytest.mark.skipif(not _perf_can_record(), reason="Linux perf is missing or may not record here")
 def test_a_real_perf_run_accounts_for_the_steps_of_both_models():
+    maps = set(Path("/tmp").glob("perf-*.map"))
     done = _run_benchmark(
         "perf_step.py", "--batch=20", "--seconds=2", "--steps=1", "--collect=20", "--warmup-steps=2"
     )
+    assert set(Path("/tmp").glob("perf-*.map")) <= maps  # oneDNN's symbol map for perf is not left behind
     rows = {row[0]: row[1:] for row in _table_rows(done.stdout, "| kind of code")}
     # columns: SB3 main, SB3 other threads, D2R main, D2R other threads, D2R - SB3
     products = [
