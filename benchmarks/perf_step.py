@@ -58,6 +58,12 @@ KINDS = (
     "other",
 )
 OFF_CPU = "not on a CPU (main thread)"
+RECORD_OPTIONS = (
+    "-k",
+    "CLOCK_MONOTONIC",
+    "-e",
+    "cpu-clock",
+)  # sample times on the clock the rounds are timed with
 # Parts of the names of torch's compute loops (the rest of libtorch is dispatch and bookkeeping); "6native" is
 # at::native in a name perf could not demangle.
 _KERNEL_MARKS = ("at::native::", "Vectorized", "Sleef_", "TensorIterator", "copy_same_type", "6native")
@@ -201,16 +207,7 @@ def record(args: argparse.Namespace, perf: str) -> tuple[list[Sample], list[Roun
                 time.sleep(0.2)
             pid = int((work / "ready").read_text())
             data = work / "perf.data"
-            perf_record = [
-                perf,
-                "record",
-                "-k",
-                "CLOCK_MONOTONIC",
-                "-e",
-                "cpu-clock",
-                "-F",
-                str(args.frequency),
-            ]
+            perf_record = [perf, "record", *RECORD_OPTIONS, "-F", str(args.frequency)]
             recorded = subprocess.run(
                 [*perf_record, "-p", str(pid), "-o", str(data), "--", "sleep", str(args.seconds)],
                 capture_output=True,
@@ -263,6 +260,15 @@ def breakdown(
         symbols[sample.kind, sample.symbol] += ms
     main[OFF_CPU] = max(ms_per_step - sum(main.values()), 0.0)
     return Breakdown(ms_per_step, steps, main, others, symbols)
+
+
+def perf_can_record() -> bool:
+    """Whether ``perf`` is on the PATH and records here with the options this script uses."""
+    perf = shutil.which("perf")
+    if perf is None:
+        return False
+    probe = [perf, "record", *RECORD_OPTIONS, "-o", os.devnull, "--", "true"]
+    return subprocess.run(probe, capture_output=True).returncode == 0
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -166,6 +166,8 @@ def test_perf_samples_are_sorted_into_kinds_of_code_and_given_to_the_round_they_
     text += "\n 100      7efd12c8024b mkl_no_time (x.so)\n\nnot a sample line\n"
     samples = perf_step.parse_samples(text)
     assert [s.kind for s in samples] == list(perf_step.KINDS[:11])
+    assert [s.thread for s in samples] == [100] * 10 + [101]
+    assert samples[3].time == 50.003
     kinds = perf_step.KINDS
     assert perf_step.kind_of("L_loop32gas_1", torch_lib) == kinds[1]  # MKL's assembly, under its sdot
     assert perf_step.kind_of("LSUMgas_1", torch_lib) == kinds[1]
@@ -179,13 +181,11 @@ def test_perf_samples_are_sorted_into_kinds_of_code_and_given_to_the_round_they_
         perf_step.kind_of("_ZN3c1012function_refIFvPPcPKlllEE11callback_fnIZN2at6native4AVX2", torch_lib)
         == kinds[3]
     )
-    assert perf_step.kind_of("pthread_mutex_lock", libc) == perf_step.KINDS[11]
+    assert perf_step.kind_of("pthread_mutex_lock", libc) == kinds[11]
     loop = "c10::function_ref<void (char**)>::callback_fn<at::native::AVX2::VectorizedLoop2d<at::native::(anonymous "
     loop += "namespace)::add_kernel(at::TensorIteratorBase&, c10::Scalar const&)::{lambda()#1}, at::native::add_kernel>"
     assert perf_step.short_name(loop) == "add_kernel"
     assert perf_step.short_name("_PyEval_EvalFrameDefault") == "_PyEval_EvalFrameDefault"
-    assert [s.thread for s in samples] == [100] * 10 + [101]
-    assert samples[3].time == 50.003
     Round = perf_step.Round
     # rounds: A over samples 0-2, B over samples 5-7; samples 3-4 and 8-10 fall between or after them
     by_model = perf_step.assign(samples, [Round("B", 50.005, 50.0075), Round("A", 49.0, 50.0025)])
@@ -196,19 +196,9 @@ def test_perf_samples_are_sorted_into_kinds_of_code_and_given_to_the_round_they_
     assert result.main[perf_step.OFF_CPU] == pytest.approx(1000.0 * 1.0025 * 2 / 6 - 3 / 6)
 
 
-def _perf_can_record() -> bool:
-    import shutil
-
-    if shutil.which("perf") is None:
-        return False
-    done = subprocess.run(
-        ["perf", "record", "-e", "cpu-clock", "-o", "/dev/null", "--", "true"], capture_output=True
-    )
-    return done.returncode == 0
-
-
-@pytest.mark.skipif(not _perf_can_record(), reason="Linux perf is missing or may not record here")
-def test_a_real_perf_run_accounts_for_the_steps_of_both_models():
+def test_a_real_perf_run_accounts_for_the_steps_of_both_models(perf_step):
+    if not perf_step.perf_can_record():
+        pytest.skip("Linux perf is missing or may not record here")
     maps = set(Path("/tmp").glob("perf-*.map"))
     done = _run_benchmark(
         "perf_step.py", "--batch=20", "--seconds=2", "--steps=1", "--collect=20", "--warmup-steps=2"
