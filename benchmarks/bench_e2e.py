@@ -40,6 +40,19 @@ class Clock:
         return timed
 
 
+COLUMNS = [
+    "model",
+    "env steps / s",
+    "env",
+    "acting",
+    "train",
+    "other",
+    "outside the gradient steps",
+    "ms per gradient step",
+]
+"""The columns of a :func:`run` row."""
+
+
 def run(name: str, model, env, warmup_steps: int, steps: int) -> list[str]:
     n_envs = env.num_envs
     model.learn(warmup_steps * n_envs)  # fills the buffer past learning_starts and warms every code path
@@ -106,21 +119,7 @@ def main() -> None:
         f"## learn() on MT10, batch {args.batch}, {args.threads} thread(s), {args.vec_env} VecEnv, "
         f"{args.steps} vector steps ({args.steps * 10} env steps)\n"
     )
-    print(
-        markdown_table(
-            [
-                "model",
-                "env steps / s",
-                "env",
-                "acting",
-                "train",
-                "other",
-                "outside the gradient steps",
-                "ms per gradient step",
-            ],
-            rows,
-        )
-    )
+    print(markdown_table(COLUMNS, rows))
     print("\n" + "\n".join(machine_lines()))
 
 

@@ -19,6 +19,7 @@ import argparse
 
 import torch as th
 from _common import interleaved, machine_lines, markdown_table, median, paired_ratio, set_threads
+from bench_e2e import COLUMNS as E2E_COLUMNS
 from bench_e2e import run as run_e2e
 from bench_update import build_models
 
@@ -98,11 +99,7 @@ def main() -> None:
         e2e_rows.append(run_e2e(name, model, env, 130, args.e2e_steps))
         env.close()
     print(f"\n## learn() on MT10 with SubprocVecEnv, batch 1280, {args.e2e_steps} vector steps\n")
-    print(
-        markdown_table(
-            ["model", "env steps / s", "env", "acting", "train", "other", "ms per gradient step"], e2e_rows
-        )
-    )
+    print(markdown_table(E2E_COLUMNS, e2e_rows))
     print("\n" + "\n".join(machine_lines()))
 
 

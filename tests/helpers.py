@@ -9,12 +9,20 @@ from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass
 from typing import Any
 
+import pytest
 import torch as th
 
 TINY_D2R = dict(n_modules=4, module_dim=16, encoder_sizes=[32, 32], gate_sizes=[16])
 """A D2R network small enough for tests on any CPU (the default is 16 modules of 400 units)."""
 TINY_D2R_FLAG = "policy_kwargs:{n_modules: 4, module_dim: 16, encoder_sizes: [32, 32], gate_sizes: [16]}"
 """The same network as a zoo ``--hyperparams`` item."""
+
+NEEDS_CUDA = pytest.mark.skipif(
+    not th.cuda.is_available(), reason="needs a CUDA device (none is visible to torch)"
+)
+"""Mark of the tests that run on a GPU only (CI has none; they run where ``torch.cuda.is_available()``)."""
+DEVICES = ["cpu", pytest.param("cuda", marks=NEEDS_CUDA)]
+"""``@pytest.mark.parametrize("device", DEVICES)``: a test on the CPU, and again on CUDA where there is a GPU."""
 
 
 @dataclass

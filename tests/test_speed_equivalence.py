@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch as th
 from gymnasium import spaces
+from helpers import DEVICES
 
 from d2r_sb3.d2r import D2RPolicy, RoutedNetwork, RouteRequest, skipping
 from d2r_sb3.d2r.reference import reference_forward
@@ -53,9 +54,10 @@ def small_net(routing: str = "topk", shortcut: str = "full", n_nets: int = 1, **
     return net
 
 
-def inputs(batch: int = 19, dtype=th.float64, seed: int = 2):
-    gen = th.Generator().manual_seed(seed)
-    return th.randn(batch, 12, generator=gen).to(dtype), th.randint(0, 3, (batch,), generator=gen)
+def inputs(batch: int = 19, dtype=th.float64, seed: int = 2, device: str | th.device = "cpu"):
+    gen = th.Generator().manual_seed(seed)  # drawn on the CPU: the same numbers on every device
+    state, task_ids = th.randn(batch, 12, generator=gen).to(dtype), th.randint(0, 3, (batch,), generator=gen)
+    return state.to(device), task_ids.to(device)
 
 
 def fast_and_reference(
@@ -65,7 +67,8 @@ def fast_and_reference(
     state = state.clone().requires_grad_(True)
     th.manual_seed(3)  # SampleK draws
     out, sources = net(state, task_ids, request)
-    upstream = th.randn(out.shape, generator=th.Generator().manual_seed(4), dtype=th.float64).to(out.dtype)
+    upstream = th.randn(out.shape, generator=th.Generator().manual_seed(4), dtype=th.float64)
+    upstream = upstream.to(out.device, out.dtype)
     (out * upstream).sum().backward()
     fast = {name: p.grad.double() for name, p in net.named_parameters()}
     fast["state"] = state.grad.double()
@@ -92,15 +95,16 @@ def fast_and_reference(
     return out.double(), ref, fast, slow
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("strategy", BLOCK_STRATEGIES)
 @pytest.mark.parametrize("n_nets", [1, 2])
 @pytest.mark.parametrize("resrouting", list(RESROUTING))
 @pytest.mark.parametrize("routing", ["topk", "hard", "soft"])
-def test_values_and_gradients_equal_the_reference_in_float64(routing, resrouting, n_nets, strategy):
+def test_values_and_gradients_equal_the_reference_in_float64(routing, resrouting, n_nets, strategy, device):
     use_rr, shortcut = RESROUTING[resrouting]
-    net = small_net(routing, shortcut, n_nets).double()
+    net = small_net(routing, shortcut, n_nets).double().to(device)
     use_block_strategy(net, strategy)
-    state, task_ids = inputs()
+    state, task_ids = inputs(device=device)
     requests = [RouteRequest(explore=True, resrouting=use_rr), RouteRequest(explore=False, resrouting=use_rr)]
     if routing != "soft":  # stored behaviour routes (the actor loss): both chosen sources may be masked
         with th.no_grad():
@@ -118,13 +122,14 @@ def test_values_and_gradients_equal_the_reference_in_float64(routing, resrouting
             th.testing.assert_close(fast[name], slow[name], rtol=1e-9, atol=1e-12, msg=f"gradient of {name}")
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("resrouting", list(RESROUTING))
 @pytest.mark.parametrize("routing", ["topk", "soft"])
-def test_float32_matches_the_float64_reference_to_float32_precision(routing, resrouting):
+def test_float32_matches_the_float64_reference_to_float32_precision(routing, resrouting, device):
     use_rr, shortcut = RESROUTING[resrouting]
-    reference_net = small_net(routing, shortcut, n_nets=2).double()
+    reference_net = small_net(routing, shortcut, n_nets=2).double().to(device)
     net = copy.deepcopy(reference_net).float()
-    state, task_ids = inputs(dtype=th.float32)
+    state, task_ids = inputs(dtype=th.float32, device=device)
     with th.no_grad():  # routes from the float64 network, so both sides route identically
         _, padded = reference_net.encode(state.double(), task_ids)
         chosen = reference_net.choose_sources(padded, task_ids, RouteRequest(explore=True))
@@ -192,21 +197,22 @@ def _relative_error(value: th.Tensor, reference: th.Tensor) -> float:
     return float((value.double() - reference.double()).norm() / reference.double().norm())
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("strategy", BLOCK_STRATEGIES)
 @pytest.mark.parametrize("n_nets", [1, 2])
 @pytest.mark.parametrize("resrouting", list(RESROUTING))
-def test_bfloat16_compute_only_rounds_the_float32_values_and_gradients(resrouting, n_nets, strategy):
+def test_bfloat16_compute_only_rounds_the_float32_values_and_gradients(resrouting, n_nets, strategy, device):
     """Mixed precision (train_precision="bfloat16"): on the same stored routes, outputs and every gradient are
     the float32 ones up to bfloat16 rounding (8 bits of mantissa: ~0.4 % per operation), outputs and gradients
     come back in float32, and the float32 path is untouched (compute_dtype=float32 is the plain path)."""
     enabled, shortcut = RESROUTING[resrouting]
-    net = small_net(shortcut=shortcut, n_nets=n_nets, n_modules=8)
+    net = small_net(shortcut=shortcut, n_nets=n_nets, n_modules=8).to(device)
     use_block_strategy(net, strategy)
-    state, task_ids = inputs(batch=64, dtype=th.float32)
+    state, task_ids = inputs(batch=64, dtype=th.float32, device=device)
     with th.no_grad():
         stored = net.graph.encode(net(state, task_ids)[1])  # TopK routes in float32, replayed by both
     request = RouteRequest(stored=stored, resrouting=enabled)
-    upstream = th.randn(n_nets, 64, 5, generator=th.Generator().manual_seed(4))
+    upstream = th.randn(n_nets, 64, 5, generator=th.Generator().manual_seed(4)).to(device)
 
     def run(dtype):
         net.zero_grad(set_to_none=True)
@@ -512,8 +518,9 @@ def _two_calls_and_pair(net: RoutedNetwork, routes, dtype, compute_dtype=None):
     """Outputs and gradients (parameters, both states) of ``forward`` twice (the second with detached parameters)
     and of one ``forward_pair``, from the same SampleK draws and upstream gradients."""
     (route, frozen_route), results = routes, []
-    state, task_ids = inputs(dtype=dtype)
-    frozen_state, frozen_task_ids = inputs(batch=13, dtype=dtype, seed=5)
+    device = next(net.parameters()).device
+    state, task_ids = inputs(dtype=dtype, device=device)
+    frozen_state, frozen_task_ids = inputs(batch=13, dtype=dtype, seed=5, device=device)
     for paired in (False, True):
         net.zero_grad(set_to_none=True)
         a, b = state.clone().requires_grad_(True), frozen_state.clone().requires_grad_(True)
@@ -528,29 +535,28 @@ def _two_calls_and_pair(net: RoutedNetwork, routes, dtype, compute_dtype=None):
                 b, frozen_task_ids, frozen_route, detach_params=True, compute_dtype=compute_dtype
             )[0]
         gen = th.Generator().manual_seed(4)
-        loss = (out * th.randn(out.shape, generator=gen, dtype=th.float64).to(out.dtype)).sum()
-        loss = (
-            loss
-            + (frozen_out * th.randn(frozen_out.shape, generator=gen, dtype=th.float64).to(out.dtype)).sum()
-        )
+        upstream = th.randn(out.shape, generator=gen, dtype=th.float64).to(device, out.dtype)
+        frozen_upstream = th.randn(frozen_out.shape, generator=gen, dtype=th.float64).to(device, out.dtype)
+        loss = (out * upstream).sum() + (frozen_out * frozen_upstream).sum()
         loss.backward()
         grads = {name: p.grad.double() for name, p in net.named_parameters() if p.grad is not None}
         results.append((out.double(), frozen_out.double(), a.grad.double(), b.grad.double(), grads))
     return results
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("explores", ["trained", "frozen", "trained, frozen without ResRouting"])
 @pytest.mark.parametrize("strategy", BLOCK_STRATEGIES)
 @pytest.mark.parametrize("resrouting", list(RESROUTING))
 @pytest.mark.parametrize("routing", ["topk", "hard", "soft"])
 def test_one_pass_over_two_batches_equals_a_trained_and_a_frozen_call(
-    routing, resrouting, strategy, explores
+    routing, resrouting, strategy, explores, device
 ):
     """The critics' TD-regression call (SampleK routes, trains the critics) and actor-loss call (TopK routes,
     critics frozen: gradient reaches the actions only) as one pass: the same values and gradients, whichever batch
     explores, and with ResRouting in one batch only."""
     use_rr, shortcut = RESROUTING[resrouting]
-    net = small_net(routing, shortcut, n_nets=2).double()
+    net = small_net(routing, shortcut, n_nets=2).double().to(device)
     use_block_strategy(net, strategy)
     sample, top = RouteRequest(explore=True, resrouting=use_rr), RouteRequest(resrouting=use_rr)
     routes = {
@@ -573,9 +579,10 @@ def test_one_pass_over_two_batches_equals_a_trained_and_a_frozen_call(
     assert gb.abs().sum() > 0
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("compute_dtype", [None, th.bfloat16])
-def test_one_pass_over_two_batches_in_float32_and_bfloat16_matches_the_two_calls(compute_dtype):
-    net = small_net("topk", "full", n_nets=2)
+def test_one_pass_over_two_batches_in_float32_and_bfloat16_matches_the_two_calls(compute_dtype, device):
+    net = small_net("topk", "full", n_nets=2).to(device)
     routes = (RouteRequest(explore=True, resrouting=True), RouteRequest(resrouting=True))
     first, paired = _two_calls_and_pair(net, routes, th.float32, compute_dtype)
     # bfloat16 products of 32 instead of 19 rows may round differently; float32 agrees to its precision.

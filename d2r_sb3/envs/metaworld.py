@@ -41,6 +41,7 @@ if not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
 import functools
 import inspect
 import pickle
+import signal
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -420,6 +421,17 @@ def _build_sub_env(spec: _SubEnvSpec) -> gym.Env:
     return EpisodeReplay(env)
 
 
+def _build_sub_env_in_worker(spec: _SubEnvSpec) -> gym.Env:
+    """Thunk body of one sub-env in a SubprocVecEnv worker, which ignores SIGINT.
+
+    Ctrl-C in a terminal (or ``timeout -s INT``) signals the whole process group: a worker that died of it would
+    leave the training process unable to finish the checkpoint it writes on SIGINT (a broken pipe). The training
+    process decides when the workers stop; it closes them, and a worker also ends when its pipe does.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    return _build_sub_env(spec)
+
+
 # --------------------------------------------------------------------------------------------------
 # VecEnv
 # --------------------------------------------------------------------------------------------------
@@ -691,7 +703,8 @@ def make_mt_env(
         )
         for i, name in enumerate(task_names)
     ]
-    thunks: list[Callable[[], gym.Env]] = [functools.partial(_build_sub_env, s) for s in specs]
+    build = _build_sub_env if vec_env == "dummy" else _build_sub_env_in_worker
+    thunks: list[Callable[[], gym.Env]] = [functools.partial(build, s) for s in specs]
     venv: VecEnv = DummyVecEnv(thunks) if vec_env == "dummy" else SubprocVecEnv(thunks)
     return MultiTaskVecEnv(
         venv,
