@@ -21,7 +21,7 @@ import torch as th
 from _common import interleaved, machine_lines, markdown_table, median, paired_ratio, set_threads
 from bench_e2e import COLUMNS as E2E_COLUMNS
 from bench_e2e import run as run_e2e
-from bench_update import build_models
+from bench_update import D2R, D2R_BF16, build_models
 
 from d2r_sb3 import D2RSAC, make_mt_env
 
@@ -39,6 +39,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="gradient steps per timed repeat")
     parser.add_argument("--e2e-steps", type=int, default=300, help="timed vector env steps of learn()")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--precisions",
+        nargs="+",
+        choices=["float32", "bfloat16"],
+        default=["float32", "bfloat16"],
+        help="train_precision of the D2R rows of table 1",
+    )
     args = parser.parse_args()
     set_threads(args.threads)
     device = th.device(args.device)
@@ -49,7 +56,9 @@ def main() -> None:
     rows = []
     for batch in args.batches:
         env, models = build_models(batch, max(batch // 10 + 10, 150), args.seed, device=str(device))
-        chosen = {name: model for name, model in models.items() if not name.startswith("MT-SAC")}
+        skipped = {"MT-SAC"} | ({D2R_BF16} if "bfloat16" not in args.precisions else set())
+        skipped |= {D2R} if "float32" not in args.precisions else set()
+        chosen = {name: model for name, model in models.items() if not name.startswith(tuple(skipped))}
         candidates = {
             name: (lambda m=model, b=batch: m.train(args.steps, b)) for name, model in chosen.items()
         }

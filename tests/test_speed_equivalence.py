@@ -241,6 +241,37 @@ def test_bfloat16_compute_only_rounds_the_float32_values_and_gradients(resroutin
             assert cosine > 0.99, name
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_bfloat16_routing_gradient_in_float32_where_the_device_lacks_the_bfloat16_kernel(monkeypatch, device):
+    """CUDA has no bfloat16 kernel of embedding_bag's per-sample-weights gradient: there the routing weights'
+    gradient is computed from float32 copies. With that fallback (forced on the CPU, which has the kernel), the
+    gradients are the float32 ones up to bfloat16 rounding, and on the CPU those of the bfloat16 kernel."""
+    from d2r_sb3.d2r import routed_block
+
+    net = small_net(shortcut="full", n_nets=2, n_modules=8).to(device)
+    state, task_ids = inputs(batch=64, dtype=th.float32, device=device)
+    with th.no_grad():
+        stored = net.graph.encode(net(state, task_ids)[1])
+    request = RouteRequest(stored=stored, resrouting=True)
+    upstream = th.randn(2, 64, 5, generator=th.Generator().manual_seed(4)).to(device)
+
+    def grads(compute_dtype: th.dtype | None, fallback: bool) -> dict[str, th.Tensor]:
+        missing = {device: (th.bfloat16,)} if fallback else dict(routed_block._NO_PER_SAMPLE_DOTS)
+        monkeypatch.setattr(routed_block, "_NO_PER_SAMPLE_DOTS", missing)
+        net.zero_grad(set_to_none=True)
+        out, _ = net(state, task_ids, request, compute_dtype=compute_dtype)
+        (out * upstream).sum().backward()
+        return {name: p.grad.clone() for name, p in net.named_parameters()}
+
+    float32, fallback = grads(None, False), grads(th.bfloat16, True)
+    references = [float32] + ([grads(th.bfloat16, False)] if device == "cpu" else [])
+    for reference in references:
+        for name, want in reference.items():
+            assert fallback[name].dtype == th.float32
+            if want.abs().max() > 0:
+                assert _relative_error(fallback[name], want) < 0.15, name
+
+
 def test_bfloat16_training_leaves_acting_in_float32():
     """train_precision changes the five calls of a gradient step only: actions, routes and saved weights are
     those of the float32 policy; the update calls give float32 results."""

@@ -58,6 +58,9 @@ from torch.autograd.function import once_differentiable
 from d2r_sb3.d2r.row_layout import RowLayout, build_row_layout, from_host, host_array
 
 _SUM = 0  # embedding_bag mode "sum"
+# Device types whose per-sample-weights gradient of embedding_bag has no kernel for these dtypes (CUDA has none
+# for bfloat16 in torch 2.11): the routing weights' gradient takes float32 copies of its operands there.
+_NO_PER_SAMPLE_DOTS: dict[str, tuple[th.dtype, ...]] = {"cuda": (th.bfloat16,)}
 
 
 @dataclass(frozen=True)
@@ -685,9 +688,13 @@ def _routing_weight_gradient(
     grads = grad_rows[routed]
     n_entries = source_rows.numel()
     entry = th.arange(n_entries, device=outputs.device)
+    dtype = outputs.dtype
+    if dtype in _NO_PER_SAMPLE_DOTS.get(outputs.device.type, ()):
+        grads, outputs = grads.float(), outputs.float()
     dots = th.ops.aten._embedding_bag_per_sample_weights_backward(
         grads, outputs, source_rows, entry[::slots], entry // slots, _SUM, -1
     ).view(-1, slots)
+    dots = dots.to(dtype)
     grid_rows = (n + 1) * layout.ens * layout.batch
     grid = dots.new_zeros(grid_rows + 1, slots)  # the last row takes the padding rows
     grid.index_copy_(0, layout.grid_of_row[routed], dots)
