@@ -278,9 +278,10 @@ def test_sigterm_and_sigint_checkpoint_then_exit_and_the_resume_is_exact(referen
     assert_same_outcome(outcome(run), reference, "stopped by SIGTERM and SIGINT")
 
 
-def test_ctrl_c_to_the_process_group_of_a_subprocess_env_run_still_checkpoints(tmp_path: Path):
-    """Ctrl-C in a terminal signals every process of the group, SubprocVecEnv's env workers too: they ignore it,
-    so the training process can still step them to the checkpoint it writes before stopping."""
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_stop_signal_to_the_process_group_of_a_subprocess_env_run_still_checkpoints(signum, tmp_path: Path):
+    """Ctrl-C in a terminal, systemd and Slurm signal every process of the job, SubprocVecEnv's env workers too:
+    they ignore it, so the training process can still step them to the checkpoint it writes before stopping."""
     run = tmp_path / "d2r" / f"{NAME}_1"
     process = subprocess.Popen(
         train_cmd(*RUN, "--vec-env", "subproc", "-f", str(tmp_path)),
@@ -293,9 +294,11 @@ def test_ctrl_c_to_the_process_group_of_a_subprocess_env_run_still_checkpoints(t
     )
     wait_for(lambda: newest_steps(run) > 0)
     time.sleep(0.5)
-    os.killpg(process.pid, signal.SIGINT)
+    os.killpg(process.pid, signum)
     stdout, stderr = process.communicate(timeout=120)
-    assert process.returncode == 130, stdout[-2000:] + stderr[-2000:]
+    assert process.returncode == {signal.SIGINT: 130, signal.SIGTERM: 143}[signum], (
+        stdout[-2000:] + stderr[-2000:]
+    )
     assert "Traceback" not in stderr and "a write failed" not in stderr, stderr[-2000:]
     steps = int(stderr.split("Stopped at ")[1].split()[0])
     assert CheckpointStore(run / "checkpoints").list()[0].num_timesteps == steps

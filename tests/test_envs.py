@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -475,3 +480,62 @@ def test_subproc_vec_env() -> None:
     finally:
         sub.close()
         dummy.close()
+
+
+# A script that builds a 2-task SubprocVecEnv, prints its workers' pids, optionally waits for SIGTERM on stdin's
+# word, steps the envs once more and exits without closing them.
+_WORKERS_SCRIPT = """
+import sys
+from d2r_sb3 import make_mt_env
+env = make_mt_env(["reach", "drawer-close"], vec_env="subproc", max_episode_steps=5)
+env.reset()
+print(*[p.pid for p in env.venv.processes], flush=True)
+if sys.argv[1] == "wait":
+    sys.stdin.readline()  # the test signals the workers meanwhile
+    env.step(__import__("numpy").zeros((2, 4), dtype="float32"))
+    print("stepped", flush=True)
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as stat:  # a zombie is not alive
+        return stat.read().split(")")[-1].split()[0] != "Z"
+
+
+def test_subproc_workers_ignore_stop_signals_and_an_env_left_open_is_closed_at_exit() -> None:
+    """SIGINT / SIGTERM sent to the whole job leave the env workers running (the training process stops them
+    after its checkpoint); an env that was never closed is closed at exit, so the interpreter still exits at once
+    (multiprocessing would otherwise SIGTERM the workers, which they ignore, and wait for them forever)."""
+    process = subprocess.Popen(
+        [sys.executable, "-c", _WORKERS_SCRIPT, "wait"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stdout is not None and process.stdin is not None
+    workers = [int(pid) for pid in process.stdout.readline().split()]
+    assert len(workers) == 2, process.stderr.read() if process.stderr else ""
+    for pid in workers:  # from this process, not the workers' creator
+        os.kill(pid, signal.SIGINT)
+        os.kill(pid, signal.SIGTERM)
+    time.sleep(1.0)
+    assert all(_alive(pid) for pid in workers)
+    process.stdin.write("go\n")
+    process.stdin.flush()
+    start = time.monotonic()
+    try:
+        stdout, stderr = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 0, stderr[-2000:]
+    assert "stepped" in stdout
+    assert time.monotonic() - start < 20
+    deadline = time.monotonic() + 10
+    while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(pid) for pid in workers)

@@ -41,7 +41,6 @@ if not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
 import functools
 import inspect
 import pickle
-import signal
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -56,6 +55,7 @@ from stable_baselines3.common.monitor import Monitor
 from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecEnv, VecEnvWrapper
 from stable_baselines3.common.vec_env.base_vec_env import VecEnvStepReturn
 
+from d2r_sb3.envs.workers import close_at_exit, ignore_stop_signals
 from d2r_sb3.envs.wrappers import EpisodeLimit, EpisodeReplay, EpisodeSuccess
 
 __all__ = [
@@ -422,13 +422,10 @@ def _build_sub_env(spec: _SubEnvSpec) -> gym.Env:
 
 
 def _build_sub_env_in_worker(spec: _SubEnvSpec) -> gym.Env:
-    """Thunk body of one sub-env in a SubprocVecEnv worker, which ignores SIGINT.
-
-    Ctrl-C in a terminal (or ``timeout -s INT``) signals the whole process group: a worker that died of it would
-    leave the training process unable to finish the checkpoint it writes on SIGINT (a broken pipe). The training
-    process decides when the workers stop; it closes them, and a worker also ends when its pipe does.
+    """Thunk body of one sub-env in a SubprocVecEnv worker, which ignores SIGINT and SIGTERM sent to the whole job:
+    the training process stops it after its last checkpoint (see :mod:`d2r_sb3.envs.workers`).
     """
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    ignore_stop_signals()
     return _build_sub_env(spec)
 
 
@@ -705,7 +702,7 @@ def make_mt_env(
     ]
     build = _build_sub_env if vec_env == "dummy" else _build_sub_env_in_worker
     thunks: list[Callable[[], gym.Env]] = [functools.partial(build, s) for s in specs]
-    venv: VecEnv = DummyVecEnv(thunks) if vec_env == "dummy" else SubprocVecEnv(thunks)
+    venv: VecEnv = DummyVecEnv(thunks) if vec_env == "dummy" else close_at_exit(SubprocVecEnv(thunks))
     return MultiTaskVecEnv(
         venv,
         task_names=task_names,

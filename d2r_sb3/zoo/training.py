@@ -269,9 +269,19 @@ def _announce(setup: RunSetup, remaining: int) -> None:
 def train(setup: RunSetup) -> int:
     """Learn up to ``setup.n_timesteps``, checkpoint, save the final model and write results.json.
 
+    The training env is closed on every way out (a stop signal and a failure too), so that no env process is left
+    for the interpreter's exit to terminate.
+
     :return: The exit code: 0, 130 / 143 after SIGINT / SIGTERM (checkpointed), 1 when training failed
         (non-finite values, a write error); the last good checkpoint is untouched then.
     """
+    try:
+        return _train(setup)
+    finally:
+        setup.env.close()
+
+
+def _train(setup: RunSetup) -> int:
     args, model, run_dir = setup.args, setup.model, setup.run_dir
     remaining = max(0, setup.n_timesteps - model.num_timesteps)
     if setup.resumed_from is not None:
@@ -327,7 +337,7 @@ def train(setup: RunSetup) -> int:
         os.replace(tmp, setup.layout.replay_buffer_pickle)
     if args.verbose >= 1:
         print(f"Saved {model_path} and {final_checkpoint.path} ({model.num_timesteps} steps)")
-    setup.env.close()
+    setup.env.close()  # before the final evaluation, which needs no training env (train() closes it again: harmless)
     if args.final_eval_episodes > 0:
         write_json(setup.layout.results_file, final_evaluation(setup, train_seconds))
     return 0
