@@ -5,7 +5,9 @@
 
 Table 1: milliseconds per gradient step (and steps per second) of D2R and SB3's MLP SAC at batch 1280 (MT10)
 and 6400 (MT50-sized batch on the same data), timed with the device synchronised before every clock read.
-Table 2: ``learn()`` on MT10 with one subprocess per task (``SubprocVecEnv``): env steps per second and the time
+Table 2 (CUDA only): the GPU's work per gradient step: how many operations (kernels, copies) it ran and how long it was
+busy with them, against the step's time from table 1 (a low busy share: the step is bound by launching them).
+Table 3: ``learn()`` on MT10 with one subprocess per task (``SubprocVecEnv``): env steps per second and the time
 split between env, acting and training, so one can see what a full 15M-step MT10 run costs on this GPU.
 
 On a GPU the routed block's backward pass pushes gradients with ``index_add_`` instead of pulling them by
@@ -22,10 +24,24 @@ from _common import interleaved, machine_lines, markdown_table, median, paired_r
 from bench_e2e import COLUMNS as E2E_COLUMNS
 from bench_e2e import run as run_e2e
 from bench_update import D2R, D2R_BF16, build_models
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile
 
 from d2r_sb3 import D2RSAC, make_mt_env
 
 PAPER_UPDATES = 1_500_000  # MT10: 15M env steps, one gradient step per vector step of 10 envs
+
+
+def gpu_work(model, batch: int, steps: int) -> tuple[float, float]:
+    """Operations the GPU ran per gradient step (kernels, copies, fills) and the milliseconds it was busy with
+    them, from ``steps`` profiled steps. A busy share far below 1 means the step waits on the host launching its
+    operations, not on the GPU's arithmetic."""
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        model.train(steps, batch)
+        th.cuda.synchronize()
+    ops = [event for event in prof.events() if event.device_type == DeviceType.CUDA]
+    busy_us = sum(event.time_range.elapsed_us() for event in ops)  # one stream: operations do not overlap
+    return len(ops) / steps, busy_us / 1000 / steps
 
 
 def main() -> None:
@@ -37,7 +53,9 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1280, 6400])
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--steps", type=int, default=20, help="gradient steps per timed repeat")
-    parser.add_argument("--e2e-steps", type=int, default=300, help="timed vector env steps of learn()")
+    parser.add_argument(
+        "--e2e-steps", type=int, default=300, help="timed vector env steps of learn() (0: skip table 3)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--precisions",
@@ -53,7 +71,8 @@ def main() -> None:
     if device.type != "cuda":
         print(f"NOTE: no CUDA device used (device={device}); these numbers check the script, not a GPU.\n")
 
-    rows = []
+    rows: list[list] = []
+    work_rows: list[list] = []
     for batch in args.batches:
         env, models = build_models(batch, max(batch // 10 + 10, 150), args.seed, device=str(device))
         skipped = {"MT-SAC"} | ({D2R_BF16} if "bfloat16" not in args.precisions else set())
@@ -64,8 +83,13 @@ def main() -> None:
         }
         times = interleaved(candidates, args.repeats, warmup=2, sync=sync)
         reference = next(iter(chosen))
-        for name in chosen:
+        for name, model in chosen.items():
             ms = 1000 * median(times[name]) / args.steps
+            if device.type == "cuda":
+                operations, busy_ms = gpu_work(model, batch, args.steps)
+                work_rows.append(
+                    [name, batch, f"{operations:.0f}", f"{busy_ms:.2f}", f"{ms:.2f}", f"{busy_ms / ms:.0%}"]
+                )
             hours = PAPER_UPDATES * ms / 1000 / 3600
             rows.append(
                 [
@@ -92,6 +116,14 @@ def main() -> None:
             rows,
         )
     )
+
+    if device.type == "cuda":
+        print("\n## GPU work per gradient step (torch.profiler)\n")
+        columns = ["model", "batch", "GPU operations", "GPU busy ms", "ms per step (table 1)", "busy share"]
+        print(markdown_table(columns, work_rows))
+    if args.e2e_steps <= 0:
+        print("\n" + "\n".join(machine_lines()))
+        return
 
     from stable_baselines3 import SAC
 
