@@ -482,8 +482,8 @@ def test_subproc_vec_env() -> None:
         dummy.close()
 
 
-# A script that builds a 2-task SubprocVecEnv, prints its workers' pids, optionally waits for SIGTERM on stdin's
-# word, steps the envs once more and exits without closing them.
+# A script that builds a 2-task SubprocVecEnv, prints its workers' pids, and exits without closing it; "wait" first
+# waits for a word on stdin (the test signals the workers meanwhile) and steps the envs once more.
 _WORKERS_SCRIPT = """
 import sys
 from d2r_sb3 import make_mt_env
@@ -539,3 +539,62 @@ def test_subproc_workers_ignore_stop_signals_and_an_env_left_open_is_closed_at_e
     while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not any(_alive(pid) for pid in workers)
+
+
+def test_subproc_workers_end_when_the_process_that_created_them_is_killed() -> None:
+    """Ignoring SIGINT and SIGTERM leaves no orphans: a worker ends when its pipe to the creator closes."""
+    process = subprocess.Popen(
+        [sys.executable, "-c", _WORKERS_SCRIPT, "wait"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stdout is not None
+    workers = [int(pid) for pid in process.stdout.readline().split()]
+    process.kill()
+    process.communicate()
+    deadline = time.monotonic() + 20
+    while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert len(workers) == 2 and not any(_alive(pid) for pid in workers)
+
+
+# Exits while its workers are stuck in a step (as when Ctrl-C interrupts step_wait on a hung simulator).
+_STUCK_STEP_SCRIPT = """
+import time
+import gymnasium as gym
+import numpy as np
+from stable_baselines3.common.vec_env import SubprocVecEnv
+from d2r_sb3.envs.workers import close_at_exit, ignore_stop_signals
+
+class Stuck(gym.Env):
+    observation_space = gym.spaces.Box(-1.0, 1.0, (1,), np.float32)
+    action_space = gym.spaces.Box(-1.0, 1.0, (1,), np.float32)
+
+    def reset(self, seed=None, options=None):
+        return np.zeros(1, np.float32), {}
+
+    def step(self, action):
+        time.sleep(600)
+
+def make():
+    ignore_stop_signals()
+    return Stuck()
+
+env = close_at_exit(SubprocVecEnv([make, make]))
+env.reset()
+print(*[p.pid for p in env.processes], flush=True)
+env.step_async(np.zeros((2, 1), np.float32))
+"""
+
+
+def test_workers_stuck_in_a_step_do_not_hold_up_the_exit() -> None:
+    start = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-c", _STUCK_STEP_SCRIPT], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert time.monotonic() - start < 30
+    workers = [int(pid) for pid in result.stdout.split()]
+    assert len(workers) == 2 and not any(_alive(pid) for pid in workers)

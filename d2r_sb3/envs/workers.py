@@ -9,7 +9,7 @@ signal would break that checkpoint (a broken pipe). So only the process that cre
   when its pipe to the creating process closes (that process died, even of SIGKILL);
 * in the creating process, every such env still open at interpreter exit is closed then (:func:`close_at_exit`),
   before :mod:`multiprocessing` would terminate its daemon workers with SIGTERM, which they now ignore; a worker
-  that does not end on being closed is killed.
+  that does not end within 10 s of being closed is killed, and so is one in the middle of a step.
 """
 
 from __future__ import annotations
@@ -42,13 +42,17 @@ def close_at_exit(venv: SubprocVecEnv) -> SubprocVecEnv:
 @atexit.register
 def _close_open_envs() -> None:
     for venv in list(_open_envs):
-        if not venv.closed:
+        # Not while a step is in flight (the exit interrupted step_wait): closing would first wait for its result,
+        # forever if a worker is stuck; such workers are killed at once.
+        closing = not venv.closed and not venv.waiting
+        if closing:
             try:
                 venv.close()
             except Exception:  # a worker already gone or broken: it is killed below
                 pass
         for process in venv.processes:
-            process.join(timeout=_CLOSE_TIMEOUT_S)
+            if closing:
+                process.join(timeout=_CLOSE_TIMEOUT_S)
             if process.is_alive():
                 process.kill()
                 process.join()

@@ -337,7 +337,7 @@ def _train(setup: RunSetup) -> int:
         os.replace(tmp, setup.layout.replay_buffer_pickle)
     if args.verbose >= 1:
         print(f"Saved {model_path} and {final_checkpoint.path} ({model.num_timesteps} steps)")
-    setup.env.close()  # before the final evaluation, which needs no training env (train() closes it again: harmless)
+    setup.env.close()  # not needed by the final evaluation (closing again in train() is harmless)
     if args.final_eval_episodes > 0:
         write_json(setup.layout.results_file, final_evaluation(setup, train_seconds))
     return 0
