@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import warnings
 
 import numpy as np
 import torch as th
@@ -72,7 +73,9 @@ def build_models(batch: int, collect_steps: int, seed: int, device: str = "cpu")
     buffer_size = max(collect_steps * env.num_envs, batch) + env.num_envs
     common = dict(batch_size=batch, buffer_size=buffer_size, seed=seed, device=device)
     d2r = D2RSAC("D2RPolicy", env, learning_starts=10**9, **common)
-    d2r.learn(collect_steps * env.num_envs)  # collection only (learning_starts is never reached)
+    with warnings.catch_warnings():  # the warning that this learn() makes no gradient step: intended here
+        warnings.simplefilter("ignore", UserWarning)
+        d2r.learn(collect_steps * env.num_envs)  # collection only (learning_starts is never reached)
     mtsac = MultiTaskSAC(
         "MTSACPolicy", env, learning_starts=0, policy_kwargs=dict(net_arch=MLP_ARCH), **common
     )
