@@ -473,3 +473,35 @@ def test_push_needs_a_repo_id_when_the_user_is_unknown(mt10, mt10_model, tmp_pat
     # A missing run is still the first error reported.
     assert push.main(["--model", str(tmp_path / "missing")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+# --- the device ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("command", ["train", "enjoy", "evaluate", "analyze"])
+def test_zoo_device_flag_refuses_a_device_torch_cannot_use(command, capsys):
+    """SB3 would silently run on the CPU: an explicit --device is an error when torch cannot use it."""
+    from d2r_sb3.zoo import analyze, enjoy, evaluate, train
+
+    main = {"train": train.main, "enjoy": enjoy.main, "evaluate": evaluate.main, "analyze": analyze.main}[
+        command
+    ]
+    missing = f"cuda:{th.cuda.device_count()}"  # one past the last GPU: none on a machine without
+    for device, message in ((missing, "torch sees"), ("gpu", "is not a torch device")):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["--device", device])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert f"argument --device: '{device}'" in err and message in err and "--device auto" in err, err
+
+
+@pytest.mark.skipif(th.cuda.is_available(), reason="a GPU is there: nothing to fall back from")
+def test_a_model_asked_for_cuda_without_a_gpu_warns_that_it_runs_on_the_cpu(tmp_path):
+    with pytest.warns(UserWarning, match="device='cuda' was asked for, but torch sees no CUDA device"):
+        model = tiny_d2r(device="cuda")
+    assert model.device.type == "cpu"
+    model.save(tmp_path / "model.zip")
+    with pytest.warns(UserWarning, match="runs on cpu instead"):
+        D2RSAC.load(tmp_path / "model.zip", device="cuda")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tiny_d2r(device="auto")
+        tiny_d2r(device="cpu")

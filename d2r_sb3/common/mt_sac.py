@@ -41,6 +41,7 @@ from torch.nn import functional as F
 
 from d2r_sb3.common.buffers import MultiTaskReplayBuffer, MultiTaskReplayBufferSamples
 from d2r_sb3.common.clipping import clip_grad_norm_per_member_
+from d2r_sb3.common.devices import device_unavailable_reason
 from d2r_sb3.common.nonfinite import (
     NonFiniteTrainingError,
     all_finite,
@@ -269,6 +270,14 @@ class MultiTaskSAC(SAC):
             device=device,
             _init_setup_model=False,
         )
+        unavailable = device_unavailable_reason(device)
+        if unavailable is not None and self.device.type != th.device(device).type:  # SB3's silent fallback
+            warnings.warn(
+                f"device={str(device)!r} was asked for, but {unavailable}: {type(self).__name__} runs on "
+                f"{self.device} instead.",
+                UserWarning,
+                stacklevel=2,
+            )
         self.policy_kwargs.pop("use_sde", None)  # SB3 adds it; gSDE is not supported by multi-task policies
         self.ent_coef_lr = ent_coef_lr
         self.max_log_ent_coef = max_log_ent_coef

@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from d2r_sb3.common.devices import device_unavailable_reason
 from d2r_sb3.common.files import atomic_write_bytes, to_plain
 
 ZOO_DIR = Path(__file__).resolve().parent
@@ -319,10 +320,29 @@ MODEL_HELP = (
 )
 
 
+def torch_device(text: str) -> str:
+    """``--device`` value: ``auto`` or a device torch can use here; an unusable one is an argparse error (SB3
+    would fall back to the CPU without a word)."""
+    try:
+        reason = device_unavailable_reason(text)
+    except RuntimeError as err:
+        problem = f"is not a torch device ({err})"
+    else:
+        if reason is None:
+            return text
+        problem = f"cannot be used: {reason}"
+    raise argparse.ArgumentTypeError(
+        f"{text!r} {problem}. Use --device auto (the GPU when torch sees one, else the CPU) or --device cpu"
+    )
+
+
 def add_loading_arguments(parser: argparse.ArgumentParser) -> None:
     """``--device`` and ``--allow-pickle``, shared by ``enjoy.py``, ``evaluate.py`` and ``analyze.py``."""
     parser.add_argument(
-        "--device", default="auto", help="PyTorch device (auto: the GPU when torch sees one, else the CPU)"
+        "--device",
+        default="auto",
+        type=torch_device,
+        help="PyTorch device (auto: the GPU when torch sees one, else the CPU; cuda: the GPU, an error without one)",
     )
     parser.add_argument(
         "--allow-pickle",
