@@ -305,6 +305,31 @@ def test_a_stop_signal_to_the_process_group_of_a_subprocess_env_run_still_checkp
     assert "Resumed exactly where the checkpoint was taken" in check_ok(run_train("--resume", str(run)))
 
 
+def test_a_second_sigint_aborts_only_when_it_comes_apart_from_the_first(monkeypatch: pytest.MonkeyPatch):
+    """`timeout -s INT` signals the process and then its process group: two SIGINTs microseconds apart are one
+    stop (a checkpoint, exit 130), not a second Ctrl-C that aborts without one."""
+    from d2r_sb3.zoo import training
+
+    class Checkpoints:
+        stops = 0
+
+        def request_stop(self) -> None:
+            self.stops += 1
+
+    clock = [100.0]
+    monkeypatch.setattr(training.time, "monotonic", lambda: clock[0])
+    checkpoints = Checkpoints()
+    stop = training.StopOnSignal(checkpoints)  # type: ignore[arg-type]
+    stop._handle(signal.SIGINT, None)
+    clock[0] += training.SECOND_CTRL_C_AFTER_S / 10
+    stop._handle(signal.SIGINT, None)  # the same stop, delivered twice
+    stop._handle(signal.SIGTERM, None)  # SIGTERM never aborts
+    assert (stop.received, checkpoints.stops) == (signal.SIGINT, 1)
+    clock[0] += training.SECOND_CTRL_C_AFTER_S
+    with pytest.raises(KeyboardInterrupt):
+        stop._handle(signal.SIGINT, None)  # a second Ctrl-C
+
+
 def test_a_run_stopped_after_its_last_checkpoint_is_finished_by_resume(
     reference_run: Path, reference: dict, tmp_path: Path
 ):

@@ -108,22 +108,29 @@ def restore_callbacks_and_state(setup: RunSetup, callbacks: Callbacks) -> None:
 
 
 STOP_SIGNALS: dict[int, int] = {signal.SIGINT: 130, signal.SIGTERM: 143}  # exit status per signal
+SECOND_CTRL_C_AFTER_S = 0.5
+"""A SIGINT this long after the first aborts; sooner, it is the same stop delivered twice (``timeout -s INT``
+signals the process and then its process group, within microseconds)."""
 
 
 class StopOnSignal:
-    """While active, SIGINT / SIGTERM ask the checkpoint callback to checkpoint and stop (a 2nd SIGINT aborts)."""
+    """While active, SIGINT / SIGTERM ask the checkpoint callback to checkpoint and stop; a second SIGINT at least
+    :data:`SECOND_CTRL_C_AFTER_S` later aborts at once."""
 
     def __init__(self, checkpoints: TrainingCheckpointCallback) -> None:
         self.checkpoints = checkpoints
         self.received: int | None = None
+        self._received_at = 0.0
         self._previous: dict[int, Any] = {}
 
     def _handle(self, signum: int, frame: Any) -> None:
-        if self.received is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.received = signum
-        self.checkpoints.request_stop()
+        if self.received is not None:
+            if signum == signal.SIGINT and time.monotonic() - self._received_at >= SECOND_CTRL_C_AFTER_S:
+                raise KeyboardInterrupt
+            return  # the stop already asked for (a job manager or timeout sending it twice)
+        self.received, self._received_at = signum, time.monotonic()
         print(f"{signal.Signals(signum).name}: writing a checkpoint, then stopping.", file=sys.stderr)
+        self.checkpoints.request_stop()
 
     def __enter__(self) -> StopOnSignal:
         for signum in STOP_SIGNALS:
