@@ -278,31 +278,35 @@ def test_sigterm_and_sigint_checkpoint_then_exit_and_the_resume_is_exact(referen
     assert_same_outcome(outcome(run), reference, "stopped by SIGTERM and SIGINT")
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_a_stop_signal_to_the_process_group_of_a_subprocess_env_run_still_checkpoints(signum, tmp_path: Path):
+def test_stop_signals_to_the_process_group_of_a_subprocess_env_run_still_checkpoint(tmp_path: Path):
     """Ctrl-C in a terminal, systemd and Slurm signal every process of the job, SubprocVecEnv's env workers too:
-    they ignore it, so the training process can still step them to the checkpoint it writes before stopping."""
+    they ignore it, so the training process can still step them to the checkpoint it writes before stopping.
+    SIGTERM to the group, resume from that checkpoint, then SIGINT to the group."""
     run = tmp_path / "d2r" / f"{NAME}_1"
-    process = subprocess.Popen(
-        train_cmd(*RUN, "--vec-env", "subproc", "-f", str(tmp_path)),
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=ENV,
-        start_new_session=True,  # its own process group, as a terminal's foreground job
-    )
-    wait_for(lambda: newest_steps(run) > 0)
-    time.sleep(0.5)
-    os.killpg(process.pid, signum)
-    stdout, stderr = process.communicate(timeout=120)
-    assert process.returncode == {signal.SIGINT: 130, signal.SIGTERM: 143}[signum], (
-        stdout[-2000:] + stderr[-2000:]
-    )
-    assert "Traceback" not in stderr and "a write failed" not in stderr, stderr[-2000:]
-    steps = int(stderr.split("Stopped at ")[1].split()[0])
-    assert CheckpointStore(run / "checkpoints").list()[0].num_timesteps == steps
-    assert "Resumed exactly where the checkpoint was taken" in check_ok(run_train("--resume", str(run)))
+    args = (*RUN, "--vec-env", "subproc", "-f", str(tmp_path))
+    for signum, code in ((signal.SIGTERM, 143), (signal.SIGINT, 130)):
+        done = newest_steps(run)
+        process = subprocess.Popen(
+            train_cmd(*args),
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=ENV,
+            start_new_session=True,  # its own process group, as a terminal's foreground job
+        )
+        wait_for(lambda d=done: newest_steps(run) > d)
+        time.sleep(0.5)
+        os.killpg(process.pid, signum)
+        stdout, stderr = process.communicate(timeout=120)
+        assert process.returncode == code, stdout[-2000:] + stderr[-2000:]
+        assert "Traceback" not in stderr and "a write failed" not in stderr, stderr[-2000:]
+        steps = int(stderr.split("Stopped at ")[1].split()[0])
+        assert CheckpointStore(run / "checkpoints").list()[0].num_timesteps == steps
+        if signum == signal.SIGTERM:
+            args = ("--resume", str(run))
+        else:
+            assert "Resumed exactly where the checkpoint was taken" in stdout
 
 
 def test_a_second_sigint_aborts_only_when_it_comes_apart_from_the_first(monkeypatch: pytest.MonkeyPatch):
