@@ -506,10 +506,15 @@ def _alive(pid: int) -> bool:
         return stat.read().split(")")[-1].split()[0] != "Z"
 
 
-def test_subproc_workers_ignore_stop_signals_and_an_env_left_open_is_closed_at_exit() -> None:
-    """SIGINT / SIGTERM sent to the whole job leave the env workers running (the training process stops them
-    after its checkpoint); an env that was never closed is closed at exit, so the interpreter still exits at once
-    (multiprocessing would otherwise SIGTERM the workers, which they ignore, and wait for them forever)."""
+def _gone_within(pids: list[int], seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return not any(_alive(pid) for pid in pids)
+
+
+def _start_workers_script() -> tuple[subprocess.Popen, list[int]]:
+    """:data:`_WORKERS_SCRIPT` in its "wait" mode, and its two workers' pids once they are up."""
     process = subprocess.Popen(
         [sys.executable, "-c", _WORKERS_SCRIPT, "wait"],
         stdin=subprocess.PIPE,
@@ -517,9 +522,18 @@ def test_subproc_workers_ignore_stop_signals_and_an_env_left_open_is_closed_at_e
         stderr=subprocess.PIPE,
         text=True,
     )
-    assert process.stdout is not None and process.stdin is not None
+    assert process.stdout is not None
     workers = [int(pid) for pid in process.stdout.readline().split()]
     assert len(workers) == 2, process.stderr.read() if process.stderr else ""
+    return process, workers
+
+
+def test_subproc_workers_ignore_stop_signals_and_an_env_left_open_is_closed_at_exit() -> None:
+    """SIGINT / SIGTERM sent to the whole job leave the env workers running (the training process stops them
+    after its checkpoint); an env that was never closed is closed at exit, so the interpreter still exits at once
+    (multiprocessing would otherwise SIGTERM the workers, which they ignore, and wait for them forever)."""
+    process, workers = _start_workers_script()
+    assert process.stdin is not None
     for pid in workers:  # from this process, not the workers' creator
         os.kill(pid, signal.SIGINT)
         os.kill(pid, signal.SIGTERM)
@@ -535,29 +549,15 @@ def test_subproc_workers_ignore_stop_signals_and_an_env_left_open_is_closed_at_e
     assert process.returncode == 0, stderr[-2000:]
     assert "stepped" in stdout
     assert time.monotonic() - start < 20
-    deadline = time.monotonic() + 10
-    while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not any(_alive(pid) for pid in workers)
+    assert _gone_within(workers, 10)
 
 
 def test_subproc_workers_end_when_the_process_that_created_them_is_killed() -> None:
     """Ignoring SIGINT and SIGTERM leaves no orphans: a worker ends when its pipe to the creator closes."""
-    process = subprocess.Popen(
-        [sys.executable, "-c", _WORKERS_SCRIPT, "wait"],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    assert process.stdout is not None
-    workers = [int(pid) for pid in process.stdout.readline().split()]
+    process, workers = _start_workers_script()
     process.kill()
     process.communicate()
-    deadline = time.monotonic() + 20
-    while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert len(workers) == 2 and not any(_alive(pid) for pid in workers)
+    assert _gone_within(workers, 20)
 
 
 # Exits while its workers are stuck in a step (as when Ctrl-C interrupts step_wait on a hung simulator).
