@@ -30,6 +30,7 @@ from torch.profiler import ProfilerActivity, profile
 from d2r_sb3 import D2RSAC, make_mt_env
 
 PAPER_UPDATES = 1_500_000  # MT10: 15M env steps, one gradient step per vector step of 10 envs
+D2R_PRECISION = {D2R: "float32", D2R_BF16: "bfloat16"}  # the D2R rows that --precisions chooses between
 
 
 def gpu_work(model, batch: int, steps: int) -> tuple[float, float]:
@@ -75,9 +76,12 @@ def main() -> None:
     work_rows: list[list] = []
     for batch in args.batches:
         env, models = build_models(batch, max(batch // 10 + 10, 150), args.seed, device=str(device))
-        skipped = {"MT-SAC"} | ({D2R_BF16} if "bfloat16" not in args.precisions else set())
-        skipped |= {D2R} if "float32" not in args.precisions else set()
-        chosen = {name: model for name, model in models.items() if not name.startswith(tuple(skipped))}
+        chosen = {
+            name: model
+            for name, model in models.items()
+            if not name.startswith("MT-SAC")
+            and D2R_PRECISION.get(name, args.precisions[0]) in args.precisions
+        }
         candidates = {
             name: (lambda m=model, b=batch: m.train(args.steps, b)) for name, model in chosen.items()
         }

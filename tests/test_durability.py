@@ -51,9 +51,16 @@ def run_train(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     )
 
 
-def start_train(*args: str) -> subprocess.Popen:
+def start_train(*args: str, new_session: bool = False) -> subprocess.Popen:
+    """The training process; ``new_session``: in its own process group, as a terminal's foreground job."""
     return subprocess.Popen(
-        train_cmd(*args), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV
+        train_cmd(*args),
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ENV,
+        start_new_session=new_session,
     )
 
 
@@ -286,15 +293,7 @@ def test_stop_signals_to_the_process_group_of_a_subprocess_env_run_still_checkpo
     args = (*RUN, "--vec-env", "subproc", "-f", str(tmp_path))
     for signum, code in ((signal.SIGTERM, 143), (signal.SIGINT, 130)):
         done = newest_steps(run)
-        process = subprocess.Popen(
-            train_cmd(*args),
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=ENV,
-            start_new_session=True,  # its own process group, as a terminal's foreground job
-        )
+        process = start_train(*args, new_session=True)
         wait_for(lambda d=done: newest_steps(run) > d)
         time.sleep(0.5)
         os.killpg(process.pid, signum)

@@ -254,9 +254,10 @@ def test_bfloat16_routing_gradient_in_float32_where_the_device_lacks_the_bfloat1
         stored = net.graph.encode(net(state, task_ids)[1])
     request = RouteRequest(stored=stored, resrouting=True)
     upstream = th.randn(2, 64, 5, generator=th.Generator().manual_seed(4)).to(device)
+    kernels_missing = dict(routed_block._NO_PER_SAMPLE_DOTS)  # before any patch below
 
     def grads(compute_dtype: th.dtype | None, fallback: bool) -> dict[str, th.Tensor]:
-        missing = {device: (th.bfloat16,)} if fallback else dict(routed_block._NO_PER_SAMPLE_DOTS)
+        missing = {device: (th.bfloat16,)} if fallback else kernels_missing
         monkeypatch.setattr(routed_block, "_NO_PER_SAMPLE_DOTS", missing)
         net.zero_grad(set_to_none=True)
         out, _ = net(state, task_ids, request, compute_dtype=compute_dtype)

@@ -8,6 +8,7 @@ huggingface_hub.whoami (the Hub is not reachable from tests).
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import os
@@ -479,11 +480,7 @@ def test_push_needs_a_repo_id_when_the_user_is_unknown(mt10, mt10_model, tmp_pat
 @pytest.mark.parametrize("command", ["train", "enjoy", "evaluate", "analyze"])
 def test_zoo_device_flag_refuses_a_device_torch_cannot_use(command, capsys):
     """SB3 would silently run on the CPU: an explicit --device is an error when torch cannot use it."""
-    from d2r_sb3.zoo import analyze, enjoy, evaluate, train
-
-    main = {"train": train.main, "enjoy": enjoy.main, "evaluate": evaluate.main, "analyze": analyze.main}[
-        command
-    ]
+    main = importlib.import_module(f"d2r_sb3.zoo.{command}").main
     missing = f"cuda:{th.cuda.device_count()}"  # one past the last GPU: none on a machine without
     for device, message in ((missing, "torch sees"), ("gpu", "is not a torch device")):
         with pytest.raises(SystemExit) as exit_info:

@@ -689,12 +689,14 @@ def _routing_weight_gradient(
     n_entries = source_rows.numel()
     entry = th.arange(n_entries, device=outputs.device)
     dtype = outputs.dtype
-    if dtype in _NO_PER_SAMPLE_DOTS.get(outputs.device.type, ()):
+    upcast = dtype in _NO_PER_SAMPLE_DOTS.get(outputs.device.type, ())
+    if upcast:
         grads, outputs = grads.float(), outputs.float()
     dots = th.ops.aten._embedding_bag_per_sample_weights_backward(
         grads, outputs, source_rows, entry[::slots], entry // slots, _SUM, -1
     ).view(-1, slots)
-    dots = dots.to(dtype)
+    if upcast:
+        dots = dots.to(dtype)
     grid_rows = (n + 1) * layout.ens * layout.batch
     grid = dots.new_zeros(grid_rows + 1, slots)  # the last row takes the padding rows
     grid.index_copy_(0, layout.grid_of_row[routed], dots)
