@@ -80,6 +80,20 @@ def test_lookup_is_the_layer_of_one_hot_inputs_bit_for_bit(dtype: th.dtype) -> N
         assert th.equal(ensemble_lookup(index, weight, bias), product)
 
 
+def test_lookup_trained_rows_train_the_table_alone() -> None:
+    """With ``trained_rows``, only the first samples reach the table's gradients, summed per index."""
+    gen = th.Generator().manual_seed(2)
+    weight = th.randn(2, 5, 4, generator=gen, dtype=th.float64).requires_grad_()
+    bias = th.randn(2, 5, generator=gen, dtype=th.float64).requires_grad_()
+    index = th.randint(0, 4, (40,), generator=gen)
+    upstream = th.randn(2, 40, 5, generator=gen, dtype=th.float64)
+    got = th.autograd.grad((ensemble_lookup(index, weight, bias, trained_rows=25) * upstream).sum(), (weight, bias))
+    onehot = th.nn.functional.one_hot(index[:25], 4).to(th.float64)
+    want_weight = th.einsum("ebo,bi->eoi", upstream[:, :25], onehot)
+    th.testing.assert_close(got[0], want_weight, rtol=1e-12, atol=1e-12)
+    th.testing.assert_close(got[1], upstream[:, :25].sum(1), rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.skipif(not cpu_products._onednn_available(), reason="this torch has no oneDNN")
 @pytest.mark.parametrize("trained_rows", [None, 150])
 @pytest.mark.parametrize("members", [1, 2])
@@ -108,6 +122,38 @@ def test_onednn_products_equal_torchs_to_float32_precision(products, members, tr
     # would be off by ~1).
     for got, want in zip(results[1], results[0], strict=True):
         th.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.skipif(not cpu_products._onednn_available(), reason="this torch has no oneDNN")
+@pytest.mark.parametrize("trained_rows", [None, 200])
+@pytest.mark.parametrize("final_relu", [False, True])
+def test_mlp_member_by_member_equals_the_stacked_layers(products, final_relu, trained_rows):
+    """With oneDNN's products an MLP keeps each twin's activations apart (no stacked copy per layer); values and
+    every gradient (input, weights, biases, with trained rows) equal the stacked layers' with torch's products."""
+    gen = th.Generator().manual_seed(3)
+    rows = 320
+    mlp = EnsembleMLP(2, [43, 400, 256, 136], final_relu=final_relu)
+    x_value = th.randn(2, rows, 43, generator=gen)
+    upstream = th.randn(2, rows, 136, generator=gen)
+    results = []
+    for choice in ("default", "onednn"):
+        products.set_cpu_products(choice)
+        assert mlp._member_by_member(x_value) == (choice == "onednn")
+        x = x_value.clone().requires_grad_(True)
+        mlp.zero_grad(set_to_none=True)
+        out = mlp(x, trained_rows=trained_rows)
+        (out * upstream).sum().backward()
+        with th.no_grad():
+            th.testing.assert_close(mlp(x_value), out.detach(), rtol=0, atol=0)  # no-grad path: same values
+        results.append((out.detach(), x.grad, *(p.grad for p in mlp.parameters())))
+    for got, want in zip(results[1], results[0], strict=True):
+        th.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+    # Detached parameters: the gradient reaches the input only.
+    x = x_value.clone().requires_grad_(True)
+    mlp.zero_grad(set_to_none=True)
+    (mlp(x, detach=True) * upstream).sum().backward()
+    assert all(p.grad is None for p in mlp.parameters())
+    th.testing.assert_close(x.grad, results[0][1], rtol=1e-5, atol=1e-4)
 
 
 def test_cpu_products_are_chosen_by_name_and_refuse_unknown_names(products, monkeypatch):
