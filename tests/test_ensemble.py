@@ -87,7 +87,9 @@ def test_lookup_trained_rows_train_the_table_alone() -> None:
     bias = th.randn(2, 5, generator=gen, dtype=th.float64).requires_grad_()
     index = th.randint(0, 4, (40,), generator=gen)
     upstream = th.randn(2, 40, 5, generator=gen, dtype=th.float64)
-    got = th.autograd.grad((ensemble_lookup(index, weight, bias, trained_rows=25) * upstream).sum(), (weight, bias))
+    got = th.autograd.grad(
+        (ensemble_lookup(index, weight, bias, trained_rows=25) * upstream).sum(), (weight, bias)
+    )
     onehot = th.nn.functional.one_hot(index[:25], 4).to(th.float64)
     want_weight = th.einsum("ebo,bi->eoi", upstream[:, :25], onehot)
     th.testing.assert_close(got[0], want_weight, rtol=1e-12, atol=1e-12)

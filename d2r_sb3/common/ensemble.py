@@ -151,7 +151,9 @@ class _MemberLinearFunction(th.autograd.Function):
         weight, *saved = ctx.saved_tensors
         inputs, outputs = saved[: ctx.members], saved[ctx.members :]
         if ctx.relu:
-            grads = tuple(th.ops.aten.threshold_backward(g, y, 0) for g, y in zip(grads, outputs, strict=True))
+            grads = tuple(
+                th.ops.aten.threshold_backward(g, y, 0) for g, y in zip(grads, outputs, strict=True)
+            )
         need_weight, need_bias = ctx.needs_input_grad[:2]
         need_inputs = ctx.needs_input_grad[4:]
         grad_inputs = [_member_times(g, weight[e]) if need_inputs[e] else None for e, g in enumerate(grads)]
