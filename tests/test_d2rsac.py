@@ -18,7 +18,7 @@ from toy_envs import POINT_REACH_TRAINING, PointReach, assert_learns_point_reach
 
 from d2r_sb3 import D2RSAC, make_mt_env
 from d2r_sb3.common.buffers import MultiTaskReplayBufferSamples
-from d2r_sb3.common.precision import bfloat16_is_native
+from d2r_sb3.common.precision import bfloat16_is_native, cpu_flags
 from d2r_sb3.d2r import reference
 
 TINY = dict(n_modules=4, module_dim=32, encoder_sizes=[64, 64], gate_sizes=[32])
@@ -296,6 +296,31 @@ def test_bfloat16_falls_back_to_float32_with_a_warning_where_it_is_not_native():
     first, second = out.stdout.splitlines()
     assert first == "False float32 bfloat16"  # requested bfloat16 is kept (saved), float32 is used here
     assert "not native on this cpu" in second and "gradient steps run in float32" in second
+    # The warning names the actual reason: the limit on this machine where the CPU has the instructions.
+    if {"avx512_bf16", "amx_bf16"} & set(cpu_flags()):
+        assert "ONEDNN_MAX_CPU_ISA=AVX2 keeps oneDNN below them" in second
+    else:
+        assert "neither avx512_bf16 nor amx_bf16" in second
+
+
+def test_the_reason_bfloat16_is_not_native_names_what_is_missing(monkeypatch):
+    from d2r_sb3.common import precision
+
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    monkeypatch.setattr(precision, "cpu_flags", lambda: ("avx2", "avx512f"))
+    reason = precision.bfloat16_not_native_reason("cpu")
+    assert reason == "the CPU has neither avx512_bf16 nor amx_bf16 (its flags: avx2, avx512f)"
+    assert not precision.bfloat16_is_native("cpu")
+    monkeypatch.setattr(precision, "cpu_flags", lambda: ("avx2", "avx512f", "avx512_bf16"))
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "avx512_core")
+    assert "ONEDNN_MAX_CPU_ISA=avx512_core keeps oneDNN below them" in str(
+        precision.bfloat16_not_native_reason()
+    )
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")  # a limit that still allows them
+    supported = bool(th.ops.mkldnn._is_mkldnn_bf16_supported())
+    assert (precision.bfloat16_not_native_reason() is None) == supported
+    assert "not on 'meta'" in str(precision.bfloat16_not_native_reason("meta"))
 
 
 def test_short_learn_on_real_mt10_logs_per_task_alpha_and_temperature(tmp_path):

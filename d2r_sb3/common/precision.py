@@ -15,7 +15,13 @@ from pathlib import Path
 
 import torch as th
 
-__all__ = ["CPU_FLAGS_OF_INTEREST", "bfloat16_is_native", "cpu_flags", "cpuinfo_field"]
+__all__ = [
+    "CPU_FLAGS_OF_INTEREST",
+    "bfloat16_is_native",
+    "bfloat16_not_native_reason",
+    "cpu_flags",
+    "cpuinfo_field",
+]
 
 CPU_FLAGS_OF_INTEREST = ("avx2", "avx512f", "avx512bw", "avx512_bf16", "amx_bf16", "amx_tile")
 """The CPU flags that decide the speed of the float32 and bfloat16 kernels (named with every timing)."""
@@ -46,23 +52,38 @@ def cpu_flags() -> tuple[str, ...]:
     return tuple(flag for flag in CPU_FLAGS_OF_INTEREST if flag in present)
 
 
-def _onednn_allows_bf16() -> bool:
+def _onednn_limit_below_bf16() -> str | None:
+    """The ``NAME=VALUE`` of a oneDNN ISA limit that keeps it below the bfloat16 instructions, or ``None``."""
     for name in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):
         limit = os.environ.get(name, "").strip().upper()
         if limit and limit not in ("ALL", "DEFAULT") and not limit.startswith(_BF16_ISAS):
-            return False
-    return True
+            return f"{name}={os.environ[name]}"
+    return None
 
 
 def bfloat16_is_native(device: th.device | str = "cpu") -> bool:
     """True where bfloat16 matrix products run in hardware: a CUDA GPU that supports them, or a CPU with
     ``avx512_bf16`` / ``amx_bf16`` that torch's oneDNN is allowed to use."""
+    return bfloat16_not_native_reason(device) is None
+
+
+def bfloat16_not_native_reason(device: th.device | str = "cpu") -> str | None:
+    """Why bfloat16 matrix products are not native on ``device`` (one sentence for a message), or ``None`` where
+    they are (:func:`bfloat16_is_native`)."""
     device = th.device(device)
     if device.type == "cuda":
-        return th.cuda.is_available() and th.cuda.is_bf16_supported()
+        if th.cuda.is_available() and th.cuda.is_bf16_supported():
+            return None
+        return "this CUDA device has no bfloat16 support"
     if device.type != "cpu":
-        return False
+        return f"bfloat16 is treated as native on CPUs and CUDA GPUs only, not on {device.type!r}"
     flags = cpu_flags()
     if "avx512_bf16" not in flags and "amx_bf16" not in flags:
-        return False
-    return _onednn_allows_bf16() and bool(th.ops.mkldnn._is_mkldnn_bf16_supported())
+        shown = ", ".join(flags) or "unknown"
+        return f"the CPU has neither avx512_bf16 nor amx_bf16 (its flags: {shown})"
+    limit = _onednn_limit_below_bf16()
+    if limit is not None:
+        return f"the CPU has the bfloat16 instructions, but {limit} keeps oneDNN below them"
+    if not th.ops.mkldnn._is_mkldnn_bf16_supported():
+        return "the CPU has the bfloat16 instructions, but this torch's oneDNN does not use them"
+    return None

@@ -18,7 +18,7 @@ from stable_baselines3.common.type_aliases import Schedule
 
 from d2r_sb3.common.actor_critic import TaskActor, TaskCritic
 from d2r_sb3.common.policies import MultiTaskPolicy, squashed_gaussian
-from d2r_sb3.common.precision import bfloat16_is_native, cpu_flags
+from d2r_sb3.common.precision import bfloat16_not_native_reason
 from d2r_sb3.d2r import skipping
 from d2r_sb3.d2r.network import TOPK, RoutedNetwork, RoutedNetworkConfig, RouteRequest
 from d2r_sb3.d2r.routing import RoutingPath
@@ -285,12 +285,12 @@ class D2RPolicy(MultiTaskPolicy):
         kind = self.device.type
         if kind not in self._train_dtype_for:
             dtype = TRAIN_PRECISIONS[self.train_precision]
-            if dtype == th.bfloat16 and not bfloat16_is_native(self.device):
-                flags = ", ".join(cpu_flags()) or "unknown"
+            reason = bfloat16_not_native_reason(self.device) if dtype == th.bfloat16 else None
+            if reason is not None:
                 warnings.warn(
-                    f"train_precision='bfloat16' is not native on this {kind} (CPU flags: {flags}; it needs "
-                    f"avx512_bf16 or amx_bf16, or a GPU), where it would be slower than float32: the gradient steps "
-                    f"run in float32 instead.",
+                    f"train_precision='bfloat16' is not native on this {kind} ({reason}; it needs avx512_bf16 or "
+                    f"amx_bf16 that oneDNN may use, or a GPU), where it would be slower than float32: the gradient "
+                    f"steps run in float32 instead.",
                     stacklevel=2,
                 )
                 dtype = th.float32
