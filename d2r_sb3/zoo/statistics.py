@@ -349,13 +349,21 @@ def write_report(
     return Report(markdown, files)
 
 
+# Inches of a bar chart besides its rows (titles, axis labels): with less, one row left matplotlib no room for them
+# ("Tight layout not applied") and the chart came out squashed.
+_BAR_ROWS_BASE = 1.2
+
+
 def _plot_aggregates(
     aggregates: dict[str, dict[str, Estimate]], colors: dict[str, str], path: Path, dpi: int, plt: Any
 ) -> Path:
     """One panel per metric, one horizontal interval per method (the layout of rliable's figures)."""
     methods = list(aggregates)
     fig, axes = plt.subplots(
-        1, len(ESTIMATORS), figsize=(3.0 * len(ESTIMATORS), 0.5 + 0.45 * len(methods)), squeeze=False
+        1,
+        len(ESTIMATORS),
+        figsize=(3.0 * len(ESTIMATORS), _BAR_ROWS_BASE + 0.45 * len(methods)),
+        squeeze=False,
     )
     for ax, name in zip(axes[0], ESTIMATORS, strict=True):
         for row, method in enumerate(methods):
@@ -445,7 +453,7 @@ def _plot_per_task(
 
 def _plot_improvements(improvements: dict[tuple[str, str], Estimate], path: Path, dpi: int, plt: Any) -> Path:
     pairs = list(improvements)
-    fig, ax = plt.subplots(figsize=(5.0, 0.6 + 0.45 * len(pairs)))
+    fig, ax = plt.subplots(figsize=(5.0, _BAR_ROWS_BASE + 0.45 * len(pairs)))
     for row, pair in enumerate(pairs):
         estimate = improvements[pair]
         ax.barh(row, estimate.high - estimate.low, left=estimate.low, height=0.6, color="C0", alpha=0.75)
