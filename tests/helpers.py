@@ -69,6 +69,16 @@ def check_clean_error(result: CommandResult) -> str:
     return result.stderr
 
 
+NO_GRADIENT_STEP = "makes no gradient step"
+"""What ``learn()`` warns when a call stays inside the warm-up (``learning_starts``): collection only."""
+
+
+def collect_only(model: Any, steps: int) -> None:
+    """``model.learn(steps)`` inside the warm-up, to fill the buffer: the warning that it trains nothing is expected."""
+    with pytest.warns(UserWarning, match=NO_GRADIENT_STEP):
+        model.learn(steps)
+
+
 def tiny_d2r(env: Any = None, **kwargs: Any) -> Any:
     """A seeded D2RSAC with the :data:`TINY_D2R` network on the 4-task point-reach problem (or ``env``); short
     warm-up, small batches and buffer unless ``kwargs`` say otherwise."""

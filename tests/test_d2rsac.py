@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 import torch as th
-from helpers import TINY_D2R, tiny_d2r
+from helpers import TINY_D2R, collect_only, tiny_d2r
 from stable_baselines3.common.logger import configure
 from stable_baselines3.common.monitor import Monitor
 from stable_baselines3.common.vec_env import DummyVecEnv
@@ -67,7 +67,7 @@ def test_route_temperature_and_task_weights_follow_eq_14():
 
 
 def fill_buffer(model: D2RSAC, steps: int = 300) -> None:
-    model.learn(steps)  # learning_starts above `steps`: collection only
+    collect_only(model, steps)  # learning_starts above `steps`
 
 
 def test_extreme_task_masking_zeroes_exactly_that_tasks_loss():

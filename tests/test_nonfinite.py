@@ -12,6 +12,7 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch as th
+from helpers import collect_only
 from stable_baselines3.common.logger import configure
 from stable_baselines3.common.monitor import Monitor
 from stable_baselines3.common.vec_env import DummyVecEnv
@@ -56,7 +57,7 @@ def all_finite(model: D2RSAC) -> bool:
 
 def test_a_nonfinite_step_changes_nothing_and_the_third_in_a_row_raises():
     model = tiny_model(learning_starts=10_000)
-    model.learn(300)  # collection only
+    collect_only(model, 300)
     good = model.replay_buffer.sample(64)
     model._gradient_step(good)  # the optimizers have a state
     rewards = good.rewards.clone()
@@ -115,7 +116,7 @@ def test_max_nonfinite_steps_is_validated_saved_and_defaults_for_older_models(tm
 
 def test_an_optimizer_step_that_makes_a_parameter_nonfinite_raises_at_once():
     model = tiny_model(learning_starts=10_000)
-    model.learn(300)
+    collect_only(model, 300)
     data = model.replay_buffer.sample(64)
     for group in model.actor.optimizer.param_groups:
         group["lr"] = math.inf  # e.g. a broken learning-rate schedule; loss and gradients stay finite
@@ -167,6 +168,7 @@ def poisoned_env(task: int, at_step: int, what: str) -> DummyVecEnv:
 
 # step 30: a NaN in a new observation; step 25: in the last observation of an episode (the horizon is 25)
 @pytest.mark.parametrize(("what", "at_step"), [("reward", 30), ("observation", 30), ("observation", 25)])
+@pytest.mark.filterwarnings("ignore:.*makes no gradient step")  # (collection only: intended)
 def test_a_nonfinite_reward_or_observation_from_the_env_is_not_stored(what, at_step):
     model = tiny_model(poisoned_env(2, at_step, what), learning_starts=10_000)
     with pytest.raises(NonFiniteTrainingError, match=f"Non-finite {what} .* task\\(s\\): task2\\.") as info:
@@ -178,6 +180,7 @@ def test_a_nonfinite_reward_or_observation_from_the_env_is_not_stored(what, at_s
     assert np.isfinite(buffer.rewards).all() and np.isfinite(buffer.next_observations).all()
 
 
+@pytest.mark.filterwarnings("ignore:.*makes no gradient step")  # (collection only: intended)
 def test_nonfinite_actions_raise_before_the_env_is_stepped():
     model = tiny_model(learning_starts=10_000)
     with th.no_grad():
@@ -222,6 +225,7 @@ def test_save_policy_refuses_nonfinite_weights(tmp_path):
     assert not (tmp_path / "policy").exists()
 
 
+@pytest.mark.filterwarnings("ignore:.*makes no gradient step")  # (collection only: intended)
 def test_nan_weights_on_metaworld_raise_our_error_not_metaworlds():
     env = make_mt_env(["reach", "drawer-close"], max_episode_steps=20)
     model = D2RSAC(

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch as th
 from gymnasium import spaces
-from helpers import DEVICES
+from helpers import DEVICES, collect_only
 
 from d2r_sb3.d2r import D2RPolicy, RoutedNetwork, RouteRequest, skipping
 from d2r_sb3.d2r.reference import reference_forward
@@ -366,7 +366,7 @@ def test_gpu_strategy_reads_nothing_back_to_the_host(monkeypatch):
         seed=0,
         policy_kwargs=dict(n_modules=6, module_dim=16, encoder_sizes=[32, 32], gate_sizes=[16]),
     )
-    model.learn(100)  # collection only
+    collect_only(model, 100)
     data = model.replay_buffer.sample(64)
     for net in model.policy.modules():
         if isinstance(net, RoutedNetwork):  # actor, critics and target critics

@@ -520,6 +520,7 @@ def test_per_task_logger_keys_stay_unique_on_mt50():
     assert len(truncated) == len(keys)
 
 
+@pytest.mark.filterwarnings("ignore:.*makes no gradient step")  # (collection only: intended)
 def test_callbacks_evaluate_per_task_and_resume_their_schedule(tmp_path: Path):
     """PerTaskEvalCallback / MultiTaskCheckpointCallback on a cheap 4-task env, without the zoo."""
     model = D2RSAC(
