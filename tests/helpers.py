@@ -73,6 +73,10 @@ NO_GRADIENT_STEP = "makes no gradient step"
 """What ``learn()`` warns when a call stays inside the warm-up (``learning_starts``): collection only."""
 
 
+COLLECTION_ONLY = pytest.mark.filterwarnings(f"ignore:.*{NO_GRADIENT_STEP}")
+"""For a test whose ``learn()`` raises inside the warm-up: the warning that it trains nothing is incidental."""
+
+
 def collect_only(model: Any, steps: int) -> None:
     """``model.learn(steps)`` inside the warm-up, to fill the buffer: the warning that it trains nothing is expected."""
     with pytest.warns(UserWarning, match=NO_GRADIENT_STEP):

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch as th
-from helpers import NEEDS_CUDA, TINY_D2R, TINY_D2R_FLAG, tiny_d2r
+from helpers import NEEDS_CUDA, TINY_D2R, TINY_D2R_FLAG, collect_only, tiny_d2r
 
 from d2r_sb3 import D2RSAC
 from d2r_sb3.d2r import RoutedNetwork
@@ -32,8 +32,7 @@ def test_a_gradient_step_on_cuda_syncs_with_the_host_only_at_the_nan_guard():
     """Losses, backward pass and gradient clipping queue GPU work without waiting for it: torch's sync debug
     mode turns the synchronising calls it knows (read-backs, nonzero, data-sized outputs) into errors."""
     model = tiny_d2r(device="cuda", learning_starts=10_000)
-    with pytest.warns(UserWarning, match="makes no gradient step"):
-        model.learn(300)  # collection only
+    collect_only(model, 300)
     data = model.replay_buffer.sample(64)
     assert {net.block_workspace.backward_strategy for net in routed_networks(model)} == {"auto"}
     th.cuda.synchronize()

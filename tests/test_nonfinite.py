@@ -12,7 +12,7 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch as th
-from helpers import collect_only
+from helpers import COLLECTION_ONLY, collect_only
 from stable_baselines3.common.logger import configure
 from stable_baselines3.common.monitor import Monitor
 from stable_baselines3.common.vec_env import DummyVecEnv
@@ -168,7 +168,7 @@ def poisoned_env(task: int, at_step: int, what: str) -> DummyVecEnv:
 
 # step 30: a NaN in a new observation; step 25: in the last observation of an episode (the horizon is 25)
 @pytest.mark.parametrize(("what", "at_step"), [("reward", 30), ("observation", 30), ("observation", 25)])
-@pytest.mark.filterwarnings("ignore:.*makes no gradient step")  # (collection only: intended)
+@COLLECTION_ONLY
 def test_a_nonfinite_reward_or_observation_from_the_env_is_not_stored(what, at_step):
     model = tiny_model(poisoned_env(2, at_step, what), learning_starts=10_000)
     with pytest.raises(NonFiniteTrainingError, match=f"Non-finite {what} .* task\\(s\\): task2\\.") as info:
@@ -180,7 +180,7 @@ def test_a_nonfinite_reward_or_observation_from_the_env_is_not_stored(what, at_s
     assert np.isfinite(buffer.rewards).all() and np.isfinite(buffer.next_observations).all()
 
 
-@pytest.mark.filterwarnings("ignore:.*makes no gradient step")  # (collection only: intended)
+@COLLECTION_ONLY
 def test_nonfinite_actions_raise_before_the_env_is_stepped():
     model = tiny_model(learning_starts=10_000)
     with th.no_grad():
@@ -225,7 +225,7 @@ def test_save_policy_refuses_nonfinite_weights(tmp_path):
     assert not (tmp_path / "policy").exists()
 
 
-@pytest.mark.filterwarnings("ignore:.*makes no gradient step")  # (collection only: intended)
+@COLLECTION_ONLY
 def test_nan_weights_on_metaworld_raise_our_error_not_metaworlds():
     env = make_mt_env(["reach", "drawer-close"], max_episode_steps=20)
     model = D2RSAC(

@@ -19,7 +19,7 @@ import imageio.v2 as imageio
 import numpy as np
 import pytest
 import yaml
-from helpers import TINY_D2R_FLAG, CommandResult, check_clean_error, check_ok, run_command
+from helpers import COLLECTION_ONLY, TINY_D2R_FLAG, CommandResult, check_clean_error, check_ok, run_command
 from stable_baselines3.common.logger import HumanOutputFormat
 from toy_envs import make_point_reach
 
@@ -520,7 +520,7 @@ def test_per_task_logger_keys_stay_unique_on_mt50():
     assert len(truncated) == len(keys)
 
 
-@pytest.mark.filterwarnings("ignore:.*makes no gradient step")  # (collection only: intended)
+@COLLECTION_ONLY
 def test_callbacks_evaluate_per_task_and_resume_their_schedule(tmp_path: Path):
     """PerTaskEvalCallback / MultiTaskCheckpointCallback on a cheap 4-task env, without the zoo."""
     model = D2RSAC(
