@@ -258,9 +258,15 @@ def test_bad_arguments_raise_clear_errors():
 def test_d2r_learns_every_task_of_a_cheap_multi_task_problem(precision):
     """Fails if the algorithm is broken: random actions never reach the goals, D2R reaches all four (also when
     its gradient steps compute in bfloat16)."""
-    # Both precisions solve seeds 0 and 1 in 6k-8k env steps (seed 0 with ent_coef_lr 1e-4: 18k and 22k).
+    # Both precisions solve seeds 0 and 1 in 6k-8k env steps on the AMD EPYC VMs (seed 0 with ent_coef_lr 1e-4: 18k
+    # and 22k). The trajectory depends on the CPU's float32 rounding: on an Intel Xeon with AVX-512 and AMX float32
+    # took 28k (seed 0) and 30k (seed 1), with a task that stays unsolved for 20k steps, hence the budget.
+    budget = 40_000
     model = tiny_model(
-        batch_size=128, policy_kwargs=dict(TINY, train_precision=precision), **POINT_REACH_TRAINING
+        batch_size=128,
+        buffer_size=budget,
+        policy_kwargs=dict(TINY, train_precision=precision),
+        **POINT_REACH_TRAINING,
     )
     # bfloat16 is used only where it is native (it is ~20x slower than float32 elsewhere): float32 otherwise.
     native = precision == "bfloat16" and bfloat16_is_native("cpu")
@@ -271,7 +277,7 @@ def test_d2r_learns_every_task_of_a_cheap_multi_task_problem(precision):
         # Its gradient steps would be the float32 case's, step for step (same seed, same computations).
         pytest.skip("bfloat16 is not native on this CPU: the model trains in float32, as the float32 case")
     assert model.policy.effective_train_precision == expected
-    assert_learns_point_reach(model)
+    assert_learns_point_reach(model, budget)
 
 
 def test_bfloat16_falls_back_to_float32_with_a_warning_where_it_is_not_native():
