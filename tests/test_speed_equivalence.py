@@ -198,16 +198,21 @@ def _relative_error(value: th.Tensor, reference: th.Tensor) -> float:
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("block_precision", ["auto", "reduced"])
 @pytest.mark.parametrize("strategy", BLOCK_STRATEGIES)
 @pytest.mark.parametrize("n_nets", [1, 2])
 @pytest.mark.parametrize("resrouting", list(RESROUTING))
-def test_bfloat16_compute_only_rounds_the_float32_values_and_gradients(resrouting, n_nets, strategy, device):
+def test_bfloat16_compute_only_rounds_the_float32_values_and_gradients(
+    resrouting, n_nets, strategy, block_precision, device
+):
     """Mixed precision (train_precision="bfloat16"): on the same stored routes, outputs and every gradient are
     the float32 ones up to bfloat16 rounding (8 bits of mantissa: ~0.4 % per operation), outputs and gradients
-    come back in float32, and the float32 path is untouched (compute_dtype=float32 is the plain path)."""
+    come back in float32, and the float32 path is untouched (compute_dtype=float32 is the plain path). Both with
+    the routed block's default precision (float32 on a CPU) and with the block in bfloat16 too."""
     enabled, shortcut = RESROUTING[resrouting]
     net = small_net(shortcut=shortcut, n_nets=n_nets, n_modules=8).to(device)
     use_block_strategy(net, strategy)
+    net.block_workspace.reduced_precision = True if block_precision == "reduced" else None
     state, task_ids = inputs(batch=64, dtype=th.float32, device=device)
     with th.no_grad():
         stored = net.graph.encode(net(state, task_ids)[1])  # TopK routes in float32, replayed by both
@@ -249,6 +254,7 @@ def test_bfloat16_routing_gradient_in_float32_where_the_device_lacks_the_bfloat1
     from d2r_sb3.d2r import routed_block
 
     net = small_net(shortcut="full", n_nets=2, n_modules=8).to(device)
+    net.block_workspace.reduced_precision = True  # the block in bfloat16 (on a CPU it is float32 by default)
     state, task_ids = inputs(batch=64, dtype=th.float32, device=device)
     with th.no_grad():
         stored = net.graph.encode(net(state, task_ids)[1])
@@ -271,6 +277,32 @@ def test_bfloat16_routing_gradient_in_float32_where_the_device_lacks_the_bfloat1
             assert fallback[name].dtype == th.float32
             if want.abs().max() > 0:
                 assert _relative_error(fallback[name], want) < 0.15, name
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bfloat16_keeps_the_routed_block_in_float32_on_a_cpu(monkeypatch, device):
+    """Under mixed precision the routed block computes in bfloat16 on a GPU and in float32 on a CPU (oneDNN builds
+    a bfloat16 kernel for every row count the routes produce); ``reduced_precision`` forces either."""
+    from d2r_sb3.d2r import network
+
+    seen: list[tuple[th.dtype, th.dtype]] = []
+    block = network.routed_block
+
+    def recording_block(x0, w_in, *args, **kwargs):
+        seen.append((x0.dtype, w_in.dtype))
+        return block(x0, w_in, *args, **kwargs)
+
+    monkeypatch.setattr(network, "routed_block", recording_block)
+    net = small_net(n_nets=2, n_modules=8).to(device)
+    state, task_ids = inputs(batch=16, dtype=th.float32, device=device)
+    expected = {None: th.float32 if device == "cpu" else th.bfloat16, True: th.bfloat16, False: th.float32}
+    for reduced, dtype in expected.items():
+        net.block_workspace.reduced_precision = reduced
+        seen.clear()
+        out, _ = net(state, task_ids, compute_dtype=th.bfloat16)
+        assert seen == [(dtype, dtype)], reduced
+        assert out.dtype == th.float32
+    assert copy.deepcopy(net.block_workspace).reduced_precision is False  # kept when copied or pickled
 
 
 def test_bfloat16_training_leaves_acting_in_float32():

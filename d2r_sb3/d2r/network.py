@@ -287,7 +287,8 @@ class RoutedNetwork(nn.Module):
             the actor loss, which must not train the critic).
         :param compute_dtype: ``None`` (float32) or a reduced precision such as ``th.bfloat16`` for the
             matrix products and the routed block's activations (mixed precision: the parameters, the
-            routing decisions, the head and the output stay float32).
+            routing decisions, the head and the output stay float32). On a CPU the routed block itself stays
+            float32 (``block_workspace.reduced_precision``, :class:`~d2r_sb3.d2r.routed_block.BlockWorkspace`).
         :return: ``(out [E, B, out_dim], sources [E, B, n + 1, slots])`` (``out`` in the parameters' dtype).
         """
         if compute_dtype == self.head.weight.dtype:
@@ -358,6 +359,8 @@ class RoutedNetwork(nn.Module):
         params: tuple[th.Tensor, ...] = (self.w_in, self.b_in, self.w_hid, self.b_hid)
         if detach_params:
             params = tuple(p.detach() for p in params)
+        if compute_dtype is not None and not self.block_workspace.computes_reduced(x0.device):
+            x0, compute_dtype = x0.to(self.head.weight.dtype), None  # the block in full precision (CPU)
         if compute_dtype is not None:
             params = tuple(p.to(compute_dtype) for p in params)
             weights = weights.to(compute_dtype)

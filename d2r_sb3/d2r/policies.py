@@ -191,9 +191,10 @@ class D2RPolicy(MultiTaskPolicy):
     :param sample_k: SampleK when exploring (collection and critic TD routes); ``False`` uses TopK
         ("w/o SampleK", Fig. 7(c)).
     :param skip_max_batch: compute only reachable modules when acting on at most this many observations.
-    :param train_precision: ``"float32"`` (default) or ``"bfloat16"``: precision of the matrix products and
-        routed-block activations in the five network calls of a gradient step (mixed precision: parameters,
-        optimiser, routing decisions, heads and losses stay float32). Acting, evaluation and the saved
+    :param train_precision: ``"float32"`` (default) or ``"bfloat16"``: precision of the encoders' and gates'
+        matrix products and, on a GPU, of the routed block in the five network calls of a gradient step (mixed
+        precision: parameters, optimiser, routing decisions, heads and losses stay float32; on a CPU the routed
+        block does too, see :class:`~d2r_sb3.d2r.routed_block.BlockWorkspace`). Acting, evaluation and the saved
         policy are always float32. bfloat16 is only used where it is native
         (:func:`~d2r_sb3.common.precision.bfloat16_is_native`: a CPU with ``avx512_bf16`` / ``amx_bf16``, or a
         GPU); elsewhere it would be slower than float32, so the gradient steps run in float32 with a warning

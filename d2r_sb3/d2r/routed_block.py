@@ -387,6 +387,12 @@ class BlockWorkspace:
     * ``skip_unreached``: compute each module only for the samples whose route reaches it (``True``), for every
       sample (``False``: no host sync), or ``None`` (skip on a CPU, not elsewhere). Same values and gradients
       either way, up to the order of the sums.
+    * ``reduced_precision``: under mixed precision (``train_precision="bfloat16"``), whether the block computes in
+      the reduced dtype too (``True``), in the parameters' dtype (``False``), or ``None``: reduced off the CPU,
+      full precision on a CPU. On a CPU the block's products are small and their row counts follow the routes;
+      oneDNN, which computes bfloat16 products there, builds a kernel for every new shape (about 1 ms for a
+      ``[rows, 128] x [128, 128]`` product on a CPU with AMX, against 0.07 ms once built), so a bfloat16 block made
+      the whole step slower than float32.
     * Scratch memory of the backward pass, reused between calls on a CPU: large CPU allocations (>= 32 MB with
       glibc) are fresh mmaps whose first touch costs more than the work done in them. A buffer is taken out for
       the duration of one backward call, so graphs alive at the same time never share one.
@@ -396,7 +402,13 @@ class BlockWorkspace:
 
     max_scratch = 4  # buffers kept (one per width and dtype: actor / critic calls, float32 / bfloat16)
 
-    def __init__(self, plan: BlockPlan, backward_strategy: str = "auto", skip_unreached: bool | None = None):
+    def __init__(
+        self,
+        plan: BlockPlan,
+        backward_strategy: str = "auto",
+        skip_unreached: bool | None = None,
+        reduced_precision: bool | None = None,
+    ):
         if backward_strategy not in BACKWARD_STRATEGIES:
             raise ValueError(
                 f"Unknown backward_strategy {backward_strategy!r}; choose one of {BACKWARD_STRATEGIES}."
@@ -404,6 +416,7 @@ class BlockWorkspace:
         self.plan = plan
         self.backward_strategy = backward_strategy
         self.skip_unreached = skip_unreached
+        self.reduced_precision = reduced_precision
         self._scratch: dict[tuple, th.Tensor] = {}
 
     def __getstate__(self) -> dict:
@@ -411,13 +424,22 @@ class BlockWorkspace:
             "plan": self.plan,
             "backward_strategy": self.backward_strategy,
             "skip_unreached": self.skip_unreached,
+            "reduced_precision": self.reduced_precision,
         }  # caches stay behind
 
     def __setstate__(self, state: dict) -> None:
         self.plan = state["plan"]
         self.backward_strategy = state["backward_strategy"]
         self.skip_unreached = state.get("skip_unreached")
+        self.reduced_precision = state.get("reduced_precision")
         self._scratch = {}
+
+    def computes_reduced(self, device: th.device) -> bool:
+        """Whether the block computes in the reduced dtype of mixed precision on ``device``
+        (``reduced_precision``, above)."""
+        if self.reduced_precision is None:
+            return device.type != "cpu"
+        return self.reduced_precision
 
     def layout(
         self,
