@@ -25,7 +25,7 @@ TINY = dict(n_modules=4, module_dim=32, encoder_sizes=[64, 64], gate_sizes=[32])
 
 
 def tiny_model(env=None, **kwargs) -> D2RSAC:
-    """helpers.tiny_d2r with this file's wider network and a buffer that holds the learning test's 20k steps."""
+    """helpers.tiny_d2r with this file's wider network and a 20k buffer (the learning test sizes its own)."""
     kwargs.setdefault("buffer_size", 20_000)
     kwargs.setdefault("policy_kwargs", dict(TINY))
     return tiny_d2r(env, **kwargs)
