@@ -15,6 +15,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from d2r_sb3.common import cpu_products
+from d2r_sb3.common.index_sums import sum_by_index
 
 OUTPUT_INIT_BOUND = 3e-3
 """The authors' ``uniform_init`` of a network's last layer: ``U(-3e-3, 3e-3)`` for its weight and bias."""
@@ -173,10 +174,10 @@ class _EnsembleLookupFunction(th.autograd.Function):
 
     The same values as the product with the one-hot matrix, bit for bit (one product by 1, the rest by 0), read
     from a ``[E, in, out]`` table in one pass instead of a matmul over a ``K = in`` one-hot and a bias copy. The
-    backward pass gives the product's gradients (``dW = g^T onehot``, ``db = sum g``) without the one-hot: column
-    ``i`` of ``dW`` is the sum of the gradient rows of the samples with index ``i``, one ``index_add_`` over the
-    ``B`` rows (4 to 9 times faster than the product with a ``[B, in]`` one-hot on a CPU, which multiplies mostly
-    zeros). ``trained_rows`` as in :class:`_EnsembleLinearFunction`.
+    backward pass gives the product's gradients (``dW = g^T onehot``, ``db = sum g``): column ``i`` of ``dW`` is
+    the sum of the gradient rows of the samples with index ``i`` (:func:`~d2r_sb3.common.index_sums.sum_by_index`:
+    on a CPU one ``index_add_`` over the ``B`` rows, 4 to 9 times faster than the product with a ``[B, in]``
+    one-hot, which multiplies mostly zeros). ``trained_rows`` as in :class:`_EnsembleLinearFunction`.
     """
 
     @staticmethod
@@ -195,8 +196,7 @@ class _EnsembleLookupFunction(th.autograd.Function):
         grad, index = _trained(grad, ctx.trained_rows), index[: ctx.trained_rows]
         grad_weight = grad_bias = None
         if need_weight:
-            per_input = grad.new_zeros(grad.shape[0], ctx.n_inputs, grad.shape[2])
-            grad_weight = per_input.index_add_(1, index, grad).transpose(1, 2)  # [E, out, in]
+            grad_weight = sum_by_index(grad, index, ctx.n_inputs).transpose(1, 2)  # [E, out, in]
         if need_bias:
             grad_bias = grad.sum(1)
         return None, grad_weight, grad_bias, None

@@ -42,6 +42,7 @@ from torch.nn import functional as F
 from d2r_sb3.common.buffers import MultiTaskReplayBuffer, MultiTaskReplayBufferSamples
 from d2r_sb3.common.clipping import clip_grad_norm_per_member_
 from d2r_sb3.common.devices import device_unavailable_reason
+from d2r_sb3.common.index_sums import sum_by_index
 from d2r_sb3.common.nonfinite import (
     NonFiniteTrainingError,
     all_finite,
@@ -531,11 +532,10 @@ class MultiTaskSAC(SAC):
         actor_loss = alpha * log_prob - q_pi
         # Means inside each task (0 for a task absent from the batch), with the task counts computed once and
         # without th.bincount (which sizes its output from the data: a host sync on a GPU).
-        counts = log_prob.new_zeros(self.num_tasks).index_add_(0, task_ids, log_prob.new_ones(task_ids.shape))
-        counts = counts.clamp_(min=1)
+        counts = sum_by_index(log_prob.new_ones(task_ids.shape), task_ids, self.num_tasks).clamp_(min=1)
 
         def per_task_mean(values: th.Tensor) -> th.Tensor:
-            return values.new_zeros(self.num_tasks).index_add_(0, task_ids, values) / counts
+            return sum_by_index(values, task_ids, self.num_tasks) / counts
 
         return {
             "ent_coef_loss": per_task_mean(ent_coef_loss),
