@@ -30,3 +30,15 @@ def test_sum_by_index_sums_each_group_in_the_same_order_every_time(device, leadi
     assert all(th.equal(s, sums[0]) for s in sums[1:])
     th.testing.assert_close(sums[0].cpu().double(), want, rtol=1e-5, atol=1e-4)
     assert (sums[0].cpu()[..., size - 1, :] if width else sums[0].cpu()[size - 1]).abs().max() == 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_non_finite_value_stays_in_its_group(device):
+    """A per-task loss that is inf or NaN makes its own task's sum non-finite, not the others' (the non-finite
+    guard names the task)."""
+    values = th.arange(8, dtype=th.float32)
+    values[2], values[5] = float("inf"), float("nan")
+    index = th.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    sums = sum_by_index(values.to(device), index.to(device), 5).cpu()
+    assert sums[1] == float("inf") and sums[2].isnan()
+    assert sums[[0, 3, 4]].tolist() == [1.0, 13.0, 0.0]

@@ -2,8 +2,11 @@
 
 ``index_add_`` is the fast way on a CPU, where it adds the rows one after another. On a GPU it adds with atomics in
 whatever order the threads arrive, so two identical training steps would differ in the last bits of every sum that
-collects many rows (a per-task loss mean over a batch, the task encoder's weight gradient). There the sum is the
-product with the one-hot matrix of the index instead, which cuBLAS computes in a fixed order.
+collects many rows (a per-task loss mean over a batch, the task encoder's weight gradient). There a vector is summed
+by a masked reduction and rows of a matrix by the product with the one-hot matrix of the index, both in a fixed
+order. A non-finite value stays in its group, as with ``index_add_`` (a per-task loss names its task), except in the
+product, where ``0 * inf`` spreads it to every group of its columns: the callers of that case (weight gradients) only
+ask whether the whole result is finite.
 """
 
 from __future__ import annotations
@@ -27,5 +30,7 @@ def sum_by_index(values: th.Tensor, index: th.Tensor, size: int) -> th.Tensor:
         shape[dim] = size
         return values.new_zeros(shape).index_add_(dim, index, values)
     # [size, B]; th.nn.functional.one_hot would check the index range, a host sync on a GPU
-    onehot_t = (th.arange(size, device=index.device)[:, None] == index).to(values.dtype)
-    return th.matmul(onehot_t, values)
+    in_group = th.arange(size, device=index.device)[:, None] == index
+    if values.dim() == 1:
+        return th.where(in_group, values, 0).sum(-1)
+    return th.matmul(in_group.to(values.dtype), values)
