@@ -566,18 +566,6 @@ def test_twin_members_with_far_apart_counts_get_exact_slabs_and_close_ones_padde
         th.testing.assert_close(skipped, dense, rtol=1e-12, atol=1e-13)
 
 
-@pytest.mark.parametrize("n_keys", [9, 2**16, 2**16 + 1, 3 * 10**5])
-def test_the_pull_graphs_stable_order_sorts_keys_of_any_width(n_keys):
-    """Numpy's radix sort (keys of 16 bits) and torch's sort (wider keys) give the one stable order: equal keys keep
-    their order, so a row's bag always sums in the same order."""
-    from d2r_sb3.d2r.routed_block import _stable_order
-
-    keys = np.random.default_rng(0).integers(0, n_keys, size=5000)
-    keys[:50] = n_keys - 1  # the widest key, many times
-    order = _stable_order(keys, n_keys)
-    assert np.array_equal(order, np.argsort(keys, kind="stable"))
-
-
 def _two_calls_and_pair(net: RoutedNetwork, routes, dtype, compute_dtype=None):
     """Outputs and gradients (parameters, both states) of ``forward`` twice (the second with detached parameters)
     and of one ``forward_pair``, from the same SampleK draws and upstream gradients."""

@@ -55,6 +55,7 @@ import numpy as np
 import torch as th
 from torch.autograd.function import once_differentiable
 
+from d2r_sb3.d2r import compiled
 from d2r_sb3.d2r.row_layout import RowLayout, build_row_layout, from_host, host_array
 
 _SUM = 0  # embedding_bag mode "sum"
@@ -242,15 +243,6 @@ def run_nodes(
     return y.view(ens, layout.batch, dim), outputs
 
 
-def _stable_order(keys: np.ndarray, n_keys: int) -> np.ndarray:
-    """The positions that sort ``keys`` (integers in ``[0, n_keys)``) stably: numpy's radix sort where they fit in
-    16 bits (linear time), else torch's sort (numpy's stable sort of wider integers is a much slower merge sort)."""
-    if n_keys <= 2**16:
-        return np.argsort(keys.astype(np.uint16), kind="stable")
-    wide = th.from_numpy(keys.astype(np.int32 if n_keys <= 2**31 else np.int64))
-    return th.sort(wide, stable=True)[1].numpy()
-
-
 class _PullGraph:
     """The edges of one call's routes, grouped by source row for the pulling backward pass.
 
@@ -270,45 +262,21 @@ class _PullGraph:
 
     def __init__(self, layout: RowLayout, plan: BlockPlan, routed: slice | th.Tensor, reader: np.ndarray):
         n = len(plan.is_input)
-        slots = layout.entry_rows.shape[-1]
         n_sources = layout.starts[n]  # rows of modules (the output node is never a source)
-        # Index arithmetic on a few thousand edges: on the host in numpy, a few microseconds an operation where
-        # tensor operations cost tens. The routing weights travel as their bits (bfloat16 too), selected only.
-        # The routed rows (`reader`) are one range for D2R's graph: selected by a slice then, not a gather.
-        routed_rows = routed if isinstance(routed, slice) else reader
-        source = host_array(layout.entry_rows)[routed_rows].reshape(-1)
-        # A stable sort by source row groups the edges into bags and keeps a fixed order inside each bag
-        # (deterministic sums).
-        order = _stable_order(source, n_sources)
-        bag_key = source[order]
-        counts = np.bincount(bag_key, minlength=n_sources)
-        starts = np.cumsum(counts) - counts  # first entry of every source row's bag
-        main_row = np.repeat(reader, slots)[order]
-        p = host_array(layout.entry_weights)[routed_rows].reshape(-1)  # in edge order
         keep = layout.entry_keep
         self.two_sided = keep is not None and not plan.masked_shortcut
         self.pairs = 1 if keep is None else 2  # bags per row
-        if keep is None:
-            rows, entry_weights = main_row, p[order]
-        else:
-            kept = host_array(keep)[routed_rows].reshape(-1)
-            if self.two_sided:
-                full_rows, full_weights = np.where(kept[order], main_row, main_row + layout.n_rows), p
-            else:
-                # (0 bits: +0.0 in every float format)
-                full_rows, full_weights = main_row, np.where(kept, p, 0)
-            # Bag F of row g starts at 2 * start_g, bag T right after it: edge e goes to e + start_g (F)
-            # and e + start_g + count_g (T). The weights come in one gather from [F weights, T weights].
-            n_edges = len(order)
-            at_f = np.arange(n_edges) + starts[bag_key]
-            at_t = at_f + counts[bag_key]
-            rows = np.empty(2 * n_edges, dtype=np.int64)
-            rows[at_f], rows[at_t] = full_rows, main_row
-            picked = np.empty(2 * n_edges, dtype=np.int64)
-            picked[at_f], picked[at_t] = order, order + n_edges
-            entry_weights = np.concatenate([full_weights, p])[picked]
-            starts = np.stack([2 * starts, 2 * starts + counts], -1)
-        starts = starts.reshape(n_sources, -1)
+        # Index work on a few thousand edges: one compiled pass on the host (the routing weights travel as their
+        # bits, bfloat16 too). A row's edges keep their reader order: deterministic sums.
+        rows, entry_weights, starts = compiled.edge_bags(
+            host_array(layout.entry_rows),
+            host_array(layout.entry_weights),
+            host_array(keep) if keep is not None else np.zeros((0, 0), dtype=np.bool_),
+            reader,
+            n_sources,
+            layout.n_rows,
+            compiled.bag_mode(keep is not None, plan.masked_shortcut),
+        )
         segment = np.append(starts[:, 0], len(rows))[layout.starts[: n + 1]]  # entry range of each module
         sizes = np.diff(segment).tolist()
         device = layout.entry_rows.device

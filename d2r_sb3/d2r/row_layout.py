@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch as th
 
+from d2r_sb3.d2r import compiled
+
 __all__ = ["RowLayout", "build_row_layout"]
 
 _PADDED_SHARE = {th.bfloat16: 0.125, th.float16: 0.125}
@@ -153,7 +155,8 @@ def build_row_layout(
     )
 
 
-_BITS_AS = {th.bfloat16: th.int16}  # dtypes numpy lacks, and the integers of their width
+# Dtypes the compiled loops lack (numpy lacks bfloat16; numba, float16), and the integers of their width.
+_BITS_AS = {th.bfloat16: th.int16, th.float16: th.int16}
 
 
 def host_array(values: th.Tensor) -> np.ndarray:
@@ -182,99 +185,32 @@ def _skipping_layout(
     trained_rows: int | None,
 ) -> RowLayout:
     """The skipping layout. The sizes of the blocks are needed on the host anyway, so the whole index bookkeeping
-    runs there, in numpy (a few microseconds an operation, where each tensor operation costs tens): the rows,
-    and every per-row gather of the routes, weights and masks."""
+    runs there, in one compiled pass (:func:`~d2r_sb3.d2r.compiled.skipping_layout`): the rows, and every per-row
+    gather of the routes, weights and masks."""
     ens, batch, nodes, slots = sources.shape
-    index = _skipping_index(host_array(sources), is_input, share, trained_rows)
-    grid_of_row = index.grid_of_row
-
-    def per_row(values: np.ndarray, like: th.Tensor) -> th.Tensor:
-        """Grid values ``[E * B * (n + 1), C]`` -> ``[rows, C]`` in ``like``'s dtype and device. Padding rows read
-        the extra grid row of zeros (grid row ``E * B * (n + 1)``): source row 0, weight 0, not kept."""
-        values = values.reshape(-1, slots)
-        padded = np.concatenate([values, np.zeros((1, slots), dtype=values.dtype)])
-        return from_host(padded.take(grid_of_row, axis=0), like)
-
+    grid = (ens * batch, nodes, slots)
+    slabs, complete, starts, entry_rows, entry_weights, entry_keep, grid_of_row, sample_of_row, trained = (
+        compiled.skipping_layout(
+            host_array(sources).reshape(grid),
+            host_array(weights).reshape(grid),
+            host_array(keep).reshape(grid) if keep is not None else np.zeros((0, 0, 0), dtype=np.bool_),
+            np.array([*is_input, False]),
+            share,
+            ens,
+            -1 if trained_rows is None else trained_rows,
+        )
+    )
     return RowLayout(
         ens,
         batch,
-        index.member_sizes,
-        index.complete,
-        index.starts,
-        per_row(index.source_rows, sources),
-        per_row(host_array(weights), weights),
-        per_row(host_array(keep), keep) if keep is not None else None,
-        from_host(grid_of_row, sources),
-        from_host(grid_of_row // nodes % (ens * batch), sources),
-        dense=False,
-        trained_sizes=index.trained_sizes,
-    )
-
-
-@dataclass
-class _SkippingIndex:
-    """The host-side bookkeeping of a skipping layout (numpy ``int64`` arrays)."""
-
-    member_sizes: list[list[int]]
-    complete: list[bool]
-    starts: list[int]
-    grid_of_row: np.ndarray  # [rows]; one past the grid on padding rows
-    # [E * B * (n + 1), C]: the row of each grid entry's source (meaningful where the source is reached)
-    source_rows: np.ndarray
-    trained_sizes: list[list[int]] | None  # reached samples b < trained_rows of every node and member
-
-
-def _skipping_index(
-    sources: np.ndarray, is_input: tuple[bool, ...], share: float, trained_rows: int | None = None
-) -> _SkippingIndex:
-    """Rows of the reached (node, sample) pairs for routes ``sources [E, B, n + 1, C]`` (see the module docstring);
-    a node's slabs are padded where that adds at most ``share`` of padding rows."""
-    ens, batch, nodes, slots = sources.shape
-    n_samples = ens * batch
-    grid_size = n_samples * nodes
-    # Node-major position (i * E * B + g) of every chosen source, in the grid layout [E * B, n + 1, C].
-    source_position = sources.reshape(n_samples, nodes, slots) * n_samples + np.arange(n_samples).reshape(
-        -1, 1, 1
-    )
-    reached = _reached(source_position, is_input)  # node-major [n + 1, E * B]
-    counts = reached.reshape(nodes, ens, batch).sum(-1)  # [n + 1, E]: reached samples of every member
-    complete = (counts.min(1) == batch).tolist()
-    largest = counts.max(1, keepdims=True)
-    padded = ens * largest - counts.sum(1, keepdims=True) <= share * ens * largest
-    slabs = np.where(padded, largest, counts)  # rows of every member's slab
-    starts = [0, *np.cumsum(slabs.sum(1)).tolist()]
-    member_start = (np.cumsum(slabs, 1) - slabs).reshape(nodes, ens, 1)  # within the node's block
-    rank = reached.reshape(nodes, ens, batch).cumsum(-1) - 1  # place among the member's reached samples
-    row_of = (np.asarray(starts[:-1]).reshape(nodes, 1, 1) + member_start + rank).reshape(-1)  # node-major
-    position = np.flatnonzero(reached)  # reached (node, sample) pairs, node-major
-    grid_of_row = np.full(starts[-1], grid_size, dtype=np.int64)  # padding rows point one past the grid
-    grid_of_row[row_of[position]] = position % n_samples * nodes + position // n_samples
-    trained = None
-    if trained_rows is not None:  # a slab holds its samples in order: these come first
-        trained = reached.reshape(nodes, ens, batch)[..., :trained_rows].sum(-1).tolist()
-    return _SkippingIndex(
         slabs.tolist(),
-        complete,
-        starts,
-        grid_of_row,
-        row_of[source_position.reshape(grid_size, slots)],
-        trained,
+        complete.tolist(),
+        starts.tolist(),
+        from_host(entry_rows, sources),
+        from_host(entry_weights, weights),
+        from_host(entry_keep, keep) if keep is not None else None,
+        from_host(grid_of_row, sources),
+        from_host(sample_of_row, sources),
+        dense=False,
+        trained_sizes=None if trained_rows is None else trained.tolist(),
     )
-
-
-def _reached(source_position: np.ndarray, is_input: tuple[bool, ...]) -> np.ndarray:
-    """Node-major ``[n + 1, E * B]``: whether each node is reached backward from the output node along the chosen
-    edges (``source_position``: the grid ``[E * B, n + 1, C]`` of node-major source positions).
-
-    Nodes are visited from the output down: every reader of node ``j`` comes after ``j``, so whether ``j`` is
-    reached is settled when its turn comes.
-    """
-    n_samples, nodes, _ = source_position.shape
-    reached = np.zeros((nodes, n_samples), dtype=bool)
-    reached[-1] = True
-    flat = reached.reshape(-1)
-    for node in range(nodes - 1, -1, -1):
-        if node < nodes - 1 and is_input[node]:
-            continue
-        flat[source_position[reached[node], node].ravel()] = True
-    return reached

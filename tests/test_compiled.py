@@ -1,0 +1,153 @@
+"""The compiled host-side bookkeeping of the routed block (:mod:`d2r_sb3.d2r.compiled`) against the numpy array
+versions it replaced, kept here as the reference: the same arrays, element for element, for random routes of every
+kind (one or two ensemble members, 1 to 3 slots, extra input modules, ResRouting masks or none, both shortcuts,
+trained rows, float and 16-bit weights)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch as th
+
+from d2r_sb3.d2r.routed_block import BlockPlan, _PullGraph, _routed_rows
+from d2r_sb3.d2r.row_layout import RowLayout, build_row_layout, host_array, padded_share
+
+
+def reference_layout(
+    sources: np.ndarray,
+    weights: np.ndarray,
+    keep: np.ndarray | None,
+    is_input: tuple[bool, ...],
+    share: float,
+    trained_rows: int | None,
+) -> dict:
+    """The skipping layout's arrays as numpy array operations (the former implementation)."""
+    ens, batch, nodes, slots = sources.shape
+    n_samples = ens * batch
+    grid_size = n_samples * nodes
+    position = sources.reshape(n_samples, nodes, slots) * n_samples + np.arange(n_samples).reshape(-1, 1, 1)
+    reached = np.zeros((nodes, n_samples), dtype=bool)
+    reached[-1] = True
+    flat = reached.reshape(-1)
+    for node in range(nodes - 1, -1, -1):
+        if node < nodes - 1 and is_input[node]:
+            continue
+        flat[position[reached[node], node].ravel()] = True
+    counts = reached.reshape(nodes, ens, batch).sum(-1)
+    largest = counts.max(1, keepdims=True)
+    padded = ens * largest - counts.sum(1, keepdims=True) <= share * ens * largest
+    slabs = np.where(padded, largest, counts)
+    starts = [0, *np.cumsum(slabs.sum(1)).tolist()]
+    member_start = (np.cumsum(slabs, 1) - slabs).reshape(nodes, ens, 1)
+    rank = reached.reshape(nodes, ens, batch).cumsum(-1) - 1
+    row_of = (np.asarray(starts[:-1]).reshape(nodes, 1, 1) + member_start + rank).reshape(-1)
+    pairs = np.flatnonzero(reached)
+    grid_of_row = np.full(starts[-1], grid_size, dtype=np.int64)
+    grid_of_row[row_of[pairs]] = pairs % n_samples * nodes + pairs // n_samples
+
+    def per_row(values: np.ndarray) -> np.ndarray:
+        values = values.reshape(-1, slots)
+        return np.concatenate([values, np.zeros((1, slots), dtype=values.dtype)])[grid_of_row]
+
+    return {
+        "member_sizes": slabs.tolist(),
+        "complete": (counts.min(1) == batch).tolist(),
+        "starts": starts,
+        "entry_rows": per_row(row_of[position.reshape(grid_size, slots)]),
+        "entry_weights": per_row(weights),
+        "entry_keep": per_row(keep) if keep is not None else None,
+        "grid_of_row": grid_of_row,
+        "sample_of_row": grid_of_row // nodes % n_samples,
+        "trained_sizes": None
+        if trained_rows is None
+        else reached.reshape(nodes, ens, batch)[..., :trained_rows].sum(-1).tolist(),
+    }
+
+
+def reference_edge_bags(layout: RowLayout, plan: BlockPlan, reader: np.ndarray) -> tuple[np.ndarray, ...]:
+    """The pull graph's entry rows, weights and bag starts ``[sources, bags]`` as numpy array operations (the
+    former implementation: a stable sort of the edges by source row)."""
+    n_sources = layout.starts[len(plan.is_input)]
+    slots = layout.entry_rows.shape[-1]
+    source = host_array(layout.entry_rows)[reader].reshape(-1)
+    order = np.argsort(source, kind="stable")
+    bag_key = source[order]
+    counts = np.bincount(bag_key, minlength=n_sources)
+    starts = np.cumsum(counts) - counts
+    main_row = np.repeat(reader, slots)[order]
+    p = host_array(layout.entry_weights)[reader].reshape(-1)
+    if layout.entry_keep is None:
+        return main_row, p[order], starts.reshape(-1, 1)
+    kept = host_array(layout.entry_keep)[reader].reshape(-1)
+    if not plan.masked_shortcut:
+        full_rows, full_weights = np.where(kept[order], main_row, main_row + layout.n_rows), p
+    else:
+        full_rows, full_weights = main_row, np.where(kept, p, 0)
+    n_edges = len(order)
+    at_f = np.arange(n_edges) + starts[bag_key]
+    at_t = at_f + counts[bag_key]
+    rows = np.empty(2 * n_edges, dtype=np.int64)
+    rows[at_f], rows[at_t] = full_rows, main_row
+    picked = np.empty(2 * n_edges, dtype=np.int64)
+    picked[at_f], picked[at_t] = order, order + n_edges
+    return rows, np.concatenate([full_weights, p])[picked], np.stack([2 * starts, 2 * starts + counts], -1)
+
+
+def random_routes(seed: int) -> tuple:
+    """Routes of a random block: ``(sources, weights, keep, is_input, trained_rows)`` (``[E, B, n + 1, C]`` each).
+    Node ``i`` reads earlier modules; input nodes read module 0 (their slots are not edges)."""
+    rng = np.random.default_rng(seed)
+    ens, batch = int(rng.integers(1, 3)), int(rng.integers(1, 50))
+    n, slots = int(rng.integers(2, 18)), int(rng.integers(1, 4))
+    is_input = tuple(i == 0 or (i < 3 and bool(rng.random() < 0.3)) for i in range(n))
+    sources = np.zeros((ens, batch, n + 1, slots), dtype=np.int64)
+    for node in range(1, n + 1):
+        if node == n or not is_input[node]:
+            sources[:, :, node] = rng.integers(0, node, (ens, batch, slots))
+    weights = rng.random(sources.shape)
+    keep = rng.random(sources.shape) < 0.5 if seed % 3 else None
+    trained_rows = None if seed % 4 else int(rng.integers(0, batch + 1))
+    return th.from_numpy(sources), th.from_numpy(weights), keep, is_input, trained_rows
+
+
+@pytest.mark.parametrize("dtype", [th.float32, th.float64, th.bfloat16, th.float16])
+@pytest.mark.parametrize("seed", range(40))
+def test_the_compiled_layout_is_the_array_versions(seed, dtype):
+    sources, weights, keep, is_input, trained_rows = random_routes(seed)
+    weights = weights.to(dtype)
+    keep_tensor = th.from_numpy(keep) if keep is not None else None
+    layout = build_row_layout(sources, weights, keep_tensor, is_input, True, dtype, trained_rows)
+    expected = reference_layout(
+        sources.numpy(), host_array(weights), keep, is_input, padded_share(dtype), trained_rows
+    )
+    assert not layout.dense
+    assert layout.entry_weights.dtype == dtype
+    for name, value in expected.items():
+        got = getattr(layout, name)
+        if isinstance(got, th.Tensor):
+            assert np.array_equal(host_array(got), value), name
+        else:
+            assert got == value, name
+
+
+@pytest.mark.parametrize("masked_shortcut", [False, True])
+@pytest.mark.parametrize("dtype", [th.float32, th.bfloat16])
+@pytest.mark.parametrize("seed", range(30))
+def test_the_compiled_edge_bags_are_the_array_versions(seed, dtype, masked_shortcut):
+    """Both layouts (skipping and dense), with and without ResRouting, both shortcuts."""
+    sources, weights, keep, is_input, _ = random_routes(seed)
+    n = len(is_input)
+    plan = BlockPlan(is_input, tuple(range(n)), masked_shortcut)
+    keep_tensor = th.from_numpy(keep) if keep is not None else None
+    layout = build_row_layout(sources, weights.to(dtype), keep_tensor, is_input, bool(seed % 2), dtype)
+    routed, reader = _routed_rows(layout, plan, th.device("cpu"))
+    graph = _PullGraph(layout, plan, routed, reader)
+    rows, entry_weights, starts = reference_edge_bags(layout, plan, reader)
+    segment = np.append(starts[:, 0], len(rows))[layout.starts[: n + 1]]
+    sizes = np.diff(segment).tolist()
+    assert graph.pairs == starts.shape[1]
+    assert [len(part) for part in graph.rows] == sizes
+    assert np.array_equal(th.cat(graph.rows).numpy(), rows)
+    assert np.array_equal(host_array(th.cat(graph.weights)), entry_weights)
+    offsets = starts - np.repeat(segment[:-1], layout.block_sizes()[:n])[:, None]
+    assert np.array_equal(th.cat(graph.offsets).numpy(), offsets.reshape(-1))
