@@ -5,6 +5,9 @@ trained rows, float and 16-bit weights)."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch as th
@@ -151,3 +154,29 @@ def test_the_compiled_edge_bags_are_the_array_versions(seed, dtype, masked_short
     assert np.array_equal(host_array(th.cat(graph.weights)), entry_weights)
     offsets = starts - np.repeat(segment[:-1], layout.block_sizes()[:n])[:, None]
     assert np.array_equal(th.cat(graph.offsets).numpy(), offsets.reshape(-1))
+
+
+def test_without_a_writable_cache_the_loops_still_compile_with_a_warning(tmp_path):
+    """A read-only install with no writable home: numba finds nowhere to cache, and the import must not fail."""
+    script = """
+import warnings
+import numba.core.dispatcher as dispatcher
+
+def no_place(self):
+    raise RuntimeError("cannot cache function: no locator available")
+
+dispatcher.Dispatcher.enable_caching = no_place
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    from d2r_sb3.d2r import compiled
+assert any("NUMBA_CACHE_DIR" in str(w.message) for w in caught), [str(w.message) for w in caught]
+import numpy as np
+sources = np.zeros((2, 3, 2), dtype=np.int64)
+out = compiled.skipping_layout(sources, np.ones((2, 3, 2)), np.zeros((0, 0, 0), dtype=bool),
+                               np.array([True, False, False]), 0.02, 1, -1)
+assert out[2].tolist() == [0, 2, 2, 4], out[2]
+print("ok")
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"

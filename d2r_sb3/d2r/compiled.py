@@ -9,20 +9,38 @@ call, 4 to 5 % of a gradient step at batch 320 and 8 to 10 % at batch 1280 on tw
 thread while the other waits); as loops it is one or two passes.
 
 The functions compile on first use for the dtypes they get (a few seconds in all) and are cached on disk (numba's
-``cache=True``: in ``__pycache__`` next to this file, or under ``NUMBA_CACHE_DIR``), so a later process loads them in
-milliseconds. They release the GIL and give exactly the arrays of the array versions they replaced (the tests keep
+``cache=True``: in ``__pycache__`` next to this file, under ``NUMBA_CACHE_DIR`` or in the user's cache folder), so
+a later process loads them in milliseconds. They release the GIL and give exactly the arrays of the array versions they replaced (the tests keep
 those as their reference). Float weights are only moved, never computed with: 16-bit floats come as their bits
 (``int16``).
 """
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Callable
+
 import numba
 import numpy as np
 
 __all__ = ["bag_mode", "edge_bags", "skipping_layout"]
 
-_jit = numba.njit(cache=True, nogil=True)
+
+def _jit(function: Callable) -> Callable:
+    """``function`` compiled on first use, cached on disk where numba finds a writable place (the package's
+    ``__pycache__``, ``NUMBA_CACHE_DIR`` or the user's cache folder); where it finds none (a read-only install and
+    no writable home), compiled anew in every process, with a warning, instead of failing the import."""
+    try:
+        return numba.njit(cache=True, nogil=True)(function)
+    except RuntimeError as error:  # numba: "cannot cache function ...: no locator available"
+        warnings.warn(
+            f"d2r_sb3 compiles {function.__name__} in every process: numba cannot cache it ({error}). "
+            "Set NUMBA_CACHE_DIR to a writable folder to keep the compiled code between processes.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return numba.njit(nogil=True)(function)
+
 
 # How edge_bags fills a source row's bags (see there).
 ONE_BAG, FULL_SHORTCUT, MASKED_SHORTCUT = 0, 1, 2
