@@ -5,7 +5,7 @@ On a CPU, every call of the routed block first decides on the host which (module
 where their rows live (:mod:`.row_layout`), and every backward pass groups the routing edges by source row
 (:class:`~d2r_sb3.d2r.routed_block._PullGraph`). Both are index work on tens of thousands of (sample, node, slot)
 entries. As numpy array operations it took two to three dozen passes over memory and as many calls a routed-block
-call, 4 to 5 % of a gradient step at batch 320 and 8 to 10 % at batch 1280 on two threads (where it runs on one
+call, about 5 % of a gradient step at batch 320 and 8 % at batch 1280 on two threads (where it runs on one
 thread while the other waits); as loops it is one or two passes.
 
 The functions compile on first use for the dtypes they get (a few seconds in all) and are cached on disk (numba's
