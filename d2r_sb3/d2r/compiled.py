@@ -71,7 +71,10 @@ def skipping_layout(
     """
     reached = _reached(sources, is_input)
     slabs, complete, starts, trained = _slabs(reached, ens, share, trained_rows)
-    return (slabs, complete, starts, *_rows(sources, weights, keep, reached, ens, starts, slabs), trained)
+    entry_rows, entry_weights, entry_keep, grid_of_row, sample_of_row = _rows(
+        sources, weights, keep, reached, ens, starts, slabs
+    )
+    return slabs, complete, starts, entry_rows, entry_weights, entry_keep, grid_of_row, sample_of_row, trained
 
 
 # Branch-free where a branch would depend on whether a pair is reached: a coin flip to the branch predictor.
