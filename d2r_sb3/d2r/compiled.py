@@ -10,9 +10,9 @@ thread while the other waits); as loops it is one or two passes.
 
 The functions compile on first use for the dtypes they get (a few seconds in all) and are cached on disk (numba's
 ``cache=True``: in ``__pycache__`` next to this file, under ``NUMBA_CACHE_DIR`` or in the user's cache folder), so
-a later process loads them in milliseconds. They release the GIL and give exactly the arrays of the array versions they replaced (the tests keep
-those as their reference). Float weights are only moved, never computed with: 16-bit floats come as their bits
-(``int16``).
+a later process loads them in milliseconds. They release the GIL and give exactly the arrays of the array versions
+they replaced (the tests keep those as their reference). Float weights are only moved, never computed with: 16-bit
+floats come as their bits (``int16``).
 """
 
 from __future__ import annotations

@@ -260,7 +260,7 @@ class _PullGraph:
     rows, so the second read comes from cache.
     """
 
-    def __init__(self, layout: RowLayout, plan: BlockPlan, routed: slice | th.Tensor, reader: np.ndarray):
+    def __init__(self, layout: RowLayout, plan: BlockPlan, reader: np.ndarray):
         n = len(plan.is_input)
         n_sources = layout.starts[n]  # rows of modules (the output node is never a source)
         keep = layout.entry_keep
@@ -425,15 +425,15 @@ class BlockWorkspace:
         return build_row_layout(sources, weights, keep, self.plan.is_input, skip, compute_dtype, trained_rows)
 
     def gradient_graph(
-        self, layout: RowLayout, routed: slice | th.Tensor, routed_index: np.ndarray, like: th.Tensor
+        self, layout: RowLayout, routed_index: np.ndarray, like: th.Tensor
     ) -> _PullGraph | _PushGraph:
-        """The edge bookkeeping of one backward pass, for the chosen strategy (``routed``, ``routed_index``: the rows
-        of the routed nodes, :func:`_routed_rows`)."""
+        """The edge bookkeeping of one backward pass, for the chosen strategy (``routed_index``: the rows of the
+        routed nodes, :func:`_routed_rows`)."""
         strategy = self.backward_strategy
         if strategy == "auto":
             strategy = "pull" if like.device.type == "cpu" else "push"
         if strategy == "pull":
-            return _PullGraph(layout, self.plan, routed, routed_index)
+            return _PullGraph(layout, self.plan, routed_index)
         if strategy == "push":
             return _PushGraph(layout, self.plan, like)
         raise ValueError(f"Unknown backward_strategy {strategy!r}; choose one of {BACKWARD_STRATEGIES}.")
@@ -506,7 +506,7 @@ class RoutedBlockFunction(th.autograd.Function):
         n = len(plan.is_input)
         ens, dim = layout.ens, outputs.shape[-1]
         routed, routed_index = _routed_rows(layout, plan, grad_y.device)
-        graph = workspace.gradient_graph(layout, routed, routed_index, grad_y)
+        graph = workspace.gradient_graph(layout, routed_index, grad_y)
         most_rows = ens * layout.batch * len(layout.member_sizes)  # every node for every sample
         table = workspace.take_scratch(2 if graph.two_sided else 1, layout.n_rows, grad_y, most_rows)
         _start_output_gradient(table, graph, grad_y, layout.node_rows(n))
