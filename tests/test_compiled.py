@@ -1,7 +1,12 @@
-"""The compiled host-side bookkeeping of the routed block (:mod:`d2r_sb3.d2r.compiled`) against the numpy array
-versions it replaced, kept here as the reference: the same arrays, element for element, for random routes of every
-kind (one or two ensemble members, 1 to 3 slots, extra input modules, ResRouting masks or none, both shortcuts,
-trained rows, float and 16-bit weights)."""
+"""The compiled host-side loops (:mod:`d2r_sb3.d2r.compiled`) against the versions they replaced.
+
+* The routed block's bookkeeping against the numpy array versions, kept here as the reference: the same arrays,
+  element for element, for random routes of every kind (one or two ensemble members, 1 to 3 slots, extra input
+  modules, ResRouting masks or none, both shortcuts, trained rows, float and 16-bit weights).
+* The route choice (sources, logit positions, ResRouting masks) and MaskSoftmax against the tensor operations that
+  still run off the CPU: the same routes for every routing graph, top-k, SampleK and stored routes, ties included;
+  the same weights and logit gradients up to rounding.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +17,9 @@ import numpy as np
 import pytest
 import torch as th
 
+from d2r_sb3.d2r.network import RoutedNetwork, _MaskSoftmaxFunction
 from d2r_sb3.d2r.routed_block import BlockPlan, _PullGraph, _routed_rows
+from d2r_sb3.d2r.routing import RoutingGraph
 from d2r_sb3.d2r.row_layout import RowLayout, build_row_layout, host_array, padded_share
 
 
@@ -154,6 +161,98 @@ def test_the_compiled_edge_bags_are_the_array_versions(seed, dtype, masked_short
     assert np.array_equal(host_array(th.cat(graph.weights)), entry_weights)
     offsets = starts - np.repeat(segment[:-1], layout.block_sizes()[:n])[:, None]
     assert np.array_equal(th.cat(graph.offsets).numpy(), offsets.reshape(-1))
+
+
+def random_logits(graph: RoutingGraph, ens: int, batch: int, dtype: th.dtype, seed: int) -> th.Tensor:
+    """Flat gate logits ``[E, B, L]``; every third seed rounds them to a few values, so that ties are common (not
+    with more than two slots: there ``torch.topk`` breaks ties in no set order)."""
+    gen = th.Generator().manual_seed(seed)
+    logits = (th.randn(ens, batch, graph.num_logits, generator=gen) * 3).to(dtype)
+    if seed % 3 == 0 and graph.slots <= 2:
+        logits = logits.round().clamp(-2, 2)
+    return logits
+
+
+def both_choices(graph: RoutingGraph, logits: th.Tensor, *args, seed: int = 0) -> tuple[tuple, tuple]:
+    """:meth:`RoutingGraph.top_routes` as the compiled loop and as tensor operations, with the same noise."""
+    results = []
+    for compiled_choice in (True, False):
+        graph.compiled_choice = compiled_choice
+        th.manual_seed(seed)
+        results.append(graph.top_routes(logits, *args))
+    graph.compiled_choice = None
+    return results[0], results[1]
+
+
+GRAPHS = [
+    ("module", 16, 2),
+    ("module", 7, 1),
+    ("module", 7, 3),
+    ("layer", 8, 2),
+    ("model", 8, 2),
+    ("layer", 8, 3),
+]
+
+
+@pytest.mark.parametrize("level, n_modules, top_k", GRAPHS)
+@pytest.mark.parametrize("dtype", [th.float32, th.float64])
+@pytest.mark.parametrize("seed", range(6))
+def test_the_compiled_route_choice_is_the_tensor_version(seed, dtype, level, n_modules, top_k):
+    """Sources, logit positions and ResRouting masks, for TopK, SampleK (the same Gumbel noise) and stored routes
+    (one set for every member, or one per member), with and without masks."""
+    graph = RoutingGraph(n_modules, top_k, "topk", level, n_layers=4 if n_modules % 4 == 0 else 1)
+    ens = 1 + seed % 2
+    logits = random_logits(graph, ens, 300, dtype, seed)
+    temperature = th.rand(300, generator=th.Generator().manual_seed(seed)) + 0.2
+    for explore in (False, True):
+        for resrouting in (False, True):
+            fast, plain = both_choices(graph, logits, temperature, explore, None, resrouting, seed=seed)
+            for got, want in zip(fast, plain, strict=True):
+                assert (got is None) == (want is None)
+                if got is not None:
+                    assert got.shape == want.shape and th.equal(got, want)
+    # Stored routes: those of other logits, as [1, B, ...] (shared) or [E, B, ...].
+    stored, _, _ = graph.top_routes(random_logits(graph, ens, 300, dtype, seed + 100), None, False)
+    for given in (stored[:1], stored):
+        fast, plain = both_choices(graph, logits, None, False, given, True)
+        for got, want in zip(fast, plain, strict=True):
+            assert th.equal(got, want.expand_as(got))
+
+
+def test_the_compiled_route_choice_breaks_ties_and_nans_as_torch_max():
+    """Equal logits: the lower module first; a NaN beats every number (what ``torch.max`` returns)."""
+    graph = RoutingGraph(4, 2, "topk")
+    logits = th.zeros(1, 3, graph.num_logits)
+    node = 4  # the output node: logits 6 ... 9 for modules 0 ... 3
+    logits[0, 0, 6:10] = th.tensor([1.0, 3.0, 3.0, 2.0])
+    logits[0, 1, 6:10] = th.tensor([1.0, float("nan"), 5.0, float("nan")])
+    logits[0, 2, 6:10] = th.tensor([2.0, 2.0, 2.0, 2.0])
+    fast, plain = both_choices(graph, logits, None, False)
+    assert fast[0][0, :, node].tolist() == [[1, 2], [1, 3], [0, 1]]
+    assert th.equal(fast[0], plain[0])
+
+
+@pytest.mark.parametrize("top_k", [1, 2, 3])
+@pytest.mark.parametrize("dtype", [th.float32, th.float64])
+def test_the_compiled_mask_softmax_is_the_tensor_version(dtype, top_k):
+    """Weights and logit gradients of the compiled MaskSoftmax equal :meth:`RoutedNetwork.mask_softmax`'s up to
+    rounding (the compiled one computes in float64), unused slots 0, each routed node's weights summing to 1."""
+    net = RoutedNetwork(6, 3, 2, n_nets=2, n_modules=7, top_k=top_k).to(dtype)
+    logits = random_logits(net.graph, 2, 200, dtype, 1).requires_grad_()
+    _, positions, _ = net.graph.top_routes(logits.detach(), None, False)
+    used = net.graph.slots_used_host
+    fast = _MaskSoftmaxFunction.apply(logits, positions, used)
+    plain = net.mask_softmax(logits, positions)
+    tolerance = {"rtol": 2e-7, "atol": 2e-7} if dtype == th.float32 else {"rtol": 1e-15, "atol": 1e-15}
+    th.testing.assert_close(fast, plain, **tolerance)
+    assert th.equal(fast == 0, plain == 0)
+    th.testing.assert_close(fast.sum(-1)[..., 1:], th.ones_like(fast.sum(-1)[..., 1:]), **tolerance)
+    grad = th.randn(fast.shape, generator=th.Generator().manual_seed(2), dtype=dtype)
+    (fast_grad,) = th.autograd.grad(fast, logits, grad)
+    (plain_grad,) = th.autograd.grad(plain, logits, grad)
+    # (the float32 tensor version cancels in float32: a few gradients near 0 differ by 1e-7 absolute)
+    grad_tolerance = {"rtol": 1e-5, "atol": 1e-6} if dtype == th.float32 else tolerance
+    th.testing.assert_close(fast_grad, plain_grad, **grad_tolerance)
 
 
 def test_without_a_writable_cache_the_loops_still_compile_with_a_warning(tmp_path):

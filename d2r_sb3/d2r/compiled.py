@@ -1,18 +1,25 @@
-"""The routed block's host-side bookkeeping as compiled loops (numba): the row layout of a call and the edge lists
-of its pulling backward pass.
+"""D2R's host-side work on a CPU as compiled loops (numba): the route choice of every network call, and the row
+layout and backward edge lists of every routed-block call.
 
-On a CPU, every call of the routed block first decides on the host which (module, sample) pairs it computes and
-where their rows live (:mod:`.row_layout`), and every backward pass groups the routing edges by source row
-(:class:`~d2r_sb3.d2r.routed_block._PullGraph`). Both are index work on tens of thousands of (sample, node, slot)
-entries. As numpy array operations it took two to three dozen passes over memory and as many calls a routed-block
-call, about 5 % of a gradient step at batch 320 and 8 % at batch 1280 on two threads (where it runs on one
-thread while the other waits); as loops it is one or two passes.
+* **Route choice** (:func:`top_routes`, :func:`chosen_softmax`): every network call picks the top ``k`` sources of
+  each node from the gate logits, decides their ResRouting masks and weighs them (MaskSoftmax). As tensor
+  operations on the padded ``[B, n + 1, n]`` logits that was about 15 small operators a call (6 % of a gradient
+  step at batch 320 on one thread); here it is one pass over the flat logits, the samples of a chunk side by
+  side so the loops vectorise, and one pass back for MaskSoftmax's gradient.
+* **Routed-block bookkeeping** (:func:`skipping_layout`, :func:`edge_bags`): every call of the routed block first
+  decides on the host which (module, sample) pairs it computes and where their rows live (:mod:`.row_layout`),
+  and every backward pass groups the routing edges by source row
+  (:class:`~d2r_sb3.d2r.routed_block._PullGraph`). As numpy array operations it took two to three dozen passes
+  over memory and as many calls a routed-block call, about 5 % of a gradient step at batch 320 and 8 % at batch
+  1280 on two threads (where it runs on one thread while the other waits); as loops it is one or two passes.
 
-The functions compile on first use for the dtypes they get (a few seconds in all) and are cached on disk (numba's
-``cache=True``: in ``__pycache__`` next to this file, under ``NUMBA_CACHE_DIR`` or in the user's cache folder), so
-a later process loads them in milliseconds. They release the GIL and give exactly the arrays of the array versions
-they replaced (the tests keep those as their reference). Float weights are only moved, never computed with: 16-bit
-floats come as their bits (``int16``).
+The functions compile on first use for the dtypes they get (several seconds in all, once) and are cached on disk
+(numba's ``cache=True``: in ``__pycache__`` next to this file, under ``NUMBA_CACHE_DIR`` or in the user's cache
+folder), so a later process loads them in milliseconds. They release the GIL. The bookkeeping gives exactly the
+arrays of the array versions it replaced, and the route choice exactly the routes of the tensor operations that
+still run off the CPU (the tests keep both as their reference); MaskSoftmax's weights agree to rounding (they are
+computed in float64). Float routing weights are only moved by the bookkeeping, never computed with: 16-bit floats
+come as their bits (``int16``).
 """
 
 from __future__ import annotations
@@ -23,15 +30,25 @@ from collections.abc import Callable
 import numba
 import numpy as np
 
-__all__ = ["bag_mode", "edge_bags", "skipping_layout"]
+__all__ = [
+    "bag_mode",
+    "chosen_softmax",
+    "chosen_softmax_backward",
+    "edge_bags",
+    "skipping_layout",
+    "top_routes",
+]
 
 
-def _jit(function: Callable) -> Callable:
+def _jit(function: Callable | None = None, **options) -> Callable:
     """``function`` compiled on first use, cached on disk where numba finds a writable place (the package's
     ``__pycache__``, ``NUMBA_CACHE_DIR`` or the user's cache folder); where it finds none (a read-only install and
-    no writable home), compiled anew in every process, with a warning, instead of failing the import."""
+    no writable home), compiled anew in every process, with a warning, instead of failing the import.
+    ``options``: more of numba's ``njit`` options (``@_jit(fastmath=...)``)."""
+    if function is None:
+        return lambda function: _jit(function, **options)
     try:
-        return numba.njit(cache=True, nogil=True)(function)
+        return numba.njit(cache=True, nogil=True, **options)(function)
     except RuntimeError as error:  # numba: "cannot cache function ...: no locator available"
         warnings.warn(
             f"d2r_sb3 compiles {function.__name__} in every process: numba cannot cache it ({error}). "
@@ -39,7 +56,7 @@ def _jit(function: Callable) -> Callable:
             RuntimeWarning,
             stacklevel=2,
         )
-        return numba.njit(nogil=True)(function)
+        return numba.njit(nogil=True, **options)(function)
 
 
 # How edge_bags fills a source row's bags (see there).
@@ -216,3 +233,243 @@ def edge_bags(entry_rows, entry_weights, entry_keep, readers, n_sources, n_rows,
                 rows[k], weights[k] = r, (p if kept else 0)
             rows[k + counts[s]], weights[k + counts[s]] = r, p
     return rows, weights, bag_starts
+
+
+@_jit
+def top_routes(
+    logits, scores, given, first, count, module_of, position_of, threshold, slots, with_keep
+):  # pragma: no cover - compiled
+    """TopK route choice from flat gate logits: the chosen sources of every node, their logits' positions and
+    their ResRouting masks (what the padded-logits versions in :mod:`.routing` compute, in one pass).
+
+    :param logits: ``[E, B, L]`` flat gate logits; node ``i``'s candidates are the run ``first[i]`` to
+        ``first[i] + count[i] - 1``, in module order (``module_of`` gives each position's module).
+    :param scores: ``[E, B, L]``, what the top ``slots`` are taken of (SampleK's perturbed logits); ``[0, 0, 0]``:
+        the logits.
+    :param given: ``[E or 1, B, n + 1, slots]`` sources to use instead of choosing (stored routes);
+        ``[0, 0, 0, 0]``: choose.
+    :param position_of: ``[n + 1, n]`` flat position of edge (node, module), ``-1`` off the candidates.
+    :param threshold: ``[n + 1]`` ResRouting thresholds: a source is kept when its softmax share over all the
+        node's candidates exceeds its node's (computed in float64; an input node's share is ``1 / n``, the
+        softmax of its all-zero padded row).
+    :return: ``(sources, positions, keep)``, each ``[E, B, n + 1, slots]``: module indices (0 in unused slots),
+        the flat position of each source's logit (0 where it is not a candidate), and the masks (``[0, 0, 0, 0]``
+        without ``with_keep``). Ties go to the lower module index and a NaN beats any number, as with
+        ``torch.max``.
+    """
+    ens, batch, _ = logits.shape
+    nodes, n = position_of.shape
+    out_sources = np.empty((ens, batch, nodes, slots), dtype=np.int64)
+    positions = np.empty((ens, batch, nodes, slots), dtype=np.int64)
+    out_keep = np.empty((ens if with_keep else 0, batch, nodes, slots), dtype=np.bool_)
+    # A chunk of samples at a time, sample-minor (float64): every loop below runs over the chunk's samples,
+    # contiguous, and vectorises; a chunk's logits stay in cache from node to node.
+    chunk = 256
+    for e in range(ens):
+        for start in range(0, batch, chunk):
+            size = min(chunk, batch - start)
+            z = _sample_minor(logits, e, start, size)
+            score = _sample_minor(scores, e, start, size) if scores.shape[0] > 0 else z
+            sources = np.zeros((nodes, slots, size), dtype=np.int64)
+            keep = np.zeros((nodes, slots, size), dtype=np.bool_)
+            for node in range(nodes):
+                lo, c = first[node], count[node]
+                if given.shape[0] > 0:
+                    _given_sources(given, e, start, node, sources[node])
+                elif c > 0 and slots <= 2:
+                    _top_two(score, module_of, lo, c, slots, sources[node])
+                elif c > 0:
+                    _top_many(score, module_of, lo, c, min(c, slots), sources[node])
+                if with_keep and c == 0:  # input node: the softmax of its all-zero padded row
+                    keep[node] = 1.0 / n > threshold[node]
+                elif with_keep:
+                    _keep(z, lo, c, position_of[node], sources[node], threshold[node], keep[node])
+            _write_chunk(sources, keep, position_of, e, start, out_sources, positions, out_keep)
+    return out_sources, positions, out_keep
+
+
+@_jit
+def _sample_minor(x, e, start, size):  # pragma: no cover - compiled
+    """Samples ``start ... start + size - 1`` of member ``e`` of ``x [E, B, L]`` as float64 ``[L, size]``."""
+    out = np.empty((x.shape[2], size), dtype=np.float64)
+    for at in range(
+        x.shape[2]
+    ):  # (written in order; the strided reads stay in cache from one column to the next)
+        for r in range(size):
+            out[at, r] = x[e, start + r, at]
+    return out
+
+
+@_jit
+def _write_chunk(sources, keep, position_of, e, start, out_sources, positions, out_keep):  # pragma: no cover
+    """A chunk's node-major ``sources`` and ``keep`` ``[n + 1, slots, size]`` into the sample-major outputs of
+    :func:`top_routes` (``out_keep``: not written when it has no rows), with each source's logit position."""
+    nodes, slots, size = sources.shape
+    for r in range(size):
+        for node in range(nodes):
+            for s in range(slots):
+                src = sources[node, s, r]
+                out_sources[e, start + r, node, s] = src
+                positions[e, start + r, node, s] = max(position_of[node, src], 0)
+                if out_keep.shape[0] > 0:
+                    out_keep[e, start + r, node, s] = keep[node, s, r]
+
+
+@_jit
+def _given_sources(given, e, start, node, out):  # pragma: no cover - compiled
+    """``out [slots, size]``: node ``node``'s given sources of samples ``start ...`` of member ``e`` (``given [E or
+    1, B, n + 1, slots]``)."""
+    member = e if given.shape[0] > 1 else 0
+    for s in range(out.shape[0]):
+        for r in range(out.shape[1]):
+            out[s, r] = given[member, start + r, node, s]
+
+
+@_jit
+def _top_two(score, module_of, lo, c, slots, out):  # pragma: no cover - compiled
+    """The modules of the best (``out[0]``) and, with two slots and candidates, second-best (``out[1]``) score
+    of the candidates ``lo ... lo + c - 1`` for every sample (``score [L, rows]``); branch-free so it
+    vectorises. A candidate displaces a held one when it is strictly greater (ties: the earlier module stays
+    ahead), or a NaN where a number is held, or when the slot is still empty."""
+    rows = score.shape[1]
+    best = np.full(rows, -np.inf)
+    second = np.full(rows, -np.inf)
+    best_module = np.full(rows, -1, dtype=np.int64)
+    second_module = np.full(rows, -1, dtype=np.int64)
+    for at in range(lo, lo + c):
+        module = module_of[at]
+        for r in range(rows):
+            v = score[at, r]
+            nan = np.isnan(v)
+            over_best = (v > best[r]) | (best_module[r] < 0) | (nan & ~np.isnan(best[r]))
+            over_second = (v > second[r]) | (second_module[r] < 0) | (nan & ~np.isnan(second[r]))
+            new_second = best[r] if over_best else (v if over_second else second[r])
+            new_second_module = best_module[r] if over_best else (module if over_second else second_module[r])
+            best[r] = v if over_best else best[r]
+            best_module[r] = module if over_best else best_module[r]
+            second[r] = new_second
+            second_module[r] = new_second_module
+    out[0] = best_module
+    if slots == 2 and c > 1:
+        out[1] = second_module
+
+
+@_jit
+def _top_many(score, module_of, lo, c, used, out):  # pragma: no cover - compiled
+    """:func:`_top_two` for ``used`` slots (any number): each candidate is inserted into the sorted list."""
+    rows = score.shape[1]
+    value = np.empty(used, dtype=np.float64)
+    held = np.empty(used, dtype=np.int64)
+    for r in range(rows):
+        held[:] = -1
+        for at in range(lo, lo + c):
+            v, module = score[at, r], module_of[at]
+            for s in range(used):
+                here, mine = value[s], held[s]
+                if mine < 0 or v > here or (np.isnan(v) and not np.isnan(here)):
+                    value[s], held[s] = v, module
+                    v, module = here, mine
+                    if mine < 0:
+                        break
+        out[:used, r] = held
+
+
+@_jit(fastmath={"contract"})
+def _keep(z, lo, c, position_of, sources, threshold, out):  # pragma: no cover - compiled
+    """ResRouting masks of one node: ``out[s, r]`` whether source ``sources[s, r]``'s softmax share over the
+    candidates ``lo ... lo + c - 1`` (logits ``z [L, rows]``) exceeds ``threshold``."""
+    rows = z.shape[1]
+    top = z[lo].copy()
+    for at in range(lo + 1, lo + c):
+        for r in range(rows):
+            v = z[at, r]
+            top[r] = v if v > top[r] else top[r]
+    total = np.zeros(rows)
+    for at in range(lo, lo + c):
+        for r in range(rows):
+            total[r] += _exp_nonpositive(z[at, r] - top[r])
+    for s in range(sources.shape[0]):
+        for r in range(rows):
+            at = position_of[sources[s, r]]
+            share = _exp_nonpositive(z[max(at, 0), r] - top[r])  # (times total: no division)
+            out[s, r] = (at >= 0) & (share > threshold * total[r])
+
+
+@_jit(fastmath={"contract"})
+def _exp_nonpositive(x):  # pragma: no cover - compiled
+    """``exp(x)`` for ``x <= 0`` to about 1e-13 relative error, as ``exp(x / 64) ** 64`` with a degree-14 Taylor
+    polynomial (Estrin's scheme), branch-free so that loops of it vectorise (numba's ``np.exp`` is a call per
+    value). Below -40 it returns ``exp(-40)``: next to the largest logit's term 1 such terms vanish in float64."""
+    y = max(x, -40.0) * 0.015625
+    y2 = y * y
+    y4 = y2 * y2
+    low = (1.0 + y + y2 * (1 / 2 + y * (1 / 6))) + y4 * (
+        1 / 24 + y * (1 / 120) + y2 * (1 / 720 + y * (1 / 5040))
+    )
+    high = (1 / 40320 + y * (1 / 362880) + y2 * (1 / 3628800 + y * (1 / 39916800))) + y4 * (
+        1 / 479001600 + y * (1 / 6227020800) + y2 * (1 / 87178291200)
+    )
+    p = low + y4 * y4 * high
+    for _ in range(6):
+        p = p * p
+    return p
+
+
+@_jit
+def chosen_softmax(logits, positions, used):  # pragma: no cover - compiled
+    """MaskSoftmax's weights: per node, the softmax of the chosen sources' logits (computed in float64).
+
+    :param logits: ``[E, B, L]`` flat gate logits.
+    :param positions: ``[E, B, n + 1, slots]`` flat positions of the chosen logits (:func:`top_routes`).
+    :param used: ``[n + 1]`` slots used per node (the first ones); the others get weight 0.
+    :return: ``[E, B, n + 1, slots]`` weights in the logits' dtype.
+    """
+    ens, batch, nodes, slots = positions.shape
+    weights = np.zeros((ens, batch, nodes, slots), dtype=logits.dtype)
+    shifted = np.empty(slots, dtype=np.float64)
+    for e in range(ens):
+        for b in range(batch):
+            for node in range(nodes):
+                k = used[node]
+                if k == 0:
+                    continue
+                if k == 2:  # (one exp instead of two: the softmax of two is a sigmoid of their difference)
+                    diff = (
+                        np.float64(logits[e, b, positions[e, b, node, 1]])
+                        - logits[e, b, positions[e, b, node, 0]]
+                    )
+                    t = np.exp(-abs(diff))
+                    high, low = 1.0 / (1.0 + t), t / (1.0 + t)
+                    weights[e, b, node, 0] = low if diff > 0 else high
+                    weights[e, b, node, 1] = high if diff > 0 else low
+                    continue
+                top = -np.inf
+                for s in range(k):
+                    shifted[s] = logits[e, b, positions[e, b, node, s]]
+                    top = max(top, shifted[s])
+                total = 0.0
+                for s in range(k):
+                    shifted[s] = np.exp(shifted[s] - top)
+                    total += shifted[s]
+                for s in range(k):
+                    weights[e, b, node, s] = shifted[s] / total
+    return weights
+
+
+@_jit
+def chosen_softmax_backward(grad, weights, positions, used, n_logits):  # pragma: no cover - compiled
+    """The gradient of :func:`chosen_softmax` on the logits, ``[E, B, L]``: ``w_s (g_s - sum_t w_t g_t)`` at each
+    chosen position (``grad`` and ``weights`` ``[E, B, n + 1, slots]``), 0 elsewhere."""
+    ens, batch, nodes, slots = positions.shape
+    out = np.zeros((ens, batch, n_logits), dtype=grad.dtype)
+    for e in range(ens):
+        for b in range(batch):
+            for node in range(nodes):
+                k = used[node]
+                mean = 0.0
+                for s in range(k):
+                    mean += np.float64(weights[e, b, node, s]) * grad[e, b, node, s]
+                for s in range(k):
+                    w = np.float64(weights[e, b, node, s])
+                    out[e, b, positions[e, b, node, s]] += w * (grad[e, b, node, s] - mean)
+    return out

@@ -23,10 +23,13 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
+import numpy as np
 import torch as th
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from d2r_sb3.common.ensemble import EnsembleLinear, EnsembleMLP, output_init_, uniform_
+from d2r_sb3.d2r import compiled
 from d2r_sb3.d2r.routed_block import BlockPlan, BlockWorkspace, routed_block
 from d2r_sb3.d2r.routing import RoutingGraph, RoutingPath
 
@@ -105,6 +108,29 @@ class RouteRequest:
 TOPK = RouteRequest()
 
 
+class _MaskSoftmaxFunction(th.autograd.Function):
+    """:meth:`RoutedNetwork.mask_softmax` on a CPU as one compiled loop forward and one backward
+    (:func:`~d2r_sb3.d2r.compiled.chosen_softmax`); the softmax in float64."""
+
+    @staticmethod
+    def forward(ctx, logits: th.Tensor, positions: th.Tensor, used: np.ndarray) -> th.Tensor:
+        weights = th.from_numpy(
+            compiled.chosen_softmax(np.ascontiguousarray(logits.detach().numpy()), positions.numpy(), used)
+        )
+        ctx.save_for_backward(weights, positions)
+        ctx.used, ctx.n_logits = used, logits.shape[-1]
+        return weights
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: th.Tensor):
+        weights, positions = ctx.saved_tensors
+        grad_logits = compiled.chosen_softmax_backward(
+            grad.contiguous().numpy(), weights.numpy(), positions.numpy(), ctx.used, ctx.n_logits
+        )
+        return th.from_numpy(grad_logits), None, None
+
+
 class RoutedNetwork(nn.Module):
     """D2R network: encoders, gate, routed modules and head, for ``n_nets`` independent copies.
 
@@ -116,9 +142,8 @@ class RoutedNetwork(nn.Module):
     :param settings: individual :class:`RoutedNetworkConfig` fields (``n_modules=8``, ...), applied over ``config``.
     """
 
-    # Buffers (registered in __init__ and _register_routing_tables).
+    # Buffer (registered in __init__).
     route_temperature: th.Tensor
-    _edge_position: th.Tensor
 
     def __init__(
         self,
@@ -170,13 +195,6 @@ class RoutedNetwork(nn.Module):
             masked_shortcut=config.resrouting_shortcut == "masked",
         )
         self.block_workspace = BlockWorkspace(self.plan)
-        self._register_routing_tables()
-
-    def _register_routing_tables(self) -> None:
-        """Index tables of the fast Top-K weight path (non-persistent buffers: they follow ``.to(device)`` and
-        stay out of the state dict); the graph's own tables live in :class:`RoutingGraph`."""
-        # Flat logit position of edge (node, source), [n + 1, n]: the chosen logits are gathered without padding.
-        self.register_buffer("_edge_position", self.graph.flat_index.clamp(min=0), persistent=False)
 
     # ----------------------------------------------------------------------------------------------------
     def encode(
@@ -221,9 +239,10 @@ class RoutedNetwork(nn.Module):
         """``(sources, weights, keep)`` for flat gate logits: the chosen sources (Eqs. 6-8), their routing weights
         ``[E, B, n + 1, slots]`` (differentiable) and the ResRouting mask (Eq. 10; ``None`` without ResRouting).
 
-        Sources and ResRouting masks need no gradient, so the padded logits are built without one; with Top-K
-        routing the weights come straight from the chosen logits (:meth:`mask_softmax`), so no padded tensor
-        enters the autograd graph.
+        Sources and ResRouting masks need no gradient; with Top-K routing they come from one pass over the flat
+        logits (:meth:`RoutingGraph.top_routes <d2r_sb3.d2r.routing.RoutingGraph.top_routes>`, compiled on a
+        CPU) and the weights straight from the chosen logits (:meth:`mask_softmax`), so no padded tensor enters
+        the autograd graph.
         """
         if self.graph.routing != "topk":
             padded = self.graph.padded_logits(logits)
@@ -232,23 +251,27 @@ class RoutedNetwork(nn.Module):
             # Hard and soft routing weigh each chosen source by its full-softmax probability.
             return sources, th.softmax(padded, dim=-1).gather(-1, sources) * self.graph.slot_valid, keep
         with th.no_grad():
-            padded = self.graph.padded_logits(logits.detach())
-            sources = self.choose_sources(padded, task_ids, route, logits.detach())
-            keep = self.graph.keep_mask(padded, sources) if route.resrouting else None
-        return sources, self.mask_softmax(logits, sources), keep
+            given = self.graph.decode(route.stored) if route.stored is not None else None
+            temperature = self.route_temperature[task_ids] if route.explore else None
+            sources, positions, keep = self.graph.top_routes(
+                logits.detach(), temperature, route.explore, given, route.resrouting
+            )
+        if self.graph.chooses_compiled(logits) and logits.dtype in (th.float32, th.float64):
+            # The same weights as one compiled pass each way (a dozen small tensor operations otherwise).
+            return sources, _MaskSoftmaxFunction.apply(logits, positions, self.graph.slots_used_host), keep
+        return sources, self.mask_softmax(logits, positions), keep
 
-    def mask_softmax(self, logits: th.Tensor, sources: th.Tensor) -> th.Tensor:
+    def mask_softmax(self, logits: th.Tensor, positions: th.Tensor) -> th.Tensor:
         """MaskSoftmax (Eqs. 5 and 8): the softmax of the un-tempered logits of the chosen sources only.
 
         :param logits: flat gate logits ``[E, B, L]``.
-        :param sources: chosen sources ``[E or 1, B, n + 1, k]`` (unused slots: any module, weight 0).
+        :param positions: the flat positions of the chosen sources' logits ``[E or 1, B, n + 1, k]`` (unused
+            slots: any position, weight 0), as :meth:`RoutingGraph.top_routes
+            <d2r_sb3.d2r.routing.RoutingGraph.top_routes>` gives them.
         :return: weights ``[E, B, n + 1, k]``, zero on unused slots; each routed node's weights sum to 1.
         """
         lead = logits.shape[:-1]
-        edges = self._edge_position
-        # [E or 1, B, n + 1, k], then broadcast to the logits' leading shape
-        position = edges.expand(*sources.shape[:-2], *edges.shape).gather(-1, sources)
-        position = position.expand(*lead, *position.shape[-2:])
+        position = positions.expand(*lead, *positions.shape[-2:])
         chosen = logits.gather(-1, position.reshape(*lead, -1)).view(position.shape)
         valid = self.graph.slot_valid
         if chosen.shape[-1] == 2:

@@ -22,8 +22,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch as th
 from torch import nn
+
+from d2r_sb3.d2r import compiled
 
 ROUTING_FUNCTIONS: tuple[str, ...] = ("topk", "hard", "soft")
 ROUTING_LEVELS: tuple[str, ...] = ("module", "layer", "model")
@@ -107,6 +110,7 @@ class RoutingGraph(nn.Module):
     pad_index: th.Tensor
     pad_fill: th.Tensor
     candidate_position: th.Tensor
+    edge_position: th.Tensor
 
     def __init__(self, n_modules: int, top_k: int, routing: str, level: str = "module", n_layers: int = 4):
         super().__init__()
@@ -153,6 +157,8 @@ class RoutingGraph(nn.Module):
             "pad_fill": th.tensor([float("-inf"), 0.0]),
             # Where each flat logit sits in the flattened padded matrix (the inverse of pad_index).
             "candidate_position": th.nonzero(candidates.flatten()).flatten(),
+            # Flat logit position of edge (node, module), [n + 1, n]; 0 off the candidates (unused slots).
+            "edge_position": flat_index.clamp(min=0),
         }
         for name, table in tables.items():
             self.register_buffer(name, table.clone(), persistent=False)
@@ -165,6 +171,24 @@ class RoutingGraph(nn.Module):
             (th.nonzero(candidates[node]).flatten().tolist(), flat_index[node][candidates[node]].tolist())
             for node in range(n_modules + 1)
         ]
+        # Whether top_routes runs as the compiled host loop: True, False (tensor operations: no host sync, what
+        # GPUs need; the tests run it on a CPU through this switch) or None (on a CPU).
+        self.compiled_choice: bool | None = None
+        # The host tables of the compiled TopK choice (compiled.top_routes): each node's run of flat logits (in
+        # module order, row-major) and the module of every flat logit.
+        module_of = np.zeros(self.num_logits, dtype=np.int64)
+        for modules, positions in self.candidate_lists:
+            module_of[positions] = modules
+        self.slots_used_host = used.numpy().astype(np.int64)
+        self._host_tables = (
+            np.array(
+                [positions[0] if positions else 0 for _, positions in self.candidate_lists], dtype=np.int64
+            ),
+            n_candidates.numpy().astype(np.int64),
+            module_of,
+            flat_index.numpy(),
+            tables["keep_threshold"].numpy().astype(np.float64),
+        )
 
     # ----------------------------------------------------------------------------------------------------
     def padded_logits(self, logits: th.Tensor) -> th.Tensor:
@@ -195,26 +219,94 @@ class RoutingGraph(nn.Module):
         """
         if self.routing == "soft":
             sources = th.arange(self.slots, device=padded.device).expand(*padded.shape[:-1], self.slots)
+            return th.where(self.slot_valid, sources, 0)
+        if not explore:
+            return self._top(padded)
+        if logits is None:
+            logits = padded.flatten(-2).index_select(-1, self.candidate_position)
+        return self._top(self.padded_logits(self._perturbed(logits, temperature)))
+
+    def _top(self, scores: th.Tensor) -> th.Tensor:
+        """The ``slots`` best of every node's padded ``scores [..., n + 1, n]``; unused slots point at module 0,
+        which every routed node may read (it is computed first), so that no gather touches a module that is not
+        computed yet (their weight is 0)."""
+        if self.slots <= 2:
+            # One or two max passes: several times faster than topk on rows of 16, and ties go to the lower
+            # module (topk breaks them in no set order).
+            first = scores.max(dim=-1, keepdim=True).indices
+            if self.slots == 1:
+                return th.where(self.slot_valid, first, 0)
+            second = scores.scatter(-1, first, float("-inf")).max(dim=-1, keepdim=True).indices
+            sources = th.cat([first, second], dim=-1)
         else:
-            scores = padded
-            if explore:
-                # Gumbel-top-k: the top k of (z / tau + Gumbel noise) is an exact draw of k items without
-                # replacement from softmax(z / tau), done for every node and sample at once.
-                tau = temperature[..., None] if temperature is not None else 1.0
-                if logits is None:
-                    logits = padded.flatten(-2).index_select(-1, self.candidate_position)
-                gumbel = th.rand_like(logits).clamp_(min=1e-20).log_().neg_().log_()
-                scores = self.padded_logits((logits / tau).sub_(gumbel))
-            if self.slots == 2:
-                # Two max passes: several times faster than topk on rows of 16.
-                first = scores.max(dim=-1, keepdim=True).indices
-                second = scores.scatter(-1, first, float("-inf")).max(dim=-1, keepdim=True).indices
-                sources = th.cat([first, second], dim=-1)
-            else:
-                sources = scores.topk(self.slots, dim=-1).indices
-        # Unused slots point at module 0, which every routed node may read (it is computed first), so that
-        # no gather touches a module that is not computed yet; their weight is 0.
+            sources = scores.topk(self.slots, dim=-1).indices
         return th.where(self.slot_valid, sources, 0)
+
+    @staticmethod
+    def _perturbed(logits: th.Tensor, temperature: th.Tensor | None) -> th.Tensor:
+        """SampleK's scores ``z / tau + Gumbel noise`` of flat logits ``[..., L]``: their top ``k`` are an exact
+        draw of ``k`` items without replacement from ``softmax(z / tau)`` (Gumbel-top-k)."""
+        tau = temperature[..., None] if temperature is not None else 1.0
+        gumbel = th.rand_like(logits).clamp_(min=1e-20).log_().neg_().log_()
+        return (logits / tau).sub_(gumbel)
+
+    def chooses_compiled(self, logits: th.Tensor) -> bool:
+        """Whether :meth:`top_routes` runs as the compiled host loop for these logits (:attr:`compiled_choice`)."""
+        if self.compiled_choice is None:
+            return logits.device.type == "cpu"
+        return self.compiled_choice
+
+    @th.no_grad()
+    def top_routes(
+        self,
+        logits: th.Tensor,
+        temperature: th.Tensor | None,
+        explore: bool,
+        given: th.Tensor | None = None,
+        resrouting: bool = False,
+    ) -> tuple[th.Tensor, th.Tensor, th.Tensor | None]:
+        """Top-k route choice from flat logits: ``(sources, positions, keep)``, each ``[E, B, n + 1, slots]``.
+
+        ``sources`` are those of :meth:`select` (or ``given``, decoded stored routes ``[E or 1, B, n + 1,
+        slots]``), ``positions`` the flat positions of their logits (0 where a source is not a candidate: unused
+        slots) and ``keep`` the ResRouting masks of :meth:`keep_mask` (``None`` unless ``resrouting``). On a
+        CPU this is one compiled pass over the logits (:func:`~d2r_sb3.d2r.compiled.top_routes`; the ResRouting
+        shares in float64) instead of a dozen tensor operations on the padded logits; elsewhere it is those
+        operations (no host sync); :attr:`compiled_choice` overrides the choice. Same routes either way: SampleK
+        draws the same noise.
+        """
+        scores = self._perturbed(logits, temperature) if explore and given is None else None
+        if self.chooses_compiled(logits):
+
+            def host(values: th.Tensor) -> np.ndarray:
+                # Contiguous float32 or float64 (numpy has no bfloat16): one compiled version per dtype.
+                values = values if values.dtype in (th.float32, th.float64) else values.double()
+                return np.ascontiguousarray(values.numpy())
+
+            chosen, positions, keep = compiled.top_routes(
+                host(logits),
+                host(scores) if scores is not None else np.zeros((0, 0, 0), dtype=host(logits[:0]).dtype),
+                np.ascontiguousarray(given.numpy())
+                if given is not None
+                else np.zeros((0, 0, 0, 0), dtype=np.int64),
+                *self._host_tables[:4],
+                self._host_tables[4],
+                self.slots,
+                resrouting,
+            )
+            return (
+                th.from_numpy(chosen),
+                th.from_numpy(positions),
+                th.from_numpy(keep) if resrouting else None,
+            )
+        padded = self.padded_logits(logits)
+        if given is None:
+            given = self._top(padded if scores is None else self.padded_logits(scores))
+        sources = given.expand(*logits.shape[:-1], *given.shape[-2:])
+        positions = self.edge_position.expand(*sources.shape[:-2], *self.edge_position.shape).gather(
+            -1, sources
+        )
+        return sources, positions, self.keep_mask(padded, sources) if resrouting else None
 
     def keep_mask(self, padded: th.Tensor, sources: th.Tensor) -> th.Tensor:
         """ResRouting mask (Eq. 10): a chosen source is kept iff its full-softmax share > 1 / (candidates + 1)."""
