@@ -124,6 +124,35 @@ def test_values_and_gradients_equal_the_reference_in_float64(routing, resrouting
             th.testing.assert_close(fast[name], slow[name], rtol=1e-9, atol=1e-12, msg=f"gradient of {name}")
 
 
+@pytest.mark.parametrize("strategy", ["pull-skip", "pull-dense"])
+@pytest.mark.parametrize("n_nets", [1, 2])
+@pytest.mark.parametrize("resrouting", list(RESROUTING))
+def test_the_pulling_backward_on_two_threads_equals_the_reference(resrouting, n_nets, strategy):
+    """On one thread a hidden module's pull, relu mask and shortcut copy are one compiled pass; on more threads
+    they are torch's kernels (what the other tests, on one thread, do not run)."""
+    use_rr, shortcut = RESROUTING[resrouting]
+    net = small_net("topk", shortcut, n_nets).double()
+    use_block_strategy(net, strategy)
+    state, task_ids = inputs()
+    threads = th.get_num_threads()
+    th.set_num_threads(2)
+    try:
+        out, ref, fast, slow = fast_and_reference(
+            net,
+            copy.deepcopy(net),
+            state,
+            task_ids,
+            RouteRequest(explore=True, resrouting=use_rr),
+            shortcut,
+            "topk",
+        )
+    finally:
+        th.set_num_threads(threads)
+    th.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
+    for name in slow:
+        th.testing.assert_close(fast[name], slow[name], rtol=1e-9, atol=1e-12, msg=f"gradient of {name}")
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("resrouting", list(RESROUTING))
 @pytest.mark.parametrize("routing", ["topk", "soft"])

@@ -12,6 +12,10 @@ layout and backward edge lists of every routed-block call.
   (:class:`~d2r_sb3.d2r.routed_block._PullGraph`). As numpy array operations it took two to three dozen passes
   over memory and as many calls a routed-block call, about 5 % of a gradient step at batch 320 and 8 % at batch
   1280 on two threads (where it runs on one thread while the other waits); as loops it is one or two passes.
+* **One-thread backward passes** (:func:`pull_through_relu`, :func:`routing_dots`): when torch runs on one
+  thread (the training campaign's setting), a hidden module's pulled gradients, relu mask and shortcut copy are
+  one pass, and the routing weights' gradient is one loop of dot products straight into its grid. On more
+  threads torch's kernels, which use them all, are faster, and they run instead.
 
 The functions compile on first use for the dtypes they get (several seconds in all, once) and are cached on disk
 (numba's ``cache=True``: in ``__pycache__`` next to this file, under ``NUMBA_CACHE_DIR`` or in the user's cache
@@ -35,6 +39,8 @@ __all__ = [
     "chosen_softmax",
     "chosen_softmax_backward",
     "edge_bags",
+    "pull_through_relu",
+    "routing_dots",
     "skipping_layout",
     "top_routes",
 ]
@@ -473,3 +479,50 @@ def chosen_softmax_backward(grad, weights, positions, used, n_logits):  # pragma
                     w = np.float64(weights[e, b, node, s])
                     out[e, b, positions[e, b, node, s]] += w * (grad[e, b, node, s] - mean)
     return out
+
+
+@_jit(fastmath={"contract"})
+def pull_through_relu(table, rows, offsets, weights, hidden, grad_pre, total):  # pragma: no cover - compiled
+    """A hidden module's pulled gradients and its relu backward in one pass (see ``_PullGraph``).
+
+    Row ``g`` of the module has ``bags = len(offsets) // len(hidden)`` bags of table rows (``rows[k]`` weighted
+    by ``weights[k]``, bag ``j`` from ``offsets[j]`` to the next bag's start): the first sums to ``gF_g``, the
+    second (with ResRouting) to ``gT_g``. Writes ``grad_pre[g] = gF_g`` where ``hidden[g] > 0``, else 0, and
+    ``total[g] = gT_g`` (``gF_g`` with one bag).
+    """
+    n, dim = hidden.shape
+    bags = offsets.shape[0] // n
+    acc = np.empty(dim, dtype=table.dtype)
+    for g in range(n):
+        for half in range(bags):
+            bag = g * bags + half
+            hi = offsets[bag + 1] if bag + 1 < offsets.shape[0] else rows.shape[0]
+            acc[:] = 0
+            for k in range(offsets[bag], hi):
+                w, src = weights[k], table[rows[k]]
+                for d in range(dim):
+                    acc[d] += w * src[d]
+            if half == 0:
+                for d in range(dim):
+                    grad_pre[g, d] = acc[d] if hidden[g, d] > 0 else 0
+            if half == bags - 1:
+                total[g] = acc
+
+
+@_jit(fastmath={"reassoc", "contract"})
+def routing_dots(outputs, grads, entry_rows, readers, grid_of_row, grid_rows):  # pragma: no cover - compiled
+    """The routing weights' gradient ``[grid_rows, slots]``: for every slot ``c`` of every reader row ``r``, the
+    dot product of its source row's output and its gradient, ``<outputs[entry_rows[r, c]], grads[r]>``, at grid
+    row ``grid_of_row[r]``; 0 for the grid rows no reader has (sums reassociated so that they vectorise)."""
+    slots, dim = entry_rows.shape[1], outputs.shape[1]
+    grid = np.zeros((grid_rows + 1, slots), dtype=outputs.dtype)  # (the last row takes the padding rows)
+    zero = grid[0, 0]
+    for r in readers:
+        q, mine = grid_of_row[r], grads[r]
+        for c in range(slots):
+            source = outputs[entry_rows[r, c]]
+            total = zero
+            for d in range(dim):
+                total += source[d] * mine[d]
+            grid[q, c] = total
+    return grid[:grid_rows]
