@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch as th
 
-from d2r_sb3.d2r.network import RoutedNetwork, _MaskSoftmaxFunction
+from d2r_sb3.d2r.network import RoutedNetwork, _GateInputsFunction, _MaskSoftmaxFunction
 from d2r_sb3.d2r.routed_block import BlockPlan, _PullGraph, _routed_rows
 from d2r_sb3.d2r.routing import RoutingGraph
 from d2r_sb3.d2r.row_layout import RowLayout, build_row_layout, host_array, padded_share
@@ -176,11 +176,9 @@ def random_logits(graph: RoutingGraph, ens: int, batch: int, dtype: th.dtype, se
 def both_choices(graph: RoutingGraph, logits: th.Tensor, *args, seed: int = 0) -> tuple[tuple, tuple]:
     """:meth:`RoutingGraph.top_routes` as the compiled loop and as tensor operations, with the same noise."""
     results = []
-    for compiled_choice in (True, False):
-        graph.compiled_choice = compiled_choice
+    for compiled_loop in (True, False):
         th.manual_seed(seed)
-        results.append(graph.top_routes(logits, *args))
-    graph.compiled_choice = None
+        results.append(graph.top_routes(logits, *args, compiled_loop=compiled_loop))
     return results[0], results[1]
 
 
@@ -253,6 +251,36 @@ def test_the_compiled_mask_softmax_is_the_tensor_version(dtype, top_k):
     # (the float32 tensor version cancels in float32: a few gradients near 0 differ by 1e-7 absolute)
     grad_tolerance = {"rtol": 1e-5, "atol": 1e-6} if dtype == th.float32 else tolerance
     th.testing.assert_close(fast_grad, plain_grad, **grad_tolerance)
+
+
+@pytest.mark.parametrize("trained_rows", [None, 50])
+@pytest.mark.parametrize("n_nets", [1, 2])
+@pytest.mark.parametrize("dtype", [th.float32, th.float64])
+def test_the_compiled_gate_inputs_are_the_tensor_version(dtype, n_nets, trained_rows):
+    """``relu(f_pre)`` and ``H(task) * f_pre`` bit for bit, and the gradients of ``f_pre`` and of the task
+    encoder (only the trained rows train it) to rounding."""
+    net = RoutedNetwork(6, 5, 2, n_nets=n_nets, n_modules=5).to(dtype)
+    gen = th.Generator().manual_seed(3)
+    f_pre = th.randn(n_nets, 80, net.task_encoder.weight.shape[1], generator=gen, dtype=dtype)
+    f_pre[0, 0, :3] = 0.0  # the relu's edge
+    task_ids = th.randint(0, 5, (80,), generator=gen)
+    grads = [th.randn(f_pre.shape, generator=gen, dtype=dtype) for _ in range(2)]
+    results = []
+    for fast in (True, False):
+        net.zero_grad(set_to_none=True)
+        leaf = f_pre.clone().requires_grad_()
+        weight, bias = net.task_encoder.weight, net.task_encoder.bias
+        if fast:
+            x0, gated = _GateInputsFunction.apply(leaf, task_ids, weight, bias, trained_rows)
+        else:
+            x0, gated = th.relu(leaf), net.task_encoder.lookup(task_ids, trained_rows=trained_rows) * leaf
+        ((x0 * grads[0]).sum() + (gated * grads[1]).sum()).backward()
+        results.append((x0.detach(), gated.detach(), leaf.grad, weight.grad, bias.grad))
+    (x0, gated, *fast_grads), (x0_ref, gated_ref, *plain_grads) = results
+    assert th.equal(x0, x0_ref) and th.equal(gated, gated_ref)
+    tolerance = {"rtol": 1e-5, "atol": 1e-5} if dtype == th.float32 else {"rtol": 1e-12, "atol": 1e-12}
+    for got, want, name in zip(fast_grads, plain_grads, ["f_pre", "weight", "bias"], strict=True):
+        th.testing.assert_close(got, want, **tolerance, msg=f"gradient of {name}")
 
 
 def test_without_a_writable_cache_the_loops_still_compile_with_a_warning(tmp_path):

@@ -25,11 +25,11 @@ BLOCK_STRATEGIES = ["pull-skip", "push-dense", "pull-dense", "push-skip"]
 
 def use_block_strategy(net: RoutedNetwork, strategy: str) -> None:
     """Set the routed block's backward strategy and whether it skips unreached modules (``"pull-skip"``, ...);
-    with the push (GPU) strategy, routes are chosen by tensor operations as on a GPU, else by the compiled loop."""
+    with the push (GPU) strategy, routes are chosen by tensor operations as on a GPU, else by compiled loops."""
     backward, layout = strategy.split("-")
     net.block_workspace.backward_strategy = backward
     net.block_workspace.skip_unreached = layout == "skip"
-    net.graph.compiled_choice = backward == "pull"
+    net.host_loops = backward == "pull"
 
 
 def small_net(routing: str = "topk", shortcut: str = "full", n_nets: int = 1, **kwargs) -> RoutedNetwork:

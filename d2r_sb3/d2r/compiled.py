@@ -12,8 +12,9 @@ layout and backward edge lists of every routed-block call.
   (:class:`~d2r_sb3.d2r.routed_block._PullGraph`). As numpy array operations it took two to three dozen passes
   over memory and as many calls a routed-block call, about 5 % of a gradient step at batch 320 and 8 % at batch
   1280 on two threads (where it runs on one thread while the other waits); as loops it is one or two passes.
-* **One-thread backward passes** (:func:`pull_through_relu`, :func:`routing_dots`): when torch runs on one
-  thread (the training campaign's setting), a hidden module's pulled gradients, relu mask and shortcut copy are
+* **One-thread passes** (:func:`gate_inputs`, :func:`pull_through_relu`, :func:`routing_dots`): when torch runs
+  on one thread (the training campaign's setting), the modules' and the gate's inputs ``relu(f_pre)`` and
+  ``H(task) * f_pre`` are one pass each way, a hidden module's pulled gradients, relu mask and shortcut copy are
   one pass, and the routing weights' gradient is one loop of dot products straight into its grid. On more
   threads torch's kernels, which use them all, are faster, and they run instead.
 
@@ -39,6 +40,8 @@ __all__ = [
     "chosen_softmax",
     "chosen_softmax_backward",
     "edge_bags",
+    "gate_inputs",
+    "gate_inputs_backward",
     "pull_through_relu",
     "routing_dots",
     "skipping_layout",
@@ -526,3 +529,68 @@ def routing_dots(outputs, grads, entry_rows, readers, grid_of_row, grid_rows):  
                 total += source[d] * mine[d]
             grid[q, c] = total
     return grid[:grid_rows]
+
+
+@_jit
+def _task_table(weight, bias, e):  # pragma: no cover - compiled
+    """Member ``e``'s task encodings ``weight[e, :, t] + bias[e]`` for every task ``t``, as ``[T, D]``."""
+    dim, tasks = weight.shape[1], weight.shape[2]
+    table = np.empty((tasks, dim), dtype=weight.dtype)
+    for t in range(tasks):
+        for d in range(dim):
+            table[t, d] = weight[e, d, t] + bias[e, d]
+    return table
+
+
+@_jit
+def gate_inputs(f_pre, index, weight, bias):  # pragma: no cover - compiled
+    """D2R's two inputs from the state encoding ``f_pre [E, B, D]`` in one pass: the modules' ``relu(f_pre)`` and
+    the gate's ``H(task) * f_pre``, with ``H(task) = weight[:, :, task] + bias`` (``weight [E, D, T]``, the task
+    encoder's one-hot layer) for the task ``index [B]`` of each sample. The same values as the tensor operations,
+    bit for bit (a NaN stays a NaN through the relu, as with ``torch.relu``)."""
+    ens, batch, dim = f_pre.shape
+    x0 = np.empty_like(f_pre)
+    gated = np.empty_like(f_pre)
+    for e in range(ens):
+        table = _task_table(weight, bias, e)
+        for b in range(batch):
+            row = table[index[b]]
+            for d in range(dim):
+                v = f_pre[e, b, d]
+                x0[e, b, d] = 0 if v <= 0 else v
+                gated[e, b, d] = row[d] * v
+    return x0, gated
+
+
+@_jit
+def gate_inputs_backward(grad_x0, grad_gated, f_pre, index, weight, bias, trained_rows):  # pragma: no cover
+    """The gradients of :func:`gate_inputs` from those of its outputs: ``(grad_f_pre [E, B, D], grad_weight
+    [E, D, T], grad_bias [E, D])``; only the first ``trained_rows`` samples of every member train the weight and
+    bias (their sums in float64)."""
+    ens, batch, dim = f_pre.shape
+    tasks = weight.shape[2]
+    grad_f = np.empty_like(f_pre)
+    grad_weight = np.zeros((ens, dim, tasks), dtype=weight.dtype)
+    grad_bias = np.zeros((ens, dim), dtype=weight.dtype)
+    sums = np.zeros((tasks, dim), dtype=np.float64)
+    for e in range(ens):
+        table = _task_table(weight, bias, e)
+        sums[:] = 0
+        for b in range(batch):
+            t = index[b]
+            row = table[t]
+            for d in range(dim):
+                v = f_pre[e, b, d]
+                grad_f[e, b, d] = (grad_x0[e, b, d] if v > 0 else 0) + grad_gated[e, b, d] * row[d]
+            if b < trained_rows:
+                for d in range(dim):
+                    sums[t, d] += (
+                        grad_gated[e, b, d] * f_pre[e, b, d]
+                    )  # (a product in float32, summed in float64)
+        for d in range(dim):
+            total = 0.0
+            for t in range(tasks):
+                grad_weight[e, d, t] = sums[t, d]
+                total += sums[t, d]
+            grad_bias[e, d] = total
+    return grad_f, grad_weight, grad_bias

@@ -131,6 +131,44 @@ class _MaskSoftmaxFunction(th.autograd.Function):
         return th.from_numpy(grad_logits), None, None
 
 
+class _GateInputsFunction(th.autograd.Function):
+    """``(relu(f_pre), H(task) * f_pre)``, the modules' and the gate's inputs, as one compiled pass each way
+    (:func:`~d2r_sb3.d2r.compiled.gate_inputs`; ``H(task) = weight[:, :, task] + bias``, the task encoder): the
+    same values as the tensor operations, bit for bit, and their gradients (the task encoder's summed in
+    float64). ``trained_rows`` as in :func:`~d2r_sb3.common.ensemble.ensemble_linear`."""
+
+    @staticmethod
+    def forward(ctx, f_pre, task_ids, weight, bias, trained_rows):
+        x0, gated = compiled.gate_inputs(
+            f_pre.detach().numpy(), task_ids.numpy(), weight.detach().numpy(), bias.detach().numpy()
+        )
+        ctx.save_for_backward(f_pre, task_ids, weight, bias)
+        ctx.trained_rows = f_pre.shape[1] if trained_rows is None else trained_rows
+        return th.from_numpy(x0), th.from_numpy(gated)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_x0, grad_gated):
+        f_pre, task_ids, weight, bias = ctx.saved_tensors
+        trains = ctx.needs_input_grad[2] or ctx.needs_input_grad[3]
+        grad_f, grad_weight, grad_bias = compiled.gate_inputs_backward(
+            grad_x0.contiguous().numpy(),
+            grad_gated.contiguous().numpy(),
+            f_pre.detach().numpy(),
+            task_ids.numpy(),
+            weight.detach().numpy(),
+            bias.detach().numpy(),
+            ctx.trained_rows if trains else 0,
+        )
+        return (
+            th.from_numpy(grad_f) if ctx.needs_input_grad[0] else None,
+            None,
+            th.from_numpy(grad_weight) if ctx.needs_input_grad[2] else None,
+            th.from_numpy(grad_bias) if ctx.needs_input_grad[3] else None,
+            None,
+        )
+
+
 class RoutedNetwork(nn.Module):
     """D2R network: encoders, gate, routed modules and head, for ``n_nets`` independent copies.
 
@@ -195,6 +233,10 @@ class RoutedNetwork(nn.Module):
             masked_shortcut=config.resrouting_shortcut == "masked",
         )
         self.block_workspace = BlockWorkspace(self.plan)
+        # Whether the route choice, MaskSoftmax and, on one thread, the gate inputs run as compiled loops on the
+        # host (uses_host_loops): True, False (tensor operations: no host sync, what GPUs need; the tests run
+        # them on a CPU through this switch) or None (on a CPU).
+        self.host_loops: bool | None = None
 
     # ----------------------------------------------------------------------------------------------------
     def encode(
@@ -225,13 +267,32 @@ class RoutedNetwork(nn.Module):
         if dtype is not None:
             state = state.to(dtype)
         f_pre = self.state_encoder(state, detach, dtype, trained_rows)
-        # H(onehot) = W onehot + b: a lookup of W's columns, whose backward is the one-hot matmul's.
-        task_embedding = self.task_encoder.lookup(task_ids, detach, dtype, trained_rows)
-        # The gate input is taken before the ReLU.
-        gate_logits = self.gate(task_embedding * f_pre, detach, dtype, trained_rows)
+        if dtype is None and self.uses_host_loops(f_pre) and th.get_num_threads() == 1:
+            # One compiled pass each way instead of a lookup, a product, a relu and their backward passes
+            # (memory-bound passes over [E, B, 400]; on more threads torch's kernels run them in parallel).
+            weight, bias = self.task_encoder._weight_and_bias(detach, None)
+            if th.is_grad_enabled() and (f_pre.requires_grad or weight.requires_grad):
+                x0, gate_input = _GateInputsFunction.apply(f_pre, task_ids, weight, bias, trained_rows)
+            else:
+                x0, gate_input = map(
+                    th.from_numpy, compiled.gate_inputs(*(t.numpy() for t in (f_pre, task_ids, weight, bias)))
+                )
+        else:
+            # H(onehot) = W onehot + b: a lookup of W's columns, whose backward is the one-hot matmul's.
+            task_embedding = self.task_encoder.lookup(task_ids, detach, dtype, trained_rows)
+            # The gate input is taken before the ReLU.
+            x0, gate_input = th.relu(f_pre), task_embedding * f_pre
+        gate_logits = self.gate(gate_input, detach, dtype, trained_rows)
         if dtype is not None:
             gate_logits = gate_logits.to(self.task_encoder.weight.dtype)
-        return th.relu(f_pre), gate_logits
+        return x0, gate_logits
+
+    def uses_host_loops(self, like: th.Tensor) -> bool:
+        """Whether this call's route choice, MaskSoftmax and (on one thread) gate inputs are compiled host loops
+        (:mod:`~d2r_sb3.d2r.compiled`) for tensors like ``like``: :attr:`host_loops`, or ``None``: on a CPU."""
+        if self.host_loops is None:
+            return like.device.type == "cpu"
+        return self.host_loops
 
     def choose_routes(
         self, logits: th.Tensor, task_ids: th.Tensor, route: RouteRequest
@@ -254,9 +315,14 @@ class RoutedNetwork(nn.Module):
             given = self.graph.decode(route.stored) if route.stored is not None else None
             temperature = self.route_temperature[task_ids] if route.explore else None
             sources, positions, keep = self.graph.top_routes(
-                logits.detach(), temperature, route.explore, given, route.resrouting
+                logits.detach(),
+                temperature,
+                route.explore,
+                given,
+                route.resrouting,
+                self.uses_host_loops(logits),
             )
-        if self.graph.chooses_compiled(logits) and logits.dtype in (th.float32, th.float64):
+        if self.uses_host_loops(logits) and logits.dtype in (th.float32, th.float64):
             # The same weights as one compiled pass each way (a dozen small tensor operations otherwise).
             return sources, _MaskSoftmaxFunction.apply(logits, positions, self.graph.slots_used_host), keep
         return sources, self.mask_softmax(logits, positions), keep

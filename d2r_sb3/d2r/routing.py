@@ -171,9 +171,6 @@ class RoutingGraph(nn.Module):
             (th.nonzero(candidates[node]).flatten().tolist(), flat_index[node][candidates[node]].tolist())
             for node in range(n_modules + 1)
         ]
-        # Whether top_routes runs as the compiled host loop: True, False (tensor operations: no host sync, what
-        # GPUs need; the tests run it on a CPU through this switch) or None (on a CPU).
-        self.compiled_choice: bool | None = None
         # The host tables of the compiled TopK choice (compiled.top_routes): each node's run of flat logits (in
         # module order, row-major) and the module of every flat logit.
         module_of = np.zeros(self.num_logits, dtype=np.int64)
@@ -250,12 +247,6 @@ class RoutingGraph(nn.Module):
         gumbel = th.rand_like(logits).clamp_(min=1e-20).log_().neg_().log_()
         return (logits / tau).sub_(gumbel)
 
-    def chooses_compiled(self, logits: th.Tensor) -> bool:
-        """Whether :meth:`top_routes` runs as the compiled host loop for these logits (:attr:`compiled_choice`)."""
-        if self.compiled_choice is None:
-            return logits.device.type == "cpu"
-        return self.compiled_choice
-
     @th.no_grad()
     def top_routes(
         self,
@@ -264,19 +255,22 @@ class RoutingGraph(nn.Module):
         explore: bool,
         given: th.Tensor | None = None,
         resrouting: bool = False,
+        compiled_loop: bool | None = None,
     ) -> tuple[th.Tensor, th.Tensor, th.Tensor | None]:
         """Top-k route choice from flat logits: ``(sources, positions, keep)``, each ``[E, B, n + 1, slots]``.
 
         ``sources`` are those of :meth:`select` (or ``given``, decoded stored routes ``[E or 1, B, n + 1,
         slots]``), ``positions`` the flat positions of their logits (0 where a source is not a candidate: unused
-        slots) and ``keep`` the ResRouting masks of :meth:`keep_mask` (``None`` unless ``resrouting``). On a
-        CPU this is one compiled pass over the logits (:func:`~d2r_sb3.d2r.compiled.top_routes`; the ResRouting
-        shares in float64) instead of a dozen tensor operations on the padded logits; elsewhere it is those
-        operations (no host sync); :attr:`compiled_choice` overrides the choice. Same routes either way: SampleK
-        draws the same noise.
+        slots) and ``keep`` the ResRouting masks of :meth:`keep_mask` (``None`` unless ``resrouting``). With
+        ``compiled_loop`` (``None``: on a CPU) this is one compiled pass over the logits on the host
+        (:func:`~d2r_sb3.d2r.compiled.top_routes`; the ResRouting shares in float64) instead of a dozen tensor
+        operations on the padded logits; otherwise it is those operations (no host sync, what GPUs need). Same
+        routes either way: SampleK draws the same noise.
         """
         scores = self._perturbed(logits, temperature) if explore and given is None else None
-        if self.chooses_compiled(logits):
+        if compiled_loop is None:
+            compiled_loop = logits.device.type == "cpu"
+        if compiled_loop:
 
             def host(values: th.Tensor) -> np.ndarray:
                 # Contiguous float32 or float64 (numpy has no bfloat16): one compiled version per dtype.
