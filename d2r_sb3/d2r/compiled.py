@@ -485,13 +485,13 @@ def chosen_softmax_backward(grad, weights, positions, used, n_logits):  # pragma
 
 
 @_jit(fastmath={"contract"})
-def pull_through_relu(table, rows, offsets, weights, hidden, grad_pre, total):  # pragma: no cover - compiled
+def pull_through_relu(table, rows, offsets, weights, hidden, grad_pre, total, also):  # pragma: no cover
     """A hidden module's pulled gradients and its relu backward in one pass (see ``_PullGraph``).
 
     Row ``g`` of the module has ``bags = len(offsets) // len(hidden)`` bags of table rows (``rows[k]`` weighted
     by ``weights[k]``, bag ``j`` from ``offsets[j]`` to the next bag's start): the first sums to ``gF_g``, the
     second (with ResRouting) to ``gT_g``. Writes ``grad_pre[g] = gF_g`` where ``hidden[g] > 0``, else 0, and
-    ``total[g] = gT_g`` (``gF_g`` with one bag).
+    ``total[g] = gT_g`` (``gF_g`` with one bag), also to ``also[g]`` unless ``also`` has no rows.
     """
     n, dim = hidden.shape
     bags = offsets.shape[0] // n
@@ -510,6 +510,8 @@ def pull_through_relu(table, rows, offsets, weights, hidden, grad_pre, total):  
                     grad_pre[g, d] = acc[d] if hidden[g, d] > 0 else 0
             if half == bags - 1:
                 total[g] = acc
+                if also.shape[0] > 0:
+                    also[g] = acc
 
 
 @_jit(fastmath={"reassoc", "contract"})

@@ -101,7 +101,8 @@ def _member_products(
 
     :param x: ``[rows, K]``, the slab of member 0, then member 1, ... (``sizes[e]`` rows each).
     :param weight: ``[E, K, N]`` (a transposed view is fine).
-    :param bias: ``[E, N]`` added to every row of its member; or ``add``: ``[rows, N]`` added row by row.
+    :param bias: ``[E, N]`` added to every row of its member; or ``add``: ``[rows, N]`` added row by row (``out``
+        itself: the product is added to what ``out`` holds, with no copy).
     :param out: ``[rows, N]`` to write into (contiguous rows); a new tensor when ``None``.
 
     Slabs of equal size (one member, the dense layout, padded nodes) make one batched product; otherwise there is
@@ -112,7 +113,9 @@ def _member_products(
     ens = len(sizes)
     if sizes.count(sizes[0]) == ens:  # all members equal: one batched product
         out3, x3 = out.view(ens, sizes[0], -1), x.view(ens, sizes[0], -1)
-        if add is not None:
+        if add is not None and add is out:  # (the additive term is already in place)
+            out3.baddbmm_(x3, weight)
+        elif add is not None:
             th.baddbmm(add.view(out3.shape), x3, weight, out=out3)
         elif bias is not None:
             th.baddbmm(bias.unsqueeze(1), x3, weight, out=out3)
@@ -125,6 +128,8 @@ def _member_products(
         base = add[rows] if add is not None else (bias[member] if bias is not None else None)
         if base is None:
             th.mm(x[rows], weight[member], out=out[rows])
+        elif add is out:
+            out[rows].addmm_(x[rows], weight[member])
         else:
             th.addmm(base, x[rows], weight[member], out=out[rows])
     return out
@@ -293,16 +298,22 @@ class _PullGraph:
         """Nothing to do: sources pull their gradient when their turn comes."""
 
     def pull_hidden(
-        self, table: th.Tensor, module: int, hidden: th.Tensor, shortcut_out: th.Tensor | None
+        self,
+        table: th.Tensor,
+        module: int,
+        hidden: th.Tensor,
+        shortcut_out: th.Tensor | None,
+        node_out: th.Tensor,
     ) -> tuple[th.Tensor, th.Tensor]:
         """:func:`_pull_hidden` (same values), on one thread as one compiled pass
         (:func:`~d2r_sb3.d2r.compiled.pull_through_relu`): the bags, the relu mask and the shortcut's copy in
         one go beat ``embedding_bag``, ``threshold_backward`` and ``copy_`` on one thread (96 against 134 us for
-        a 640-row module), not on two, where torch's kernels run in parallel."""
+        a 640-row module), not on two, where torch's kernels run in parallel. ``gT`` is written straight into
+        the module's table rows ``node_out`` (and returned as them), where the product then adds ``gU`` in place
+        instead of first copying ``gT`` there."""
         if th.get_num_threads() > 1 or table.dtype not in (th.float32, th.float64):
-            return _pull_hidden(self, table, module, hidden, shortcut_out)
+            return _pull_hidden(self, table, module, hidden, shortcut_out, node_out)
         grad_pre = th.empty_like(hidden)
-        total = shortcut_out if shortcut_out is not None else th.empty_like(hidden)
         compiled.pull_through_relu(
             table.numpy(),
             self.rows[module].numpy(),
@@ -310,9 +321,10 @@ class _PullGraph:
             self.weights[module].numpy(),
             hidden.numpy(),
             grad_pre.numpy(),
-            total.numpy(),
+            node_out.numpy(),
+            (shortcut_out if shortcut_out is not None else node_out[:0]).numpy(),
         )
-        return grad_pre, total
+        return grad_pre, node_out
 
     def pull(self, table: th.Tensor, module: int) -> tuple[th.Tensor, th.Tensor | None]:
         """``(gF_j, gT_j)`` of ``module``'s rows, each ``[rows, D]`` (``gT_j`` is ``None`` without ResRouting)."""
@@ -342,10 +354,15 @@ class _PushGraph:
         self.grad_total = like.new_zeros(n_sources, dim) if layout.entry_keep is not None else None
 
     def pull_hidden(
-        self, table: th.Tensor, module: int, hidden: th.Tensor, shortcut_out: th.Tensor | None
+        self,
+        table: th.Tensor,
+        module: int,
+        hidden: th.Tensor,
+        shortcut_out: th.Tensor | None,
+        node_out: th.Tensor,
     ) -> tuple[th.Tensor, th.Tensor]:
         """:func:`_pull_hidden`."""
-        return _pull_hidden(self, table, module, hidden, shortcut_out)
+        return _pull_hidden(self, table, module, hidden, shortcut_out, node_out)
 
     def pull(self, table: th.Tensor, module: int) -> tuple[th.Tensor, th.Tensor | None]:
         rows = self.layout.node_rows(module)
@@ -377,11 +394,13 @@ def _pull_hidden(
     module: int,
     hidden: th.Tensor,
     shortcut_out: th.Tensor | None,
+    node_out: th.Tensor,
 ) -> tuple[th.Tensor, th.Tensor]:
     """A hidden module's gradients from the nodes that read it, through its relu: ``(grad_pre, gT)``, each
     ``[rows, D]``: ``gF`` where the saved relu output ``hidden`` is positive (else 0), and the shortcut's
     gradient ``gT`` (``gF`` without ResRouting), also written to ``shortcut_out`` (its table rows ``gS``, with the
-    "full" shortcut and ResRouting) when given."""
+    "full" shortcut and ResRouting) when given. ``node_out``, the module's table rows (written afterwards by
+    :func:`_hidden_module_backward`), may hold ``gT`` on return; if it does, it is the ``gT`` returned."""
     grad_full, grad_total = graph.pull(table, module)
     grad_pre = th.ops.aten.threshold_backward(grad_full, hidden, 0)
     if grad_total is None:  # no ResRouting: the shortcut gets gF
@@ -607,6 +626,7 @@ class RoutedBlockFunction(th.autograd.Function):
                 node,
                 hidden[k],
                 node_shortcut_grads[node] if node_shortcut_grads is not None else None,
+                node_grads[node],
             )
             _hidden_module_backward(
                 grad_pre,
