@@ -248,7 +248,42 @@ def run_nodes(
     return y.view(ens, layout.batch, dim), outputs
 
 
-class _PullGraph:
+class _EdgeGraph:
+    """What the backward loop asks of one call's edge bookkeeping (:class:`_PullGraph` on a CPU, :class:`_PushGraph`
+    elsewhere): each module's gradients from the nodes that read it (:meth:`pull`, :meth:`pull_hidden`), and
+    :meth:`push` once a node's table rows are complete."""
+
+    def pull(self, table: th.Tensor, module: int) -> tuple[th.Tensor, th.Tensor | None]:
+        """``(gF_j, gT_j)`` of ``module``'s rows, each ``[rows, D]`` (``gT_j`` is ``None`` without ResRouting)."""
+        raise NotImplementedError
+
+    def push(self, table: th.Tensor, rows: slice) -> None:
+        """Send the gradient of a node's rows (its table rows, complete now) to their sources."""
+        raise NotImplementedError
+
+    def pull_hidden(
+        self,
+        table: th.Tensor,
+        module: int,
+        hidden: th.Tensor,
+        shortcut_out: th.Tensor | None,
+        node_out: th.Tensor,
+    ) -> tuple[th.Tensor, th.Tensor]:
+        """A hidden module's gradients from the nodes that read it, through its relu: ``(grad_pre, gT)``, each
+        ``[rows, D]``: ``gF`` where the saved relu output ``hidden`` is positive (else 0), and the shortcut's
+        gradient ``gT`` (``gF`` without ResRouting), also written to ``shortcut_out`` (its table rows ``gS``, with
+        the "full" shortcut and ResRouting) when given. ``node_out``, the module's table rows (written afterwards
+        by :func:`_hidden_module_backward`), may hold ``gT`` on return; if it does, it is the ``gT`` returned."""
+        grad_full, grad_total = self.pull(table, module)
+        grad_pre = th.ops.aten.threshold_backward(grad_full, hidden, 0)
+        if grad_total is None:  # no ResRouting: the shortcut gets gF
+            return grad_pre, grad_full
+        if shortcut_out is not None:
+            shortcut_out.copy_(grad_total)  # gS
+        return grad_pre, grad_total
+
+
+class _PullGraph(_EdgeGraph):
     """The edges of one call's routes, grouped by source row for the pulling backward pass.
 
     Built once per backward. Every slot of a routed node's row is an edge from its source row; the edges become
@@ -305,14 +340,14 @@ class _PullGraph:
         shortcut_out: th.Tensor | None,
         node_out: th.Tensor,
     ) -> tuple[th.Tensor, th.Tensor]:
-        """:func:`_pull_hidden` (same values), on one thread as one compiled pass
+        """:meth:`_EdgeGraph.pull_hidden` (same values), on one thread as one compiled pass
         (:func:`~d2r_sb3.d2r.compiled.pull_through_relu`): the bags, the relu mask and the shortcut's copy in
         one go beat ``embedding_bag``, ``threshold_backward`` and ``copy_`` on one thread (96 against 134 us for
         a 640-row module), not on two, where torch's kernels run in parallel. ``gT`` is written straight into
         the module's table rows ``node_out`` (and returned as them), where the product then adds ``gU`` in place
         instead of first copying ``gT`` there."""
         if th.get_num_threads() > 1 or table.dtype not in (th.float32, th.float64):
-            return _pull_hidden(self, table, module, hidden, shortcut_out, node_out)
+            return super().pull_hidden(table, module, hidden, shortcut_out, node_out)
         grad_pre = th.empty_like(hidden)
         compiled.pull_through_relu(
             table.numpy(),
@@ -335,7 +370,7 @@ class _PullGraph:
         return full, total
 
 
-class _PushGraph:
+class _PushGraph(_EdgeGraph):
     """The sync-free counterpart of :class:`_PullGraph`, used off the CPU (GPUs).
 
     Pulling slices the edge list by module, which needs the segment bounds on the host (a device sync per
@@ -352,17 +387,6 @@ class _PushGraph:
         n_sources, dim = layout.starts[n], like.shape[-1]
         self.grad_full = like.new_zeros(n_sources, dim)
         self.grad_total = like.new_zeros(n_sources, dim) if layout.entry_keep is not None else None
-
-    def pull_hidden(
-        self,
-        table: th.Tensor,
-        module: int,
-        hidden: th.Tensor,
-        shortcut_out: th.Tensor | None,
-        node_out: th.Tensor,
-    ) -> tuple[th.Tensor, th.Tensor]:
-        """:func:`_pull_hidden`."""
-        return _pull_hidden(self, table, module, hidden, shortcut_out, node_out)
 
     def pull(self, table: th.Tensor, module: int) -> tuple[th.Tensor, th.Tensor | None]:
         rows = self.layout.node_rows(module)
@@ -386,28 +410,6 @@ class _PushGraph:
         assert self.grad_total is not None  # (allocated whenever keep is given)
         self.grad_full.index_add_(0, sources, full.view(-1, dim))
         self.grad_total.index_add_(0, sources, (p * main).view(-1, dim))
-
-
-def _pull_hidden(
-    graph: _PullGraph | _PushGraph,
-    table: th.Tensor,
-    module: int,
-    hidden: th.Tensor,
-    shortcut_out: th.Tensor | None,
-    node_out: th.Tensor,
-) -> tuple[th.Tensor, th.Tensor]:
-    """A hidden module's gradients from the nodes that read it, through its relu: ``(grad_pre, gT)``, each
-    ``[rows, D]``: ``gF`` where the saved relu output ``hidden`` is positive (else 0), and the shortcut's
-    gradient ``gT`` (``gF`` without ResRouting), also written to ``shortcut_out`` (its table rows ``gS``, with the
-    "full" shortcut and ResRouting) when given. ``node_out``, the module's table rows (written afterwards by
-    :func:`_hidden_module_backward`), may hold ``gT`` on return; if it does, it is the ``gT`` returned."""
-    grad_full, grad_total = graph.pull(table, module)
-    grad_pre = th.ops.aten.threshold_backward(grad_full, hidden, 0)
-    if grad_total is None:  # no ResRouting: the shortcut gets gF
-        return grad_pre, grad_full
-    if shortcut_out is not None:
-        shortcut_out.copy_(grad_total)  # gS
-    return grad_pre, grad_total
 
 
 BACKWARD_STRATEGIES: tuple[str, ...] = ("auto", "pull", "push")
@@ -721,7 +723,7 @@ def _hidden_module_backward(
     trained: list[int] | None = None,
 ) -> None:
     """Backward of a routed module from the gradient before its relu and its shortcut's gradient ``gT`` (each
-    ``[rows, D]``, :func:`_pull_hidden`): writes its table rows ``A`` (``node_grad``) and its weight and bias
+    ``[rows, D]``, :meth:`_EdgeGraph.pull_hidden`): writes its table rows ``A`` (``node_grad``) and its weight and bias
     gradients (those requested).
 
     :param members: the module's rows of each ensemble member (``weight [E, D, D]`` is applied member by member).
