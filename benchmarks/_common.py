@@ -25,9 +25,10 @@ from d2r_sb3.common.precision import cpu_flags, cpuinfo_field
 
 _malloc = "glibc defaults"
 
-LIMIT_VARIABLES = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
-"""Environment variables that cap the instructions of torch's own kernels, oneDNN and MKL below what the CPU has."""
-AVX2_LIMITS = dict(zip(LIMIT_VARIABLES, ("avx2", "AVX2", "AVX2"), strict=True))
+LIMIT_VARIABLES = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "NUMBA_CPU_NAME")
+"""Environment variables that cap the instructions of torch's own kernels, oneDNN, MKL and d2r_sb3's compiled loops
+(numba; ``haswell``: AVX2 and FMA, its own disk cache) below what the CPU has."""
+AVX2_LIMITS = dict(zip(LIMIT_VARIABLES, ("avx2", "AVX2", "AVX2", "haswell"), strict=True))
 
 
 def add_instructions_flag(parser) -> None:

@@ -11,9 +11,10 @@ two settings alternate, so a slow spell of a shared machine falls on both. Besid
 with torch's own products for its dense layers (as SB3's MLP computes them), where the default is oneDNN. Options
 this script does not know go to every ``bench_update.py`` process (``--collect 150``, ``--malloc-defaults``, ...).
 
-``--instructions avx2`` runs the processes with torch's kernels, oneDNN and MKL held to AVX2 instructions
-(``ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2``). On an AVX-512 CPU that is a
-stand-in for an AVX2-only one, not a substitute: caches, clocks and memory stay those of the machine it runs on.
+``--instructions avx2`` runs the processes with torch's kernels, oneDNN, MKL and d2r_sb3's compiled loops held to
+AVX2 instructions (``ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2
+NUMBA_CPU_NAME=haswell``). On an AVX-512 CPU that is a stand-in for an AVX2-only one, not a substitute: caches,
+clocks and memory stay those of the machine it runs on.
 """
 
 from __future__ import annotations
