@@ -267,7 +267,8 @@ class RoutedNetwork(nn.Module):
         if dtype is not None:
             state = state.to(dtype)
         f_pre = self.state_encoder(state, detach, dtype, trained_rows)
-        if dtype is None and self.uses_host_loops(f_pre) and th.get_num_threads() == 1:
+        fused = f_pre.dtype in (th.float32, th.float64) and th.get_num_threads() == 1
+        if dtype is None and fused and self.uses_host_loops(f_pre):
             # One compiled pass each way instead of a lookup, a product, a relu and their backward passes
             # (memory-bound passes over [E, B, 400]; on more threads torch's kernels run them in parallel).
             weight, bias = self.task_encoder._weight_and_bias(detach, None)

@@ -72,6 +72,13 @@ def build_candidates(n_modules: int, level: str = "module", n_layers: int = 4) -
     return cand
 
 
+def _host_floats(values: th.Tensor) -> np.ndarray:
+    """``values`` on the host as a contiguous float32 or float64 array (numpy has no bfloat16): one compiled
+    version of a loop per dtype."""
+    values = values if values.dtype in (th.float32, th.float64) else values.double()
+    return np.ascontiguousarray(values.numpy())
+
+
 @dataclass
 class RoutingPath:
     """A routing path in the layout the paper's Figs. 6 and 8 count.
@@ -271,20 +278,14 @@ class RoutingGraph(nn.Module):
         if compiled_loop is None:
             compiled_loop = logits.device.type == "cpu"
         if compiled_loop:
-
-            def host(values: th.Tensor) -> np.ndarray:
-                # Contiguous float32 or float64 (numpy has no bfloat16): one compiled version per dtype.
-                values = values if values.dtype in (th.float32, th.float64) else values.double()
-                return np.ascontiguousarray(values.numpy())
-
+            z = _host_floats(logits)
             chosen, positions, keep = compiled.top_routes(
-                host(logits),
-                host(scores) if scores is not None else np.zeros((0, 0, 0), dtype=host(logits[:0]).dtype),
+                z,
+                _host_floats(scores) if scores is not None else np.zeros((0, 0, 0), dtype=z.dtype),
                 np.ascontiguousarray(given.numpy())
                 if given is not None
                 else np.zeros((0, 0, 0, 0), dtype=np.int64),
-                *self._host_tables[:4],
-                self._host_tables[4],
+                *self._host_tables,
                 self.slots,
                 resrouting,
             )
