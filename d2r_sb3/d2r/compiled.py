@@ -3,7 +3,7 @@ layout and backward edge lists of every routed-block call.
 
 * **Route choice** (:func:`top_routes`, :func:`chosen_softmax`): every network call picks the top ``k`` sources of
   each node from the gate logits, decides their ResRouting masks and weighs them (MaskSoftmax). As tensor
-  operations on the padded ``[B, n + 1, n]`` logits that was about 15 small operators a call (6 % of a gradient
+  operations on the padded ``[B, n + 1, n]`` logits that was about 15 small operators a call (8 % of a gradient
   step at batch 320 on one thread); here it is one pass over the flat logits, the samples of a chunk side by
   side so the loops vectorise, and one pass back for MaskSoftmax's gradient.
 * **Routed-block bookkeeping** (:func:`skipping_layout`, :func:`edge_bags`): every call of the routed block first
