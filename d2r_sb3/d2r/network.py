@@ -30,7 +30,7 @@ from torch.autograd.function import once_differentiable
 
 from d2r_sb3.common.ensemble import EnsembleLinear, EnsembleMLP, output_init_, uniform_
 from d2r_sb3.d2r import compiled
-from d2r_sb3.d2r.routed_block import BlockPlan, BlockWorkspace, routed_block
+from d2r_sb3.d2r.routed_block import BlockPlan, BlockWorkspace, one_thread_loops, routed_block
 from d2r_sb3.d2r.routing import RoutingGraph, RoutingPath
 
 __all__ = [
@@ -233,10 +233,10 @@ class RoutedNetwork(nn.Module):
             masked_shortcut=config.resrouting_shortcut == "masked",
         )
         self.block_workspace = BlockWorkspace(self.plan)
-        # Whether the route choice, MaskSoftmax and, on one thread, the gate inputs run as compiled loops on the
-        # host (uses_host_loops): True, False (tensor operations: no host sync, what GPUs need; the tests run
-        # them on a CPU through this switch) or None (on a CPU).
-        self.host_loops: bool | None = None
+        # Whether the route choice, MaskSoftmax and, on one thread, the gate inputs may run as compiled loops on
+        # the host (they do where the tensors are on a CPU, uses_host_loops); False keeps the tensor operations
+        # there too (what GPUs run: no host sync; the tests run them on a CPU through this switch).
+        self.host_loops = True
 
     # ----------------------------------------------------------------------------------------------------
     def encode(
@@ -267,8 +267,7 @@ class RoutedNetwork(nn.Module):
         if dtype is not None:
             state = state.to(dtype)
         f_pre = self.state_encoder(state, detach, dtype, trained_rows)
-        fused = f_pre.dtype in (th.float32, th.float64) and th.get_num_threads() == 1
-        if dtype is None and fused and self.uses_host_loops(f_pre):
+        if dtype is None and one_thread_loops(f_pre) and self.uses_host_loops(f_pre):
             # One compiled pass each way instead of a lookup, a product, a relu and their backward passes
             # (memory-bound passes over [E, B, 400]; on more threads torch's kernels run them in parallel).
             weight, bias = self.task_encoder._weight_and_bias(detach, None)
@@ -290,10 +289,8 @@ class RoutedNetwork(nn.Module):
 
     def uses_host_loops(self, like: th.Tensor) -> bool:
         """Whether this call's route choice, MaskSoftmax and (on one thread) gate inputs are compiled host loops
-        (:mod:`~d2r_sb3.d2r.compiled`) for tensors like ``like``: :attr:`host_loops`, or ``None``: on a CPU."""
-        if self.host_loops is None:
-            return like.device.type == "cpu"
-        return self.host_loops
+        (:mod:`~d2r_sb3.d2r.compiled`) for tensors like ``like``: on a CPU, unless :attr:`host_loops` is off."""
+        return self.host_loops and like.device.type == "cpu"
 
     def choose_routes(
         self, logits: th.Tensor, task_ids: th.Tensor, route: RouteRequest
@@ -315,15 +312,11 @@ class RoutedNetwork(nn.Module):
         with th.no_grad():
             given = self.graph.decode(route.stored) if route.stored is not None else None
             temperature = self.route_temperature[task_ids] if route.explore else None
+            on_host = self.uses_host_loops(logits)
             sources, positions, keep = self.graph.top_routes(
-                logits.detach(),
-                temperature,
-                route.explore,
-                given,
-                route.resrouting,
-                self.uses_host_loops(logits),
+                logits.detach(), temperature, route.explore, given, route.resrouting, on_host
             )
-        if self.uses_host_loops(logits) and logits.dtype in (th.float32, th.float64):
+        if on_host and logits.dtype in (th.float32, th.float64):
             # The same weights as one compiled pass each way (a dozen small tensor operations otherwise).
             return sources, _MaskSoftmaxFunction.apply(logits, positions, self.graph.slots_used_host), keep
         return sources, self.mask_softmax(logits, positions), keep

@@ -64,6 +64,13 @@ _SUM = 0  # embedding_bag mode "sum"
 _NO_PER_SAMPLE_DOTS: dict[str, tuple[th.dtype, ...]] = {"cuda": (th.bfloat16,)}
 
 
+def one_thread_loops(like: th.Tensor) -> bool:
+    """Whether the one-thread compiled passes (:mod:`~d2r_sb3.d2r.compiled`) run for tensors like ``like``: on a
+    CPU, in float32 or float64, with torch on one thread (on more, torch's kernels run in parallel and are
+    faster; elsewhere the tensors are not on the host)."""
+    return like.device.type == "cpu" and like.dtype in (th.float32, th.float64) and th.get_num_threads() == 1
+
+
 @dataclass(frozen=True)
 class BlockPlan:
     """Static per-network description: for node ``i < n``, whether it is an input node and its weight slot."""
@@ -346,7 +353,7 @@ class _PullGraph(_EdgeGraph):
         a 640-row module), not on two, where torch's kernels run in parallel. ``gT`` is written straight into
         the module's table rows ``node_out`` (and returned as them), where the product then adds ``gU`` in place
         instead of first copying ``gT`` there."""
-        if th.get_num_threads() > 1 or table.dtype not in (th.float32, th.float64):
+        if not one_thread_loops(table):
             return super().pull_hidden(table, module, hidden, shortcut_out, node_out)
         grad_pre = th.empty_like(hidden)
         compiled.pull_through_relu(
@@ -646,7 +653,7 @@ class RoutedBlockFunction(th.autograd.Function):
         grad_p = None
         if need_p:
             # (the pulling strategy syncs with the host anyway: it may compute the dots there)
-            on_host = isinstance(graph, _PullGraph) and th.get_num_threads() == 1
+            on_host = isinstance(graph, _PullGraph) and one_thread_loops(outputs)
             grad_p = _routing_weight_gradient(
                 outputs, table[0], layout, routed, routed_index if on_host else None, n
             )
@@ -748,12 +755,12 @@ def _routing_weight_gradient(
 
     The dot products are those of the ``per_sample_weights`` gradient of the forward pass's bags (``u_i = sum_c
     p_c o_src``) with ``A_i`` in place of ``dL/du_i``: one fused gather-and-dot, nothing materialised. Given
-    the routed rows' host index ``routed_index`` (one CPU thread, pulling backward), they are one compiled loop
-    straight into the grid instead (:func:`~d2r_sb3.d2r.compiled.routing_dots`: 1.25 against 1.83 ms a step at
+    the routed rows' host index ``routed_index`` (pulling backward, :func:`one_thread_loops`), one compiled loop
+    computes them straight into the grid instead (:func:`~d2r_sb3.d2r.compiled.routing_dots`: 1.25 against 1.83 ms a step at
     batch 320); with more threads torch's kernel, which uses them all, is faster.
     """
     grid_rows = (n + 1) * layout.ens * layout.batch
-    if routed_index is not None and outputs.dtype in (th.float32, th.float64):
+    if routed_index is not None:
         grid_np = compiled.routing_dots(
             outputs.numpy(),
             grad_rows.numpy(),
