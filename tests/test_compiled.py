@@ -6,6 +6,7 @@
 * The route choice (sources, logit positions, ResRouting masks) and MaskSoftmax against the tensor operations that
   still run off the CPU: the same routes for every routing graph, top-k, SampleK and stored routes, ties included;
   the same weights and logit gradients up to rounding.
+* Each on one thread and split among two (numba's parallel loops, where torch runs on two threads).
 """
 
 from __future__ import annotations
@@ -17,10 +18,23 @@ import numpy as np
 import pytest
 import torch as th
 
+from d2r_sb3.d2r import compiled
 from d2r_sb3.d2r.network import RoutedNetwork, _GateInputsFunction, _MaskSoftmaxFunction
 from d2r_sb3.d2r.routed_block import BlockPlan, _PullGraph, _routed_rows
 from d2r_sb3.d2r.routing import RoutingGraph
 from d2r_sb3.d2r.row_layout import RowLayout, build_row_layout, host_array, padded_share
+
+
+@pytest.fixture(params=[1, 2], ids=["1 thread", "2 threads"])
+def torch_threads(request):
+    """torch on one thread, then on two, where the compiled loops split their work among both."""
+    threads = request.param
+    if compiled.loop_threads(threads) != threads:
+        pytest.skip(f"numba's parallel loops cannot use {threads} threads here (threading layer or cores)")
+    before = th.get_num_threads()
+    th.set_num_threads(threads)
+    yield threads
+    th.set_num_threads(before)
 
 
 def reference_layout(
@@ -195,13 +209,15 @@ GRAPHS = [
 @pytest.mark.parametrize("level, n_modules, top_k", GRAPHS)
 @pytest.mark.parametrize("dtype", [th.float32, th.float64])
 @pytest.mark.parametrize("seed", range(6))
-def test_the_compiled_route_choice_is_the_tensor_version(seed, dtype, level, n_modules, top_k):
+def test_the_compiled_route_choice_is_the_tensor_version(seed, dtype, level, n_modules, top_k, torch_threads):
     """Sources, logit positions and ResRouting masks, for TopK, SampleK (the same Gumbel noise) and stored routes
     (one set for every member, or one per member), with and without masks."""
     graph = RoutingGraph(n_modules, top_k, "topk", level, n_layers=4 if n_modules % 4 == 0 else 1)
     ens = 1 + seed % 2
-    logits = random_logits(graph, ens, 300, dtype, seed)
-    temperature = th.rand(300, generator=th.Generator().manual_seed(seed)) + 0.2
+    logits = random_logits(
+        graph, ens, 601, dtype, seed
+    )  # (3 chunks per member: split unevenly on two threads)
+    temperature = th.rand(601, generator=th.Generator().manual_seed(seed)) + 0.2
     for explore in (False, True):
         for resrouting in (False, True):
             fast, plain = both_choices(graph, logits, temperature, explore, None, resrouting, seed=seed)
@@ -210,7 +226,7 @@ def test_the_compiled_route_choice_is_the_tensor_version(seed, dtype, level, n_m
                 if got is not None:
                     assert got.shape == want.shape and th.equal(got, want)
     # Stored routes: those of other logits, as [1, B, ...] (shared) or [E, B, ...].
-    stored, _, _ = graph.top_routes(random_logits(graph, ens, 300, dtype, seed + 100), None, False)
+    stored, _, _ = graph.top_routes(random_logits(graph, ens, 601, dtype, seed + 100), None, False)
     for given in (stored[:1], stored):
         fast, plain = both_choices(graph, logits, None, False, given, True)
         for got, want in zip(fast, plain, strict=True):
@@ -232,11 +248,11 @@ def test_the_compiled_route_choice_breaks_ties_and_nans_as_torch_max():
 
 @pytest.mark.parametrize("top_k", [1, 2, 3])
 @pytest.mark.parametrize("dtype", [th.float32, th.float64])
-def test_the_compiled_mask_softmax_is_the_tensor_version(dtype, top_k):
+def test_the_compiled_mask_softmax_is_the_tensor_version(dtype, top_k, torch_threads):
     """Weights and logit gradients of the compiled MaskSoftmax equal :meth:`RoutedNetwork.mask_softmax`'s up to
     rounding (the compiled one computes in float64), unused slots 0, each routed node's weights summing to 1."""
     net = RoutedNetwork(6, 3, 2, n_nets=2, n_modules=7, top_k=top_k).to(dtype)
-    logits = random_logits(net.graph, 2, 200, dtype, 1).requires_grad_()
+    logits = random_logits(net.graph, 2, 201, dtype, 1).requires_grad_()
     _, positions, _ = net.graph.top_routes(logits.detach(), None, False)
     used = net.graph.slots_used_host
     fast = _MaskSoftmaxFunction.apply(logits, positions, used)
@@ -256,14 +272,14 @@ def test_the_compiled_mask_softmax_is_the_tensor_version(dtype, top_k):
 @pytest.mark.parametrize("trained_rows", [None, 50])
 @pytest.mark.parametrize("n_nets", [1, 2])
 @pytest.mark.parametrize("dtype", [th.float32, th.float64])
-def test_the_compiled_gate_inputs_are_the_tensor_version(dtype, n_nets, trained_rows):
+def test_the_compiled_gate_inputs_are_the_tensor_version(dtype, n_nets, trained_rows, torch_threads):
     """``relu(f_pre)`` and ``H(task) * f_pre`` bit for bit, and the gradients of ``f_pre`` and of the task
     encoder (only the trained rows train it) to rounding."""
     net = RoutedNetwork(6, 5, 2, n_nets=n_nets, n_modules=5).to(dtype)
     gen = th.Generator().manual_seed(3)
-    f_pre = th.randn(n_nets, 80, net.task_encoder.weight.shape[1], generator=gen, dtype=dtype)
+    f_pre = th.randn(n_nets, 81, net.task_encoder.weight.shape[1], generator=gen, dtype=dtype)
     f_pre[0, 0, :3] = 0.0  # the relu's edge
-    task_ids = th.randint(0, 5, (80,), generator=gen)
+    task_ids = th.randint(0, 5, (81,), generator=gen)
     grads = [th.randn(f_pre.shape, generator=gen, dtype=dtype) for _ in range(2)]
     results = []
     for fast in (True, False):
@@ -271,7 +287,7 @@ def test_the_compiled_gate_inputs_are_the_tensor_version(dtype, n_nets, trained_
         leaf = f_pre.clone().requires_grad_()
         weight, bias = net.task_encoder.weight, net.task_encoder.bias
         if fast:
-            x0, gated = _GateInputsFunction.apply(leaf, task_ids, weight, bias, trained_rows)
+            x0, gated = _GateInputsFunction.apply(leaf, task_ids, weight, bias, trained_rows, torch_threads)
         else:
             x0, gated = th.relu(leaf), net.task_encoder.lookup(task_ids, trained_rows=trained_rows) * leaf
         ((x0 * grads[0]).sum() + (gated * grads[1]).sum()).backward()

@@ -15,7 +15,7 @@ import torch as th
 from gymnasium import spaces
 from helpers import DEVICES, collect_only
 
-from d2r_sb3.d2r import D2RPolicy, RoutedNetwork, RouteRequest, skipping
+from d2r_sb3.d2r import D2RPolicy, RoutedNetwork, RouteRequest, compiled, skipping
 from d2r_sb3.d2r.reference import reference_forward
 
 RESROUTING = {"off": (False, "full"), "full": (True, "full"), "masked": (True, "masked")}
@@ -124,12 +124,20 @@ def test_values_and_gradients_equal_the_reference_in_float64(routing, resrouting
             th.testing.assert_close(fast[name], slow[name], rtol=1e-9, atol=1e-12, msg=f"gradient of {name}")
 
 
+@pytest.mark.parametrize("loops", ["parallel loops", "serial loops"])
 @pytest.mark.parametrize("strategy", ["pull-skip", "pull-dense"])
 @pytest.mark.parametrize("n_nets", [1, 2])
 @pytest.mark.parametrize("resrouting", list(RESROUTING))
-def test_the_pulling_backward_on_two_threads_equals_the_reference(resrouting, n_nets, strategy):
-    """On one thread a hidden module's pull, relu mask and shortcut copy are one compiled pass; on more threads
-    they are torch's kernels (what the other tests, on one thread, do not run)."""
+def test_the_pulling_backward_on_two_threads_equals_the_reference(
+    resrouting, n_nets, strategy, loops, monkeypatch
+):
+    """On two threads a hidden module's pull, relu mask and shortcut copy are one compiled pass split among both
+    threads, as are the gate inputs; where numba's loops cannot run in parallel they are torch's kernels
+    (what the other tests, on one thread, do not run)."""
+    if loops == "serial loops":
+        monkeypatch.setattr(compiled, "loop_threads", lambda threads: 1)
+    elif compiled.loop_threads(2) != 2:
+        pytest.skip("numba's parallel loops cannot use two threads here (threading layer or cores)")
     use_rr, shortcut = RESROUTING[resrouting]
     net = small_net("topk", shortcut, n_nets).double()
     use_block_strategy(net, strategy)

@@ -29,6 +29,7 @@ come as their bits (``int16``).
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Callable
 
@@ -42,6 +43,7 @@ __all__ = [
     "edge_bags",
     "gate_inputs",
     "gate_inputs_backward",
+    "loop_threads",
     "pull_through_relu",
     "routing_dots",
     "skipping_layout",
@@ -78,6 +80,64 @@ def bag_mode(resrouting: bool, masked_shortcut: bool) -> int:
     if not resrouting:
         return ONE_BAG
     return MASKED_SHORTCUT if masked_shortcut else FULL_SHORTCUT
+
+
+# Whether numba's parallel loops share the CPU well in this process: (the process it was found in, the answer).
+_parallel_layer: tuple[int, bool] | None = None
+
+
+def loop_threads(threads: int) -> int:
+    """How many threads the compiled loops run on when torch runs on ``threads``: as many (up to numba's pool,
+    ``NUMBA_NUM_THREADS``) where numba's parallel loops run on its GNU OpenMP thread pool, else one. Sets
+    numba's thread count (``numba.set_num_threads``) of the calling thread to the answer.
+
+    With numba's own work queue (its threading layer where GNU OpenMP is not installed) a parallel pass ran no
+    faster than torch's kernels between torch's parallel regions, and its TBB layer was not measured, so the
+    loops stay serial with those.
+    They also stay serial in a process forked from one that started the OpenMP pool: GNU OpenMP cannot be used
+    after such a fork (numba ends the child instead). The first call with ``threads > 1`` starts the pool.
+    """
+    if threads <= 1:
+        return 1
+    global _parallel_layer
+    pid = os.getpid()
+    if _parallel_layer is None:
+        _parallel_layer = (pid, _shares_threads())
+    if _parallel_layer[0] != pid or not _parallel_layer[1]:
+        return 1
+    threads = min(threads, _pool_size())
+    if numba.get_num_threads() != threads:  # (numba's count is per calling thread; its pool may be larger)
+        numba.set_num_threads(threads)
+    return threads
+
+
+def _pool_size() -> int:
+    """The threads of numba's pool (``NUMBA_NUM_THREADS``, by default the CPU's; numba's config module sets it
+    from the environment at import, out of a type checker's sight)."""
+    return numba.config.NUMBA_NUM_THREADS  # type: ignore[attr-defined]
+
+
+def _shares_threads() -> bool:
+    """Start numba's thread pool; whether it is the OpenMP one."""
+    try:
+        _start_pool(min(2, _pool_size()))
+        return numba.threading_layer() == "omp"
+    except (ValueError, RuntimeError, ImportError):  # no threading layer could be loaded
+        return False
+
+
+@_jit(parallel=True)
+def _start_pool(threads):  # pragma: no cover - compiled
+    out = np.zeros(threads)
+    for part in numba.prange(threads):
+        out[part] = part
+    return out
+
+
+@_jit
+def _part(part, parts, n):  # pragma: no cover - compiled
+    """The first index of part ``part`` of ``n`` items split into ``parts`` near-equal runs."""
+    return part * n // parts
 
 
 @_jit
@@ -244,12 +304,12 @@ def edge_bags(entry_rows, entry_weights, entry_keep, readers, n_sources, n_rows,
     return rows, weights, bag_starts
 
 
-@_jit
 def top_routes(
-    logits, scores, given, first, count, module_of, position_of, threshold, slots, with_keep
-):  # pragma: no cover - compiled
+    logits, scores, given, first, count, module_of, position_of, threshold, slots, with_keep, threads=1
+):
     """TopK route choice from flat gate logits: the chosen sources of every node, their logits' positions and
-    their ResRouting masks (what the padded-logits versions in :mod:`.routing` compute, in one pass).
+    their ResRouting masks (what the padded-logits versions in :mod:`.routing` compute, in one pass), the
+    chunks of samples split among ``threads`` threads.
 
     :param logits: ``[E, B, L]`` flat gate logits; node ``i``'s candidates are the run ``first[i]`` to
         ``first[i] + count[i] - 1``, in module order (``module_of`` gives each position's module).
@@ -267,34 +327,62 @@ def top_routes(
         ``torch.max``.
     """
     ens, batch, _ = logits.shape
-    nodes, n = position_of.shape
+    nodes = position_of.shape[0]
     out_sources = np.empty((ens, batch, nodes, slots), dtype=np.int64)
     positions = np.empty((ens, batch, nodes, slots), dtype=np.int64)
     out_keep = np.empty((ens if with_keep else 0, batch, nodes, slots), dtype=np.bool_)
-    # A chunk of samples at a time, sample-minor (float64): every loop below runs over the chunk's samples,
-    # contiguous, and vectorises; a chunk's logits stay in cache from node to node.
-    chunk = 256
-    for e in range(ens):
-        for start in range(0, batch, chunk):
-            size = min(chunk, batch - start)
-            z = _sample_minor(logits, e, start, size)
-            score = _sample_minor(scores, e, start, size) if scores.shape[0] > 0 else z
-            sources = np.zeros((nodes, slots, size), dtype=np.int64)
-            keep = np.zeros((nodes, slots, size), dtype=np.bool_)
-            for node in range(nodes):
-                lo, c = first[node], count[node]
-                if given.shape[0] > 0:
-                    _given_sources(given, e, start, node, sources[node])
-                elif c > 0 and slots <= 2:
-                    _top_two(score, module_of, lo, c, slots, sources[node])
-                elif c > 0:
-                    _top_many(score, module_of, lo, c, min(c, slots), sources[node])
-                if with_keep and c == 0:  # input node: the softmax of its all-zero padded row
-                    keep[node] = 1.0 / n > threshold[node]
-                elif with_keep:
-                    _keep(z, lo, c, position_of[node], sources[node], threshold[node], keep[node])
-            _write_chunk(sources, keep, position_of, e, start, out_sources, positions, out_keep)
-    return out_sources, positions, out_keep
+    tables = (first, count, module_of, position_of, threshold)
+    outs = (out_sources, positions, out_keep)
+    jobs = ens * -(-batch // _CHUNK)
+    if threads > 1:
+        _routes_in_parts(threads, jobs, logits, scores, given, tables, with_keep, outs)
+    else:
+        _route_chunks(logits, scores, given, tables, with_keep, outs, 0, jobs)
+    return outs
+
+
+# Samples per chunk of the route choice: every loop runs over a chunk's samples, contiguous (float64,
+# sample-minor), and vectorises; a chunk's logits stay in cache from node to node.
+_CHUNK = 256
+
+
+@_jit(parallel=True)
+def _routes_in_parts(threads, jobs, logits, scores, given, tables, with_keep, outs):  # pragma: no cover
+    for part in numba.prange(threads):
+        lo, hi = _part(part, threads, jobs), _part(part + 1, threads, jobs)
+        _route_chunks(logits, scores, given, tables, with_keep, outs, lo, hi)
+
+
+@_jit
+def _route_chunks(logits, scores, given, tables, with_keep, outs, first_job, end_job):  # pragma: no cover
+    """:func:`top_routes` for the chunks ``first_job ... end_job - 1`` (member-major: job ``j`` is chunk
+    ``j % chunks`` of member ``j // chunks``)."""
+    first, count, module_of, position_of, threshold = tables
+    out_sources, positions, out_keep = outs
+    batch = logits.shape[1]
+    nodes, n = position_of.shape
+    slots = out_sources.shape[3]
+    chunks = -(-batch // _CHUNK)
+    for job in range(first_job, end_job):
+        e, start = job // chunks, (job % chunks) * _CHUNK
+        size = min(_CHUNK, batch - start)
+        z = _sample_minor(logits, e, start, size)
+        score = _sample_minor(scores, e, start, size) if scores.shape[0] > 0 else z
+        sources = np.zeros((nodes, slots, size), dtype=np.int64)
+        keep = np.zeros((nodes, slots, size), dtype=np.bool_)
+        for node in range(nodes):
+            lo, c = first[node], count[node]
+            if given.shape[0] > 0:
+                _given_sources(given, e, start, node, sources[node])
+            elif c > 0 and slots <= 2:
+                _top_two(score, module_of, lo, c, slots, sources[node])
+            elif c > 0:
+                _top_many(score, module_of, lo, c, min(c, slots), sources[node])
+            if with_keep and c == 0:  # input node: the softmax of its all-zero padded row
+                keep[node] = 1.0 / n > threshold[node]
+            elif with_keep:
+                _keep(z, lo, c, position_of[node], sources[node], threshold[node], keep[node])
+        _write_chunk(sources, keep, position_of, e, start, out_sources, positions, out_keep)
 
 
 @_jit
@@ -424,79 +512,131 @@ def _exp_nonpositive(x):  # pragma: no cover - compiled
     return p
 
 
-@_jit
-def chosen_softmax(logits, positions, used):  # pragma: no cover - compiled
-    """MaskSoftmax's weights: per node, the softmax of the chosen sources' logits (computed in float64).
+def chosen_softmax(logits, positions, used, threads=1):
+    """MaskSoftmax's weights: per node, the softmax of the chosen sources' logits (computed in float64), the
+    samples split among ``threads`` threads.
 
     :param logits: ``[E, B, L]`` flat gate logits.
     :param positions: ``[E, B, n + 1, slots]`` flat positions of the chosen logits (:func:`top_routes`).
     :param used: ``[n + 1]`` slots used per node (the first ones); the others get weight 0.
     :return: ``[E, B, n + 1, slots]`` weights in the logits' dtype.
     """
-    ens, batch, nodes, slots = positions.shape
-    weights = np.zeros((ens, batch, nodes, slots), dtype=logits.dtype)
-    shifted = np.empty(slots, dtype=np.float64)
-    for e in range(ens):
-        for b in range(batch):
-            for node in range(nodes):
-                k = used[node]
-                if k == 0:
-                    continue
-                if k == 2:  # (one exp instead of two: the softmax of two is a sigmoid of their difference)
-                    diff = (
-                        np.float64(logits[e, b, positions[e, b, node, 1]])
-                        - logits[e, b, positions[e, b, node, 0]]
-                    )
-                    t = np.exp(-abs(diff))
-                    high, low = 1.0 / (1.0 + t), t / (1.0 + t)
-                    weights[e, b, node, 0] = low if diff > 0 else high
-                    weights[e, b, node, 1] = high if diff > 0 else low
-                    continue
-                top = -np.inf
-                for s in range(k):
-                    shifted[s] = logits[e, b, positions[e, b, node, s]]
-                    top = max(top, shifted[s])
-                total = 0.0
-                for s in range(k):
-                    shifted[s] = np.exp(shifted[s] - top)
-                    total += shifted[s]
-                for s in range(k):
-                    weights[e, b, node, s] = shifted[s] / total
+    weights = np.zeros(positions.shape, dtype=logits.dtype)
+    rows = positions.shape[0] * positions.shape[1]
+    if threads > 1:
+        _softmax_in_parts(threads, logits, positions, used, weights)
+    else:
+        _softmax_rows(logits, positions, used, weights, 0, rows)
     return weights
 
 
-@_jit
-def chosen_softmax_backward(grad, weights, positions, used, n_logits):  # pragma: no cover - compiled
+def chosen_softmax_backward(grad, weights, positions, used, n_logits, threads=1):
     """The gradient of :func:`chosen_softmax` on the logits, ``[E, B, L]``: ``w_s (g_s - sum_t w_t g_t)`` at each
-    chosen position (``grad`` and ``weights`` ``[E, B, n + 1, slots]``), 0 elsewhere."""
-    ens, batch, nodes, slots = positions.shape
-    out = np.zeros((ens, batch, n_logits), dtype=grad.dtype)
-    for e in range(ens):
-        for b in range(batch):
-            for node in range(nodes):
-                k = used[node]
-                mean = 0.0
-                for s in range(k):
-                    mean += np.float64(weights[e, b, node, s]) * grad[e, b, node, s]
-                for s in range(k):
-                    w = np.float64(weights[e, b, node, s])
-                    out[e, b, positions[e, b, node, s]] += w * (grad[e, b, node, s] - mean)
+    chosen position (``grad`` and ``weights`` ``[E, B, n + 1, slots]``), 0 elsewhere; the samples split among
+    ``threads`` threads."""
+    out = np.zeros((positions.shape[0], positions.shape[1], n_logits), dtype=grad.dtype)
+    rows = positions.shape[0] * positions.shape[1]
+    if threads > 1:
+        _softmax_grad_in_parts(threads, grad, weights, positions, used, out)
+    else:
+        _softmax_grad_rows(grad, weights, positions, used, out, 0, rows)
     return out
 
 
-@_jit(fastmath={"contract"})
-def pull_through_relu(table, rows, offsets, weights, hidden, grad_pre, total, also):  # pragma: no cover
-    """A hidden module's pulled gradients and its relu backward in one pass (see ``_PullGraph``).
+@_jit(parallel=True)
+def _softmax_in_parts(threads, logits, positions, used, weights):  # pragma: no cover - compiled
+    n = positions.shape[0] * positions.shape[1]
+    for part in numba.prange(threads):
+        _softmax_rows(logits, positions, used, weights, _part(part, threads, n), _part(part + 1, threads, n))
+
+
+@_jit
+def _softmax_rows(logits, positions, used, weights, first, end):  # pragma: no cover - compiled
+    """:func:`chosen_softmax` for the samples ``first ... end - 1`` of ``[E * B]`` (member-major)."""
+    batch, nodes, slots = positions.shape[1], positions.shape[2], positions.shape[3]
+    shifted = np.empty(slots, dtype=np.float64)
+    for at in range(first, end):
+        e, b = at // batch, at % batch
+        for node in range(nodes):
+            k = used[node]
+            if k == 0:
+                continue
+            if k == 2:  # (one exp instead of two: the softmax of two is a sigmoid of their difference)
+                diff = (
+                    np.float64(logits[e, b, positions[e, b, node, 1]])
+                    - logits[e, b, positions[e, b, node, 0]]
+                )
+                t = np.exp(-abs(diff))
+                high, low = 1.0 / (1.0 + t), t / (1.0 + t)
+                weights[e, b, node, 0] = low if diff > 0 else high
+                weights[e, b, node, 1] = high if diff > 0 else low
+                continue
+            top = -np.inf
+            for s in range(k):
+                shifted[s] = logits[e, b, positions[e, b, node, s]]
+                top = max(top, shifted[s])
+            total = 0.0
+            for s in range(k):
+                shifted[s] = np.exp(shifted[s] - top)
+                total += shifted[s]
+            for s in range(k):
+                weights[e, b, node, s] = shifted[s] / total
+
+
+@_jit(parallel=True)
+def _softmax_grad_in_parts(threads, grad, weights, positions, used, out):  # pragma: no cover - compiled
+    n = positions.shape[0] * positions.shape[1]
+    for part in numba.prange(threads):
+        lo, hi = _part(part, threads, n), _part(part + 1, threads, n)
+        _softmax_grad_rows(grad, weights, positions, used, out, lo, hi)
+
+
+@_jit
+def _softmax_grad_rows(grad, weights, positions, used, out, first, end):  # pragma: no cover - compiled
+    """:func:`chosen_softmax_backward` for the samples ``first ... end - 1`` of ``[E * B]`` (member-major)."""
+    batch, nodes = positions.shape[1], positions.shape[2]
+    for at in range(first, end):
+        e, b = at // batch, at % batch
+        for node in range(nodes):
+            k = used[node]
+            mean = 0.0
+            for s in range(k):
+                mean += np.float64(weights[e, b, node, s]) * grad[e, b, node, s]
+            for s in range(k):
+                w = np.float64(weights[e, b, node, s])
+                out[e, b, positions[e, b, node, s]] += w * (grad[e, b, node, s] - mean)
+
+
+def pull_through_relu(table, rows, offsets, weights, hidden, grad_pre, total, also, threads=1):
+    """A hidden module's pulled gradients and its relu backward in one pass (see ``_PullGraph``), its rows split
+    among ``threads`` threads (:func:`loop_threads`).
 
     Row ``g`` of the module has ``bags = len(offsets) // len(hidden)`` bags of table rows (``rows[k]`` weighted
     by ``weights[k]``, bag ``j`` from ``offsets[j]`` to the next bag's start): the first sums to ``gF_g``, the
     second (with ResRouting) to ``gT_g``. Writes ``grad_pre[g] = gF_g`` where ``hidden[g] > 0``, else 0, and
     ``total[g] = gT_g`` (``gF_g`` with one bag), also to ``also[g]`` unless ``also`` has no rows.
     """
+    if threads > 1:
+        _pull_in_parts(threads, table, rows, offsets, weights, hidden, grad_pre, total, also)
+    else:
+        _pull_rows(table, rows, offsets, weights, hidden, grad_pre, total, also, 0, hidden.shape[0])
+
+
+@_jit(parallel=True)
+def _pull_in_parts(threads, table, rows, offsets, weights, hidden, grad_pre, total, also):  # pragma: no cover
+    n = hidden.shape[0]
+    for part in numba.prange(threads):
+        lo, hi = _part(part, threads, n), _part(part + 1, threads, n)
+        _pull_rows(table, rows, offsets, weights, hidden, grad_pre, total, also, lo, hi)
+
+
+@_jit(fastmath={"contract"})
+def _pull_rows(table, rows, offsets, weights, hidden, grad_pre, total, also, first, end):  # pragma: no cover
+    """:func:`pull_through_relu` for the module's rows ``first ... end - 1``."""
     n, dim = hidden.shape
     bags = offsets.shape[0] // n
     acc = np.empty(dim, dtype=table.dtype)
-    for g in range(n):
+    for g in range(first, end):
         for half in range(bags):
             bag = g * bags + half
             hi = offsets[bag + 1] if bag + 1 < offsets.shape[0] else rows.shape[0]
@@ -533,66 +673,117 @@ def routing_dots(outputs, grads, entry_rows, readers, grid_of_row, grid_rows):  
     return grid[:grid_rows]
 
 
-@_jit
-def _task_table(weight, bias, e):  # pragma: no cover - compiled
-    """Member ``e``'s task encodings ``weight[e, :, t] + bias[e]`` for every task ``t``, as ``[T, D]``."""
-    dim, tasks = weight.shape[1], weight.shape[2]
-    table = np.empty((tasks, dim), dtype=weight.dtype)
-    for t in range(tasks):
-        for d in range(dim):
-            table[t, d] = weight[e, d, t] + bias[e, d]
-    return table
-
-
-@_jit
-def gate_inputs(f_pre, index, weight, bias):  # pragma: no cover - compiled
+def gate_inputs(f_pre, index, weight, bias, threads=1):
     """D2R's two inputs from the state encoding ``f_pre [E, B, D]`` in one pass: the modules' ``relu(f_pre)`` and
     the gate's ``H(task) * f_pre``, with ``H(task) = weight[:, :, task] + bias`` (``weight [E, D, T]``, the task
-    encoder's one-hot layer) for the task ``index [B]`` of each sample. The same values as the tensor operations,
-    bit for bit (a NaN stays a NaN through the relu, as with ``torch.relu``)."""
-    ens, batch, dim = f_pre.shape
-    x0 = np.empty_like(f_pre)
-    gated = np.empty_like(f_pre)
-    for e in range(ens):
-        table = _task_table(weight, bias, e)
-        for b in range(batch):
-            row = table[index[b]]
-            for d in range(dim):
-                v = f_pre[e, b, d]
-                x0[e, b, d] = 0 if v <= 0 else v
-                gated[e, b, d] = row[d] * v
+    encoder's one-hot layer) for the task ``index [B]`` of each sample; the rows split among ``threads``
+    threads. The same values as the tensor operations, bit for bit (a NaN stays a NaN through the relu, as with
+    ``torch.relu``)."""
+    x0, gated = np.empty_like(f_pre), np.empty_like(f_pre)
+    tables = _task_tables(weight, bias)
+    if threads > 1:
+        _gate_in_parts(threads, f_pre, index, tables, x0, gated)
+    else:
+        _gate_rows(f_pre, index, tables, x0, gated, 0, f_pre.shape[0] * f_pre.shape[1])
     return x0, gated
 
 
-@_jit
-def gate_inputs_backward(grad_x0, grad_gated, f_pre, index, weight, bias, trained_rows):  # pragma: no cover
+def gate_inputs_backward(grad_x0, grad_gated, f_pre, index, weight, bias, trained_rows, threads=1):
     """The gradients of :func:`gate_inputs` from those of its outputs: ``(grad_f_pre [E, B, D], grad_weight
     [E, D, T], grad_bias [E, D])``; only the first ``trained_rows`` samples of every member train the weight and
-    bias (their sums in float64)."""
-    ens, batch, dim = f_pre.shape
-    tasks = weight.shape[2]
+    bias (their sums in float64, per thread, then added in thread order)."""
     grad_f = np.empty_like(f_pre)
-    grad_weight = np.zeros((ens, dim, tasks), dtype=weight.dtype)
-    grad_bias = np.zeros((ens, dim), dtype=weight.dtype)
-    sums = np.zeros((tasks, dim), dtype=np.float64)
+    tables = _task_tables(weight, bias)
+    ens, batch, dim = f_pre.shape
+    sums = np.zeros((max(threads, 1), ens, tables.shape[1], dim))
+    if threads > 1:
+        _gate_grad_in_parts(threads, grad_x0, grad_gated, f_pre, index, tables, trained_rows, grad_f, sums)
+    else:
+        _gate_grad_rows(
+            grad_x0, grad_gated, f_pre, index, tables, trained_rows, grad_f, sums[0], 0, ens * batch
+        )
+    grad_weight, grad_bias = _task_gradients(sums, weight)
+    return grad_f, grad_weight, grad_bias
+
+
+@_jit
+def _task_tables(weight, bias):  # pragma: no cover - compiled
+    """Every member's task encodings ``weight[e, :, t] + bias[e]`` for every task ``t``, as ``[E, T, D]``."""
+    ens, dim, tasks = weight.shape
+    tables = np.empty((ens, tasks, dim), dtype=weight.dtype)
     for e in range(ens):
-        table = _task_table(weight, bias, e)
-        sums[:] = 0
-        for b in range(batch):
-            t = index[b]
-            row = table[t]
+        for t in range(tasks):
             for d in range(dim):
-                v = f_pre[e, b, d]
-                grad_f[e, b, d] = (grad_x0[e, b, d] if v > 0 else 0) + grad_gated[e, b, d] * row[d]
-            if b < trained_rows:
-                for d in range(dim):
-                    sums[t, d] += (
-                        grad_gated[e, b, d] * f_pre[e, b, d]
-                    )  # (a product in float32, summed in float64)
+                tables[e, t, d] = weight[e, d, t] + bias[e, d]
+    return tables
+
+
+@_jit(parallel=True)
+def _gate_in_parts(threads, f_pre, index, tables, x0, gated):  # pragma: no cover - compiled
+    n = f_pre.shape[0] * f_pre.shape[1]
+    for part in numba.prange(threads):
+        _gate_rows(f_pre, index, tables, x0, gated, _part(part, threads, n), _part(part + 1, threads, n))
+
+
+@_jit
+def _gate_rows(f_pre, index, tables, x0, gated, first, end):  # pragma: no cover - compiled
+    """:func:`gate_inputs` for the rows ``first ... end - 1`` of ``f_pre`` seen as ``[E * B, D]``."""
+    batch, dim = f_pre.shape[1], f_pre.shape[2]
+    for at in range(first, end):
+        e, b = at // batch, at % batch
+        row = tables[e, index[b]]
+        for d in range(dim):
+            v = f_pre[e, b, d]
+            x0[e, b, d] = 0 if v <= 0 else v
+            gated[e, b, d] = row[d] * v
+
+
+@_jit(parallel=True)
+def _gate_grad_in_parts(
+    threads, grad_x0, grad_gated, f_pre, index, tables, trained_rows, grad_f, sums
+):  # pragma: no cover - compiled
+    n = f_pre.shape[0] * f_pre.shape[1]
+    for part in numba.prange(threads):
+        lo, hi = _part(part, threads, n), _part(part + 1, threads, n)
+        _gate_grad_rows(grad_x0, grad_gated, f_pre, index, tables, trained_rows, grad_f, sums[part], lo, hi)
+
+
+@_jit
+def _gate_grad_rows(
+    grad_x0, grad_gated, f_pre, index, tables, trained_rows, grad_f, sums, first, end
+):  # pragma: no cover - compiled
+    """:func:`gate_inputs_backward` for the rows ``first ... end - 1`` (of ``[E * B, D]``): ``grad_f`` there, and
+    the trained rows' products ``grad_gated * f_pre`` added to ``sums [E, T, D]`` (float64) by member and task."""
+    batch, dim = f_pre.shape[1], f_pre.shape[2]
+    for at in range(first, end):
+        e, b = at // batch, at % batch
+        t = index[b]
+        row = tables[e, t]
+        for d in range(dim):
+            v = f_pre[e, b, d]
+            grad_f[e, b, d] = (grad_x0[e, b, d] if v > 0 else 0) + grad_gated[e, b, d] * row[d]
+        if b < trained_rows:
+            for d in range(dim):
+                sums[e, t, d] += (
+                    grad_gated[e, b, d] * f_pre[e, b, d]
+                )  # (a product in float32, summed in float64)
+
+
+@_jit
+def _task_gradients(sums, weight):  # pragma: no cover - compiled
+    """The task encoder's ``(grad_weight [E, D, T], grad_bias [E, D])`` in ``weight``'s dtype from the threads'
+    float64 ``sums [threads, E, T, D]`` (added in thread order)."""
+    parts, ens, tasks, dim = sums.shape
+    grad_weight = np.empty((ens, dim, tasks), dtype=weight.dtype)
+    grad_bias = np.empty((ens, dim), dtype=weight.dtype)
+    for e in range(ens):
         for d in range(dim):
             total = 0.0
             for t in range(tasks):
-                grad_weight[e, d, t] = sums[t, d]
-                total += sums[t, d]
+                value = sums[0, e, t, d]
+                for part in range(1, parts):
+                    value += sums[part, e, t, d]
+                grad_weight[e, d, t] = value
+                total += value
             grad_bias[e, d] = total
-    return grad_f, grad_weight, grad_bias
+    return grad_weight, grad_bias

@@ -30,7 +30,7 @@ from torch.autograd.function import once_differentiable
 
 from d2r_sb3.common.ensemble import EnsembleLinear, EnsembleMLP, output_init_, uniform_
 from d2r_sb3.d2r import compiled
-from d2r_sb3.d2r.routed_block import BlockPlan, BlockWorkspace, one_thread_loops, routed_block
+from d2r_sb3.d2r.routed_block import BlockPlan, BlockWorkspace, compiled_pass_threads, routed_block
 from d2r_sb3.d2r.routing import RoutingGraph, RoutingPath
 
 __all__ = [
@@ -110,13 +110,13 @@ TOPK = RouteRequest()
 
 class _MaskSoftmaxFunction(th.autograd.Function):
     """:meth:`RoutedNetwork.mask_softmax` on a CPU as one compiled loop forward and one backward
-    (:func:`~d2r_sb3.d2r.compiled.chosen_softmax`); the softmax in float64."""
+    (:func:`~d2r_sb3.d2r.compiled.chosen_softmax`, on torch's threads); the softmax in float64."""
 
     @staticmethod
     def forward(ctx, logits: th.Tensor, positions: th.Tensor, used: np.ndarray) -> th.Tensor:
-        weights = th.from_numpy(
-            compiled.chosen_softmax(np.ascontiguousarray(logits.detach().numpy()), positions.numpy(), used)
-        )
+        ctx.threads = compiled.loop_threads(th.get_num_threads())
+        logits_np = np.ascontiguousarray(logits.detach().numpy())
+        weights = th.from_numpy(compiled.chosen_softmax(logits_np, positions.numpy(), used, ctx.threads))
         ctx.save_for_backward(weights, positions)
         ctx.used, ctx.n_logits = used, logits.shape[-1]
         return weights
@@ -126,7 +126,7 @@ class _MaskSoftmaxFunction(th.autograd.Function):
     def backward(ctx, grad: th.Tensor):
         weights, positions = ctx.saved_tensors
         grad_logits = compiled.chosen_softmax_backward(
-            grad.contiguous().numpy(), weights.numpy(), positions.numpy(), ctx.used, ctx.n_logits
+            grad.contiguous().numpy(), weights.numpy(), positions.numpy(), ctx.used, ctx.n_logits, ctx.threads
         )
         return th.from_numpy(grad_logits), None, None
 
@@ -135,15 +135,17 @@ class _GateInputsFunction(th.autograd.Function):
     """``(relu(f_pre), H(task) * f_pre)``, the modules' and the gate's inputs, as one compiled pass each way
     (:func:`~d2r_sb3.d2r.compiled.gate_inputs`; ``H(task) = weight[:, :, task] + bias``, the task encoder): the
     same values as the tensor operations, bit for bit, and their gradients (the task encoder's summed in
-    float64). ``trained_rows`` as in :func:`~d2r_sb3.common.ensemble.ensemble_linear`."""
+    float64). ``trained_rows`` as in :func:`~d2r_sb3.common.ensemble.ensemble_linear`; ``threads``: the threads
+    of the compiled passes (:func:`~d2r_sb3.d2r.routed_block.compiled_pass_threads`)."""
 
     @staticmethod
-    def forward(ctx, f_pre, task_ids, weight, bias, trained_rows):
+    def forward(ctx, f_pre, task_ids, weight, bias, trained_rows, threads):
         x0, gated = compiled.gate_inputs(
-            f_pre.detach().numpy(), task_ids.numpy(), weight.detach().numpy(), bias.detach().numpy()
+            f_pre.detach().numpy(), task_ids.numpy(), weight.detach().numpy(), bias.detach().numpy(), threads
         )
         ctx.save_for_backward(f_pre, task_ids, weight, bias)
         ctx.trained_rows = f_pre.shape[1] if trained_rows is None else trained_rows
+        ctx.threads = threads
         return th.from_numpy(x0), th.from_numpy(gated)
 
     @staticmethod
@@ -159,12 +161,14 @@ class _GateInputsFunction(th.autograd.Function):
             weight.detach().numpy(),
             bias.detach().numpy(),
             ctx.trained_rows if trains else 0,
+            ctx.threads,
         )
         return (
             th.from_numpy(grad_f) if ctx.needs_input_grad[0] else None,
             None,
             th.from_numpy(grad_weight) if ctx.needs_input_grad[2] else None,
             th.from_numpy(grad_bias) if ctx.needs_input_grad[3] else None,
+            None,
             None,
         )
 
@@ -267,16 +271,18 @@ class RoutedNetwork(nn.Module):
         if dtype is not None:
             state = state.to(dtype)
         f_pre = self.state_encoder(state, detach, dtype, trained_rows)
-        if dtype is None and one_thread_loops(f_pre) and self.uses_host_loops(f_pre):
+        threads = compiled_pass_threads(f_pre) if dtype is None and self.uses_host_loops(f_pre) else 0
+        if threads:
             # One compiled pass each way instead of a lookup, a product, a relu and their backward passes
-            # (memory-bound passes over [E, B, 400]; on more threads torch's kernels run them in parallel).
+            # (memory-bound passes over [E, B, 400]), on torch's threads.
             weight, bias = self.task_encoder._weight_and_bias(detach, None)
             if th.is_grad_enabled() and (f_pre.requires_grad or weight.requires_grad):
-                x0, gate_input = _GateInputsFunction.apply(f_pre, task_ids, weight, bias, trained_rows)
-            else:
-                x0, gate_input = map(
-                    th.from_numpy, compiled.gate_inputs(*(t.numpy() for t in (f_pre, task_ids, weight, bias)))
+                x0, gate_input = _GateInputsFunction.apply(
+                    f_pre, task_ids, weight, bias, trained_rows, threads
                 )
+            else:
+                inputs = (f_pre.numpy(), task_ids.numpy(), weight.numpy(), bias.numpy())
+                x0, gate_input = map(th.from_numpy, compiled.gate_inputs(*inputs, threads))
         else:
             # H(onehot) = W onehot + b: a lookup of W's columns, whose backward is the one-hot matmul's.
             task_embedding = self.task_encoder.lookup(task_ids, detach, dtype, trained_rows)

@@ -64,11 +64,15 @@ _SUM = 0  # embedding_bag mode "sum"
 _NO_PER_SAMPLE_DOTS: dict[str, tuple[th.dtype, ...]] = {"cuda": (th.bfloat16,)}
 
 
-def one_thread_loops(like: th.Tensor) -> bool:
-    """Whether the one-thread compiled passes (:mod:`~d2r_sb3.d2r.compiled`) run for tensors like ``like``: on a
-    CPU, in float32 or float64, with torch on one thread (on more, torch's kernels run in parallel and are
-    faster; elsewhere the tensors are not on the host)."""
-    return like.device.type == "cpu" and like.dtype in (th.float32, th.float64) and th.get_num_threads() == 1
+def compiled_pass_threads(like: th.Tensor) -> int:
+    """On how many threads the compiled passes that stand in for torch's kernels (:mod:`~d2r_sb3.d2r.compiled`:
+    the gradient pull, the gate inputs) run for tensors like ``like``: torch's thread count, where they can use
+    all of its threads (a CPU, float32 or float64, :func:`~d2r_sb3.d2r.compiled.loop_threads`); else 0, and
+    torch's kernels run (elsewhere the tensors are not on the host; on fewer threads torch's are faster)."""
+    if like.device.type != "cpu" or like.dtype not in (th.float32, th.float64):
+        return 0
+    threads = th.get_num_threads()
+    return threads if compiled.loop_threads(threads) == threads else 0
 
 
 @dataclass(frozen=True)
@@ -347,13 +351,14 @@ class _PullGraph(_EdgeGraph):
         shortcut_out: th.Tensor | None,
         node_out: th.Tensor,
     ) -> tuple[th.Tensor, th.Tensor]:
-        """:meth:`_EdgeGraph.pull_hidden` (same values), on one thread as one compiled pass
-        (:func:`~d2r_sb3.d2r.compiled.pull_through_relu`): the bags, the relu mask and the shortcut's copy in
-        one go beat ``embedding_bag``, ``threshold_backward`` and ``copy_`` on one thread (96 against 134 us for
-        a 640-row module), not on two, where torch's kernels run in parallel. ``gT`` is written straight into
-        the module's table rows ``node_out`` (and returned as them), where the product then adds ``gU`` in place
-        instead of first copying ``gT`` there."""
-        if not one_thread_loops(table):
+        """:meth:`_EdgeGraph.pull_hidden` (same values) as one compiled pass on torch's threads
+        (:func:`~d2r_sb3.d2r.compiled.pull_through_relu`, :func:`compiled_pass_threads`): the bags, the relu
+        mask and the shortcut's copy in one go beat ``embedding_bag``, ``threshold_backward`` and ``copy_`` (96
+        against 134 us for a 640-row module on one thread; 8.4 against 10.6 ms a step at batch 1280 on two).
+        ``gT`` is written straight into the module's table rows ``node_out`` (and returned as them), where the
+        product then adds ``gU`` in place instead of first copying ``gT`` there."""
+        threads = compiled_pass_threads(table)
+        if not threads:
             return super().pull_hidden(table, module, hidden, shortcut_out, node_out)
         grad_pre = th.empty_like(hidden)
         compiled.pull_through_relu(
@@ -365,6 +370,7 @@ class _PullGraph(_EdgeGraph):
             grad_pre.numpy(),
             node_out.numpy(),
             (shortcut_out if shortcut_out is not None else node_out[:0]).numpy(),
+            threads,
         )
         return grad_pre, node_out
 
@@ -652,8 +658,9 @@ class RoutedBlockFunction(th.autograd.Function):
 
         grad_p = None
         if need_p:
-            # (the pulling strategy syncs with the host anyway: it may compute the dots there)
-            on_host = isinstance(graph, _PullGraph) and one_thread_loops(outputs)
+            # (the pulling strategy syncs with the host anyway: it may compute the dots there; on more threads
+            # a parallel loop was no faster than torch's kernel)
+            on_host = isinstance(graph, _PullGraph) and compiled_pass_threads(outputs) == 1
             grad_p = _routing_weight_gradient(
                 outputs, table[0], layout, routed, routed_index if on_host else None, n
             )
@@ -755,7 +762,7 @@ def _routing_weight_gradient(
 
     The dot products are those of the ``per_sample_weights`` gradient of the forward pass's bags (``u_i = sum_c
     p_c o_src``) with ``A_i`` in place of ``dL/du_i``: one fused gather-and-dot, nothing materialised. Given
-    the routed rows' host index ``routed_index`` (pulling backward, :func:`one_thread_loops`), one compiled loop
+    the routed rows' host index ``routed_index`` (pulling backward, one thread), one compiled loop
     computes them straight into the grid instead (:func:`~d2r_sb3.d2r.compiled.routing_dots`: 1.25 against 1.83 ms a step at
     batch 320); with more threads torch's kernel, which uses them all, is faster.
     """
