@@ -323,3 +323,32 @@ print("ok")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
+
+
+def test_the_loops_stay_serial_in_a_process_forked_after_the_thread_pool_started():
+    """GNU OpenMP cannot run in a child forked after its pool started (numba ends such a child): there
+    ``loop_threads`` answers 1, so the compiled passes run serially and the child trains on."""
+    script = """
+import os, sys
+import numpy as np
+from d2r_sb3.d2r import compiled
+threads = compiled.loop_threads(2)
+if threads != 2:
+    print("no parallel loops here:", threads)
+    sys.exit(0)
+f_pre = np.random.default_rng(0).random((2, 50, 8)).astype(np.float32)
+args = (f_pre, np.zeros(50, dtype=np.int64), np.ones((2, 8, 3), dtype=np.float32), np.ones((2, 8), dtype=np.float32))
+parent = compiled.gate_inputs(*args, 2)
+pid = os.fork()
+if pid == 0:
+    child_threads = compiled.loop_threads(2)
+    child = compiled.gate_inputs(*args, child_threads)
+    os._exit(0 if child_threads == 1 and all(np.array_equal(a, b) for a, b in zip(child, parent)) else 3)
+_, status = os.waitpid(pid, 0)
+print("child exit", os.waitstatus_to_exitcode(status))
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    if result.stdout.startswith("no parallel loops"):
+        pytest.skip(result.stdout.strip())
+    assert result.stdout.strip().endswith("child exit 0"), result.stdout + result.stderr[-2000:]
