@@ -29,9 +29,9 @@ from d2r_sb3.d2r.row_layout import RowLayout, build_row_layout, host_array, padd
 def torch_threads(request):
     """torch on one thread, then on two, where the compiled loops split their work among both."""
     threads = request.param
+    before = th.get_num_threads()
     if compiled.loop_threads(threads) != threads:
         pytest.skip(f"numba's parallel loops cannot use {threads} threads here (threading layer or cores)")
-    before = th.get_num_threads()
     th.set_num_threads(threads)
     yield threads
     th.set_num_threads(before)
@@ -323,6 +323,24 @@ print("ok")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
+
+
+def test_starting_the_thread_pool_leaves_torchs_thread_count_alone():
+    """numba's OpenMP pool sets the calling thread's OpenMP thread count when it starts, where torch reads its own:
+    a process on one torch thread must stay on one (a fresh process: the pool starts once)."""
+    script = """
+import torch
+from d2r_sb3.d2r import compiled
+torch.set_num_threads(1)
+threads = compiled.loop_threads(2)
+print(threads, torch.get_num_threads())
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    loops, torch_threads = map(int, result.stdout.split())
+    assert torch_threads == 1, (
+        f"torch runs on {torch_threads} threads after the pool started ({loops} for the loops)"
+    )
 
 
 def test_the_loops_stay_serial_in_a_process_forked_after_the_thread_pool_started():

@@ -25,11 +25,10 @@ layout and backward edge lists of every routed-block call.
 The functions compile on first use for the dtypes they get (several seconds in all, once) and are cached on disk
 (numba's ``cache=True``: in ``__pycache__`` next to this file, under ``NUMBA_CACHE_DIR`` or in the user's cache
 folder), so a later process loads them in milliseconds (the parallel ones with their thread pool in about half a
-second). They release the GIL. The bookkeeping gives exactly the
-arrays of the array versions it replaced, and the route choice exactly the routes of the tensor operations that
-still run off the CPU (the tests keep both as their reference); MaskSoftmax's weights agree to rounding (they are
-computed in float64). Float routing weights are only moved by the bookkeeping, never computed with: 16-bit floats
-come as their bits (``int16``).
+second). They release the GIL. The bookkeeping gives exactly the arrays of the array versions it replaced, and
+the route choice exactly the routes of the tensor operations that still run off the CPU (the tests keep both as
+their reference); MaskSoftmax's weights agree to rounding (they are computed in float64). Float routing weights are
+only moved by the bookkeeping, never computed with: 16-bit floats come as their bits (``int16``).
 """
 
 from __future__ import annotations
@@ -98,9 +97,9 @@ def loop_threads(threads: int) -> int:
 
     With numba's own work queue (its threading layer where GNU OpenMP is not installed) a parallel pass ran no
     faster than torch's kernels between torch's parallel regions, and its TBB layer was not measured, so the
-    loops stay serial with those.
-    They also stay serial in a process forked from one that started the OpenMP pool: GNU OpenMP cannot be used
-    after such a fork (numba ends the child instead). The first call with ``threads > 1`` starts the pool.
+    loops stay serial with those. They also stay serial in a process forked from one that started the OpenMP
+    pool: GNU OpenMP cannot be used after such a fork (numba ends the child instead). The first call with
+    ``threads > 1`` starts the pool.
     """
     if threads <= 1:
         return 1
@@ -123,12 +122,21 @@ def _pool_size() -> int:
 
 
 def _shares_threads() -> bool:
-    """Start numba's thread pool; whether it is the OpenMP one."""
+    """Start numba's thread pool; whether it is the OpenMP one.
+
+    Starting the pool sets the OpenMP thread count of the calling thread to the pool's size, and torch (on its
+    OpenMP backend) takes its own count from there: a torch on one thread would run on all cores afterwards. So
+    torch's count is put back."""
+    import torch  # (only here: the loops themselves never touch torch)
+
+    threads = torch.get_num_threads()
     try:
         _start_pool(min(2, _pool_size()))
         return numba.threading_layer() == "omp"
     except (ValueError, RuntimeError, ImportError):  # no threading layer could be loaded
         return False
+    finally:
+        torch.set_num_threads(threads)
 
 
 @_jit(parallel=True)
