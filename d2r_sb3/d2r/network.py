@@ -237,9 +237,9 @@ class RoutedNetwork(nn.Module):
             masked_shortcut=config.resrouting_shortcut == "masked",
         )
         self.block_workspace = BlockWorkspace(self.plan)
-        # Whether the route choice, MaskSoftmax and, on one thread, the gate inputs may run as compiled loops on
-        # the host (they do where the tensors are on a CPU, uses_host_loops); False keeps the tensor operations
-        # there too (what GPUs run: no host sync; the tests run them on a CPU through this switch).
+        # Whether the route choice, MaskSoftmax and the gate inputs may run as compiled loops on the host (they do
+        # where the tensors are on a CPU, uses_host_loops); False keeps the tensor operations there too (what GPUs
+        # run: no host sync; the tests run them on a CPU through this switch).
         self.host_loops = True
 
     # ----------------------------------------------------------------------------------------------------
@@ -294,8 +294,9 @@ class RoutedNetwork(nn.Module):
         return x0, gate_logits
 
     def uses_host_loops(self, like: th.Tensor) -> bool:
-        """Whether this call's route choice, MaskSoftmax and (on one thread) gate inputs are compiled host loops
-        (:mod:`~d2r_sb3.d2r.compiled`) for tensors like ``like``: on a CPU, unless :attr:`host_loops` is off."""
+        """Whether this call's route choice, MaskSoftmax and gate inputs may be compiled host loops
+        (:mod:`~d2r_sb3.d2r.compiled`) for tensors like ``like``: on a CPU, unless :attr:`host_loops` is off (the
+        gate inputs only where :func:`~d2r_sb3.d2r.routed_block.compiled_pass_threads` allows)."""
         return self.host_loops and like.device.type == "cpu"
 
     def choose_routes(

@@ -309,9 +309,13 @@ class _PullGraph(_EdgeGraph):
 
     With both, the two bags of a row are adjacent in one ``embedding_bag`` call: they read (mostly) the same table
     rows, so the second read comes from cache.
+
+    ``threads``: the threads of the compiled pull (:func:`compiled_pass_threads`, decided once per backward pass);
+    0: torch's kernels.
     """
 
-    def __init__(self, layout: RowLayout, plan: BlockPlan, reader: np.ndarray):
+    def __init__(self, layout: RowLayout, plan: BlockPlan, reader: np.ndarray, threads: int = 0):
+        self.threads = threads
         n = len(plan.is_input)
         n_sources = layout.starts[n]  # rows of modules (the output node is never a source)
         keep = layout.entry_keep
@@ -357,8 +361,7 @@ class _PullGraph(_EdgeGraph):
         against 134 us for a 640-row module on one thread; 8.4 against 10.6 ms a step at batch 1280 on two).
         ``gT`` is written straight into the module's table rows ``node_out`` (and returned as them), where the
         product then adds ``gU`` in place instead of first copying ``gT`` there."""
-        threads = compiled_pass_threads(table)
-        if not threads:
+        if not self.threads:
             return super().pull_hidden(table, module, hidden, shortcut_out, node_out)
         grad_pre = th.empty_like(hidden)
         compiled.pull_through_relu(
@@ -370,7 +373,7 @@ class _PullGraph(_EdgeGraph):
             grad_pre.numpy(),
             node_out.numpy(),
             (shortcut_out if shortcut_out is not None else node_out[:0]).numpy(),
-            threads,
+            self.threads,
         )
         return grad_pre, node_out
 
@@ -515,7 +518,7 @@ class BlockWorkspace:
         if strategy == "auto":
             strategy = "pull" if like.device.type == "cpu" else "push"
         if strategy == "pull":
-            return _PullGraph(layout, self.plan, routed_index)
+            return _PullGraph(layout, self.plan, routed_index, compiled_pass_threads(like))
         if strategy == "push":
             return _PushGraph(layout, self.plan, like)
         raise ValueError(f"Unknown backward_strategy {strategy!r}; choose one of {BACKWARD_STRATEGIES}.")
@@ -660,7 +663,7 @@ class RoutedBlockFunction(th.autograd.Function):
         if need_p:
             # (the pulling strategy syncs with the host anyway: it may compute the dots there; on more threads
             # a parallel loop was no faster than torch's kernel)
-            on_host = isinstance(graph, _PullGraph) and compiled_pass_threads(outputs) == 1
+            on_host = isinstance(graph, _PullGraph) and graph.threads == 1
             grad_p = _routing_weight_gradient(
                 outputs, table[0], layout, routed, routed_index if on_host else None, n
             )
@@ -762,9 +765,9 @@ def _routing_weight_gradient(
 
     The dot products are those of the ``per_sample_weights`` gradient of the forward pass's bags (``u_i = sum_c
     p_c o_src``) with ``A_i`` in place of ``dL/du_i``: one fused gather-and-dot, nothing materialised. Given
-    the routed rows' host index ``routed_index`` (pulling backward, one thread), one compiled loop
-    computes them straight into the grid instead (:func:`~d2r_sb3.d2r.compiled.routing_dots`: 1.25 against 1.83 ms a step at
-    batch 320); with more threads torch's kernel, which uses them all, is faster.
+    the routed rows' host index ``routed_index`` (pulling backward, one thread), one compiled loop computes them
+    straight into the grid instead (:func:`~d2r_sb3.d2r.compiled.routing_dots`: 1.25 against 1.83 ms a step at
+    batch 320); with more threads torch's kernel, which uses them all, is as fast as a parallel loop.
     """
     grid_rows = (n + 1) * layout.ens * layout.batch
     if routed_index is not None:

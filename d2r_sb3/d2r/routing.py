@@ -270,9 +270,9 @@ class RoutingGraph(nn.Module):
         slots]``), ``positions`` the flat positions of their logits (0 where a source is not a candidate: unused
         slots) and ``keep`` the ResRouting masks of :meth:`keep_mask` (``None`` unless ``resrouting``). With
         ``compiled_loop`` (``None``: on a CPU) this is one compiled pass over the logits on the host
-        (:func:`~d2r_sb3.d2r.compiled.top_routes`, on torch's threads; the ResRouting shares in float64) instead of a dozen tensor
-        operations on the padded logits; otherwise it is those operations (no host sync, what GPUs need). Same
-        routes either way: SampleK draws the same noise.
+        (:func:`~d2r_sb3.d2r.compiled.top_routes`, on torch's threads; the ResRouting shares in float64) instead
+        of a dozen tensor operations on the padded logits; otherwise it is those operations (no host sync, what
+        GPUs need). Same routes either way: SampleK draws the same noise.
         """
         scores = self._perturbed(logits, temperature) if explore and given is None else None
         if compiled_loop is None:
