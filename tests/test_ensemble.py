@@ -160,6 +160,36 @@ def test_mlp_member_by_member_equals_the_stacked_layers(products, final_relu, tr
     th.testing.assert_close(x.grad, results[0][1], rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("choice", ["default", "onednn"])
+@pytest.mark.parametrize("region", [(0, 0), (150, 39), (0, 39), (150, 0), (320, 0), (0, 43)])
+def test_input_region_computes_the_inputs_gradient_there_only(products, choice, region):
+    """With ``input_region = (row, column)`` the first layer's input gradient is the full one in ``x[:, row:,
+    column:]`` and zero elsewhere (an empty corner: all zeros); the parameters' gradients are unchanged. Both
+    product paths (batched, and member by member with oneDNN)."""
+    if choice == "onednn" and not cpu_products._onednn_available():
+        pytest.skip("this torch has no oneDNN")
+    gen = th.Generator().manual_seed(4)
+    rows = 320
+    mlp = EnsembleMLP(2, [43, 400, 136], final_relu=True)
+    x_value = th.randn(2, rows, 43, generator=gen)
+    upstream = th.randn(2, rows, 136, generator=gen)
+    products.set_cpu_products(choice)
+    assert mlp._member_by_member(x_value) == (choice == "onednn")
+    results = []
+    for corner in (None, region):
+        x = x_value.clone().requires_grad_(True)
+        mlp.zero_grad(set_to_none=True)
+        (mlp(x, trained_rows=200, input_region=corner) * upstream).sum().backward()
+        results.append((x.grad, *(p.grad for p in mlp.parameters())))
+    (full_x, *full_params), (got_x, *got_params) = results
+    row, column = region
+    expected = th.zeros_like(full_x)
+    expected[:, row:, column:] = full_x[:, row:, column:]
+    th.testing.assert_close(got_x, expected, rtol=1e-6, atol=1e-6)
+    for got, want in zip(got_params, full_params, strict=True):
+        th.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 def test_cpu_products_are_chosen_by_name_and_refuse_unknown_names(products, monkeypatch):
     x32, x64 = th.zeros(2, 3), th.zeros(2, 3, dtype=th.float64)
     products.set_cpu_products("default")

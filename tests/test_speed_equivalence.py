@@ -15,7 +15,7 @@ import torch as th
 from gymnasium import spaces
 from helpers import DEVICES, collect_only
 
-from d2r_sb3.d2r import D2RPolicy, RoutedNetwork, RouteRequest, compiled, skipping
+from d2r_sb3.d2r import D2RCritic, D2RPolicy, RoutedNetwork, RouteRequest, compiled, skipping
 from d2r_sb3.d2r.reference import reference_forward
 
 RESROUTING = {"off": (False, "full"), "full": (True, "full"), "masked": (True, "masked")}
@@ -668,6 +668,40 @@ def test_one_pass_over_two_batches_equals_a_trained_and_a_frozen_call(
         th.testing.assert_close(p_grads[name], grads[name], **close, msg=f"gradient of {name}")
     # (The frozen batch's loss does move its inputs: a pass that let it train the parameters would differ above.)
     assert gb.abs().sum() > 0
+
+
+@pytest.mark.parametrize("needs_grad", ["actor-loss actions", "both actions", "observations too"])
+def test_critics_pair_gives_exactly_the_inputs_that_need_one_their_gradient(needs_grad):
+    """``D2RCritic.q_values_pair`` computes the first layer's input gradient only where an input needs one (the
+    actor loss's actions, not the observations or the replayed actions): values and the gradients of the
+    parameters, actions and observations equal the two separate critic calls'."""
+    th.manual_seed(0)
+    critic = D2RCritic(
+        11, 4, 3, n_critics=2, n_modules=7, module_dim=16, encoder_sizes=(24, 20), gate_sizes=(18,)
+    ).double()
+    gen = th.Generator().manual_seed(6)
+    obs_value, actions_value, frozen_value = (th.randn(19, d, generator=gen, dtype=th.float64) for d in (11, 4, 4))
+    task_ids = th.randint(0, 3, (19,), generator=gen)
+    upstream = th.randn(2, 2, 19, generator=gen, dtype=th.float64)
+    sample, top = RouteRequest(explore=True, resrouting=True), RouteRequest(resrouting=True)
+    results = []
+    for paired in (False, True):
+        critic.zero_grad(set_to_none=True)
+        obs = obs_value.clone().requires_grad_(needs_grad == "observations too")
+        actions = actions_value.clone().requires_grad_(needs_grad != "actor-loss actions")
+        frozen = frozen_value.clone().requires_grad_(True)
+        th.manual_seed(3)
+        if paired:
+            q, frozen_q = critic.q_values_pair(obs, actions, frozen, task_ids, sample, top)
+        else:
+            q = critic.q_values(obs, actions, task_ids, sample)
+            frozen_q = critic.q_values(obs, frozen, task_ids, top, detach_params=True)
+        ((q * upstream[0]).sum() + (frozen_q * upstream[1]).sum()).backward()
+        inputs = [t.grad for t in (obs, actions) if t.requires_grad]
+        results.append((q, frozen_q, frozen.grad, *inputs, *(p.grad for p in critic.parameters())))
+    for got, want in zip(results[1], results[0], strict=True):
+        th.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    assert results[1][2].abs().min() > 0  # (every action of the actor loss moves its Q values)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -83,6 +83,23 @@ def _lookup(index: th.Tensor, weight: th.Tensor, bias: th.Tensor) -> th.Tensor:
     return (weight.transpose(1, 2) + bias.unsqueeze(1)).index_select(1, index)
 
 
+def _input_gradient(
+    grad: th.Tensor, weight: th.Tensor, shape: th.Size, region: tuple[int, int] | None
+) -> th.Tensor:
+    """The input gradient ``grad W`` of a linear layer (``grad [E, B, out]``, ``weight [E, out, in]``; or one
+    member's ``[B, out]`` and ``[out, in]``) where it is needed: with ``region = (row, column)`` only in rows
+    ``row:`` and columns ``column:`` of the input (zero elsewhere, where the input is a constant); ``None``:
+    everywhere."""
+    times = _times if grad.dim() == 3 else _member_times
+    if region is None:
+        return times(grad, weight)
+    row, column = region
+    grad_x = grad.new_zeros(shape)
+    if row < shape[-2] and column < shape[-1]:
+        grad_x[..., row:, column:] = times(grad[..., row:, :], weight[..., column:])
+    return grad_x
+
+
 def _trained(rows: th.Tensor, trained_rows: int | None) -> th.Tensor:
     """The rows ``[E, B, ...]`` that train the parameters: the first ``trained_rows`` of every member (all of them
     for ``None``)."""
@@ -100,16 +117,24 @@ class _EnsembleLinearFunction(th.autograd.Function):
     With ``trained_rows`` set, only the first ``trained_rows`` samples of every member contribute to the weight
     and bias gradients; the later ones see the parameters as constants (their gradient reaches ``x`` only, as
     with detached parameters). Two batches that need the same parameters, one to train them and one only for
-    its inputs' gradient, then run as one call (the critics' TD regression and the actor loss).
+    its inputs' gradient, then run as one call (the critics' TD regression and the actor loss). With
+    ``input_region = (row, column)`` the input gradient is computed only in that corner of ``x`` (the rest of
+    ``x`` is constant: the critics' observations, and the replayed actions of the TD regression).
     """
 
     @staticmethod
     def forward(
-        ctx, x: th.Tensor, weight: th.Tensor, bias: th.Tensor, relu: bool, trained_rows: int | None
+        ctx,
+        x: th.Tensor,
+        weight: th.Tensor,
+        bias: th.Tensor,
+        relu: bool,
+        trained_rows: int | None,
+        input_region: tuple[int, int] | None,
     ) -> th.Tensor:
         out = _linear(x, weight, bias, relu)
         ctx.save_for_backward(x, weight, out if relu else None)
-        ctx.trained_rows = trained_rows
+        ctx.trained_rows, ctx.input_region = trained_rows, input_region
         return out
 
     @staticmethod
@@ -119,11 +144,11 @@ class _EnsembleLinearFunction(th.autograd.Function):
         if out is not None:
             grad = th.ops.aten.threshold_backward(grad, out, 0)
         need_x, need_weight, need_bias = ctx.needs_input_grad[:3]
-        grad_x = _times(grad, weight) if need_x else None
+        grad_x = _input_gradient(grad, weight, x.shape, ctx.input_region) if need_x else None
         grad, x = _trained(grad, ctx.trained_rows), _trained(x, ctx.trained_rows)
         grad_weight = _times(grad.transpose(1, 2), x) if need_weight else None
         grad_bias = grad.sum(1) if need_bias else None
-        return grad_x, grad_weight, grad_bias, None, None
+        return grad_x, grad_weight, grad_bias, None, None, None
 
 
 class _MemberLinearFunction(th.autograd.Function):
@@ -133,17 +158,24 @@ class _MemberLinearFunction(th.autograd.Function):
     A chain of these layers (:class:`EnsembleMLP`) passes each member's activations on as its product wrote them;
     the stacked layer copies every layer's outputs, and in the backward pass its input gradients, into one
     ``[E, B, out]`` tensor (8 MB a layer for the twin critics at batch 2560 and 400 units). Inputs: ``weight``,
-    ``bias``, ``relu``, ``trained_rows`` (as there), then the members' inputs ``[B, in]``; outputs ``[B, out]``
-    per member.
+    ``bias``, ``relu``, ``trained_rows``, ``input_region`` (as there), then the members' inputs ``[B, in]``;
+    outputs ``[B, out]`` per member.
     """
 
     @staticmethod
     def forward(
-        ctx, weight: th.Tensor, bias: th.Tensor, relu: bool, trained_rows: int | None, *inputs: th.Tensor
+        ctx,
+        weight: th.Tensor,
+        bias: th.Tensor,
+        relu: bool,
+        trained_rows: int | None,
+        input_region: tuple[int, int] | None,
+        *inputs: th.Tensor,
     ) -> tuple[th.Tensor, ...]:
         outputs = tuple(_member_linear(x, weight[e], bias[e], relu) for e, x in enumerate(inputs))
         ctx.save_for_backward(weight, *inputs, *(outputs if relu else ()))
         ctx.relu, ctx.trained_rows, ctx.members = relu, trained_rows, len(inputs)
+        ctx.input_region = input_region
         return outputs
 
     @staticmethod
@@ -156,8 +188,11 @@ class _MemberLinearFunction(th.autograd.Function):
                 th.ops.aten.threshold_backward(g, y, 0) for g, y in zip(grads, outputs, strict=True)
             )
         need_weight, need_bias = ctx.needs_input_grad[:2]
-        need_inputs = ctx.needs_input_grad[4:]
-        grad_inputs = [_member_times(g, weight[e]) if need_inputs[e] else None for e, g in enumerate(grads)]
+        need_inputs = ctx.needs_input_grad[5:]
+        grad_inputs = [
+            _input_gradient(g, weight[e], x.shape, ctx.input_region) if need_inputs[e] else None
+            for e, (g, x) in enumerate(zip(grads, inputs, strict=True))
+        ]
         trained = slice(ctx.trained_rows)  # (slice(None): every row)
         grad_weight = grad_bias = None
         if need_weight:
@@ -166,7 +201,7 @@ class _MemberLinearFunction(th.autograd.Function):
             )
         if need_bias:
             grad_bias = th.stack([g[trained].sum(0) for g in grads])
-        return grad_weight, grad_bias, None, None, *grad_inputs
+        return grad_weight, grad_bias, None, None, None, *grad_inputs
 
 
 class _EnsembleLookupFunction(th.autograd.Function):
@@ -215,16 +250,23 @@ def ensemble_lookup(
 
 
 def ensemble_linear(
-    x: th.Tensor, weight: th.Tensor, bias: th.Tensor, relu: bool = False, trained_rows: int | None = None
+    x: th.Tensor,
+    weight: th.Tensor,
+    bias: th.Tensor,
+    relu: bool = False,
+    trained_rows: int | None = None,
+    input_region: tuple[int, int] | None = None,
 ) -> th.Tensor:
     """Ensemble linear layer: ``x [E, B, in]``, ``weight [E, out, in]``, ``bias [E, out]`` -> ``[E, B, out]``,
     followed by a ReLU when ``relu``.
 
     :param trained_rows: only the first ``trained_rows`` samples of every member train ``weight`` and ``bias``;
         for the later ones the parameters are constants, as if detached (``None``: every sample trains them).
+    :param input_region: ``(row, column)``: only ``x[:, row:, column:]`` needs a gradient, the rest of ``x`` is
+        constant (its gradient is returned as zeros, not computed); ``None``: all of ``x``.
     """
     if th.is_grad_enabled() and (x.requires_grad or weight.requires_grad or bias.requires_grad):
-        return _EnsembleLinearFunction.apply(x, weight, bias, relu, trained_rows)
+        return _EnsembleLinearFunction.apply(x, weight, bias, relu, trained_rows, input_region)
     return _linear(x, weight, bias, relu)
 
 
@@ -254,6 +296,7 @@ class EnsembleLinear(nn.Module):
         dtype: th.dtype | None = None,
         relu: bool = False,
         trained_rows: int | None = None,
+        input_region: tuple[int, int] | None = None,
     ) -> th.Tensor:
         """``x [E, B, in] -> [E, B, out]``.
 
@@ -262,8 +305,9 @@ class EnsembleLinear(nn.Module):
         :param relu: apply a ReLU to the output (in the same autograd node).
         :param trained_rows: only the first ``trained_rows`` samples train the parameters; the later ones see
             them detached (see :func:`ensemble_linear`).
+        :param input_region: the corner of ``x`` that needs a gradient (see :func:`ensemble_linear`).
         """
-        return ensemble_linear(x, *self._weight_and_bias(detach, dtype), relu, trained_rows)
+        return ensemble_linear(x, *self._weight_and_bias(detach, dtype), relu, trained_rows, input_region)
 
     def lookup(
         self,
@@ -305,14 +349,17 @@ class EnsembleMLP(nn.Module):
         detach: bool = False,
         dtype: th.dtype | None = None,
         trained_rows: int | None = None,
+        input_region: tuple[int, int] | None = None,
     ) -> th.Tensor:
         """``x [E, B, sizes[0]] -> [E, B, sizes[-1]]``; ``detach``, ``dtype`` and ``trained_rows`` as in
-        :class:`EnsembleLinear`."""
+        :class:`EnsembleLinear`, ``input_region`` (the corner of ``x`` that needs a gradient) as there for the
+        first layer."""
         last = len(self.layers) - 1
         if x.shape[0] > 1 and last > 0 and self._member_by_member(x):
-            return self._forward_members(x, detach, dtype, trained_rows)
+            return self._forward_members(x, detach, dtype, trained_rows, input_region)
         for i, layer in enumerate(self.layers):
-            x = layer(x, detach, dtype, relu=i < last or self.final_relu, trained_rows=trained_rows)
+            relu = i < last or self.final_relu
+            x = layer(x, detach, dtype, relu, trained_rows, input_region if i == 0 else None)
         return x
 
     def _member_by_member(self, x: th.Tensor) -> bool:
@@ -321,7 +368,12 @@ class EnsembleMLP(nn.Module):
         return cpu_products.uses_onednn(x, x.shape[1] * first.weight.shape[1] * first.weight.shape[2])
 
     def _forward_members(
-        self, x: th.Tensor, detach: bool, dtype: th.dtype | None, trained_rows: int | None
+        self,
+        x: th.Tensor,
+        detach: bool,
+        dtype: th.dtype | None,
+        trained_rows: int | None,
+        input_region: tuple[int, int] | None,
     ) -> th.Tensor:
         """:meth:`forward` with each member's activations kept apart until the last layer's output
         (:class:`_MemberLinearFunction`)."""
@@ -331,7 +383,8 @@ class EnsembleMLP(nn.Module):
             weight, bias = layer._weight_and_bias(detach, dtype)
             relu = i < last or self.final_relu
             if th.is_grad_enabled() and any(t.requires_grad for t in (weight, bias, *members)):
-                members = _MemberLinearFunction.apply(weight, bias, relu, trained_rows, *members)
+                region = input_region if i == 0 else None
+                members = _MemberLinearFunction.apply(weight, bias, relu, trained_rows, region, *members)
             else:
                 members = tuple(_member_linear(m, weight[e], bias[e], relu) for e, m in enumerate(members))
         return th.stack(members)

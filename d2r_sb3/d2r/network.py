@@ -257,20 +257,22 @@ class RoutedNetwork(nn.Module):
         detach: bool = False,
         dtype: th.dtype | None = None,
         trained_rows: int | None = None,
+        input_region: tuple[int, int] | None = None,
     ) -> tuple[th.Tensor, th.Tensor]:
         """``(x0 [E, B, embed], flat gate logits [E, B, L])`` (Eq. 4).
 
         With a reduced-precision ``dtype`` the encoders and the gate compute in it and ``x0`` stays in it,
         while the gate logits come back in the parameters' dtype: routes, routing weights and ResRouting masks
         are always decided in full precision. ``trained_rows``: only the first ``trained_rows`` samples train the
-        encoders and the gate (:func:`~d2r_sb3.common.ensemble.ensemble_linear`).
+        encoders and the gate (:func:`~d2r_sb3.common.ensemble.ensemble_linear`); ``input_region``: the corner
+        ``state[:, row:, column:]`` that needs a gradient, the rest is constant (``None``: all of it).
         """
         ens = self.n_nets
         if state.dim() == 2:
             state = state.unsqueeze(0).expand(ens, -1, -1)
         if dtype is not None:
             state = state.to(dtype)
-        f_pre = self.state_encoder(state, detach, dtype, trained_rows)
+        f_pre = self.state_encoder(state, detach, dtype, trained_rows, input_region)
         threads = compiled_pass_threads(f_pre) if dtype is None and self.uses_host_loops(f_pre) else 0
         if threads:
             # One compiled pass each way instead of a lookup, a product, a relu and their backward passes
@@ -396,6 +398,7 @@ class RoutedNetwork(nn.Module):
         frozen_task_ids: th.Tensor,
         frozen_route: RouteRequest,
         compute_dtype: th.dtype | None = None,
+        constant_columns: int = 0,
     ) -> tuple[th.Tensor, th.Tensor]:
         """Two batches in one pass over the same parameters: the first trains them, as :meth:`forward` does; for
         the second (``frozen_*``) they are constants, as with ``detach_params=True``: its gradient reaches its
@@ -408,17 +411,22 @@ class RoutedNetwork(nn.Module):
         both use the parameters from before the update.
 
         :param state: ``[B, state_dim]`` or ``[E, B, state_dim]``; ``frozen_state`` the same with ``B'`` rows.
+        :param constant_columns: the first ``constant_columns`` columns of both inputs are constants (the
+            critics' observations): the input gradient of the first layer is not computed for them.
         :return: ``(out [E, B, out_dim], frozen_out [E, B', out_dim])``.
         """
         if compute_dtype == self.head.weight.dtype:
             compute_dtype = None
         rows = task_ids.shape[0]
+        # Only the inputs that need a gradient get one from the first layer (the actor loss's actions).
+        input_region = (0 if state.requires_grad else rows, constant_columns)
         x0, logits = self.encode_flat(
             th.cat([state, frozen_state], dim=-2),
             th.cat([task_ids, frozen_task_ids]),
             False,
             compute_dtype,
             trained_rows=rows,
+            input_region=input_region,
         )
         trained = self.choose_routes(logits[:, :rows], task_ids, route)
         frozen = self.choose_routes(logits[:, rows:], frozen_task_ids, frozen_route)

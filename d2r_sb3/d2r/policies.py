@@ -172,6 +172,7 @@ class D2RCritic(TaskCritic):
             task_ids,
             frozen_route,
             compute_dtype,
+            constant_columns=0 if state.requires_grad else self.state_dim,
         )
         return out[..., 0], frozen_out[..., 0]
 
