@@ -680,7 +680,9 @@ def test_critics_pair_gives_exactly_the_inputs_that_need_one_their_gradient(need
         11, 4, 3, n_critics=2, n_modules=7, module_dim=16, encoder_sizes=(24, 20), gate_sizes=(18,)
     ).double()
     gen = th.Generator().manual_seed(6)
-    obs_value, actions_value, frozen_value = (th.randn(19, d, generator=gen, dtype=th.float64) for d in (11, 4, 4))
+    obs_value, actions_value, frozen_value = (
+        th.randn(19, d, generator=gen, dtype=th.float64) for d in (11, 4, 4)
+    )
     task_ids = th.randint(0, 3, (19,), generator=gen)
     upstream = th.randn(2, 2, 19, generator=gen, dtype=th.float64)
     sample, top = RouteRequest(explore=True, resrouting=True), RouteRequest(resrouting=True)
