@@ -114,16 +114,24 @@ def test_max_nonfinite_steps_is_validated_saved_and_defaults_for_older_models(tm
     assert old.max_nonfinite_steps == 3 and old._nonfinite_steps == 0
 
 
-def test_an_optimizer_step_that_makes_a_parameter_nonfinite_raises_at_once():
+@pytest.mark.parametrize("update", ["first step", "fused update", "torch's steps"])
+def test_an_optimizer_step_that_makes_a_parameter_nonfinite_raises_at_once(update):
+    """Whichever path takes the step: torch's optimizer steps (always the first, before Adam has state), or the
+    fused update (d2r_sb3.common.fused_update), whose pass checks the new parameters."""
     model = tiny_model(learning_starts=10_000)
     collect_only(model, 300)
     data = model.replay_buffer.sample(64)
+    if update != "first step":
+        model._gradient_step(data)
+        model.fused_update = update == "fused update"
+        assert model._uses_fused_update() == (update == "fused update")
+    updates = model._n_updates
     for group in model.actor.optimizer.param_groups:
         group["lr"] = math.inf  # e.g. a broken learning-rate schedule; loss and gradients stay finite
     with pytest.raises(NonFiniteTrainingError, match="Non-finite parameter") as info:
         model._gradient_step(data)
-    assert info.value.kind == "parameter" and info.value.n_updates == 0
-    assert "made actor.net." in info.value.detail and model._n_updates == 0
+    assert info.value.kind == "parameter" and info.value.n_updates == updates
+    assert "made actor.net." in info.value.detail and model._n_updates == updates
 
 
 def test_a_huge_learning_rate_stops_training_at_the_first_nonfinite_action():

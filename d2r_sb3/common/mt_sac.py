@@ -40,8 +40,9 @@ from stable_baselines3.common.utils import polyak_update
 from torch.nn import functional as F
 
 from d2r_sb3.common.buffers import MultiTaskReplayBuffer, MultiTaskReplayBufferSamples
-from d2r_sb3.common.clipping import clip_grad_norm_per_member_
+from d2r_sb3.common.clipping import clip_grad_norm_per_member_, clip_scales, member_grad_norms
 from d2r_sb3.common.devices import device_unavailable_reason
+from d2r_sb3.common.fused_update import adam_update, supports_adam_update
 from d2r_sb3.common.index_sums import sum_by_index
 from d2r_sb3.common.nonfinite import (
     NonFiniteTrainingError,
@@ -190,6 +191,11 @@ class MultiTaskSAC(SAC):
     """
 
     policy_aliases: ClassVar[dict[str, type[BasePolicy]]] = {}
+    fused_update: bool = True
+    """Take the actor's and the critics' optimizer steps, with the gradient clipping, the parameter check and the
+    critics' Polyak update, as one compiled pass over each parameter tensor where that applies (torch's fused Adam
+    on CPU tensors, the default; :mod:`d2r_sb3.common.fused_update`), the same values to float rounding; ``False``
+    (settable on a model): ``optimizer.step()`` and torch's passes."""
     # A BasePolicy with SACPolicy's actor / critic / critic_target, not an SACPolicy subclass (SAC's train, which
     # needs more, is overridden).
     policy: MultiTaskPolicy  # type: ignore[assignment]
@@ -567,28 +573,38 @@ class MultiTaskSAC(SAC):
         for optimizer in optimizers:
             optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if self.max_grad_norm is not None:
-            grad_stats = self._clip_gradients(self.max_grad_norm)  # the norms before clipping
-        else:
+        fused = self._uses_fused_update()
+        if self.max_grad_norm is None:
             grad_stats = self._gradient_sums(optimizers)
+        elif fused:
+            grad_stats = self._gradient_norms()  # (the fused update applies the clipping)
+        else:
+            grad_stats = self._clip_gradients(self.max_grad_norm)  # the norms before clipping
         # NaN guard: one host sync decides whether the loss and every gradient are finite.
         if not bool(th.isfinite(th.cat([loss.detach().reshape(1).float(), grad_stats.float()])).all()):
             self._skip_nonfinite_step(optimizers, losses, loss, grad_stats)
             return {**losses, "kept": kept}
         self._nonfinite_steps = 0
-        for optimizer in optimizers:
-            optimizer.step()
+        polyak_step = (self._n_updates + 1) % self.target_update_interval == 0
+        if fused:
+            updated_finite = self._fused_update(grad_stats, polyak_step)
+            checked = optimizers[2:]  # log alpha (the fused pass checked the actor and the critics)
+        else:
+            for optimizer in optimizers:
+                optimizer.step()
+            updated_finite, checked = True, optimizers
         if self.ent_coef_optimizer is not None and self.max_log_ent_coef is not None:
             with th.no_grad():
                 self._learned_log_ent_coef().clamp_(max=self.max_log_ent_coef)
-        self._check_parameters(optimizers)
+        self._check_parameters(checked, updated_finite)
         self._n_updates += 1
-        if self._n_updates % self.target_update_interval == 0:
-            # One fused lerp over every tensor (SB3's polyak_update runs two operators per tensor).
-            with th.no_grad():
-                th._foreach_lerp_(
-                    list(self.critic_target.parameters()), list(self.critic.parameters()), self.tau
-                )
+        if polyak_step:
+            if not fused:
+                # One fused lerp over every tensor (SB3's polyak_update runs two operators per tensor).
+                with th.no_grad():
+                    th._foreach_lerp_(
+                        list(self.critic_target.parameters()), list(self.critic.parameters()), self.tau
+                    )
             polyak_update(self.batch_norm_stats, self.batch_norm_stats_target, 1.0)
         self._after_gradient_step()
         return {**losses, "kept": kept}
@@ -608,6 +624,63 @@ class MultiTaskSAC(SAC):
         if self.ent_coef_optimizer is not None:
             norms.append(th.nn.utils.clip_grad_norm_([self._learned_log_ent_coef()], max_norm).reshape(1))
         return th.cat([norm.to(actor_norm.device) for norm in norms])
+
+    def _gradient_norms(self) -> th.Tensor:
+        """The gradient norms of :meth:`_clip_gradients`, without clipping (:meth:`_fused_update` applies it)."""
+        actor_grads = [p.grad for p in self.actor.parameters() if p.grad is not None]
+        norms = [
+            th.linalg.vector_norm(th.stack(th._foreach_norm(actor_grads))).reshape(1),
+            member_grad_norms(self.critic.parameters(), self.policy.n_critics)[0],
+        ]
+        if self.ent_coef_optimizer is not None:
+            log_ent_grad = self._learned_log_ent_coef().grad
+            assert log_ent_grad is not None  # (the loss always reaches log alpha)
+            norms.append(th.linalg.vector_norm(log_ent_grad).reshape(1))
+        return th.cat([norm.to(norms[0].device) for norm in norms])
+
+    def _uses_fused_update(self) -> bool:
+        """Whether this step's optimizer side is one compiled pass per tensor (:attr:`fused_update`): the actor's and
+        the critics' optimizers qualify (:func:`~d2r_sb3.common.fused_update.supports_adam_update`), every actor
+        parameter has a gradient, and the critics' optimizer holds exactly the critics' parameters (their targets
+        follow them), each with a gradient."""
+        if not self.fused_update:
+            return False
+        actor_opt, critic_opt = self.actor.optimizer, self.critic.optimizer
+        if not (supports_adam_update(actor_opt) and supports_adam_update(critic_opt)):
+            return False
+        critic_params = list(self.critic.parameters())
+        stepped = [p for group in critic_opt.param_groups for p in group["params"]]
+        return (
+            len(stepped) == len(critic_params)
+            and all(a is b for a, b in zip(stepped, critic_params, strict=True))
+            and all(p.grad is not None for p in critic_params)
+            and all(p.grad is not None for group in actor_opt.param_groups for p in group["params"])
+        )
+
+    def _fused_update(self, grad_stats: th.Tensor, polyak_step: bool) -> bool:
+        """The optimizer steps of a gradient step whose norms (or sums, without clipping) are ``grad_stats``: the
+        actor and the critics in one compiled pass per tensor (clipping, Adam, parameter check and, when
+        ``polyak_step``, the targets' Polyak step), ``log alpha`` by torch. Returns whether the actor's and the
+        critics' new parameters are all finite."""
+        n_critics = self.policy.n_critics
+        if self.max_grad_norm is not None:
+            scales = clip_scales(grad_stats, self.max_grad_norm).tolist()  # actor, each critic, log alpha
+        else:
+            scales = [1.0] * (1 + n_critics + 1)
+        finite = adam_update(self.actor.optimizer, scales[:1])
+        targets: dict[th.Tensor, th.Tensor] = dict(
+            zip(self.critic.parameters(), self.critic_target.parameters(), strict=True)
+        )
+        finite &= adam_update(
+            self.critic.optimizer, scales[1 : 1 + n_critics], targets if polyak_step else None, self.tau
+        )
+        if self.ent_coef_optimizer is not None:
+            if self.max_grad_norm is not None:
+                log_ent_grad = self._learned_log_ent_coef().grad
+                assert log_ent_grad is not None
+                log_ent_grad.mul_(scales[-1])
+            self.ent_coef_optimizer.step()
+        return finite
 
     def _gradient_sums(self, optimizers: list[th.optim.Optimizer]) -> th.Tensor:
         """Sum of the gradients of each optimizer's parameters (no clipping): finite iff every gradient is.
@@ -701,12 +774,13 @@ class MultiTaskSAC(SAC):
             named.append(("log_ent_coef", self._learned_log_ent_coef()))
         return named
 
-    def _check_parameters(self, optimizers: list[th.optim.Optimizer]) -> None:
-        """Raise :class:`NonFiniteTrainingError` at once if an optimizer step left a non-finite parameter."""
+    def _check_parameters(self, optimizers: list[th.optim.Optimizer], others_finite: bool = True) -> None:
+        """Raise :class:`NonFiniteTrainingError` at once if an optimizer step left a non-finite parameter
+        (``others_finite``: what the fused update found for the parameters it updated)."""
         params = [p for optimizer in optimizers for group in optimizer.param_groups for p in group["params"]]
         # The sum of the per-parameter sums is finite iff every value is (barring an overflow, checked below).
         with th.no_grad():
-            if bool(th.isfinite(th.stack([p.sum() for p in params]).sum())):
+            if others_finite and (not params or bool(th.isfinite(th.stack([p.sum() for p in params]).sum()))):
                 return
         name = first_nonfinite_tensor((n, p.detach()) for n, p in self._guarded_parameters())
         if name is None:

@@ -1,0 +1,104 @@
+"""Compiled loops on the host (numba): how they are compiled and cached, and how many threads they run on.
+
+The CPU-side loops of the package (D2R's route choice and routed-block bookkeeping in
+:mod:`d2r_sb3.d2r.compiled`, the optimiser pass of :mod:`d2r_sb3.common.fused_update`) are compiled with
+:func:`jit`, which caches them on disk, and split their rows among :func:`loop_threads` threads when torch runs on
+more than one.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable
+
+import numba
+import numpy as np
+
+__all__ = ["jit", "loop_threads", "part"]
+
+
+def jit(function: Callable | None = None, **options) -> Callable:
+    """``function`` compiled on first use, cached on disk where numba finds a writable place (the package's
+    ``__pycache__``, ``NUMBA_CACHE_DIR`` or the user's cache folder); where it finds none (a read-only install and
+    no writable home), compiled anew in every process, with a warning, instead of failing the import.
+    ``options``: more of numba's ``njit`` options (``@jit(fastmath=...)``)."""
+    if function is None:
+        return lambda function: jit(function, **options)
+    try:
+        return numba.njit(cache=True, nogil=True, **options)(function)
+    except RuntimeError as error:  # numba: "cannot cache function ...: no locator available"
+        warnings.warn(
+            f"d2r_sb3 compiles {function.__name__} in every process: numba cannot cache it ({error}). "
+            "Set NUMBA_CACHE_DIR to a writable folder to keep the compiled code between processes.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return numba.njit(nogil=True, **options)(function)
+
+
+# Whether numba's parallel loops share the CPU well in this process: (the process it was found in, the answer).
+_parallel_layer: tuple[int, bool] | None = None
+
+
+def loop_threads(threads: int) -> int:
+    """How many threads the compiled loops run on when torch runs on ``threads``: as many (up to numba's pool,
+    ``NUMBA_NUM_THREADS``) where numba's parallel loops run on its GNU OpenMP thread pool, else one. Sets
+    numba's thread count (``numba.set_num_threads``) of the calling thread to the answer.
+
+    With numba's own work queue (its threading layer where GNU OpenMP is not installed) a parallel pass ran no
+    faster than torch's kernels between torch's parallel regions, and its TBB layer was not measured, so the
+    loops stay serial with those. They also stay serial in a process forked from one that started the OpenMP
+    pool: GNU OpenMP cannot be used after such a fork (numba ends the child instead). The first call with
+    ``threads > 1`` starts the pool.
+    """
+    if threads <= 1:
+        return 1
+    global _parallel_layer
+    pid = os.getpid()
+    if _parallel_layer is None:
+        _parallel_layer = (pid, _shares_threads())
+    if _parallel_layer[0] != pid or not _parallel_layer[1]:
+        return 1
+    threads = min(threads, _pool_size())
+    if numba.get_num_threads() != threads:  # (numba's count is per calling thread; its pool may be larger)
+        numba.set_num_threads(threads)
+    return threads
+
+
+def _pool_size() -> int:
+    """The threads of numba's pool (``NUMBA_NUM_THREADS``, by default the CPU's; numba's config module sets it
+    from the environment at import, out of a type checker's sight)."""
+    return numba.config.NUMBA_NUM_THREADS  # type: ignore[attr-defined]
+
+
+def _shares_threads() -> bool:
+    """Start numba's thread pool; whether it is the OpenMP one.
+
+    Starting the pool sets the OpenMP thread count of the calling thread to the pool's size, and torch (on its
+    OpenMP backend) takes its own count from there: a torch on one thread would run on all cores afterwards. So
+    torch's count is put back."""
+    import torch  # (only here: the loops themselves never touch torch)
+
+    threads = torch.get_num_threads()
+    try:
+        _start_pool(min(2, _pool_size()))
+        return numba.threading_layer() == "omp"
+    except (ValueError, RuntimeError, ImportError):  # no threading layer could be loaded
+        return False
+    finally:
+        torch.set_num_threads(threads)
+
+
+@jit(parallel=True)
+def _start_pool(threads):  # pragma: no cover - compiled
+    out = np.zeros(threads)
+    for part in numba.prange(threads):
+        out[part] = part
+    return out
+
+
+@jit
+def part(index, parts, n):  # pragma: no cover - compiled
+    """The first item of part ``index`` of ``n`` items split into ``parts`` near-equal runs."""
+    return index * n // parts
