@@ -661,7 +661,8 @@ class MultiTaskSAC(SAC):
         """The optimizer steps of a gradient step whose norms (or sums, without clipping) are ``grad_stats``: the
         actor and the critics in one compiled pass per tensor (clipping, Adam, parameter check and, when
         ``polyak_step``, the targets' Polyak step), ``log alpha`` by torch. Returns whether the actor's and the
-        critics' new parameters are all finite."""
+        critics' new parameters are all finite (if not, :meth:`_check_parameters` stops training with the targets
+        already moved, where torch's steps stop before the Polyak update)."""
         n_critics = self.policy.n_critics
         if self.max_grad_norm is not None:
             scales = clip_scales(grad_stats, self.max_grad_norm).tolist()  # actor, each critic, log alpha
