@@ -40,7 +40,7 @@ from stable_baselines3.common.utils import polyak_update
 from torch.nn import functional as F
 
 from d2r_sb3.common.buffers import MultiTaskReplayBuffer, MultiTaskReplayBufferSamples
-from d2r_sb3.common.clipping import clip_grad_norm_per_member_, clip_scales, member_grad_norms
+from d2r_sb3.common.clipping import clip_scales, member_grad_norms
 from d2r_sb3.common.devices import device_unavailable_reason
 from d2r_sb3.common.fused_update import adam_update, supports_adam_update
 from d2r_sb3.common.index_sums import sum_by_index
@@ -610,33 +610,40 @@ class MultiTaskSAC(SAC):
         return {**losses, "kept": kept}
 
     def _clip_gradients(self, max_norm: float) -> th.Tensor:
-        """Clip the actor, each critic and ``log alpha`` to ``max_norm`` separately (the authors' clipping).
+        """Clip the actor, each critic and ``log alpha`` to ``max_norm`` separately (the authors' clipping), as
+        ``torch.nn.utils.clip_grad_norm_`` clips one network.
 
         The twin critics are one ensemble module; each critic is clipped on its own norm, not on their joint one.
 
         :return: the gradient norms before clipping, in the order of :meth:`_gradient_norm_names`.
         """
-        actor_norm = th.nn.utils.clip_grad_norm_(self.actor.parameters(), max_norm).reshape(1)
-        norms = [
-            actor_norm,
-            clip_grad_norm_per_member_(self.critic.parameters(), max_norm, self.policy.n_critics),
-        ]
+        norms = self._gradient_norms()
+        scales = clip_scales(norms, max_norm)
+        th._foreach_mul_([p.grad for p in self.actor.parameters() if p.grad is not None], scales[0])
+        critic_grads = [p.grad for p in self.critic.parameters() if p.grad is not None]
+        for member in range(self.policy.n_critics):
+            th._foreach_mul_([grad[member] for grad in critic_grads], scales[1 + member])
         if self.ent_coef_optimizer is not None:
-            norms.append(th.nn.utils.clip_grad_norm_([self._learned_log_ent_coef()], max_norm).reshape(1))
-        return th.cat([norm.to(actor_norm.device) for norm in norms])
+            self._log_alpha_gradient().mul_(scales[-1])
+        return norms
 
     def _gradient_norms(self) -> th.Tensor:
-        """The gradient norms of :meth:`_clip_gradients`, without clipping (:meth:`_fused_update` applies it)."""
+        """The gradient norms of the actor, of each critic and of ``log alpha``, in the order of
+        :meth:`_gradient_norm_names` (what :meth:`_clip_gradients` and :meth:`_fused_update` clip with)."""
         actor_grads = [p.grad for p in self.actor.parameters() if p.grad is not None]
         norms = [
             th.linalg.vector_norm(th.stack(th._foreach_norm(actor_grads))).reshape(1),
             member_grad_norms(self.critic.parameters(), self.policy.n_critics)[0],
         ]
         if self.ent_coef_optimizer is not None:
-            log_ent_grad = self._learned_log_ent_coef().grad
-            assert log_ent_grad is not None  # (the loss always reaches log alpha)
-            norms.append(th.linalg.vector_norm(log_ent_grad).reshape(1))
+            norms.append(th.linalg.vector_norm(self._log_alpha_gradient()).reshape(1))
         return th.cat([norm.to(norms[0].device) for norm in norms])
+
+    def _log_alpha_gradient(self) -> th.Tensor:
+        """The gradient of the learned ``log alpha``."""
+        grad = self._learned_log_ent_coef().grad
+        assert grad is not None  # (the entropy loss always reaches log alpha)
+        return grad
 
     def _uses_fused_update(self) -> bool:
         """Whether this step's optimizer side is one compiled pass per tensor (:attr:`fused_update`): the actor's and
@@ -669,17 +676,13 @@ class MultiTaskSAC(SAC):
         else:
             scales = [1.0] * (1 + n_critics + 1)
         finite = adam_update(self.actor.optimizer, scales[:1])
-        targets: dict[th.Tensor, th.Tensor] = dict(
-            zip(self.critic.parameters(), self.critic_target.parameters(), strict=True)
-        )
-        finite &= adam_update(
-            self.critic.optimizer, scales[1 : 1 + n_critics], targets if polyak_step else None, self.tau
-        )
+        targets: dict[th.Tensor, th.Tensor] | None = None
+        if polyak_step:
+            targets = dict(zip(self.critic.parameters(), self.critic_target.parameters(), strict=True))
+        finite &= adam_update(self.critic.optimizer, scales[1 : 1 + n_critics], targets, self.tau)
         if self.ent_coef_optimizer is not None:
             if self.max_grad_norm is not None:
-                log_ent_grad = self._learned_log_ent_coef().grad
-                assert log_ent_grad is not None
-                log_ent_grad.mul_(scales[-1])
+                self._log_alpha_gradient().mul_(scales[-1])
             self.ent_coef_optimizer.step()
         return finite
 
