@@ -318,17 +318,32 @@ class RoutedNetwork(nn.Module):
             keep = self.graph.keep_mask(padded.detach(), sources) if route.resrouting else None
             # Hard and soft routing weigh each chosen source by its full-softmax probability.
             return sources, th.softmax(padded, dim=-1).gather(-1, sources) * self.graph.slot_valid, keep
+        sources, positions, keep = self._top_routes(logits, task_ids, route)
+        return sources, self._chosen_weights(logits, positions), keep
+
+    def _top_routes(
+        self, logits: th.Tensor, task_ids: th.Tensor, route: RouteRequest
+    ) -> tuple[th.Tensor, th.Tensor, th.Tensor | None]:
+        """Top-K routing's choice, which needs no gradient: ``(sources, positions, keep)``, the flat positions of
+        the chosen sources' logits in ``logits`` (for :meth:`_chosen_weights`)."""
         with th.no_grad():
             given = self.graph.decode(route.stored) if route.stored is not None else None
             temperature = self.route_temperature[task_ids] if route.explore else None
-            on_host = self.uses_host_loops(logits)
-            sources, positions, keep = self.graph.top_routes(
-                logits.detach(), temperature, route.explore, given, route.resrouting, on_host
+            return self.graph.top_routes(
+                logits.detach(),
+                temperature,
+                route.explore,
+                given,
+                route.resrouting,
+                self.uses_host_loops(logits),
             )
-        if on_host and logits.dtype in (th.float32, th.float64):
+
+    def _chosen_weights(self, logits: th.Tensor, positions: th.Tensor) -> th.Tensor:
+        """Top-K routing's weights (MaskSoftmax of the chosen logits, differentiable)."""
+        if self.uses_host_loops(logits) and logits.dtype in (th.float32, th.float64):
             # The same weights as one compiled pass each way (a dozen small tensor operations otherwise).
-            return sources, _MaskSoftmaxFunction.apply(logits, positions, self.graph.slots_used_host), keep
-        return sources, self.mask_softmax(logits, positions), keep
+            return _MaskSoftmaxFunction.apply(logits, positions, self.graph.slots_used_host)
+        return self.mask_softmax(logits, positions)
 
     def mask_softmax(self, logits: th.Tensor, positions: th.Tensor) -> th.Tensor:
         """MaskSoftmax (Eqs. 5 and 8): the softmax of the un-tempered logits of the chosen sources only.
@@ -428,18 +443,36 @@ class RoutedNetwork(nn.Module):
             trained_rows=rows,
             input_region=input_region,
         )
-        trained = self.choose_routes(logits[:, :rows], task_ids, route)
-        frozen = self.choose_routes(logits[:, rows:], frozen_task_ids, frozen_route)
-        (sources, weights, keep), (frozen_sources, frozen_weights, frozen_keep) = trained, frozen
-        sources = th.cat([sources.expand_as(weights), frozen_sources.expand_as(frozen_weights)], 1)
+        if self.graph.routing == "topk":
+            # Each half's routes chosen in turn, then the weights of both as one MaskSoftmax over all the logits:
+            # its backward writes their gradient in one piece (two halves would be padded to the full logits and
+            # added).
+            (sources, positions, keep), (frozen_sources, frozen_positions, frozen_keep) = (
+                self._top_routes(logits[:, half], ids, request)
+                for half, ids, request in (
+                    (slice(None, rows), task_ids, route),
+                    (slice(rows, None), frozen_task_ids, frozen_route),
+                )
+            )
+            lead = logits.shape[:1]
+            positions = th.cat([p.expand(*lead, *p.shape[1:]) for p in (positions, frozen_positions)], 1)
+            weights = self._chosen_weights(logits, positions)
+            shapes = (weights[:, :rows].shape, weights[:, rows:].shape)
+        else:
+            (sources, weights, keep), (frozen_sources, frozen_weights, frozen_keep) = (
+                self.choose_routes(logits[:, :rows], task_ids, route),
+                self.choose_routes(logits[:, rows:], frozen_task_ids, frozen_route),
+            )
+            shapes = (weights.shape, frozen_weights.shape)
+            weights = th.cat([weights, frozen_weights], 1)
+        sources = th.cat([sources.expand(shapes[0]), frozen_sources.expand(shapes[1])], 1)
         if keep is not None or frozen_keep is not None:
             # A half without ResRouting keeps every source (plain gradients).
             keep, frozen_keep = (
-                k if k is not None else w.new_ones(w.shape, dtype=th.bool)
-                for k, w in ((keep, weights), (frozen_keep, frozen_weights))
+                k.expand(shape) if k is not None else weights.new_ones(shape, dtype=th.bool)
+                for k, shape in zip((keep, frozen_keep), shapes, strict=True)
             )
             keep = th.cat([keep, frozen_keep], 1)
-        weights = th.cat([weights, frozen_weights], 1)
         out = self._modules_and_head(x0, sources, weights, keep, False, compute_dtype, rows)
         return out[:, :rows], out[:, rows:]
 
