@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch as th
 
-from d2r_sb3.common import cpu_products
+from d2r_sb3.common import bias_relu, cpu_products
 from d2r_sb3.common.ensemble import EnsembleMLP, ensemble_linear, ensemble_lookup
+from d2r_sb3.common.host_loops import loop_threads
 
 
 def _plain(x: th.Tensor, weight: th.Tensor, bias: th.Tensor, relu: bool) -> th.Tensor:
@@ -215,3 +216,80 @@ def test_cpu_products_are_chosen_by_name_and_refuse_unknown_names(products, monk
         monkeypatch.setattr(products, "_amd_cpu", lambda amd=amd: amd)
         products._resolved = None
         assert products.uses_onednn(x32) == (amd and products._onednn_available())
+
+
+@pytest.fixture(params=[1, 2], ids=["1 thread", "2 threads"])
+def threads(request):
+    """torch (and so the compiled passes) on 1 or 2 threads for the test."""
+    before = th.get_num_threads()
+    if loop_threads(request.param) != request.param:
+        pytest.skip(f"numba's parallel loops cannot use {request.param} threads here")
+    th.set_num_threads(request.param)
+    yield request.param
+    th.set_num_threads(before)
+
+
+@pytest.mark.parametrize("dtype", [th.float32, th.float64])
+@pytest.mark.parametrize("shape", [(1, 5, 3), (2, 7, 19), (2, 300, 400)], ids=["small", "odd", "parallel"])
+def test_bias_relu_pass_equals_bias_add_and_relu(dtype, shape, threads):
+    """``add_bias_relu_`` (one compiled pass after a product without bias) gives ``relu(out + bias)`` member by
+    member, on one thread and split among two (the last shape is beyond the pass's parallel threshold)."""
+    gen = th.Generator().manual_seed(0)
+    members, rows, width = shape
+    out = th.randn(shape, generator=gen, dtype=dtype)
+    bias = th.randn(members, width, generator=gen, dtype=dtype)
+    expected = (out + bias.unsqueeze(1)).relu()
+    result = bias_relu.add_bias_relu_(out, bias)
+    assert result is out
+    assert th.equal(result, expected)
+
+
+def test_bias_relu_pass_keeps_nan_and_infinities_as_relu_does():
+    """A NaN stays NaN (a ``max(v, 0)`` would hide a diverging run from the NaN guard); -inf becomes 0."""
+    out = th.tensor([[[float("nan"), float("-inf"), float("inf"), -1.0, 2.0]]])
+    expected = out.relu()
+    bias_relu.add_bias_relu_(out, th.zeros(1, 5))
+    th.testing.assert_close(out, expected, equal_nan=True)
+    assert out[0, 0, 0].isnan()
+
+
+def test_bias_relu_pass_refuses_what_it_cannot_take():
+    with pytest.raises(ValueError, match=r"\[E, N\] bias"):
+        bias_relu.add_bias_relu_(th.zeros(2, 3, 4), th.zeros(2, 5))
+    with pytest.raises(ValueError, match="contiguous"):
+        bias_relu.add_bias_relu_(th.zeros(2, 4, 3).transpose(1, 2), th.zeros(2, 4))
+    assert bias_relu.applies(th.zeros(1)) and bias_relu.applies(th.zeros(1, dtype=th.float64))
+    assert not bias_relu.applies(th.zeros(1, dtype=th.bfloat16))
+
+
+@pytest.mark.parametrize("dtype", [th.float32, th.float64])
+def test_ensemble_linear_relu_takes_the_bias_relu_pass_on_a_cpu(dtype, monkeypatch):
+    """On a CPU, a float32 / float64 layer with a relu adds bias and relu in the compiled pass (same values as
+    ``baddbmm`` + ``relu`` to rounding, forward and backward)."""
+    gen = th.Generator().manual_seed(1)
+    x = th.randn(2, 33, 20, generator=gen, dtype=dtype, requires_grad=True)
+    weight = th.randn(2, 40, 20, generator=gen, dtype=dtype, requires_grad=True)
+    bias = th.randn(2, 40, generator=gen, dtype=dtype, requires_grad=True)
+    upstream = th.randn(2, 33, 40, generator=gen, dtype=dtype)
+    calls = []
+    monkeypatch.setattr(bias_relu, "_rows", _counting(bias_relu._rows, calls))
+    results = []
+    for compiled in (True, False):
+        monkeypatch.setattr(bias_relu, "applies", (lambda out: True) if compiled else (lambda out: False))
+        for leaf in (x, weight, bias):
+            leaf.grad = None
+        out = ensemble_linear(x, weight, bias, relu=True)
+        (out * upstream).sum().backward()
+        results.append((out.detach(), x.grad, weight.grad, bias.grad))
+    assert calls, "the compiled pass was not taken"
+    tolerance = dict(rtol=1e-5, atol=1e-5) if dtype == th.float32 else dict(rtol=1e-12, atol=1e-12)
+    for compiled_value, plain_value in zip(*results, strict=True):
+        th.testing.assert_close(compiled_value, plain_value, **tolerance)
+
+
+def _counting(function, calls):
+    def counted(*args):
+        calls.append(1)
+        return function(*args)
+
+    return counted

@@ -14,7 +14,7 @@ import torch as th
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from d2r_sb3.common import cpu_products
+from d2r_sb3.common import bias_relu, cpu_products
 from d2r_sb3.common.index_sums import sum_by_index
 
 OUTPUT_INIT_BOUND = 3e-3
@@ -47,6 +47,10 @@ def _linear(x: th.Tensor, weight: th.Tensor, bias: th.Tensor, relu: bool) -> th.
     """``relu?(x W^T + b)`` for every member (no autograd node of its own)."""
     if cpu_products.uses_onednn(x, x.shape[1] * weight.shape[1] * weight.shape[2]):
         return _members([_member_linear(x[e], weight[e], bias[e], relu) for e in range(len(weight))])
+    if relu and bias_relu.applies(x):
+        # The product without its bias, then bias and relu in one pass (instead of a bias copy under the product
+        # and a relu pass).
+        return bias_relu.add_bias_relu_(th.bmm(x, weight.transpose(1, 2)), bias)
     out = th.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2))
     return out.relu_() if relu else out
 
