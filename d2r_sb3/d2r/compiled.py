@@ -90,15 +90,16 @@ def skipping_layout(
     return slabs, complete, starts, entry_rows, entry_weights, entry_keep, grid_of_row, sample_of_row, trained
 
 
-# Branch-free where a branch would depend on whether a pair is reached: a coin flip to the branch predictor.
+# Branch-free where a branch would depend on whether a pair is reached: a coin flip to the branch predictor. Every
+# loop goes sample by sample (the routes' own order: each sample's arrays are contiguous) and node by node inside.
 
 
 @_jit
 def _reached(sources, is_input):  # pragma: no cover - compiled
-    """``[n + 1, E * B]``: whether each node is reached backward from the output node along the chosen edges.
+    """``[E * B, n + 1]``: whether each node is reached backward from the output node along the chosen edges.
     Every reader of node ``j`` comes after ``j``, so whether ``j`` is reached is settled when its turn comes."""
     n_samples, nodes, slots = sources.shape
-    by_sample = np.zeros((n_samples, nodes), dtype=np.uint8)  # (sample-major, as the routes)
+    by_sample = np.zeros((n_samples, nodes), dtype=np.uint8)
     for g in range(n_samples):
         by_sample[g, nodes - 1] = 1
         for node in range(nodes - 1, -1, -1):
@@ -106,32 +107,34 @@ def _reached(sources, is_input):  # pragma: no cover - compiled
                 here = by_sample[g, node]
                 for c in range(slots):
                     by_sample[g, sources[g, node, c]] |= here
-    return by_sample.T.copy()  # node-major from here on: the samples of a node are contiguous
+    return by_sample
 
 
 @_jit
 def _slabs(reached, ens, share, trained_rows):  # pragma: no cover - compiled
     """``(slabs [n + 1, E], complete [n + 1], starts [n + 2], trained [n + 1, E])`` of a layout (see
     :func:`skipping_layout`)."""
-    nodes, n_samples = reached.shape
+    n_samples, nodes = reached.shape
     batch = n_samples // ens
-    counts = np.zeros((nodes, ens), dtype=np.int64)
+    counts = np.zeros((ens, nodes), dtype=np.int64)
     trained = np.zeros((nodes, ens), dtype=np.int64)
-    for node in range(nodes):
-        for e in range(ens):
-            for b in range(batch):
-                counts[node, e] += reached[node, e * batch + b]
-            for b in range(min(batch, max(trained_rows, 0))):
-                trained[node, e] += reached[node, e * batch + b]
+    for e in range(ens):
+        for b in range(batch):
+            for node in range(nodes):
+                counts[e, node] += reached[e * batch + b, node]
+            if b + 1 == max(trained_rows, 0):
+                trained[:, e] = counts[e]
+    if trained_rows >= batch:
+        trained[:] = counts.T
     slabs = np.empty((nodes, ens), dtype=np.int64)
     complete = np.empty(nodes, dtype=np.bool_)
     starts = np.zeros(nodes + 1, dtype=np.int64)
     for node in range(nodes):
-        largest, smallest, total = counts[node].max(), counts[node].min(), counts[node].sum()
+        largest, smallest, total = counts[:, node].max(), counts[:, node].min(), counts[:, node].sum()
         complete[node] = smallest == batch
         padded = ens * largest - total <= share * ens * largest
         for e in range(ens):
-            slabs[node, e] = largest if padded else counts[node, e]
+            slabs[node, e] = largest if padded else counts[e, node]
         starts[node + 1] = starts[node] + slabs[node].sum()
     return slabs, complete, starts, trained
 
@@ -141,38 +144,37 @@ def _rows(sources, weights, keep, reached, ens, starts, slabs):  # pragma: no co
     """``(entry_rows, entry_weights, entry_keep, grid_of_row, sample_of_row)`` of a layout (see
     :func:`skipping_layout`).
 
-    Node by node: a sample's row comes after its member's reached samples before it (an unreached sample gets the
-    row before the next reached one's: never read). A row's sources are earlier nodes, whose rows are known by
-    then. An unreached pair writes its values to a spare last row, dropped at the end. Padding rows: one past the
-    grid, sample 0, source row 0, weight 0, not kept.
+    A sample's row in a node's block comes after the rows of its member's reached samples before it (an unreached
+    sample has the row before the next reached one's: never read). Going sample by sample, ``at[node]`` is the
+    current sample's row in every node; its sources are earlier nodes, whose rows for it are known by then. An
+    unreached pair writes its values to a spare last row, dropped at the end. Padding rows: one past the grid,
+    sample 0, source row 0, weight 0, not kept.
     """
     n_samples, nodes, slots = sources.shape
     batch = n_samples // ens
     n_rows = starts[nodes]
     has_keep = keep.shape[0] > 0
-    row_of = np.empty((nodes, n_samples), dtype=np.int64)
     grid_of_row = np.full(n_rows + 1, n_samples * nodes, dtype=np.int64)
     sample_of_row = np.zeros(n_rows + 1, dtype=np.int64)
     entry_rows = np.zeros((n_rows + 1, slots), dtype=np.int64)
     entry_weights = np.zeros((n_rows + 1, slots), dtype=weights.dtype)
     entry_keep = np.zeros((n_rows + 1 if has_keep else 0, slots), dtype=np.bool_)
-    for node in range(nodes):
-        row = starts[node]
-        for e in range(ens):
-            at = row - 1
-            for b in range(batch):
-                g = e * batch + b
-                here = reached[node, g]
-                at += here
-                row_of[node, g] = at
-                target = at if here else n_rows
+    slab_start = starts[:nodes].copy()  # every node's slab of the current member
+    for e in range(ens):
+        at = slab_start - 1
+        slab_start += slabs[:, e]
+        for b in range(batch):
+            g = e * batch + b
+            for node in range(nodes):
+                here = reached[g, node]
+                at[node] += here
+                target = at[node] if here else n_rows
                 grid_of_row[target], sample_of_row[target] = g * nodes + node, g
                 for c in range(slots):
-                    entry_rows[target, c] = row_of[sources[g, node, c], g]
+                    entry_rows[target, c] = at[sources[g, node, c]]
                     entry_weights[target, c] = weights[g, node, c]
                     if has_keep:
                         entry_keep[target, c] = keep[g, node, c]
-            row += slabs[node, e]
     return (
         entry_rows[:n_rows],
         entry_weights[:n_rows],
