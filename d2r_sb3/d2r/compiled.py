@@ -543,7 +543,8 @@ def pull_through_relu(table, rows, offsets, weights, hidden, grad_pre, total, al
     Row ``g`` of the module has ``bags = len(offsets) // len(hidden)`` bags of table rows (``rows[k]`` weighted
     by ``weights[k]``, bag ``j`` from ``offsets[j]`` to the next bag's start): the first sums to ``gF_g``, the
     second (with ResRouting) to ``gT_g``. Writes ``grad_pre[g] = gF_g`` where ``hidden[g] > 0``, else 0, and
-    ``total[g] = gT_g`` (``gF_g`` with one bag), also to ``also[g]`` unless ``also`` has no rows.
+    ``total[g] = gT_g`` (``gF_g`` with one bag), also to ``also[g]`` unless ``also`` has no rows. With ``total``
+    of no rows (an input module, which has no shortcut), only ``grad_pre`` is computed.
     """
     if threads > 1:
         _pull_in_parts(threads, table, rows, offsets, weights, hidden, grad_pre, total, also)
@@ -566,9 +567,9 @@ def _pull_rows(table, rows, offsets, weights, hidden, grad_pre, total, also, fir
     n, dim = hidden.shape
     bags = offsets.shape[0] // n
     acc = np.empty(dim, dtype=table.dtype)
-    has_also = also.shape[0] > 0
+    has_total, has_also = total.shape[0] > 0, also.shape[0] > 0
     for g in range(first, end):
-        for half in range(bags):
+        for half in range(bags if has_total else 1):
             bag = g * bags + half
             hi = offsets[bag + 1] if bag + 1 < offsets.shape[0] else rows.shape[0]
             for d in range(dim):
@@ -581,7 +582,7 @@ def _pull_rows(table, rows, offsets, weights, hidden, grad_pre, total, also, fir
                 out, mask = grad_pre[g], hidden[g]
                 for d in range(dim):
                     out[d] = acc[d] if mask[d] > 0 else 0
-            if half == bags - 1:
+            if half == bags - 1 and has_total:
                 out = total[g]
                 for d in range(dim):
                     out[d] = acc[d]

@@ -272,6 +272,12 @@ class _EdgeGraph:
         """Send the gradient of a node's rows (its table rows, complete now) to their sources."""
         raise NotImplementedError
 
+    def pull_input(self, table: th.Tensor, module: int, output: th.Tensor) -> th.Tensor:
+        """An input module's gradient from the nodes that read it, through its relu: ``gF`` where its output
+        ``o = relu(.)`` is positive, else 0 (``[rows, D]``; an input module has no shortcut, so no ``gT``)."""
+        grad_full, _ = self.pull(table, module)
+        return th.ops.aten.threshold_backward(grad_full, output, 0)
+
     def pull_hidden(
         self,
         table: th.Tensor,
@@ -376,6 +382,25 @@ class _PullGraph(_EdgeGraph):
             self.threads,
         )
         return grad_pre, node_out
+
+    def pull_input(self, table: th.Tensor, module: int, output: th.Tensor) -> th.Tensor:
+        """:meth:`_EdgeGraph.pull_input` as one compiled pass (the first bag only: no shortcut gradient)."""
+        if not self.threads:
+            return super().pull_input(table, module, output)
+        grad_pre = th.empty_like(output)
+        no_rows = output[:0].numpy()
+        compiled.pull_through_relu(
+            table.numpy(),
+            self.rows[module].numpy(),
+            self.offsets[module].numpy(),
+            self.weights[module].numpy(),
+            output.numpy(),
+            grad_pre.numpy(),
+            no_rows,
+            no_rows,
+            self.threads,
+        )
+        return grad_pre
 
     def pull(self, table: th.Tensor, module: int) -> tuple[th.Tensor, th.Tensor | None]:
         """``(gF_j, gT_j)`` of ``module``'s rows, each ``[rows, D]`` (``gT_j`` is ``None`` without ResRouting)."""
@@ -625,10 +650,8 @@ class RoutedBlockFunction(th.autograd.Function):
                             grads[k].zero_()
                 continue
             if plan.is_input[node]:
-                grad_full, _ = graph.pull(flat_table, node)
                 grad_x0 = _input_module_backward(
-                    grad_full,
-                    node_outputs[node],
+                    graph.pull_input(flat_table, node, node_outputs[node]),
                     x0,
                     layout,
                     node,
@@ -689,8 +712,7 @@ def _start_output_gradient(
 
 
 def _input_module_backward(
-    grad_full: th.Tensor,
-    output: th.Tensor,
+    grad_pre: th.Tensor,
     x0: th.Tensor,
     layout: RowLayout,
     node: int,
@@ -701,18 +723,17 @@ def _input_module_backward(
     need_x0: bool,
 ) -> th.Tensor | None:
     """Backward of input module ``node`` (``o = relu(M(x0))``, output ``[rows, D]``, ``weight [E, D, Din]``) from
-    its gradient ``gF`` ``[rows, D]``: writes its weight and bias gradients (``[E, D, Din]`` and ``[E, D]``) and adds
-    its share of ``dL/dx0`` (those requested).
+    its gradient before the relu ``[rows, D]`` (:meth:`_EdgeGraph.pull_input`): writes its weight and bias gradients
+    (``[E, D, Din]`` and ``[E, D]``) and adds its share of ``dL/dx0`` (those requested).
 
     :param grad_x0: ``dL/dx0`` so far (``None`` before the first input module's share).
     :param need_x0: whether ``dL/dx0`` is wanted.
     :return: ``dL/dx0`` with this module's share (a new tensor for the first share: no zero fill), or ``None``
         when it is not wanted.
 
-    ``rsg(o_1) = sg(o_1)``: the masked edges' gradient stops here. The relu mask comes from ``o = relu(.)``.
+    ``rsg(o_1) = sg(o_1)``: the masked edges' gradient stops here.
     """
     members = layout.member_sizes[node]
-    grad_pre = th.ops.aten.threshold_backward(grad_full, output, 0)
     if grad_weight is not None or grad_bias is not None:
         x = _input_rows(x0, layout, node)
         _member_weight_gradients(grad_pre, x, members, grad_weight, grad_bias, layout.trained(node))
