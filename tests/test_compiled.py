@@ -89,8 +89,9 @@ def reference_layout(
 
 
 def reference_edge_bags(layout: RowLayout, plan: BlockPlan, reader: np.ndarray) -> tuple[np.ndarray, ...]:
-    """The pull graph's entry rows, weights and bag starts ``[sources, bags]`` as numpy array operations (the
-    former implementation: a stable sort of the edges by source row)."""
+    """The pull graph's entry rows, weights, bag starts ``[sources, bags]`` and the grid positions of the last
+    bag's entries (-1 elsewhere) as numpy array operations (the former implementation: a stable sort of the edges by
+    source row)."""
     n_sources = layout.starts[len(plan.is_input)]
     slots = layout.entry_rows.shape[-1]
     source = host_array(layout.entry_rows)[reader].reshape(-1)
@@ -100,8 +101,9 @@ def reference_edge_bags(layout: RowLayout, plan: BlockPlan, reader: np.ndarray) 
     starts = np.cumsum(counts) - counts
     main_row = np.repeat(reader, slots)[order]
     p = host_array(layout.entry_weights)[reader].reshape(-1)
+    grid = (host_array(layout.grid_of_row)[reader][:, None] * slots + np.arange(slots)).reshape(-1)[order]
     if layout.entry_keep is None:
-        return main_row, p[order], starts.reshape(-1, 1)
+        return main_row, p[order], starts.reshape(-1, 1), grid
     kept = host_array(layout.entry_keep)[reader].reshape(-1)
     if not plan.masked_shortcut:
         full_rows, full_weights = np.where(kept[order], main_row, main_row + layout.n_rows), p
@@ -114,7 +116,10 @@ def reference_edge_bags(layout: RowLayout, plan: BlockPlan, reader: np.ndarray) 
     rows[at_f], rows[at_t] = full_rows, main_row
     picked = np.empty(2 * n_edges, dtype=np.int64)
     picked[at_f], picked[at_t] = order, order + n_edges
-    return rows, np.concatenate([full_weights, p])[picked], np.stack([2 * starts, 2 * starts + counts], -1)
+    grid_slots = np.full(2 * n_edges, -1)
+    grid_slots[at_t] = grid
+    bag_starts = np.stack([2 * starts, 2 * starts + counts], -1)
+    return rows, np.concatenate([full_weights, p])[picked], bag_starts, grid_slots
 
 
 def random_routes(seed: int) -> tuple:
@@ -158,7 +163,8 @@ def test_the_compiled_layout_is_the_array_versions(seed, dtype):
 @pytest.mark.parametrize("dtype", [th.float32, th.bfloat16])
 @pytest.mark.parametrize("seed", range(30))
 def test_the_compiled_edge_bags_are_the_array_versions(seed, dtype, masked_shortcut):
-    """Both layouts (skipping and dense), with and without ResRouting, both shortcuts."""
+    """Both layouts (skipping and dense), with and without ResRouting, both shortcuts; the entries, bags and the
+    routing-weight grid positions the pulls write their dot products to."""
     sources, weights, keep, is_input, _ = random_routes(seed)
     n = len(is_input)
     plan = BlockPlan(is_input, tuple(range(n)), masked_shortcut)
@@ -166,13 +172,14 @@ def test_the_compiled_edge_bags_are_the_array_versions(seed, dtype, masked_short
     layout = build_row_layout(sources, weights.to(dtype), keep_tensor, is_input, bool(seed % 2), dtype)
     _, reader = _routed_rows(layout, plan, th.device("cpu"))
     graph = _PullGraph(layout, plan, reader)
-    rows, entry_weights, starts = reference_edge_bags(layout, plan, reader)
+    rows, entry_weights, starts, grid_slots = reference_edge_bags(layout, plan, reader)
     segment = np.append(starts[:, 0], len(rows))[layout.starts[: n + 1]]
     sizes = np.diff(segment).tolist()
     assert graph.pairs == starts.shape[1]
     assert [len(part) for part in graph.rows] == sizes
     assert np.array_equal(th.cat(graph.rows).numpy(), rows)
     assert np.array_equal(host_array(th.cat(graph.weights)), entry_weights)
+    assert np.array_equal(np.concatenate(graph.grid_slots), grid_slots)
     offsets = starts - np.repeat(segment[:-1], layout.block_sizes()[:n])[:, None]
     assert np.array_equal(th.cat(graph.offsets).numpy(), offsets.reshape(-1))
 

@@ -12,10 +12,10 @@ layout and backward edge lists of every routed-block call.
   (:class:`~d2r_sb3.d2r.routed_block._PullGraph`). As numpy array operations it took two to three dozen passes
   over memory and as many calls a routed-block call, about 5 % of a gradient step at batch 320 and 8 % at batch
   1280 on two threads (where it runs on one thread while the other waits); as loops it is one or two passes.
-* **Memory-bound passes** (:func:`gate_inputs`, :func:`pull_through_relu`, :func:`routing_dots`): the modules'
-  and the gate's inputs ``relu(f_pre)`` and ``H(task) * f_pre`` are one pass each way, a hidden module's pulled
-  gradients, relu mask and shortcut copy are one pass, and (on one thread only; on more, torch's kernel was as
-  fast) the routing weights' gradient is one loop of dot products straight into its grid.
+* **Memory-bound passes** (:func:`gate_inputs`, :func:`pull_through_relu`): the modules' and the gate's inputs
+  ``relu(f_pre)`` and ``H(task) * f_pre`` are one pass each way, and a module's pulled gradients, relu mask and
+  shortcut copy are one pass, which also takes the routing weights' gradient of the edges it loads (one dot
+  product per edge, straight into its grid).
 * **Threads** (:func:`loop_threads`): with torch on more than one thread, the route choice, MaskSoftmax, the gate
   inputs and the gradient pull split their rows among numba's OpenMP thread pool (``parallel=True``: a serial
   kernel over a range of rows, and a driver that runs one range per thread). Where the pool is not OpenMP, the
@@ -49,7 +49,6 @@ __all__ = [
     "gate_inputs_backward",
     "loop_threads",
     "pull_through_relu",
-    "routing_dots",
     "skipping_layout",
     "top_routes",
 ]
@@ -185,7 +184,9 @@ def _rows(sources, weights, keep, reached, ens, starts, slabs):  # pragma: no co
 
 
 @_jit
-def edge_bags(entry_rows, entry_weights, entry_keep, readers, n_sources, n_rows, mode):  # pragma: no cover
+def edge_bags(
+    entry_rows, entry_weights, entry_keep, readers, n_sources, n_rows, mode, grid_of_row
+):  # pragma: no cover
     """The edges of the routed rows ``readers`` grouped into bags by source row, for the pulling backward pass.
 
     Each edge ``(reader row r, slot c)`` goes from row ``entry_rows[r, c]`` to ``r`` with weight
@@ -196,8 +197,10 @@ def edge_bags(entry_rows, entry_weights, entry_keep, readers, n_sources, n_rows,
     :param mode: ``ONE_BAG``: one bag per source row (no ResRouting); ``FULL_SHORTCUT``: two bags, ``F`` then
         ``T``, where ``F`` reads the reader's row if kept, else its ``gS`` row; ``MASKED_SHORTCUT``: two bags, ``F``
         with weight 0 where not kept. ``T`` reads the reader's row with the edge's weight.
-    :return: ``(rows, weights, bag_starts [n_sources, bags per row])``: each entry's table row and weight, and the
-        first entry of every bag.
+    :param grid_of_row: each row's position in the routing weights' grid (:class:`~.row_layout.RowLayout`).
+    :return: ``(rows, weights, bag_starts [n_sources, bags per row], grid_slots)``: each entry's table row and
+        weight, the first entry of every bag, and for the entries of a row's last bag (which reads the reader's
+        row) the edge's position ``grid_of_row[r] * C + c`` in the flat grid of routing weights (-1 elsewhere).
     """
     slots = entry_rows.shape[1]
     pairs = 1 if mode == ONE_BAG else 2
@@ -215,6 +218,7 @@ def edge_bags(entry_rows, entry_weights, entry_keep, readers, n_sources, n_rows,
         first += counts[s]
     rows = np.empty(pairs * first, dtype=np.int64)
     weights = np.empty(pairs * first, dtype=entry_weights.dtype)
+    grid_slots = np.full(pairs * first, -1, dtype=np.int64)
     for r in readers:
         for c in range(slots):
             s = entry_rows[r, c]
@@ -222,15 +226,16 @@ def edge_bags(entry_rows, entry_weights, entry_keep, readers, n_sources, n_rows,
             k = at[s]
             at[s] = k + 1
             if mode == ONE_BAG:
-                rows[k], weights[k] = r, p
+                rows[k], weights[k], grid_slots[k] = r, p, grid_of_row[r] * slots + c
                 continue
             kept = entry_keep[r, c]
             if mode == FULL_SHORTCUT:
                 rows[k], weights[k] = (r if kept else r + n_rows), p
             else:
                 rows[k], weights[k] = r, (p if kept else 0)
-            rows[k + counts[s]], weights[k + counts[s]] = r, p
-    return rows, weights, bag_starts
+            t = k + counts[s]
+            rows[t], weights[t], grid_slots[t] = r, p, grid_of_row[r] * slots + c
+    return rows, weights, bag_starts, grid_slots
 
 
 def top_routes(
@@ -536,40 +541,71 @@ def _softmax_grad_rows(grad, weights, positions, used, out, first, end):  # prag
                 out[e, b, positions[e, b, node, s]] += w * (grad[e, b, node, s] - mean)
 
 
-def pull_through_relu(table, rows, offsets, weights, hidden, grad_pre, total, also, threads=1):
-    """A hidden module's pulled gradients and its relu backward in one pass (see ``_PullGraph``), its rows split
-    among ``threads`` threads (:func:`loop_threads`).
+def pull_through_relu(
+    table, rows, offsets, weights, hidden, grad_pre, total, also, outputs, grid_slots, grid, threads=1
+):
+    """A module's pulled gradients and its relu backward in one pass (see ``_PullGraph``), its rows split
+    among ``threads`` threads (:func:`loop_threads`); with a ``grid``, also the routing weights' gradient of
+    every edge that leaves the module.
 
     Row ``g`` of the module has ``bags = len(offsets) // len(hidden)`` bags of table rows (``rows[k]`` weighted
     by ``weights[k]``, bag ``j`` from ``offsets[j]`` to the next bag's start): the first sums to ``gF_g``, the
     second (with ResRouting) to ``gT_g``. Writes ``grad_pre[g] = gF_g`` where ``hidden[g] > 0``, else 0, and
     ``total[g] = gT_g`` (``gF_g`` with one bag), also to ``also[g]`` unless ``also`` has no rows. With ``total``
-    of no rows (an input module, which has no shortcut), only ``grad_pre`` is computed.
+    of no rows (an input module, which has no shortcut), ``gT`` is not written.
+
+    The last bag of row ``g`` reads, for every edge from ``g`` to a reader row, that reader's gradient ``A``; the
+    routing weight's gradient of the edge is ``<o_g, A>`` (``o = outputs[g]``, the module's output). Unless
+    ``grid`` (flat, float) has no entries, each is written to ``grid[grid_slots[k]]``, taken while the rows are
+    loaded for the bag.
     """
     if threads > 1:
-        _pull_in_parts(threads, table, rows, offsets, weights, hidden, grad_pre, total, also)
+        _pull_in_parts(
+            threads, table, rows, offsets, weights, hidden, grad_pre, total, also, outputs, grid_slots, grid
+        )
     else:
-        _pull_rows(table, rows, offsets, weights, hidden, grad_pre, total, also, 0, hidden.shape[0])
+        _pull_rows(
+            table,
+            rows,
+            offsets,
+            weights,
+            hidden,
+            grad_pre,
+            total,
+            also,
+            outputs,
+            grid_slots,
+            grid,
+            0,
+            len(hidden),
+        )
 
 
 @_jit(parallel=True)
-def _pull_in_parts(threads, table, rows, offsets, weights, hidden, grad_pre, total, also):  # pragma: no cover
+def _pull_in_parts(
+    threads, table, rows, offsets, weights, hidden, grad_pre, total, also, outputs, grid_slots, grid
+):  # pragma: no cover
     n = hidden.shape[0]
     for part in numba.prange(threads):
         lo, hi = _part(part, threads, n), _part(part + 1, threads, n)
-        _pull_rows(table, rows, offsets, weights, hidden, grad_pre, total, also, lo, hi)
+        _pull_rows(
+            table, rows, offsets, weights, hidden, grad_pre, total, also, outputs, grid_slots, grid, lo, hi
+        )
 
 
 @_jit(fastmath={"contract"})
-def _pull_rows(table, rows, offsets, weights, hidden, grad_pre, total, also, first, end):  # pragma: no cover
+def _pull_rows(
+    table, rows, offsets, weights, hidden, grad_pre, total, also, outputs, grid_slots, grid, first, end
+):  # pragma: no cover
     """:func:`pull_through_relu` for the module's rows ``first ... end - 1`` (every write an explicit loop over
     one row of one array: 10 % faster than slice assignments here)."""
     n, dim = hidden.shape
     bags = offsets.shape[0] // n
     acc = np.empty(dim, dtype=table.dtype)
-    has_total, has_also = total.shape[0] > 0, also.shape[0] > 0
+    has_total, has_also, dots = total.shape[0] > 0, also.shape[0] > 0, grid.shape[0] > 0
+    last = bags - 1 if has_total or dots else 0  # (the last bag is needed for gT or for the dots)
     for g in range(first, end):
-        for half in range(bags if has_total else 1):
+        for half in range(last + 1):
             bag = g * bags + half
             hi = offsets[bag + 1] if bag + 1 < offsets.shape[0] else rows.shape[0]
             for d in range(dim):
@@ -578,37 +614,31 @@ def _pull_rows(table, rows, offsets, weights, hidden, grad_pre, total, also, fir
                 w, src = weights[k], table[rows[k]]
                 for d in range(dim):
                     acc[d] += w * src[d]
+                if dots and half == bags - 1:
+                    grid[grid_slots[k]] = _dot(outputs[g], src)
             if half == 0:
                 out, mask = grad_pre[g], hidden[g]
                 for d in range(dim):
                     out[d] = acc[d] if mask[d] > 0 else 0
             if half == bags - 1 and has_total:
-                out = total[g]
-                for d in range(dim):
-                    out[d] = acc[d]
+                _copy_row(total[g], acc)
                 if has_also:
-                    out = also[g]
-                    for d in range(dim):
-                        out[d] = acc[d]
+                    _copy_row(also[g], acc)
+
+
+@_jit
+def _copy_row(out, values):  # pragma: no cover - compiled
+    for d in range(values.shape[0]):
+        out[d] = values[d]
 
 
 @_jit(fastmath={"reassoc", "contract"})
-def routing_dots(outputs, grads, entry_rows, readers, grid_of_row, grid_rows):  # pragma: no cover - compiled
-    """The routing weights' gradient ``[grid_rows, slots]``: for every slot ``c`` of every reader row ``r``, the
-    dot product of its source row's output and its gradient, ``<outputs[entry_rows[r, c]], grads[r]>``, at grid
-    row ``grid_of_row[r]``; 0 for the grid rows no reader has (sums reassociated so that they vectorise)."""
-    slots, dim = entry_rows.shape[1], outputs.shape[1]
-    grid = np.zeros((grid_rows + 1, slots), dtype=outputs.dtype)  # (the last row takes the padding rows)
-    zero = grid[0, 0]
-    for r in readers:
-        q, mine = grid_of_row[r], grads[r]
-        for c in range(slots):
-            source = outputs[entry_rows[r, c]]
-            total = zero
-            for d in range(dim):
-                total += source[d] * mine[d]
-            grid[q, c] = total
-    return grid[:grid_rows]
+def _dot(a, b):  # pragma: no cover - compiled
+    """``<a, b>`` of two rows, the sum reassociated so that it vectorises ."""
+    total = a[0] * 0
+    for d in range(a.shape[0]):
+        total += a[d] * b[d]
+    return total
 
 
 def gate_inputs(f_pre, index, weight, bias, threads=1):

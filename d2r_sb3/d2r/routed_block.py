@@ -272,6 +272,19 @@ class _EdgeGraph:
         """Send the gradient of a node's rows (its table rows, complete now) to their sources."""
         raise NotImplementedError
 
+    def takes_routing_dots(self) -> bool:
+        """Whether the pulls can also take the routing weights' gradient (:meth:`start_routing_dots`)."""
+        return False
+
+    def start_routing_dots(self, grid_rows: int, like: th.Tensor) -> None:
+        """Have the following pulls also write the routing weights' gradient of the edges leaving each module
+        (:meth:`routing_dots`); only where :meth:`takes_routing_dots`."""
+        raise NotImplementedError
+
+    def routing_dots(self) -> th.Tensor:
+        """The routing weights' gradient ``[grid_rows, C]`` the pulls wrote since :meth:`start_routing_dots`."""
+        raise NotImplementedError
+
     def pull_input(self, table: th.Tensor, module: int, output: th.Tensor) -> th.Tensor:
         """An input module's gradient from the nodes that read it, through its relu: ``gF`` where its output
         ``o = relu(.)`` is positive, else 0 (``[rows, D]``; an input module has no shortcut, so no ``gT``)."""
@@ -285,12 +298,14 @@ class _EdgeGraph:
         hidden: th.Tensor,
         shortcut_out: th.Tensor | None,
         node_out: th.Tensor,
+        output: th.Tensor | None = None,
     ) -> tuple[th.Tensor, th.Tensor]:
         """A hidden module's gradients from the nodes that read it, through its relu: ``(grad_pre, gT)``, each
         ``[rows, D]``: ``gF`` where the saved relu output ``hidden`` is positive (else 0), and the shortcut's
         gradient ``gT`` (``gF`` without ResRouting), also written to ``shortcut_out`` (its table rows ``gS``, with
         the "full" shortcut and ResRouting) when given. ``node_out``, the module's table rows (written afterwards
-        by :func:`_hidden_module_backward`), may hold ``gT`` on return; if it does, it is the ``gT`` returned."""
+        by :func:`_hidden_module_backward`), may hold ``gT`` on return; if it does, it is the ``gT`` returned.
+        ``output``: the module's output rows ``o`` (for :meth:`start_routing_dots`)."""
         grad_full, grad_total = self.pull(table, module)
         grad_pre = th.ops.aten.threshold_backward(grad_full, hidden, 0)
         if grad_total is None:  # no ResRouting: the shortcut gets gF
@@ -329,7 +344,7 @@ class _PullGraph(_EdgeGraph):
         self.pairs = 1 if keep is None else 2  # bags per row
         # Index work on a few thousand edges: one compiled pass on the host (the routing weights travel as their
         # bits, bfloat16 too). A row's edges keep their reader order: deterministic sums.
-        rows, entry_weights, starts = compiled.edge_bags(
+        rows, entry_weights, starts, grid_slots = compiled.edge_bags(
             host_array(layout.entry_rows),
             host_array(layout.entry_weights),
             host_array(keep) if keep is not None else np.zeros((0, 0), dtype=np.bool_),
@@ -337,11 +352,15 @@ class _PullGraph(_EdgeGraph):
             n_sources,
             layout.n_rows,
             compiled.bag_mode(keep is not None, plan.masked_shortcut),
+            host_array(layout.grid_of_row),
         )
         segment = np.append(starts[:, 0], len(rows))[layout.starts[: n + 1]]  # entry range of each module
         sizes = np.diff(segment).tolist()
         device = layout.entry_rows.device
         self.rows = th.from_numpy(rows).to(device).split(sizes)
+        self.grid_slots = np.split(grid_slots, segment[1:-1] - segment[0])
+        self.slots = layout.entry_rows.shape[-1]
+        self.dots: np.ndarray | None = None  # the routing weights' gradient, flat, while the pulls write it
         self.weights = from_host(entry_weights, layout.entry_weights).split(sizes)
         # Bag offsets of every module, relative to its first entry, all computed at once.
         row_counts = layout.block_sizes()[:n]
@@ -353,6 +372,51 @@ class _PullGraph(_EdgeGraph):
     def push(self, table: th.Tensor, rows: slice) -> None:
         """Nothing to do: sources pull their gradient when their turn comes."""
 
+    def takes_routing_dots(self) -> bool:
+        """:meth:`_EdgeGraph.takes_routing_dots`: on the compiled path, whose pulls load every reader's row anyway
+        (the dots of :func:`_routing_weight_gradient` without a second gather of those rows)."""
+        return self.threads > 0
+
+    def start_routing_dots(self, grid_rows: int, like: th.Tensor) -> None:
+        # (the last row takes the padding rows, as in _routing_weight_gradient)
+        self.dots = np.zeros((grid_rows + 1) * self.slots, dtype=host_array(like[:0]).dtype)
+
+    def routing_dots(self) -> th.Tensor:
+        assert self.dots is not None
+        return th.from_numpy(self.dots).view(-1, self.slots)[:-1]
+
+    def _compiled_pull(
+        self,
+        table: th.Tensor,
+        module: int,
+        mask: th.Tensor,
+        grad_pre: th.Tensor,
+        total: th.Tensor,
+        also: th.Tensor,
+        output: th.Tensor | None,
+    ) -> None:
+        """:func:`~d2r_sb3.d2r.compiled.pull_through_relu` for ``module``'s rows (the routing dots too, once
+        started and given the module's ``output``)."""
+        table_np = table.numpy()
+        if self.dots is not None and output is not None:
+            outputs, dots = output.numpy(), self.dots
+        else:  # (no rows, no entries: nothing taken)
+            outputs, dots = mask[:0].numpy(), np.zeros(0, dtype=table_np.dtype)
+        compiled.pull_through_relu(
+            table_np,
+            self.rows[module].numpy(),
+            self.offsets[module].numpy(),
+            self.weights[module].numpy(),
+            mask.numpy(),
+            grad_pre.numpy(),
+            total.numpy(),
+            also.numpy(),
+            outputs,
+            self.grid_slots[module],
+            dots,
+            self.threads,
+        )
+
     def pull_hidden(
         self,
         table: th.Tensor,
@@ -360,6 +424,7 @@ class _PullGraph(_EdgeGraph):
         hidden: th.Tensor,
         shortcut_out: th.Tensor | None,
         node_out: th.Tensor,
+        output: th.Tensor | None = None,
     ) -> tuple[th.Tensor, th.Tensor]:
         """:meth:`_EdgeGraph.pull_hidden` (same values) as one compiled pass on torch's threads
         (:func:`~d2r_sb3.d2r.compiled.pull_through_relu`, :func:`compiled_pass_threads`): the bags, the relu
@@ -370,17 +435,8 @@ class _PullGraph(_EdgeGraph):
         if not self.threads:
             return super().pull_hidden(table, module, hidden, shortcut_out, node_out)
         grad_pre = th.empty_like(hidden)
-        compiled.pull_through_relu(
-            table.numpy(),
-            self.rows[module].numpy(),
-            self.offsets[module].numpy(),
-            self.weights[module].numpy(),
-            hidden.numpy(),
-            grad_pre.numpy(),
-            node_out.numpy(),
-            (shortcut_out if shortcut_out is not None else node_out[:0]).numpy(),
-            self.threads,
-        )
+        also = shortcut_out if shortcut_out is not None else node_out[:0]
+        self._compiled_pull(table, module, hidden, grad_pre, node_out, also, output)
         return grad_pre, node_out
 
     def pull_input(self, table: th.Tensor, module: int, output: th.Tensor) -> th.Tensor:
@@ -388,18 +444,7 @@ class _PullGraph(_EdgeGraph):
         if not self.threads:
             return super().pull_input(table, module, output)
         grad_pre = th.empty_like(output)
-        no_rows = output[:0].numpy()
-        compiled.pull_through_relu(
-            table.numpy(),
-            self.rows[module].numpy(),
-            self.offsets[module].numpy(),
-            self.weights[module].numpy(),
-            output.numpy(),
-            grad_pre.numpy(),
-            no_rows,
-            no_rows,
-            self.threads,
-        )
+        self._compiled_pull(table, module, output, grad_pre, output[:0], output[:0], output)
         return grad_pre
 
     def pull(self, table: th.Tensor, module: int) -> tuple[th.Tensor, th.Tensor | None]:
@@ -619,6 +664,10 @@ class RoutedBlockFunction(th.autograd.Function):
         graph = workspace.gradient_graph(layout, routed_index, grad_y)
         most_rows = ens * layout.batch * len(layout.member_sizes)  # every node for every sample
         table = workspace.take_scratch(2 if graph.two_sided else 1, layout.n_rows, grad_y, most_rows)
+        grid_rows = (n + 1) * ens * layout.batch
+        dots_in_pulls = need_p and graph.takes_routing_dots()
+        if dots_in_pulls:
+            graph.start_routing_dots(grid_rows, outputs)
         _start_output_gradient(table, graph, grad_y, layout.node_rows(n))
         flat_table = table.view(-1, dim)
         grad_x0: th.Tensor | None = None  # written by the first input module that runs (no zero fill)
@@ -668,6 +717,7 @@ class RoutedBlockFunction(th.autograd.Function):
                 hidden[k],
                 node_shortcut_grads[node] if node_shortcut_grads is not None else None,
                 node_grads[node],
+                node_outputs[node],
             )
             _hidden_module_backward(
                 grad_pre,
@@ -683,14 +733,10 @@ class RoutedBlockFunction(th.autograd.Function):
             graph.push(table, layout.node_rows(node))
 
         grad_p = None
-        if need_p:
-            # (the pulling strategy syncs with the host anyway: it may compute the dots there; on more threads
-            # a parallel loop was no faster than torch's kernel)
-            on_host = isinstance(graph, _PullGraph) and graph.threads == 1
-            grad_p = _routing_weight_gradient(
-                outputs, table[0], layout, routed, routed_index if on_host else None, n
-            )
-            grad_p = grad_p.to(ctx.weights_dtype)
+        if dots_in_pulls:
+            grad_p = graph.routing_dots().view(ens, layout.batch, n + 1, -1).to(ctx.weights_dtype)
+        elif need_p:
+            grad_p = _routing_weight_gradient(outputs, table[0], layout, routed, n).to(ctx.weights_dtype)
         workspace.give_back_scratch(table)
         if need_x0 and grad_x0 is None:  # (no input module reached: not possible with a route, but exact)
             grad_x0 = th.zeros_like(x0)
@@ -774,33 +820,16 @@ def _hidden_module_backward(
 
 
 def _routing_weight_gradient(
-    outputs: th.Tensor,
-    grad_rows: th.Tensor,
-    layout: RowLayout,
-    routed: slice | th.Tensor,
-    routed_index: np.ndarray | None,
-    n: int,
+    outputs: th.Tensor, grad_rows: th.Tensor, layout: RowLayout, routed: slice | th.Tensor, n: int
 ) -> th.Tensor:
     """``dL/dp[e, b, i, c] = <o_src, A_i>`` for every node and slot (``o``, its masked view and ``rsg(o)`` agree
     in value), ``[E, B, n + 1, C]``; 0 for input nodes and for nodes a sample does not reach.
 
     The dot products are those of the ``per_sample_weights`` gradient of the forward pass's bags (``u_i = sum_c
-    p_c o_src``) with ``A_i`` in place of ``dL/du_i``: one fused gather-and-dot, nothing materialised. Given
-    the routed rows' host index ``routed_index`` (pulling backward, one thread), one compiled loop computes them
-    straight into the grid instead (:func:`~d2r_sb3.d2r.compiled.routing_dots`: 1.25 against 1.83 ms a step at
-    batch 320); with more threads torch's kernel, which uses them all, is as fast as a parallel loop.
+    p_c o_src``) with ``A_i`` in place of ``dL/du_i``: one fused gather-and-dot, nothing materialised. (The
+    compiled pulls take them on their way instead: :meth:`_EdgeGraph.start_routing_dots`.)
     """
     grid_rows = (n + 1) * layout.ens * layout.batch
-    if routed_index is not None:
-        grid_np = compiled.routing_dots(
-            outputs.numpy(),
-            grad_rows.numpy(),
-            host_array(layout.entry_rows),
-            routed_index,
-            host_array(layout.grid_of_row),
-            grid_rows,
-        )
-        return th.from_numpy(grid_np).view(layout.ens, layout.batch, n + 1, -1)
     slots = layout.entry_rows.shape[-1]
     source_rows = layout.entry_rows[routed].reshape(-1)
     grads = grad_rows[routed]
