@@ -30,7 +30,8 @@ over its ``[B, D]`` activations, so the passes over memory and the number of ker
   zero-filled gradient buffers, no scatter, and the ResRouting masks become per-edge weights.
   Off the CPU, nodes **push** with ``index_add_`` instead (:class:`_PushGraph`), which needs no host sync.
 * Each module's weight gradient is taken right after its relu backward, while that gradient is in cache; the
-  routing-weight gradients are one fused gather-and-dot after the loop.
+  routing-weight gradients are taken by the compiled pulls while they load each edge's rows (off that path, one
+  fused gather-and-dot after the loop).
 
 Gradient bookkeeping. For a routed node ``i``: ``gU_i`` is the gradient on its mixed input ``u_i`` (the masked
 views), ``gS_i`` the gradient on its shortcut ``s_i`` when that shortcut mixes the *full* outputs (authors'
