@@ -38,6 +38,20 @@ def one_torch_thread() -> Iterator[None]:
     th.set_num_threads(threads)
 
 
+@pytest.fixture(params=[1, 2], ids=["1 thread", "2 threads"])
+def threads(request: pytest.FixtureRequest) -> Iterator[int]:
+    """torch (and so the compiled passes that follow its thread count) on one thread, then on two, where they split
+    large tensors among threads; skipped where numba's parallel loops cannot use that many."""
+    from d2r_sb3.common.host_loops import loop_threads
+
+    before = th.get_num_threads()
+    if loop_threads(request.param) != request.param:
+        pytest.skip(f"numba's parallel loops cannot use {request.param} threads here")
+    th.set_num_threads(request.param)
+    yield request.param
+    th.set_num_threads(before)
+
+
 @pytest.fixture
 def products(monkeypatch: pytest.MonkeyPatch) -> Any:
     """The :mod:`~d2r_sb3.common.cpu_products` module, with a choice of this test only: unset at the start (no

@@ -7,7 +7,6 @@ import torch as th
 
 from d2r_sb3.common import bias_relu, cpu_products
 from d2r_sb3.common.ensemble import EnsembleMLP, ensemble_linear, ensemble_lookup
-from d2r_sb3.common.host_loops import loop_threads
 
 
 def _plain(x: th.Tensor, weight: th.Tensor, bias: th.Tensor, relu: bool) -> th.Tensor:
@@ -216,17 +215,6 @@ def test_cpu_products_are_chosen_by_name_and_refuse_unknown_names(products, monk
         monkeypatch.setattr(products, "_amd_cpu", lambda amd=amd: amd)
         products._resolved = None
         assert products.uses_onednn(x32) == (amd and products._onednn_available())
-
-
-@pytest.fixture(params=[1, 2], ids=["1 thread", "2 threads"])
-def threads(request):
-    """torch (and so the compiled passes) on 1 or 2 threads for the test."""
-    before = th.get_num_threads()
-    if loop_threads(request.param) != request.param:
-        pytest.skip(f"numba's parallel loops cannot use {request.param} threads here")
-    th.set_num_threads(request.param)
-    yield request.param
-    th.set_num_threads(before)
 
 
 @pytest.mark.parametrize("dtype", [th.float32, th.float64])

@@ -13,7 +13,6 @@ from test_d2rsac import tiny_model
 
 from d2r_sb3.common import fused_update
 from d2r_sb3.common.fused_update import adam_update, supports_adam_update
-from d2r_sb3.common.host_loops import loop_threads
 
 
 def _params(dtype: th.dtype, members: int, seed: int) -> list[th.nn.Parameter]:
@@ -21,17 +20,6 @@ def _params(dtype: th.dtype, members: int, seed: int) -> list[th.nn.Parameter]:
     # A weight large enough to be split among threads, a bias, and sizes that leave part-blocks.
     shapes = [(members, 300, 251), (members, 7), (members, 3, 5)]
     return [th.nn.Parameter(th.randn(shape, generator=gen, dtype=dtype)) for shape in shapes]
-
-
-@pytest.fixture(params=[1, 2], ids=["1 thread", "2 threads"])
-def threads(request):
-    """torch (and so the fused update) on one thread, then on two, where the update splits large tensors."""
-    before = th.get_num_threads()
-    if loop_threads(request.param) != request.param:
-        pytest.skip(f"numba's parallel loops cannot use {request.param} threads here")
-    th.set_num_threads(request.param)
-    yield request.param
-    th.set_num_threads(before)
 
 
 def _scale(params: list[th.nn.Parameter], scales: list[float]) -> None:
