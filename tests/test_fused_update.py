@@ -11,8 +11,8 @@ import torch as th
 from helpers import collect_only
 from test_d2rsac import tiny_model
 
-from d2r_sb3.common import fused_update
 from d2r_sb3.common.fused_update import adam_update, supports_adam_update
+from d2r_sb3.common.host_loops import PARALLEL_FROM
 
 
 def _params(dtype: th.dtype, members: int, seed: int) -> list[th.nn.Parameter]:
@@ -37,7 +37,7 @@ def test_adam_update_equals_torchs_adam_on_scaled_gradients_and_lerp(dtype, memb
     torch's lerp of the targets: parameters, moments, step counts and targets agree to rounding; the gradients are
     left unscaled."""
     torch_params, params = _params(dtype, members, 0), _params(dtype, members, 0)
-    assert params[0].numel() >= fused_update._PARALLEL_FROM
+    assert params[0].numel() >= PARALLEL_FROM
     torch_targets = [p.detach() * 0.5 for p in torch_params]
     targets = [t.clone() for t in torch_targets]
     torch_opt = th.optim.Adam(torch_params, lr=1e-2, fused=True)

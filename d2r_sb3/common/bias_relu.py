@@ -16,12 +16,9 @@ from __future__ import annotations
 import numba
 import torch as th
 
-from d2r_sb3.common.host_loops import jit, loop_threads, part
+from d2r_sb3.common.host_loops import PARALLEL_FROM, jit, loop_threads, part
 
 __all__ = ["add_bias_relu_", "applies"]
-
-# Below this many values the pass runs on one thread (a parallel region costs microseconds to start).
-_PARALLEL_FROM = 65_536
 
 
 def applies(out: th.Tensor) -> bool:
@@ -40,7 +37,7 @@ def add_bias_relu_(out: th.Tensor, bias: th.Tensor) -> th.Tensor:
         )
     values = out.view(members * rows, width).numpy()
     bias_values = bias.detach().contiguous().numpy()
-    threads = loop_threads(th.get_num_threads()) if out.numel() >= _PARALLEL_FROM else 1
+    threads = loop_threads(th.get_num_threads()) if out.numel() >= PARALLEL_FROM else 1
     if threads > 1:
         _in_parts(values, bias_values, rows, threads)
     else:

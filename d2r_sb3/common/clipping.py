@@ -12,7 +12,7 @@ from collections.abc import Iterable
 
 import torch as th
 
-__all__ = ["clip_grad_norm_per_member_", "clip_scales", "member_grad_norms"]
+__all__ = ["clip_grad_norm_per_member_", "clip_scales", "member_grad_norms", "scale_members_"]
 
 # torch.nn.utils.clip_grad_norm_ adds this to the norm before dividing; kept equal so that a one-member
 # ensemble is clipped exactly as torch would clip it.
@@ -52,6 +52,12 @@ def clip_scales(norms: th.Tensor, max_norm: float) -> th.Tensor:
     return (max_norm / (norms + _EPS)).clamp(max=1.0)
 
 
+def scale_members_(grads: list[th.Tensor], scales: th.Tensor) -> None:
+    """Multiply member ``e``'s slice ``[e]`` of every gradient in ``grads`` by ``scales[e]``, in place."""
+    for member, scale in enumerate(scales.to(grads[0].dtype)):
+        th._foreach_mul_([grad[member] for grad in grads], scale)
+
+
 def clip_grad_norm_per_member_(parameters: Iterable[th.Tensor], max_norm: float, n_members: int) -> th.Tensor:
     """Clip the gradients of each ensemble member to an L2 norm of at most ``max_norm``, in place.
 
@@ -66,7 +72,5 @@ def clip_grad_norm_per_member_(parameters: Iterable[th.Tensor], max_norm: float,
     """
     norms, grads = member_grad_norms(parameters, n_members)
     if grads:
-        scale = clip_scales(norms, max_norm)
-        for e in range(n_members):
-            th._foreach_mul_([grad[e] for grad in grads], scale[e].to(grads[0].dtype))
+        scale_members_(grads, clip_scales(norms, max_norm))
     return norms

@@ -32,7 +32,7 @@ import numba
 import numpy as np
 import torch as th
 
-from d2r_sb3.common.host_loops import jit, loop_threads, part
+from d2r_sb3.common.host_loops import PARALLEL_FROM, jit, loop_threads, part
 
 __all__ = ["adam_update", "supports_adam_update"]
 
@@ -40,8 +40,6 @@ __all__ = ["adam_update", "supports_adam_update"]
 # block's short loops run over them; each loop touches at most three arrays, so it vectorises (with more, the
 # compiler's checks for overlapping arrays stop it).
 _BLOCK = 256
-# Below this many values a tensor is updated on one thread (a parallel region costs microseconds to start).
-_PARALLEL_FROM = 65_536
 _ADAM = th.optim.Adam
 
 
@@ -145,7 +143,7 @@ def adam_update(
                 scales,
                 rule_array,
             )
-            if threads > 1 and param.numel() >= _PARALLEL_FROM:
+            if threads > 1 and param.numel() >= PARALLEL_FROM:
                 bad = _update_in_parts(threads, *arrays)
             else:
                 bad = _update_members(*arrays)

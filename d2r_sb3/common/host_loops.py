@@ -15,7 +15,10 @@ from collections.abc import Callable
 import numba
 import numpy as np
 
-__all__ = ["jit", "loop_threads", "part"]
+__all__ = ["PARALLEL_FROM", "jit", "loop_threads", "part"]
+
+# Below this many values a pass over a tensor runs on one thread (a parallel region costs microseconds to start).
+PARALLEL_FROM = 65_536
 
 
 def jit(function: Callable | None = None, **options) -> Callable:

@@ -40,7 +40,7 @@ from stable_baselines3.common.utils import polyak_update
 from torch.nn import functional as F
 
 from d2r_sb3.common.buffers import MultiTaskReplayBuffer, MultiTaskReplayBufferSamples
-from d2r_sb3.common.clipping import clip_scales, member_grad_norms
+from d2r_sb3.common.clipping import clip_scales, member_grad_norms, scale_members_
 from d2r_sb3.common.devices import device_unavailable_reason
 from d2r_sb3.common.fused_update import adam_update, supports_adam_update
 from d2r_sb3.common.index_sums import sum_by_index
@@ -621,8 +621,8 @@ class MultiTaskSAC(SAC):
         scales = clip_scales(norms, max_norm)
         th._foreach_mul_([p.grad for p in self.actor.parameters() if p.grad is not None], scales[0])
         critic_grads = [p.grad for p in self.critic.parameters() if p.grad is not None]
-        for member in range(self.policy.n_critics):
-            th._foreach_mul_([grad[member] for grad in critic_grads], scales[1 + member])
+        if critic_grads:
+            scale_members_(critic_grads, scales[1 : 1 + self.policy.n_critics])
         if self.ent_coef_optimizer is not None:
             self._log_alpha_gradient().mul_(scales[-1])
         return norms

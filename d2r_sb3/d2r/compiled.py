@@ -117,14 +117,13 @@ def _slabs(reached, ens, share, trained_rows):  # pragma: no cover - compiled
     batch = n_samples // ens
     counts = np.zeros((ens, nodes), dtype=np.int64)
     trained = np.zeros((nodes, ens), dtype=np.int64)
+    trained_samples = min(batch, max(trained_rows, 0))
     for e in range(ens):
         for b in range(batch):
             for node in range(nodes):
                 counts[e, node] += reached[e * batch + b, node]
-            if b + 1 == max(trained_rows, 0):
+            if b + 1 == trained_samples:
                 trained[:, e] = counts[e]
-    if trained_rows >= batch:
-        trained[:] = counts.T
     slabs = np.empty((nodes, ens), dtype=np.int64)
     complete = np.empty(nodes, dtype=np.bool_)
     starts = np.zeros(nodes + 1, dtype=np.int64)
@@ -634,7 +633,7 @@ def _copy_row(out, values):  # pragma: no cover - compiled
 
 @_jit(fastmath={"reassoc", "contract"})
 def _dot(a, b):  # pragma: no cover - compiled
-    """``<a, b>`` of two rows, the sum reassociated so that it vectorises ."""
+    """``<a, b>`` of two rows, the sum reassociated so that it vectorises."""
     total = a[0] * 0
     for d in range(a.shape[0]):
         total += a[d] * b[d]
