@@ -306,6 +306,30 @@ def test_the_compiled_gate_inputs_are_the_tensor_version(dtype, n_nets, trained_
         th.testing.assert_close(got, want, **tolerance, msg=f"gradient of {name}")
 
 
+@pytest.mark.parametrize("slots", [1, 2, 3])
+@pytest.mark.parametrize("dtype", [th.float32, th.float64])
+def test_the_compiled_weighted_rows_are_embedding_bag_bit_for_bit(dtype, slots, torch_threads):
+    """The forward pass's mixed inputs: the sums of ``embedding_bag`` with per-sample weights, on one thread and
+    split among two (1,300 rows: enough to be split), bit for bit in float32 (torch's float64 kernel does not fuse
+    the multiply-adds: to rounding there); a weight of 0 on a NaN row still gives NaN."""
+    gen = th.Generator().manual_seed(5)
+    table = th.randn(3000, 24, generator=gen, dtype=dtype)
+    table[7, 3] = float("nan")
+    rows = th.randint(0, 3000, (1300, slots), generator=gen)
+    weights = th.rand(1300, slots, generator=gen, dtype=dtype)
+    rows[0, -1], weights[0, -1] = 7, 0.0  # a padding-like entry on the NaN row
+    weights[1] = 0.0
+    out = th.empty(1300, 24, dtype=dtype)
+    compiled.weighted_rows(table.numpy(), rows.numpy(), weights.numpy(), out.numpy(), torch_threads)
+    offsets = th.arange(0, 1300 * slots, slots)
+    want = th.embedding_bag(table, rows.view(-1), offsets, False, 0, False, weights.view(-1), False, None)[0]
+    assert th.equal(out.isnan(), want.isnan()) and out[0, 3].isnan()
+    if dtype == th.float32:
+        assert th.equal(out.nan_to_num(), want.nan_to_num())
+    else:
+        th.testing.assert_close(out.nan_to_num(), want.nan_to_num(), rtol=1e-15, atol=1e-15)
+
+
 def test_without_a_writable_cache_the_loops_still_compile_with_a_warning(tmp_path):
     """A read-only install with no writable home: numba finds nowhere to cache, and the import must not fail."""
     script = """

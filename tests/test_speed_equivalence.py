@@ -16,7 +16,7 @@ from gymnasium import spaces
 from helpers import DEVICES, collect_only
 
 from d2r_sb3.common import bias_relu
-from d2r_sb3.d2r import D2RCritic, D2RPolicy, RoutedNetwork, RouteRequest, compiled, skipping
+from d2r_sb3.d2r import D2RCritic, D2RPolicy, RoutedNetwork, RouteRequest, compiled, routed_block, skipping
 from d2r_sb3.d2r.reference import reference_forward
 
 RESROUTING = {"off": (False, "full"), "full": (True, "full"), "masked": (True, "masked")}
@@ -291,8 +291,6 @@ def test_bfloat16_routing_gradient_in_float32_where_the_device_lacks_the_bfloat1
     """CUDA has no bfloat16 kernel of embedding_bag's per-sample-weights gradient: there the routing weights'
     gradient is computed from float32 copies. With that fallback (forced on the CPU, which has the kernel), the
     gradients are the float32 ones up to bfloat16 rounding, and on the CPU those of the bfloat16 kernel."""
-    from d2r_sb3.d2r import routed_block
-
     net = small_net(shortcut="full", n_nets=2, n_modules=8).to(device)
     net.block_workspace.reduced_precision = True  # the block in bfloat16 (on a CPU it is float32 by default)
     state, task_ids = inputs(batch=64, dtype=th.float32, device=device)
@@ -447,8 +445,10 @@ def test_gpu_strategy_reads_nothing_back_to_the_host(monkeypatch):
     def host_read(*args, **kwargs):
         raise AssertionError("a tensor was read back to the host during the training step")
 
-    # (The dense layers' compiled bias-and-relu pass is for CPU tensors only: a GPU never takes it.)
+    # (The dense layers' compiled bias-and-relu pass and the block's compiled passes are for CPU tensors only: a
+    # GPU never takes them.)
     monkeypatch.setattr(bias_relu, "applies", lambda out: False)
+    monkeypatch.setattr(routed_block, "compiled_pass_threads", lambda like: 0)
     for name in ("tolist", "item", "numpy", "__bool__", "__int__", "__float__", "__index__"):
         monkeypatch.setattr(th.Tensor, name, host_read)
     loss, _ = model._combine_task_losses(model._task_losses(data))

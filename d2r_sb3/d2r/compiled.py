@@ -36,6 +36,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from d2r_sb3.common.host_loops import PARALLEL_FROM
 from d2r_sb3.common.host_loops import jit as _jit
 from d2r_sb3.common.host_loops import loop_threads
 from d2r_sb3.common.host_loops import part as _part
@@ -51,6 +52,7 @@ __all__ = [
     "pull_through_relu",
     "skipping_layout",
     "top_routes",
+    "weighted_rows",
 ]
 
 
@@ -638,6 +640,41 @@ def _dot(a, b):  # pragma: no cover - compiled
     for d in range(a.shape[0]):
         total += a[d] * b[d]
     return total
+
+
+def weighted_rows(table, rows, weights, out, threads=1):
+    """``out[g] = sum_c weights[g, c] * table[rows[g, c]]`` for every row ``g`` (``rows`` and ``weights``
+    ``[R, C]``, ``out [R, D]``), the rows split among ``threads`` threads: the forward pass's mix of each module
+    input from its sources. The sums of torch's ``embedding_bag`` with per-sample weights (mode "sum"), in the same
+    order (bit for bit in float32; torch's float64 kernel does not fuse the multiply-adds), without its bookkeeping
+    outputs: 1.6-2x faster for a routed-block call's bags on one thread. A weight of 0 still multiplies its row (a
+    NaN there stays NaN in the sum)."""
+    if threads > 1 and out.size >= PARALLEL_FROM:
+        _weighted_in_parts(threads, table, rows, weights, out)
+    else:
+        _weighted_rows(table, rows, weights, out, 0, out.shape[0])
+
+
+@_jit(parallel=True)
+def _weighted_in_parts(threads, table, rows, weights, out):  # pragma: no cover - compiled
+    n = out.shape[0]
+    for part in numba.prange(threads):
+        _weighted_rows(table, rows, weights, out, _part(part, threads, n), _part(part + 1, threads, n))
+
+
+@_jit(fastmath={"contract"})
+def _weighted_rows(table, rows, weights, out, first, end):  # pragma: no cover - compiled
+    """:func:`weighted_rows` for rows ``first ... end - 1``."""
+    slots, dim = rows.shape[1], out.shape[1]
+    for g in range(first, end):
+        row, w = out[g], weights[g, 0]
+        src = table[rows[g, 0]]
+        for d in range(dim):
+            row[d] = w * src[d]
+        for c in range(1, slots):
+            w, src = weights[g, c], table[rows[g, c]]
+            for d in range(dim):
+                row[d] += w * src[d]
 
 
 def gate_inputs(f_pre, index, weight, bias, threads=1):

@@ -204,6 +204,33 @@ def _input_rows(x0: th.Tensor, layout: RowLayout, node: int) -> th.Tensor:
     return flat.index_select(0, layout.sample_of_row[layout.node_rows(node)])
 
 
+class _MixedInputs:
+    """The forward pass's mixed inputs ``u_i = sum_j p_ij o_j`` of one call's routed nodes, from the module
+    outputs written so far: the compiled :func:`~d2r_sb3.d2r.compiled.weighted_rows` where the compiled passes
+    run (:func:`compiled_pass_threads`), else one ``embedding_bag`` (the same sums in the same order)."""
+
+    def __init__(self, outputs: th.Tensor, layout: RowLayout, block_sizes: list[int]):
+        self.outputs = outputs
+        self.threads = compiled_pass_threads(outputs)
+        self.slots = slots = layout.entry_rows.shape[-1]
+        if self.threads:
+            self.rows = layout.entry_rows.split(block_sizes)
+            self.weights = layout.entry_weights.split(block_sizes)
+        else:  # flat bags of `slots` entries each
+            self.rows = layout.entry_rows.view(-1).split([size * slots for size in block_sizes])
+            self.weights = layout.entry_weights.view(-1).split([size * slots for size in block_sizes])
+            self.offsets = th.arange(0, max(block_sizes) * slots, slots, device=outputs.device)
+
+    def node(self, node: int) -> th.Tensor:
+        """``[rows, D]``: the mixed input of each of ``node``'s rows."""
+        rows, weights = self.rows[node], self.weights[node]
+        if not self.threads:
+            return _bag(self.outputs, rows, self.offsets[: rows.numel() // self.slots], weights)
+        out = self.outputs.new_empty(rows.shape[0], self.outputs.shape[1])
+        compiled.weighted_rows(self.outputs.numpy(), rows.numpy(), weights.numpy(), out.numpy(), self.threads)
+        return out
+
+
 def run_nodes(
     x0: th.Tensor,
     w_in: th.Tensor,
@@ -224,13 +251,10 @@ def run_nodes(
     n = len(plan.is_input)
     dim = w_in.shape[2]
     outputs = x0.new_empty(layout.starts[n], dim)
-    slots = layout.entry_rows.shape[-1]
     block_sizes = layout.block_sizes()
-    offsets = th.arange(0, max(block_sizes) * slots, slots, device=x0.device)
+    mix = _MixedInputs(outputs, layout, block_sizes)
     # Every per-node view taken at once (one call each instead of a few small ones per node).
     blocks = outputs.split(block_sizes[:n])
-    entry_rows = layout.entry_rows.view(-1).split([size * slots for size in block_sizes])
-    entry_weights = layout.entry_weights.view(-1).split([size * slots for size in block_sizes])
     w_in_t, w_hid_t = w_in.transpose(2, 3).unbind(1), w_hid.transpose(2, 3).unbind(1)
     b_in_k, b_hid_k = b_in.unbind(1), b_hid.unbind(1)
     for node in range(n):
@@ -248,7 +272,7 @@ def run_nodes(
                 saved[0].append(outputs.new_empty(0, dim))
                 saved[1].append(outputs.new_empty(0, dim))
             continue
-        u = _bag(outputs, entry_rows[node], offsets[:size], entry_weights[node])
+        u = mix.node(node)
         if saved is None:  # nothing kept for a backward pass: h is computed in place in the output rows
             _member_products(u, w_hid_t[k], members, bias=b_hid_k[k], out=blocks[node]).relu_().add_(u)
             continue
@@ -256,7 +280,7 @@ def run_nodes(
         saved[0].append(h)
         saved[1].append(u)
         th.add(h, u, out=blocks[node])  # residual shortcut: in value s_i == u_i
-    y = _bag(outputs, entry_rows[n], offsets[: ens * layout.batch], entry_weights[n])
+    y = mix.node(n)
     return y.view(ens, layout.batch, dim), outputs
 
 
