@@ -36,9 +36,8 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from d2r_sb3.common.host_loops import PARALLEL_FROM
+from d2r_sb3.common.host_loops import PARALLEL_FROM, loop_threads
 from d2r_sb3.common.host_loops import jit as _jit
-from d2r_sb3.common.host_loops import loop_threads
 from d2r_sb3.common.host_loops import part as _part
 
 __all__ = [
