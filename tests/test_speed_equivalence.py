@@ -526,6 +526,52 @@ def test_training_block_computes_each_module_only_for_the_samples_that_reach_it(
     th.testing.assert_close(y_skip, y_dense, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("level", ["module", "model"])
+@pytest.mark.parametrize("skip", [True, False], ids=["skipping", "dense"])
+@pytest.mark.parametrize("n_nets", [1, 2])
+def test_the_compiled_forward_is_the_operators_bit_for_bit(n_nets, skip, level, threads, monkeypatch):
+    """The routed block's forward as one compiled call (torch's BLAS from numba) gives the outputs, module outputs
+    and the saved relu outputs and inputs of the operator version, bit for bit in float32: member slabs of equal and
+    unequal sizes, input modules some samples do not reach (model-level routing), slabs large enough to be split
+    between two threads; and the same output when nothing is saved (the no-gradient path)."""
+    from d2r_sb3.d2r.routed_block import run_nodes
+    from d2r_sb3.d2r.row_layout import build_row_layout
+
+    kwargs = {"routing_level": "model", "n_layers": 2} if level == "model" else {}
+    th.manual_seed(0)
+    net = RoutedNetwork(
+        12, 3, 5, n_nets=n_nets, n_modules=8, module_dim=128, encoder_sizes=(24, 20), **kwargs
+    )
+    state, task_ids = inputs(batch=300, dtype=th.float32)
+    with th.no_grad():
+        th.manual_seed(5)
+        _, logits = net.encode_flat(state, task_ids)
+        sources, weights, keep = net.choose_routes(
+            logits, task_ids, RouteRequest(explore=True, resrouting=True)
+        )
+    layout = build_row_layout(sources.expand(weights.shape), weights, keep, net.plan.is_input, skip=skip)
+    if skip and n_nets == 2:
+        assert any(len(set(sizes)) > 1 for sizes in layout.member_sizes), "some node must have unequal slabs"
+    if level == "model" and skip:
+        assert not all(layout.complete[: len(net.plan.is_input)]), "some input module must be partly reached"
+    x0 = th.relu(th.randn(n_nets, 300, 20, generator=th.Generator().manual_seed(7)))
+    params = (net.w_in.detach(), net.b_in.detach(), net.w_hid.detach(), net.b_hid.detach())
+    results = []
+    for compiled_loop in (True, False):
+        if not compiled_loop:
+            monkeypatch.setattr(routed_block, "gemm_for", lambda like: 0)
+        saved: tuple[list[th.Tensor], list[th.Tensor]] = ([], [])
+        y, outputs = run_nodes(x0, *params, layout, net.plan, saved=saved)
+        y_no_grad, _ = run_nodes(x0, *params, layout, net.plan)
+        results.append((y, outputs, saved, y_no_grad))
+    (y, outputs, saved, y_no_grad), (y_ops, outputs_ops, saved_ops, y_no_grad_ops) = results
+    assert th.equal(y, y_ops) and th.equal(outputs, outputs_ops)
+    assert th.equal(y_no_grad, y_no_grad_ops) and th.equal(y_no_grad, y)
+    for got, want in zip([*saved[0], *saved[1]], [*saved_ops[0], *saved_ops[1]], strict=True):
+        assert th.equal(got, want)
+    assert len(saved[0]) == net.w_hid.shape[1]
+
+
 @pytest.mark.parametrize("backward", ["pull", "push"])
 @pytest.mark.parametrize("n_nets", [1, 2])
 def test_input_modules_some_samples_do_not_reach_get_the_dense_gradients(backward, n_nets):

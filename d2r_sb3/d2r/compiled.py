@@ -641,7 +641,8 @@ def _dot(a, b):  # pragma: no cover - compiled
     return total
 
 
-def weighted_rows(table, rows, weights, out, threads=1):
+@_jit
+def weighted_rows(table, rows, weights, out, threads=1):  # pragma: no cover - compiled
     """``out[g] = sum_c weights[g, c] * table[rows[g, c]]`` for every row ``g`` (``rows`` and ``weights``
     ``[R, C]``, ``out [R, D]``), the rows split among ``threads`` threads: the forward pass's mix of each module
     input from its sources. The sums of torch's ``embedding_bag`` with per-sample weights (mode "sum"), in the same

@@ -21,8 +21,10 @@ over its ``[B, D]`` activations, so the passes over memory and the number of ker
   from a sample's output node cannot change that sample's output or gradients, so each module runs on the samples
   that reach it only (5 to 7 of 16 modules for a trained MT10 network). Module outputs live in one ``[rows, D]``
   buffer, one contiguous block per module (:mod:`.row_layout`), so every matmul reads and writes a contiguous slab.
-* Forward: ``u_i`` is one ``embedding_bag`` (gather and weighted sum fused, no ``[B, k, D]`` intermediate); the
-  backward pass keeps each module's ``relu`` output (its mask) and input (its weight gradient).
+* Forward: on a CPU the whole loop over the nodes is one compiled call (:mod:`.block_forward`: torch's BLAS for
+  the products, one pass for the bias, relu and shortcut of each slab); elsewhere ``u_i`` is one ``embedding_bag``
+  (gather and weighted sum fused, no ``[B, k, D]`` intermediate). The backward pass keeps each module's ``relu``
+  output (its mask) and input (its weight gradient).
 * Backward on a CPU **pulls** instead of scattering. Module ``j``'s gradient is the weighted sum of the gradients
   of the nodes that read it; every such edge goes from ``j`` to a later node, so when the backward loop reaches
   ``j`` (nodes in reverse order) all of them are known. The edges are sorted by source row once per backward,
@@ -57,6 +59,7 @@ import torch as th
 from torch.autograd.function import once_differentiable
 
 from d2r_sb3.d2r import compiled
+from d2r_sb3.d2r.block_forward import block_forward, gemm_for
 from d2r_sb3.d2r.row_layout import RowLayout, build_row_layout, from_host, host_array
 
 _SUM = 0  # embedding_bag mode "sum"
@@ -250,8 +253,35 @@ def run_nodes(
     ens = layout.ens
     n = len(plan.is_input)
     dim = w_in.shape[2]
-    outputs = x0.new_empty(layout.starts[n], dim)
     block_sizes = layout.block_sizes()
+    gemm = gemm_for(x0)
+    threads = compiled_pass_threads(x0) if gemm else 0
+    if threads:  # the whole loop compiled (on a CPU)
+        y, outputs, hidden, inputs = block_forward(
+            gemm,
+            x0,
+            w_in,
+            b_in,
+            w_hid,
+            b_hid,
+            plan.is_input,
+            plan.param_index,
+            layout.starts,
+            layout.member_sizes,
+            layout.complete,
+            layout.sample_of_row,
+            layout.entry_rows,
+            layout.entry_weights,
+            saved is not None,
+            threads,
+        )
+        if saved is not None and hidden is not None and inputs is not None:
+            node_hidden, node_inputs = hidden.split(block_sizes[:n]), inputs.split(block_sizes[:n])
+            for node in plan.routed_nodes[:-1]:  # the hidden modules, in order (their weight slots)
+                saved[0].append(node_hidden[node])
+                saved[1].append(node_inputs[node])
+        return y.view(ens, layout.batch, dim), outputs
+    outputs = x0.new_empty(layout.starts[n], dim)
     mix = _MixedInputs(outputs, layout, block_sizes)
     # Every per-node view taken at once (one call each instead of a few small ones per node).
     blocks = outputs.split(block_sizes[:n])
