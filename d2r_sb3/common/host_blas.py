@@ -3,7 +3,7 @@
 A compiled loop that runs a whole sequence of small products (the routed block's modules, node after node) would
 otherwise go back to Python and torch for each one. torch's CPU library exports the Fortran BLAS entry points
 ``sgemm_`` and ``dgemm_`` (MKL in the x86-64 wheels, the same code ``torch.mm`` runs there, on torch's threads);
-:func:`gemm_address` finds them and :func:`matmul_nt` calls one from compiled code. Where the library exports
+:func:`gemm_address` finds them and :func:`matmul` calls one from compiled code. Where the library exports
 none (another build of torch), :func:`gemm_address` answers 0 and callers keep torch's products.
 """
 
@@ -21,7 +21,7 @@ from numba.extending import intrinsic
 
 from d2r_sb3.common.host_loops import jit
 
-__all__ = ["gemm_address", "gemm_scratch", "matmul_nt"]
+__all__ = ["gemm_address", "gemm_scratch", "matmul"]
 
 _ENTRY_POINTS = {th.float32: "sgemm_", th.float64: "dgemm_"}
 _addresses: dict[th.dtype, int] = {}
@@ -36,7 +36,7 @@ def gemm_address(dtype: th.dtype) -> int:
 
 
 def gemm_scratch(dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
-    """The argument memory :func:`matmul_nt` passes BLAS by address (Fortran passes every argument by reference):
+    """The argument memory :func:`matmul` passes BLAS by address (Fortran passes every argument by reference):
     eight integers and two floats of ``dtype``, owned by the caller for the duration of its compiled call."""
     return np.zeros(8, dtype=np.int64), np.zeros(2, dtype=dtype)
 
@@ -62,7 +62,7 @@ def _checked(address: int, dtype: th.dtype) -> int:
     )
     x, w, out = values[0, :, :5].copy(), values[1, :4, :5].copy(), np.zeros((7, 4), dtype=values.dtype)
     ints, reals = gemm_scratch(values.dtype)
-    matmul_nt(address, ints, reals, x, w, out, 0.0)
+    matmul(address, ints, reals, x, False, w, True, out, 0.0)
     return address if np.allclose(out, x @ w.T, rtol=1e-5, atol=1e-5) else 0
 
 
@@ -83,20 +83,30 @@ def _call_gemm(typingctx, address, transa, transb, m, n, k, alpha, a, lda, b, ld
 
 
 @jit
-def matmul_nt(address, ints, reals, x, w, out, beta):  # pragma: no cover - compiled
-    """``out = beta * out + x @ w.T`` through the BLAS product at ``address`` (:func:`gemm_address` of the
-    dtype): ``x [m, K]``, ``w [N, K]``, ``out [m, N]``, each with contiguous rows (row strides may be larger);
-    ``ints``, ``reals``: :func:`gemm_scratch`. Nothing happens for ``m == 0``.
+def matmul(address, ints, reals, a, a_transposed, b, b_transposed, out, beta):  # pragma: no cover - compiled
+    """``out = beta * out + op(a) @ op(b)`` through the BLAS product at ``address`` (:func:`gemm_address` of the
+    dtype), ``op(a)`` being ``a.T`` where ``a_transposed``, else ``a`` (the same for ``b``). Every matrix has
+    contiguous rows (its row stride may be larger); ``ints``, ``reals``: :func:`gemm_scratch`. Nothing happens
+    for an empty ``out``; with an inner dimension of 0, ``out`` becomes ``beta * out``.
 
-    Row-major ``out = x w^T`` is column-major ``out^T = w x^T``: BLAS reads ``w`` transposed and ``x`` as is.
+    Row-major ``out = op(a) op(b)`` is column-major ``out^T = op(b)^T op(a)^T``, and a row-major matrix read
+    column-major is its transpose: BLAS gets ``b`` first, transposed where ``op(b)`` is not.
     """
-    m, k, n = x.shape[0], x.shape[1], w.shape[0]
-    if m == 0:
+    m = a.shape[1] if a_transposed else a.shape[0]
+    k = a.shape[0] if a_transposed else a.shape[1]
+    n = b.shape[0] if b_transposed else b.shape[1]
+    if m == 0 or n == 0:
         return
-    size = x.itemsize
-    ints[0], ints[1] = 84, 78  # 'T', 'N'
+    if k == 0:
+        for i in range(m):
+            for j in range(n):
+                out[i, j] = beta * out[i, j] if beta != 0 else 0.0
+        return
+    size = a.itemsize
+    ints[0] = 84 if b_transposed else 78  # 'T' / 'N'
+    ints[1] = 84 if a_transposed else 78
     ints[2], ints[3], ints[4] = n, m, k
-    ints[5], ints[6], ints[7] = w.strides[0] // size, x.strides[0] // size, out.strides[0] // size
+    ints[5], ints[6], ints[7] = b.strides[0] // size, a.strides[0] // size, out.strides[0] // size
     reals[0], reals[1] = 1.0, beta
     base, step = ints.ctypes.data, ints.itemsize
     _call_gemm(
@@ -107,9 +117,9 @@ def matmul_nt(address, ints, reals, x, w, out, beta):  # pragma: no cover - comp
         base + 3 * step,
         base + 4 * step,
         reals.ctypes.data,
-        w.ctypes.data,
+        b.ctypes.data,
         base + 5 * step,
-        x.ctypes.data,
+        a.ctypes.data,
         base + 6 * step,
         reals.ctypes.data + reals.itemsize,
         out.ctypes.data,

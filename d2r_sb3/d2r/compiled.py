@@ -541,9 +541,10 @@ def _softmax_grad_rows(grad, weights, positions, used, out, first, end):  # prag
                 out[e, b, positions[e, b, node, s]] += w * (grad[e, b, node, s] - mean)
 
 
+@_jit
 def pull_through_relu(
     table, rows, offsets, weights, hidden, grad_pre, total, also, outputs, grid_slots, grid, threads=1
-):
+):  # pragma: no cover - compiled
     """A module's pulled gradients and its relu backward in one pass (see ``_PullGraph``), its rows split
     among ``threads`` threads (:func:`loop_threads`); with a ``grid``, also the routing weights' gradient of
     every edge that leaves the module.

@@ -21,7 +21,7 @@ over its ``[B, D]`` activations, so the passes over memory and the number of ker
   from a sample's output node cannot change that sample's output or gradients, so each module runs on the samples
   that reach it only (5 to 7 of 16 modules for a trained MT10 network). Module outputs live in one ``[rows, D]``
   buffer, one contiguous block per module (:mod:`.row_layout`), so every matmul reads and writes a contiguous slab.
-* Forward: on a CPU the whole loop over the nodes is one compiled call (:mod:`.block_forward`: torch's BLAS for
+* Forward: on a CPU the whole loop over the nodes is one compiled call (:mod:`.compiled_block`: torch's BLAS for
   the products, one pass for the bias, relu and shortcut of each slab); elsewhere ``u_i`` is one ``embedding_bag``
   (gather and weighted sum fused, no ``[B, k, D]`` intermediate). The backward pass keeps each module's ``relu``
   output (its mask) and input (its weight gradient).
@@ -51,7 +51,8 @@ to skip unreached modules, scratch memory) lives in that network's :class:`Block
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 from itertools import accumulate
 
 import numpy as np
@@ -59,7 +60,7 @@ import torch as th
 from torch.autograd.function import once_differentiable
 
 from d2r_sb3.d2r import compiled
-from d2r_sb3.d2r.block_forward import block_forward, gemm_for
+from d2r_sb3.d2r.compiled_block import block_backward, block_forward, gemm_for
 from d2r_sb3.d2r.row_layout import RowLayout, build_row_layout, from_host, host_array
 
 _SUM = 0  # embedding_bag mode "sum"
@@ -207,6 +208,17 @@ def _input_rows(x0: th.Tensor, layout: RowLayout, node: int) -> th.Tensor:
     return flat.index_select(0, layout.sample_of_row[layout.node_rows(node)])
 
 
+@dataclass
+class SavedActivations:
+    """What a forward pass keeps for its backward pass: each hidden module's relu output ``h`` and input ``u``, by
+    weight slot (``[rows, D]`` each). The compiled forward writes them into two ``[module rows, D]`` buffers,
+    ``rows = (h, u)``, in the modules' own rows (what the compiled backward reads); the lists then hold views."""
+
+    hidden: list[th.Tensor] = field(default_factory=list)
+    inputs: list[th.Tensor] = field(default_factory=list)
+    rows: tuple[th.Tensor, th.Tensor] | None = None
+
+
 class _MixedInputs:
     """The forward pass's mixed inputs ``u_i = sum_j p_ij o_j`` of one call's routed nodes, from the module
     outputs written so far: the compiled :func:`~d2r_sb3.d2r.compiled.weighted_rows` where the compiled passes
@@ -234,6 +246,16 @@ class _MixedInputs:
         return out
 
 
+def _slot_views(
+    hidden: th.Tensor, inputs: th.Tensor, layout: RowLayout, plan: BlockPlan
+) -> tuple[list[th.Tensor], list[th.Tensor]]:
+    """Each hidden module's rows of the ``[module rows, D]`` buffers ``hidden`` and ``inputs``, by weight slot."""
+    sizes = layout.block_sizes()[: len(plan.is_input)]
+    node_hidden, node_inputs = hidden.split(sizes), inputs.split(sizes)
+    hidden_nodes = plan.routed_nodes[:-1]  # in order: their weight slots
+    return [node_hidden[node] for node in hidden_nodes], [node_inputs[node] for node in hidden_nodes]
+
+
 def run_nodes(
     x0: th.Tensor,
     w_in: th.Tensor,
@@ -242,13 +264,13 @@ def run_nodes(
     b_hid: th.Tensor,
     layout: RowLayout,
     plan: BlockPlan,
-    saved: tuple[list[th.Tensor], list[th.Tensor]] | None = None,
+    saved: SavedActivations | None = None,
 ) -> tuple[th.Tensor, th.Tensor]:
     """Forward pass of the routed block (no autograd): ``(y [E, B, D], outputs [module rows, D])``.
 
     :param layout: the rows to compute (:func:`~d2r_sb3.d2r.row_layout.build_row_layout`).
-    :param saved: ``(hidden, inputs)`` lists that receive, by weight slot, each hidden module's ``relu`` output
-        ``h_i`` (its mask for the backward pass) and its input ``u_i`` (for the weight gradients), ``[rows, D]``.
+    :param saved: receives each hidden module's ``relu`` output ``h_i`` (its mask for the backward pass) and
+        input ``u_i`` (for the weight gradients), ``[rows, D]`` (:class:`SavedActivations`).
     """
     ens = layout.ens
     n = len(plan.is_input)
@@ -276,10 +298,8 @@ def run_nodes(
             threads,
         )
         if saved is not None and hidden is not None and inputs is not None:
-            node_hidden, node_inputs = hidden.split(block_sizes[:n]), inputs.split(block_sizes[:n])
-            for node in plan.routed_nodes[:-1]:  # the hidden modules, in order (their weight slots)
-                saved[0].append(node_hidden[node])
-                saved[1].append(node_inputs[node])
+            saved.rows = (hidden, inputs)
+            saved.hidden, saved.inputs = _slot_views(hidden, inputs, layout, plan)
         return y.view(ens, layout.batch, dim), outputs
     outputs = x0.new_empty(layout.starts[n], dim)
     mix = _MixedInputs(outputs, layout, block_sizes)
@@ -299,16 +319,16 @@ def run_nodes(
             continue
         if not size:
             if saved is not None:
-                saved[0].append(outputs.new_empty(0, dim))
-                saved[1].append(outputs.new_empty(0, dim))
+                saved.hidden.append(outputs.new_empty(0, dim))
+                saved.inputs.append(outputs.new_empty(0, dim))
             continue
         u = mix.node(node)
         if saved is None:  # nothing kept for a backward pass: h is computed in place in the output rows
             _member_products(u, w_hid_t[k], members, bias=b_hid_k[k], out=blocks[node]).relu_().add_(u)
             continue
         h = _member_products(u, w_hid_t[k], members, bias=b_hid_k[k]).relu_()
-        saved[0].append(h)
-        saved[1].append(u)
+        saved.hidden.append(h)
+        saved.inputs.append(u)
         th.add(h, u, out=blocks[node])  # residual shortcut: in value s_i == u_i
     y = mix.node(n)
     return y.view(ens, layout.batch, dim), outputs
@@ -409,20 +429,43 @@ class _PullGraph(_EdgeGraph):
             compiled.bag_mode(keep is not None, plan.masked_shortcut),
             host_array(layout.grid_of_row),
         )
-        segment = np.append(starts[:, 0], len(rows))[layout.starts[: n + 1]]  # entry range of each module
-        sizes = np.diff(segment).tolist()
-        device = layout.entry_rows.device
-        self.rows = th.from_numpy(rows).to(device).split(sizes)
-        self.grid_slots = np.split(grid_slots, segment[1:-1] - segment[0])
+        # The edges as the host arrays (what the compiled backward reads); per-module tensors when first asked for.
+        self.edge_rows, self.edge_weights, self.bag_starts, self.edge_grid_slots = (
+            rows,
+            entry_weights,
+            starts,
+            grid_slots,
+        )
+        self.segment = np.append(starts[:, 0], len(rows))[
+            layout.starts[: n + 1]
+        ]  # entry range of each module
         self.slots = layout.entry_rows.shape[-1]
         self.dots: np.ndarray | None = None  # the routing weights' gradient, flat, while the pulls write it
-        self.weights = from_host(entry_weights, layout.entry_weights).split(sizes)
-        # Bag offsets of every module, relative to its first entry, all computed at once.
-        row_counts = layout.block_sizes()[:n]
-        offsets = starts - np.repeat(segment[:-1], row_counts)[:, None]
-        self.offsets = (
-            th.from_numpy(offsets.reshape(-1)).to(device).split([c * self.pairs for c in row_counts])
-        )
+        self._layout = layout
+        self._row_counts = layout.block_sizes()[:n]
+
+    @cached_property
+    def rows(self) -> tuple[th.Tensor, ...]:
+        """Every module's entries' table rows."""
+        device = self._layout.entry_rows.device
+        return th.from_numpy(self.edge_rows).to(device).split(np.diff(self.segment).tolist())
+
+    @cached_property
+    def weights(self) -> tuple[th.Tensor, ...]:
+        """Every module's entries' weights."""
+        return from_host(self.edge_weights, self._layout.entry_weights).split(np.diff(self.segment).tolist())
+
+    @cached_property
+    def grid_slots(self) -> list[np.ndarray]:
+        """Every module's entries' positions in the flat grid of routing weights (:func:`compiled.edge_bags`)."""
+        return np.split(self.edge_grid_slots, self.segment[1:-1] - self.segment[0])
+
+    @cached_property
+    def offsets(self) -> tuple[th.Tensor, ...]:
+        """Every module's bag offsets, relative to its first entry (all computed at once)."""
+        offsets = self.bag_starts - np.repeat(self.segment[:-1], self._row_counts)[:, None]
+        device = self._layout.entry_rows.device
+        return th.from_numpy(offsets.reshape(-1)).to(device).split([c * self.pairs for c in self._row_counts])
 
     def push(self, table: th.Tensor, rows: slice) -> None:
         """Nothing to do: sources pull their gradient when their turn comes."""
@@ -695,10 +738,11 @@ class RoutedBlockFunction(th.autograd.Function):
         trained_rows: int | None,
     ) -> th.Tensor:
         layout = workspace.layout(sources, weights, keep, x0.dtype, trained_rows)
-        hidden: list[th.Tensor] = []
-        inputs: list[th.Tensor] = []
-        y, outputs = run_nodes(x0, w_in, b_in, w_hid, b_hid, layout, workspace.plan, saved=(hidden, inputs))
-        ctx.save_for_backward(x0, w_in, w_hid, outputs, *hidden, *inputs)
+        saved = SavedActivations()
+        y, outputs = run_nodes(x0, w_in, b_in, w_hid, b_hid, layout, workspace.plan, saved=saved)
+        ctx.kept_rows = saved.rows is not None  # (the compiled forward's buffers, else the per-slot tensors)
+        kept = saved.rows if saved.rows is not None else (*saved.hidden, *saved.inputs)
+        ctx.save_for_backward(x0, w_in, w_hid, outputs, *kept)
         ctx.workspace, ctx.layout = workspace, layout
         ctx.weights_dtype = weights.dtype
         return y
@@ -708,7 +752,6 @@ class RoutedBlockFunction(th.autograd.Function):
     def backward(ctx, grad_y: th.Tensor):
         x0, w_in, w_hid, outputs, *saved = ctx.saved_tensors
         n_hid = w_hid.shape[1]
-        hidden, inputs = saved[:n_hid], saved[n_hid:]
         workspace: BlockWorkspace = ctx.workspace
         layout: RowLayout = ctx.layout
         plan = workspace.plan
@@ -724,8 +767,6 @@ class RoutedBlockFunction(th.autograd.Function):
         if dots_in_pulls:
             graph.start_routing_dots(grid_rows, outputs)
         _start_output_gradient(table, graph, grad_y, layout.node_rows(n))
-        flat_table = table.view(-1, dim)
-        grad_x0: th.Tensor | None = None  # written by the first input module that runs (no zero fill)
         # Weight gradients in the weights' layout [E, slots, ...]; each module's slot ([E, ...], strided across the
         # members) is written in place (out=), so nothing is transposed or copied afterwards. Input modules no
         # sample reaches keep their zeros.
@@ -735,67 +776,118 @@ class RoutedBlockFunction(th.autograd.Function):
         grad_w_hid = x0.new_empty(ens, n_hid, dim, dim) if need_w_hid else None
         grad_b_hid = x0.new_empty(ens, n_hid, dim) if need_b_hid else None
 
-        # Every per-node view taken at once (one call each instead of a few small ones per node).
-        row_counts = layout.block_sizes()[:n]
-        node_grads = table[0, : layout.starts[n]].split(row_counts)
-        node_shortcut_grads = table[1, : layout.starts[n]].split(row_counts) if graph.two_sided else None
-        node_outputs = outputs.split(row_counts)
-        w_hid_k = w_hid.unbind(1)
-        grad_w_hid_k = grad_w_hid.unbind(1) if grad_w_hid is not None else None
-        grad_b_hid_k = grad_b_hid.unbind(1) if grad_b_hid is not None else None
-        for node in range(n - 1, -1, -1):
-            size = row_counts[node]
-            k = plan.param_index[node]
-            members = layout.member_sizes[node]
-            if not size:  # no sample reaches this module: its gradients are 0
-                if not plan.is_input[node]:
-                    for grads in (grad_w_hid_k, grad_b_hid_k):
-                        if grads is not None:
-                            grads[k].zero_()
-                continue
-            if plan.is_input[node]:
-                grad_x0 = _input_module_backward(
-                    graph.pull_input(flat_table, node, node_outputs[node]),
-                    x0,
-                    layout,
-                    node,
-                    w_in[:, k],
-                    grad_x0,
-                    grad_w_in[:, k] if grad_w_in is not None else None,
-                    grad_b_in[:, k] if grad_b_in is not None else None,
-                    need_x0,
-                )
-                continue
-            grad_pre, grad_total = graph.pull_hidden(
-                flat_table,
-                node,
-                hidden[k],
-                node_shortcut_grads[node] if node_shortcut_grads is not None else None,
-                node_grads[node],
-                node_outputs[node],
+        weight_grads = (grad_w_in, grad_b_in, grad_w_hid, grad_b_hid)
+        gemm = gemm_for(x0)
+        if ctx.kept_rows and isinstance(graph, _PullGraph) and graph.threads and gemm:
+            hidden_rows, input_rows = saved
+            grad_x0 = block_backward(
+                gemm,
+                graph,
+                table,
+                x0,
+                w_in,
+                w_hid,
+                outputs,
+                hidden_rows,
+                input_rows,
+                layout,
+                plan,
+                weight_grads,
+                need_x0,
             )
-            _hidden_module_backward(
-                grad_pre,
-                grad_total,
-                members,
-                inputs[k],
-                w_hid_k[k],
-                node_grads[node],
-                grad_w_hid_k[k] if grad_w_hid_k is not None else None,
-                grad_b_hid_k[k] if grad_b_hid_k is not None else None,
-                layout.trained(node),
+        else:
+            hidden, inputs = (
+                _slot_views(saved[0], saved[1], layout, plan)
+                if ctx.kept_rows
+                else (saved[:n_hid], saved[n_hid:])
             )
-            graph.push(table, layout.node_rows(node))
-
+            grad_x0 = _backward_by_operators(
+                graph, table, x0, w_in, w_hid, outputs, hidden, inputs, layout, plan, weight_grads, need_x0
+            )
         grad_p = None
         if dots_in_pulls:
             grad_p = graph.routing_dots().view(ens, layout.batch, n + 1, -1).to(ctx.weights_dtype)
         elif need_p:
             grad_p = _routing_weight_gradient(outputs, table[0], layout, routed, n).to(ctx.weights_dtype)
         workspace.give_back_scratch(table)
-        if need_x0 and grad_x0 is None:  # (no input module reached: not possible with a route, but exact)
-            grad_x0 = th.zeros_like(x0)
         return grad_x0, grad_w_in, grad_b_in, grad_w_hid, grad_b_hid, grad_p, None, None, None, None
+
+
+def _backward_by_operators(
+    graph: _PullGraph | _PushGraph,
+    table: th.Tensor,
+    x0: th.Tensor,
+    w_in: th.Tensor,
+    w_hid: th.Tensor,
+    outputs: th.Tensor,
+    hidden: list[th.Tensor],
+    inputs: list[th.Tensor],
+    layout: RowLayout,
+    plan: BlockPlan,
+    weight_grads: tuple[th.Tensor | None, th.Tensor | None, th.Tensor | None, th.Tensor | None],
+    need_x0: bool,
+) -> th.Tensor | None:
+    """The backward loop over the nodes as torch operators (and compiled pulls where ``graph`` has them): the
+    arguments of :func:`~d2r_sb3.d2r.compiled_block.block_backward`, with the hidden modules' relu outputs and
+    inputs by weight slot. Returns ``dL/dx0`` when ``need_x0``."""
+    n = len(plan.is_input)
+    flat_table = table.view(-1, table.shape[-1])
+    grad_x0: th.Tensor | None = None  # written by the first input module that runs (no zero fill)
+    grad_w_in, grad_b_in, grad_w_hid, grad_b_hid = weight_grads
+    # Every per-node view taken at once (one call each instead of a few small ones per node).
+    row_counts = layout.block_sizes()[:n]
+    node_grads = table[0, : layout.starts[n]].split(row_counts)
+    node_shortcut_grads = table[1, : layout.starts[n]].split(row_counts) if graph.two_sided else None
+    node_outputs = outputs.split(row_counts)
+    w_hid_k = w_hid.unbind(1)
+    grad_w_hid_k = grad_w_hid.unbind(1) if grad_w_hid is not None else None
+    grad_b_hid_k = grad_b_hid.unbind(1) if grad_b_hid is not None else None
+    for node in range(n - 1, -1, -1):
+        size = row_counts[node]
+        k = plan.param_index[node]
+        members = layout.member_sizes[node]
+        if not size:  # no sample reaches this module: its gradients are 0
+            if not plan.is_input[node]:
+                for grads in (grad_w_hid_k, grad_b_hid_k):
+                    if grads is not None:
+                        grads[k].zero_()
+            continue
+        if plan.is_input[node]:
+            grad_x0 = _input_module_backward(
+                graph.pull_input(flat_table, node, node_outputs[node]),
+                x0,
+                layout,
+                node,
+                w_in[:, k],
+                grad_x0,
+                grad_w_in[:, k] if grad_w_in is not None else None,
+                grad_b_in[:, k] if grad_b_in is not None else None,
+                need_x0,
+            )
+            continue
+        grad_pre, grad_total = graph.pull_hidden(
+            flat_table,
+            node,
+            hidden[k],
+            node_shortcut_grads[node] if node_shortcut_grads is not None else None,
+            node_grads[node],
+            node_outputs[node],
+        )
+        _hidden_module_backward(
+            grad_pre,
+            grad_total,
+            members,
+            inputs[k],
+            w_hid_k[k],
+            node_grads[node],
+            grad_w_hid_k[k] if grad_w_hid_k is not None else None,
+            grad_b_hid_k[k] if grad_b_hid_k is not None else None,
+            layout.trained(node),
+        )
+        graph.push(table, layout.node_rows(node))
+    if need_x0 and grad_x0 is None:  # (no input module reached: not possible with a route, but exact)
+        grad_x0 = th.zeros_like(x0)
+    return grad_x0
 
 
 def _start_output_gradient(
