@@ -576,7 +576,9 @@ def test_the_compiled_forward_is_the_operators_bit_for_bit(n_nets, skip, level, 
 @pytest.mark.parametrize("level", ["module", "model"])
 @pytest.mark.parametrize("skip", [True, False], ids=["skipping", "dense"])
 @pytest.mark.parametrize("n_nets", [1, 2])
-def test_the_compiled_backward_gives_the_operators_gradients(n_nets, skip, level, resrouting, threads, monkeypatch):
+def test_the_compiled_backward_gives_the_operators_gradients(
+    n_nets, skip, level, resrouting, threads, monkeypatch
+):
     """The routed block's backward loop as one compiled call gives the gradients of the operator loop (which the
     reference tests hold to the paper's equations): every parameter, the state and the routing weights (through
     the gate), in float64 to rounding. Model-level routing has four input modules, reached by some samples only
