@@ -16,7 +16,7 @@ a NaN through the relu.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import numba
 import numpy as np
@@ -27,7 +27,6 @@ from d2r_sb3.common.host_loops import PARALLEL_FROM, jit, part
 from d2r_sb3.d2r.compiled import pull_through_relu, weighted_rows
 
 if TYPE_CHECKING:
-    from d2r_sb3.d2r.routed_block import BlockPlan, _PullGraph
     from d2r_sb3.d2r.row_layout import RowLayout
 
 __all__ = ["block_backward", "block_forward", "gemm_for"]
@@ -195,9 +194,25 @@ def _finish_rows(h, bias, out, shortcut, first, end):  # pragma: no cover - comp
                 target[c] = row[c] + add[c]
 
 
+class PulledEdges(Protocol):
+    """The edges of one backward pass as :func:`block_backward` reads them (the routed block's ``_PullGraph``):
+    host arrays from :func:`~d2r_sb3.d2r.compiled.edge_bags`, the module ranges of its entries, and the flat grid
+    the pulls write the routing weights' gradient into (``None``: not taken)."""
+
+    edge_rows: np.ndarray
+    edge_weights: np.ndarray
+    bag_starts: np.ndarray
+    edge_grid_slots: np.ndarray
+    segment: np.ndarray
+    pairs: int
+    two_sided: bool
+    threads: int
+    dots: np.ndarray | None
+
+
 def block_backward(
     gemm: int,
-    graph: _PullGraph,
+    graph: PulledEdges,
     table: th.Tensor,
     x0: th.Tensor,
     w_in: th.Tensor,
@@ -206,20 +221,24 @@ def block_backward(
     hidden: th.Tensor,
     inputs: th.Tensor,
     layout: RowLayout,
-    plan: BlockPlan,
+    is_input: tuple[bool, ...],
+    param_index: tuple[int, ...],
     weight_grads: tuple[th.Tensor | None, th.Tensor | None, th.Tensor | None, th.Tensor | None],
     need_x0: bool,
 ) -> th.Tensor | None:
     """The routed block's backward loop over the nodes (the pulling strategy, compiled pulls) in one compiled call.
 
-    :param graph: the call's edges; its routing-weight gradient grid, when started, is written by the pulls.
+    :param graph: the call's edges (:class:`~d2r_sb3.d2r.routed_block._PullGraph`); its routing-weight gradient
+        grid, when started, is written by the pulls.
+    :param is_input: for every module, whether it reads ``x0``; ``param_index``: its weight slot.
     :param table: the per-node gradient table ``[halves, rows, D]``, the output node's rows filled.
     :param hidden: :func:`block_forward`'s relu outputs, ``inputs`` its module inputs (``[module rows, D]``).
     :param weight_grads: ``(grad_w_in, grad_b_in, grad_w_hid, grad_b_hid)`` in the weights' layouts, written
         where given (the input modules' ones zero-filled beforehand: no sample may reach one).
     :return: ``dL/dx0 [E, B, Din]`` when ``need_x0``, else ``None``.
     """
-    grad_x0 = th.empty_like(x0) if need_x0 else x0.new_empty(0, 0)
+    grad_x0 = th.empty_like(x0) if need_x0 else None
+    grad_x0_rows = grad_x0.view(-1, x0.shape[-1]) if grad_x0 is not None else x0.new_empty(0, x0.shape[-1])
     no_weights, no_biases = x0.new_empty(0, 0, 0, 0).numpy(), x0.new_empty(0, 0, 0).numpy()
     grad_w_in, grad_b_in, grad_w_hid, grad_b_hid = (
         grad.numpy() if grad is not None else empty
@@ -234,8 +253,8 @@ def block_backward(
         reals,
         table.view(-1, table.shape[-1]).numpy(),
         table.shape[1] if graph.two_sided else 0,
-        np.array(plan.is_input, dtype=np.bool_),
-        np.array(plan.param_index, dtype=np.int64),
+        np.array(is_input, dtype=np.bool_),
+        np.array(param_index, dtype=np.int64),
         np.array(layout.starts, dtype=np.int64),
         np.array(layout.member_sizes, dtype=np.int64),
         np.array(trained, dtype=np.int64),
@@ -254,14 +273,14 @@ def block_backward(
         outputs.numpy(),
         hidden.numpy(),
         inputs.numpy(),
-        grad_x0.view(-1, grad_x0.shape[-1]).numpy(),
+        grad_x0_rows.numpy(),
         grad_w_in,
         grad_b_in,
         grad_w_hid,
         grad_b_hid,
         graph.threads,
     )
-    if not need_x0:
+    if grad_x0 is None:
         return None
     if not written:  # (no input module reached: not possible with a route, but exact)
         grad_x0.zero_()

@@ -791,7 +791,8 @@ class RoutedBlockFunction(th.autograd.Function):
                 hidden_rows,
                 input_rows,
                 layout,
-                plan,
+                plan.is_input,
+                plan.param_index,
                 weight_grads,
                 need_x0,
             )
