@@ -30,7 +30,9 @@ over its ``[B, D]`` activations, so the passes over memory and the number of ker
   ``j`` (nodes in reverse order) all of them are known. The edges are sorted by source row once per backward,
   and each module's two gradients (see below) are one ``embedding_bag`` over a table of per-node gradients: no
   zero-filled gradient buffers, no scatter, and the ResRouting masks become per-edge weights.
-  Off the CPU, nodes **push** with ``index_add_`` instead (:class:`_PushGraph`), which needs no host sync.
+  On a CPU the loop is one compiled call (:func:`~d2r_sb3.d2r.compiled_block.block_backward`), where the pulls
+  are compiled passes. Off the CPU, nodes **push** with ``index_add_`` instead (:class:`_PushGraph`), which needs
+  no host sync.
 * Each module's weight gradient is taken right after its relu backward, while that gradient is in cache; the
   routing-weight gradients are taken by the compiled pulls while they load each edge's rows (off that path, one
   fused gather-and-dot after the loop).
