@@ -352,22 +352,26 @@ def _backward(
         end = segment[node + 1]
         offsets = bag_starts[lo * pairs : hi * pairs]
         grad_pre = grad_pre_rows[: hi - lo]
+        if is_input[node]:  # gF through the relu of o = relu(M(x0)); rsg(o) = sg(o): no shortcut gradient
+            mask, total, also = outputs[lo:hi], no_rows, no_rows
+        else:  # the module's table rows take gT first, then gU is added (A = gU + gS)
+            mask, total = hidden[lo:hi], table[lo:hi]
+            also = table[shortcut_rows + lo : shortcut_rows + hi] if shortcut_rows > 0 else no_rows
+        pull_through_relu(
+            table,
+            edge_rows[:end],
+            offsets,
+            edge_weights[:end],
+            mask,
+            grad_pre,
+            total,
+            also,
+            outputs[lo:hi],
+            grid_slots[:end],
+            dots,
+            threads,
+        )
         if is_input[node]:
-            # gF through the relu of o = relu(M(x0)); rsg(o) = sg(o): no shortcut gradient
-            pull_through_relu(
-                table,
-                edge_rows[:end],
-                offsets,
-                edge_weights[:end],
-                outputs[lo:hi],
-                grad_pre,
-                no_rows,
-                no_rows,
-                outputs[lo:hi],
-                grid_slots[:end],
-                dots,
-                threads,
-            )
             x0_written = _input_module_gradients(
                 gemm,
                 ints,
@@ -389,22 +393,6 @@ def _backward(
                 x0_written,
             )
             continue
-        total = table[lo:hi]  # the module's table rows: gT first, then gU added (A = gU + gS)
-        also = table[shortcut_rows + lo : shortcut_rows + hi] if shortcut_rows > 0 else no_rows
-        pull_through_relu(
-            table,
-            edge_rows[:end],
-            offsets,
-            edge_weights[:end],
-            hidden[lo:hi],
-            grad_pre,
-            total,
-            also,
-            outputs[lo:hi],
-            grid_slots[:end],
-            dots,
-            threads,
-        )
         first = 0
         for e in range(members):
             rows = member_sizes[node, e]
