@@ -15,7 +15,7 @@ from collections.abc import Callable
 import numba
 import numpy as np
 
-__all__ = ["PARALLEL_FROM", "jit", "loop_threads", "part"]
+__all__ = ["PARALLEL_FROM", "jit", "loop_threads", "part", "serial_as_none"]
 
 # Below this many values a pass over a tensor runs on one thread (a parallel region costs microseconds to start).
 PARALLEL_FROM = 65_536
@@ -38,6 +38,14 @@ def jit(function: Callable | None = None, **options) -> Callable:
             stacklevel=2,
         )
         return numba.njit(nogil=True, **options)(function)
+
+
+def serial_as_none(threads: int) -> int | None:
+    """``threads`` as the compiled passes that choose between a serial and a parallel version take it: ``None``
+    for one thread. A pass tests ``threads is None`` first, and numba prunes that branch's alternative from the
+    code it compiles for a ``None`` argument, so a one-thread process never compiles the parallel versions (their
+    parallel loops take seconds to compile)."""
+    return threads if threads > 1 else None
 
 
 # Whether numba's parallel loops share the CPU well in this process: (the process it was found in, the answer).

@@ -543,7 +543,7 @@ def _softmax_grad_rows(grad, weights, positions, used, out, first, end):  # prag
 
 @_jit
 def pull_through_relu(
-    table, rows, offsets, weights, hidden, grad_pre, total, also, outputs, grid_slots, grid, threads=1
+    table, rows, offsets, weights, hidden, grad_pre, total, also, outputs, grid_slots, grid, threads=None
 ):  # pragma: no cover - compiled
     """A module's pulled gradients and its relu backward in one pass (see ``_PullGraph``), its rows split
     among ``threads`` threads (:func:`loop_threads`); with a ``grid``, also the routing weights' gradient of
@@ -560,11 +560,7 @@ def pull_through_relu(
     ``grid`` (flat, float) has no entries, each is written to ``grid[grid_slots[k]]``, taken while the rows are
     loaded for the bag.
     """
-    if threads > 1:
-        _pull_in_parts(
-            threads, table, rows, offsets, weights, hidden, grad_pre, total, also, outputs, grid_slots, grid
-        )
-    else:
+    if threads is None or threads == 1:  # (None: one thread, see host_loops.serial_as_none)
         _pull_rows(
             table,
             rows,
@@ -579,6 +575,10 @@ def pull_through_relu(
             grid,
             0,
             len(hidden),
+        )
+    else:
+        _pull_in_parts(
+            threads, table, rows, offsets, weights, hidden, grad_pre, total, also, outputs, grid_slots, grid
         )
 
 
@@ -643,14 +643,16 @@ def _dot(a, b):  # pragma: no cover - compiled
 
 
 @_jit
-def weighted_rows(table, rows, weights, out, threads=1):  # pragma: no cover - compiled
+def weighted_rows(table, rows, weights, out, threads=None):  # pragma: no cover - compiled
     """``out[g] = sum_c weights[g, c] * table[rows[g, c]]`` for every row ``g`` (``rows`` and ``weights``
     ``[R, C]``, ``out [R, D]``), the rows split among ``threads`` threads: the forward pass's mix of each module
     input from its sources. The sums of torch's ``embedding_bag`` with per-sample weights (mode "sum"), in the same
     order (bit for bit in float32; torch's float64 kernel does not fuse the multiply-adds), without its bookkeeping
     outputs: 1.6-2x faster for a routed-block call's bags on one thread. A weight of 0 still multiplies its row (a
     NaN there stays NaN in the sum)."""
-    if threads > 1 and out.size >= PARALLEL_FROM:
+    if threads is None:  # (one thread: see host_loops.serial_as_none)
+        _weighted_rows(table, rows, weights, out, 0, out.shape[0])
+    elif threads > 1 and out.size >= PARALLEL_FROM:
         _weighted_in_parts(threads, table, rows, weights, out)
     else:
         _weighted_rows(table, rows, weights, out, 0, out.shape[0])

@@ -29,7 +29,7 @@ import numpy as np
 import torch as th
 
 from d2r_sb3.common.host_blas import gemm_address, gemm_scratch, matmul
-from d2r_sb3.common.host_loops import PARALLEL_FROM, jit, part
+from d2r_sb3.common.host_loops import PARALLEL_FROM, jit, part, serial_as_none
 from d2r_sb3.d2r.compiled import pull_through_relu, weighted_rows
 
 if TYPE_CHECKING:
@@ -99,7 +99,7 @@ def block_forward(
         hidden.numpy(),
         inputs.numpy(),
         y.numpy(),
-        threads,
+        serial_as_none(threads),
     )
     return y, outputs, (hidden if save else None), (inputs if save else None)
 
@@ -171,7 +171,9 @@ def _finish(h, bias, out, shortcut, threads):  # pragma: no cover - compiled
     """After a slab's product ``h``: ``h = relu(h + bias)``, then ``out = h + shortcut`` (skipped when
     ``shortcut`` has no rows: an input module, whose ``out`` is ``h`` itself), on ``threads`` threads for large
     slabs."""
-    if threads > 1 and h.size >= PARALLEL_FROM:
+    if threads is None:  # (one thread: see host_loops.serial_as_none)
+        _finish_rows(h, bias, out, shortcut, 0, h.shape[0])
+    elif threads > 1 and h.size >= PARALLEL_FROM:
         _finish_in_parts(h, bias, out, shortcut, threads)
     else:
         _finish_rows(h, bias, out, shortcut, 0, h.shape[0])
@@ -284,7 +286,7 @@ def block_backward(
         grad_b_in,
         grad_w_hid,
         grad_b_hid,
-        graph.threads,
+        serial_as_none(graph.threads),
     )
     if grad_x0 is None:
         return None

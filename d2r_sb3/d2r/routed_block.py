@@ -61,6 +61,7 @@ import numpy as np
 import torch as th
 from torch.autograd.function import once_differentiable
 
+from d2r_sb3.common.host_loops import serial_as_none
 from d2r_sb3.d2r import compiled
 from d2r_sb3.d2r.compiled_block import block_backward, block_forward, gemm_for
 from d2r_sb3.d2r.row_layout import RowLayout, build_row_layout, from_host, host_array
@@ -244,7 +245,8 @@ class _MixedInputs:
         if not self.threads:
             return _bag(self.outputs, rows, self.offsets[: rows.numel() // self.slots], weights)
         out = self.outputs.new_empty(rows.shape[0], self.outputs.shape[1])
-        compiled.weighted_rows(self.outputs.numpy(), rows.numpy(), weights.numpy(), out.numpy(), self.threads)
+        threads = serial_as_none(self.threads)
+        compiled.weighted_rows(self.outputs.numpy(), rows.numpy(), weights.numpy(), out.numpy(), threads)
         return out
 
 
@@ -514,7 +516,7 @@ class _PullGraph(_EdgeGraph):
             outputs,
             self.grid_slots[module],
             dots,
-            self.threads,
+            serial_as_none(self.threads),
         )
 
     def pull_hidden(
