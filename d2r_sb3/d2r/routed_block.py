@@ -433,16 +433,11 @@ class _PullGraph(_EdgeGraph):
             compiled.bag_mode(keep is not None, plan.masked_shortcut),
             host_array(layout.grid_of_row),
         )
-        # The edges as the host arrays (what the compiled backward reads); per-module tensors when first asked for.
-        self.edge_rows, self.edge_weights, self.bag_starts, self.edge_grid_slots = (
-            rows,
-            entry_weights,
-            starts,
-            grid_slots,
-        )
-        self.segment = np.append(starts[:, 0], len(rows))[
-            layout.starts[: n + 1]
-        ]  # entry range of each module
+        # The edges as host arrays (what the compiled backward reads); the operator loop's per-module tensors are
+        # made when it first asks for them.
+        self.edge_rows, self.edge_weights = rows, entry_weights
+        self.bag_starts, self.edge_grid_slots = starts, grid_slots
+        self.segment = np.append(starts[:, 0], len(rows))[layout.starts[: n + 1]]  # each module's first entry
         self.slots = layout.entry_rows.shape[-1]
         self.dots: np.ndarray | None = None  # the routing weights' gradient, flat, while the pulls write it
         self._layout = layout
