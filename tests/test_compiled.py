@@ -179,7 +179,7 @@ def test_the_compiled_edge_bags_are_the_array_versions(seed, dtype, masked_short
     assert [len(part) for part in graph.rows] == sizes
     assert np.array_equal(th.cat(graph.rows).numpy(), rows)
     assert np.array_equal(host_array(th.cat(graph.weights)), entry_weights)
-    assert np.array_equal(np.concatenate(graph.grid_slots), grid_slots)
+    assert np.array_equal(graph.edge_grid_slots, grid_slots)
     offsets = starts - np.repeat(segment[:-1], layout.block_sizes()[:n])[:, None]
     assert np.array_equal(th.cat(graph.offsets).numpy(), offsets.reshape(-1))
 

@@ -534,7 +534,7 @@ def test_the_compiled_forward_is_the_operators_bit_for_bit(n_nets, skip, level, 
     and the saved relu outputs and inputs of the operator version, bit for bit in float32: member slabs of equal and
     unequal sizes, input modules some samples do not reach (model-level routing), slabs large enough to be split
     between two threads; and the same output when nothing is saved (the no-gradient path)."""
-    from d2r_sb3.d2r.routed_block import SavedActivations, run_nodes
+    from d2r_sb3.d2r.routed_block import SavedActivations, _slot_views, run_nodes
     from d2r_sb3.d2r.row_layout import build_row_layout
 
     kwargs = {"routing_level": "model", "n_layers": 2} if level == "model" else {}
@@ -570,9 +570,13 @@ def test_the_compiled_forward_is_the_operators_bit_for_bit(n_nets, skip, level, 
     (y, outputs, saved, y_no_grad), (y_ops, outputs_ops, saved_ops, y_no_grad_ops) = results
     assert th.equal(y, y_ops) and th.equal(outputs, outputs_ops)
     assert th.equal(y_no_grad, y_no_grad_ops) and th.equal(y_no_grad, y)
-    for got, want in zip([*saved.hidden, *saved.inputs], [*saved_ops.hidden, *saved_ops.inputs], strict=True):
+    assert saved.rows is not None and saved_ops.rows is None
+    hidden_by_slot, inputs_by_slot = _slot_views(*saved.rows, layout, net.plan)
+    for got, want in zip(
+        [*hidden_by_slot, *inputs_by_slot], [*saved_ops.hidden, *saved_ops.inputs], strict=True
+    ):
         assert th.equal(got, want)
-    assert len(saved.hidden) == net.w_hid.shape[1] and saved.rows is not None and saved_ops.rows is None
+    assert len(hidden_by_slot) == net.w_hid.shape[1]
 
 
 @pytest.mark.parametrize("resrouting", list(RESROUTING))

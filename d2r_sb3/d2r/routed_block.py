@@ -213,41 +213,14 @@ def _input_rows(x0: th.Tensor, layout: RowLayout, node: int) -> th.Tensor:
 
 @dataclass
 class SavedActivations:
-    """What a forward pass keeps for its backward pass: each hidden module's relu output ``h`` and input ``u``, by
-    weight slot (``[rows, D]`` each). The compiled forward writes them into two ``[module rows, D]`` buffers,
-    ``rows = (h, u)``, in the modules' own rows (what the compiled backward reads); the lists then hold views."""
+    """What a forward pass keeps for its backward pass: each hidden module's relu output ``h`` and input ``u``. The
+    operator loop gives them by weight slot (``[rows, D]`` each, in the lists); the compiled forward writes them
+    into two ``[module rows, D]`` buffers, ``rows = (h, u)``, in the modules' own rows (what the compiled backward
+    reads; :func:`_slot_views` gives the per-slot views of them), and leaves the lists empty."""
 
     hidden: list[th.Tensor] = field(default_factory=list)
     inputs: list[th.Tensor] = field(default_factory=list)
     rows: tuple[th.Tensor, th.Tensor] | None = None
-
-
-class _MixedInputs:
-    """The forward pass's mixed inputs ``u_i = sum_j p_ij o_j`` of one call's routed nodes, from the module
-    outputs written so far: the compiled :func:`~d2r_sb3.d2r.compiled.weighted_rows` where the compiled passes
-    run (:func:`compiled_pass_threads`), else one ``embedding_bag`` (the same sums in the same order)."""
-
-    def __init__(self, outputs: th.Tensor, layout: RowLayout, block_sizes: list[int]):
-        self.outputs = outputs
-        self.threads = compiled_pass_threads(outputs)
-        self.slots = slots = layout.entry_rows.shape[-1]
-        if self.threads:
-            self.rows = layout.entry_rows.split(block_sizes)
-            self.weights = layout.entry_weights.split(block_sizes)
-        else:  # flat bags of `slots` entries each
-            self.rows = layout.entry_rows.view(-1).split([size * slots for size in block_sizes])
-            self.weights = layout.entry_weights.view(-1).split([size * slots for size in block_sizes])
-            self.offsets = th.arange(0, max(block_sizes) * slots, slots, device=outputs.device)
-
-    def node(self, node: int) -> th.Tensor:
-        """``[rows, D]``: the mixed input of each of ``node``'s rows."""
-        rows, weights = self.rows[node], self.weights[node]
-        if not self.threads:
-            return _bag(self.outputs, rows, self.offsets[: rows.numel() // self.slots], weights)
-        out = self.outputs.new_empty(rows.shape[0], self.outputs.shape[1])
-        threads = serial_as_none(self.threads)
-        compiled.weighted_rows(self.outputs.numpy(), rows.numpy(), weights.numpy(), out.numpy(), threads)
-        return out
 
 
 def _slot_views(
@@ -303,12 +276,14 @@ def run_nodes(
         )
         if saved is not None and hidden is not None and inputs is not None:
             saved.rows = (hidden, inputs)
-            saved.hidden, saved.inputs = _slot_views(hidden, inputs, layout, plan)
         return y.view(ens, layout.batch, dim), outputs
     outputs = x0.new_empty(layout.starts[n], dim)
-    mix = _MixedInputs(outputs, layout, block_sizes)
+    slots = layout.entry_rows.shape[-1]
+    offsets = th.arange(0, max(block_sizes) * slots, slots, device=x0.device)
     # Every per-node view taken at once (one call each instead of a few small ones per node).
     blocks = outputs.split(block_sizes[:n])
+    entry_rows = layout.entry_rows.view(-1).split([size * slots for size in block_sizes])
+    entry_weights = layout.entry_weights.view(-1).split([size * slots for size in block_sizes])
     w_in_t, w_hid_t = w_in.transpose(2, 3).unbind(1), w_hid.transpose(2, 3).unbind(1)
     b_in_k, b_hid_k = b_in.unbind(1), b_hid.unbind(1)
     for node in range(n):
@@ -326,7 +301,7 @@ def run_nodes(
                 saved.hidden.append(outputs.new_empty(0, dim))
                 saved.inputs.append(outputs.new_empty(0, dim))
             continue
-        u = mix.node(node)
+        u = _bag(outputs, entry_rows[node], offsets[:size], entry_weights[node])
         if saved is None:  # nothing kept for a backward pass: h is computed in place in the output rows
             _member_products(u, w_hid_t[k], members, bias=b_hid_k[k], out=blocks[node]).relu_().add_(u)
             continue
@@ -334,7 +309,7 @@ def run_nodes(
         saved.hidden.append(h)
         saved.inputs.append(u)
         th.add(h, u, out=blocks[node])  # residual shortcut: in value s_i == u_i
-    y = mix.node(n)
+    y = _bag(outputs, entry_rows[n], offsets[: ens * layout.batch], entry_weights[n])
     return y.view(ens, layout.batch, dim), outputs
 
 
@@ -433,8 +408,8 @@ class _PullGraph(_EdgeGraph):
             compiled.bag_mode(keep is not None, plan.masked_shortcut),
             host_array(layout.grid_of_row),
         )
-        # The edges as host arrays (what the compiled backward reads); the operator loop's per-module tensors are
-        # made when it first asks for them.
+        # The edges as host arrays (what the compiled pulls read); torch's pulls (embedding_bag) make per-module
+        # tensors of them when they first ask.
         self.edge_rows, self.edge_weights = rows, entry_weights
         self.bag_starts, self.edge_grid_slots = starts, grid_slots
         self.segment = np.append(starts[:, 0], len(rows))[layout.starts[: n + 1]]  # each module's first entry
@@ -453,11 +428,6 @@ class _PullGraph(_EdgeGraph):
     def weights(self) -> tuple[th.Tensor, ...]:
         """Every module's entries' weights."""
         return from_host(self.edge_weights, self._layout.entry_weights).split(np.diff(self.segment).tolist())
-
-    @cached_property
-    def grid_slots(self) -> list[np.ndarray]:
-        """Every module's entries' positions in the flat grid of routing weights (:func:`compiled.edge_bags`)."""
-        return np.split(self.edge_grid_slots, self.segment[1:-1] - self.segment[0])
 
     @cached_property
     def offsets(self) -> tuple[th.Tensor, ...]:
@@ -499,17 +469,21 @@ class _PullGraph(_EdgeGraph):
             outputs, dots = output.numpy(), self.dots
         else:  # (no rows, no entries: nothing taken)
             outputs, dots = mask[:0].numpy(), np.zeros(0, dtype=table_np.dtype)
+        # The module's bags start at absolute entries; the arrays end at its last entry (as the compiled backward
+        # reads them), so its last bag ends there.
+        end = self.segment[module + 1]
+        lo, hi = self._layout.starts[module], self._layout.starts[module + 1]
         compiled.pull_through_relu(
             table_np,
-            self.rows[module].numpy(),
-            self.offsets[module].numpy(),
-            self.weights[module].numpy(),
+            self.edge_rows[:end],
+            self.bag_starts.reshape(-1)[lo * self.pairs : hi * self.pairs],
+            self.edge_weights[:end],
             mask.numpy(),
             grad_pre.numpy(),
             total.numpy(),
             also.numpy(),
             outputs,
-            self.grid_slots[module],
+            self.edge_grid_slots[:end],
             dots,
             serial_as_none(self.threads),
         )
