@@ -11,13 +11,17 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch as th
 
+import d2r_sb3
 from d2r_sb3.d2r import compiled
 from d2r_sb3.d2r.network import RoutedNetwork, _GateInputsFunction, _MaskSoftmaxFunction
 from d2r_sb3.d2r.routed_block import BlockPlan, _PullGraph, _routed_rows
@@ -354,6 +358,53 @@ print("ok")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
+
+
+def test_a_cached_function_is_compiled_again_when_a_function_it_calls_changes_in_another_module(tmp_path):
+    """numba alone re-compiles a cached function only when its own file changes: a caller in another module kept
+    running the old code of a changed callee (an edit, a ``git pull`` into an editable install). Here the caller
+    sits in bias_relu.py and its callee in host_loops.py, in a copy of the package."""
+    package = Path(d2r_sb3.__file__).parent
+    copy = tmp_path / "d2r_sb3"
+    shutil.copytree(package, copy, ignore=shutil.ignore_patterns("__pycache__", "*.safetensors", "*.zip"))
+    callee = "\n\n@jit\ndef _probe_callee():  # pragma: no cover - compiled\n    return 1\n"
+    (copy / "common/host_loops.py").write_text((copy / "common/host_loops.py").read_text() + callee)
+    caller = (
+        "\n\nfrom d2r_sb3.common.host_loops import _probe_callee  # noqa: E402\n\n\n@jit\n"
+        "def _probe():  # pragma: no cover - compiled\n    return 10 * _probe_callee()\n"
+    )
+    (copy / "common/bias_relu.py").write_text((copy / "common/bias_relu.py").read_text() + caller)
+    script = "from d2r_sb3.common import bias_relu; print(bias_relu._probe(), sum(bias_relu._probe.stats.cache_hits.values()))"
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    env.pop("NUMBA_CACHE_DIR", None)
+
+    def run() -> list[str]:
+        command = [sys.executable, "-c", script]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        return result.stdout.split()
+
+    assert run() == ["10", "0"]  # compiled, cached
+    assert run() == ["10", "1"]  # loaded from the cache
+    (copy / "common/host_loops.py").write_text(
+        (copy / "common/host_loops.py").read_text().replace("return 1\n", "return 2\n")
+    )
+    assert run() == ["20", "0"]  # the caller's file did not change, its cached code is renewed all the same
+
+
+def test_a_compiled_function_of_an_unlisted_module_is_refused():
+    """A module of the package that compiles functions must be in COMPILED_MODULES (their contents stamp the
+    caches); one that is not is named, with the fix."""
+    from d2r_sb3.common.host_loops import COMPILED_MODULES, jit
+
+    def probe():  # pragma: no cover - never compiled
+        return 1
+
+    probe.__module__ = "d2r_sb3.common.somewhere_new"
+    with pytest.raises(ValueError, match="common/somewhere_new.py is not in .*COMPILED_MODULES"):
+        jit(probe)
+    package = Path(d2r_sb3.__file__).parent
+    assert all((package / name).is_file() for name in COMPILED_MODULES)
 
 
 def test_starting_the_thread_pool_leaves_torchs_thread_count_alone():

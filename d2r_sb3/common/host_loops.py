@@ -4,18 +4,47 @@ The CPU-side loops of the package (D2R's route choice and routed-block bookkeepi
 :mod:`d2r_sb3.d2r.compiled`, the optimiser pass of :mod:`d2r_sb3.common.fused_update`) are compiled with
 :func:`jit`, which caches them on disk, and split their rows among :func:`loop_threads` threads when torch runs on
 more than one.
+
+A cached function is compiled again when any module of :data:`COMPILED_MODULES` changes, not only its own: numba
+alone checks only the file a function is written in, so a function calling a compiled function of another module
+(the routed block's loop calls the mixing pass of :mod:`d2r_sb3.d2r.compiled`) would keep running the callee's old
+code after an edit or a ``git pull`` into an editable install.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import os
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 
 import numba
 import numpy as np
 
-__all__ = ["PARALLEL_FROM", "jit", "loop_threads", "part", "serial_as_none"]
+__all__ = [
+    "COMPILED_MODULES",
+    "PARALLEL_FROM",
+    "jit",
+    "loop_threads",
+    "part",
+    "serial_as_none",
+    "sources_stamp",
+]
+
+# Every module of the package that defines compiled functions (paths inside the package folder). Their contents
+# together stamp each cached function (:func:`sources_stamp`); :func:`jit` refuses a function of any other module of
+# the package, so a new compiled module cannot be left out.
+COMPILED_MODULES = (
+    "common/host_loops.py",
+    "common/host_blas.py",
+    "common/bias_relu.py",
+    "common/fused_update.py",
+    "d2r/compiled.py",
+    "d2r/compiled_block.py",
+)
+_PACKAGE_FOLDER = Path(__file__).resolve().parents[1]
 
 # Below this many values a pass over a tensor runs on one thread (a parallel region costs microseconds to start).
 PARALLEL_FROM = 65_536
@@ -29,7 +58,7 @@ def jit(function: Callable | None = None, **options) -> Callable:
     if function is None:
         return lambda function: jit(function, **options)
     try:
-        return numba.njit(cache=True, nogil=True, **options)(function)
+        dispatcher = numba.njit(cache=True, nogil=True, **options)(function)
     except RuntimeError as error:  # numba: "cannot cache function ...: no locator available"
         warnings.warn(
             f"d2r_sb3 compiles {function.__name__} in every process: numba cannot cache it ({error}). "
@@ -38,6 +67,46 @@ def jit(function: Callable | None = None, **options) -> Callable:
             stacklevel=2,
         )
         return numba.njit(nogil=True, **options)(function)
+    _stamp_with_package_sources(dispatcher, function)
+    return dispatcher
+
+
+def sources_stamp(folder: Path = _PACKAGE_FOLDER) -> str:
+    """A digest of the contents of the :data:`COMPILED_MODULES` under ``folder`` (the package's own folder by
+    default): what the disk cache of every compiled function of the package is stamped with."""
+    digest = hashlib.sha256()
+    for name in COMPILED_MODULES:
+        digest.update(name.encode() + b"\0" + (folder / name).read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+@functools.cache
+def _package_stamp() -> str | None:
+    try:
+        return sources_stamp()
+    except OSError:  # (a package not installed as plain files: numba's own stamp stays)
+        return None
+
+
+def _stamp_with_package_sources(dispatcher: Callable, function: Callable) -> None:
+    """Stamp the disk cache of ``dispatcher`` (``function`` compiled) with :func:`sources_stamp` instead of numba's
+    own stamp, the time and size of ``function``'s file, if ``function`` belongs to the package."""
+    module = function.__module__
+    if module.split(".")[0] != _PACKAGE_FOLDER.name:
+        return
+    path = "/".join(module.split(".")[1:]) + ".py"
+    if path not in COMPILED_MODULES:
+        raise ValueError(
+            f"{module}.{function.__name__} is compiled, but {path} is not in "
+            "d2r_sb3.common.host_loops.COMPILED_MODULES: add it there, so that the cached code of the functions "
+            "calling it is renewed when it changes."
+        )
+    stamp = _package_stamp()
+    # numba keeps the stamp on the cache's index file object, compares it with the one saved in the index when it
+    # loads and saves it with every entry (numba.core.caching.IndexDataCacheFile).
+    cache_file = getattr(getattr(dispatcher, "_cache", None), "_cache_file", None)
+    if stamp is not None and cache_file is not None and hasattr(cache_file, "_source_stamp"):
+        cache_file._source_stamp = ("d2r_sb3 compiled modules", stamp)
 
 
 def serial_as_none(threads: int) -> int | None:
