@@ -23,10 +23,10 @@ import torch as th
 
 import d2r_sb3
 from d2r_sb3.d2r import compiled
+from d2r_sb3.d2r.block_edges import PullGraph, routed_rows
 from d2r_sb3.d2r.network import RoutedNetwork, _GateInputsFunction, _MaskSoftmaxFunction
-from d2r_sb3.d2r.routed_block import BlockPlan, _PullGraph, _routed_rows
 from d2r_sb3.d2r.routing import RoutingGraph
-from d2r_sb3.d2r.row_layout import RowLayout, build_row_layout, host_array, padded_share
+from d2r_sb3.d2r.row_layout import BlockPlan, RowLayout, build_row_layout, host_array, padded_share
 
 
 @pytest.fixture(params=[1, 2], ids=["1 thread", "2 threads"])
@@ -174,8 +174,8 @@ def test_the_compiled_edge_bags_are_the_array_versions(seed, dtype, masked_short
     plan = BlockPlan(is_input, tuple(range(n)), masked_shortcut)
     keep_tensor = th.from_numpy(keep) if keep is not None else None
     layout = build_row_layout(sources, weights.to(dtype), keep_tensor, is_input, bool(seed % 2), dtype)
-    _, reader = _routed_rows(layout, plan, th.device("cpu"))
-    graph = _PullGraph(layout, plan, reader)
+    _, reader = routed_rows(layout, plan, th.device("cpu"))
+    graph = PullGraph(layout, plan, reader)
     rows, entry_weights, starts, grid_slots = reference_edge_bags(layout, plan, reader)
     segment = np.append(starts[:, 0], len(rows))[layout.starts[: n + 1]]
     sizes = np.diff(segment).tolist()
@@ -374,7 +374,10 @@ def test_a_cached_function_is_compiled_again_when_a_function_it_calls_changes_in
         "def _probe():  # pragma: no cover - compiled\n    return 10 * _probe_callee()\n"
     )
     (copy / "common/bias_relu.py").write_text((copy / "common/bias_relu.py").read_text() + caller)
-    script = "from d2r_sb3.common import bias_relu; print(bias_relu._probe(), sum(bias_relu._probe.stats.cache_hits.values()))"
+    script = (
+        "from d2r_sb3.common import bias_relu\n"
+        "print(bias_relu._probe(), sum(bias_relu._probe.stats.cache_hits.values()))"
+    )
     env = {**os.environ, "PYTHONPATH": str(tmp_path)}
     env.pop("NUMBA_CACHE_DIR", None)
 

@@ -39,14 +39,14 @@ KNOWN_USES = {
         "on a CPU only; other devices take a fixed-order sum"
     ),
     ("d2r_sb3.d2r.routing", "decode", "index_copy_"): ("the routed nodes' rows: distinct indices"),
-    ("d2r_sb3.d2r.routed_block", "push", "index_add_"): (
+    ("d2r_sb3.d2r.block_edges", "push", "index_add_"): (
         "one call per node: each of its rows reads rows of its own sample, so rows of two samples never meet (an "
         "unused slot repeats a source of its row with weight 0 and adds an exact 0)"
     ),
-    ("d2r_sb3.d2r.routed_block", "_input_module_backward", "index_add_"): (
+    ("d2r_sb3.d2r.block_operators", "_input_module_backward", "index_add_"): (
         "one row per sample: distinct indices (padding rows add an exact 0)"
     ),
-    ("d2r_sb3.d2r.routed_block", "_routing_weight_gradient", "index_copy_"): (
+    ("d2r_sb3.d2r.block_operators", "routing_weight_gradient", "index_copy_"): (
         "distinct grid rows, except padding rows, which all write 0 to one spare row that is dropped"
     ),
 }

@@ -16,7 +16,16 @@ from gymnasium import spaces
 from helpers import DEVICES, collect_only
 
 from d2r_sb3.common import bias_relu
-from d2r_sb3.d2r import D2RCritic, D2RPolicy, RoutedNetwork, RouteRequest, compiled, routed_block, skipping
+from d2r_sb3.d2r import (
+    D2RCritic,
+    D2RPolicy,
+    RoutedNetwork,
+    RouteRequest,
+    block_operators,
+    compiled,
+    routed_block,
+    skipping,
+)
 from d2r_sb3.d2r.reference import reference_forward
 
 RESROUTING = {"off": (False, "full"), "full": (True, "full"), "masked": (True, "masked")}
@@ -298,11 +307,11 @@ def test_bfloat16_routing_gradient_in_float32_where_the_device_lacks_the_bfloat1
         stored = net.graph.encode(net(state, task_ids)[1])
     request = RouteRequest(stored=stored, resrouting=True)
     upstream = th.randn(2, 64, 5, generator=th.Generator().manual_seed(4)).to(device)
-    kernels_missing = dict(routed_block._NO_PER_SAMPLE_DOTS)  # before any patch below
+    kernels_missing = dict(block_operators._NO_PER_SAMPLE_DOTS)  # before any patch below
 
     def grads(compute_dtype: th.dtype | None, fallback: bool) -> dict[str, th.Tensor]:
         missing = {device: (th.bfloat16,)} if fallback else kernels_missing
-        monkeypatch.setattr(routed_block, "_NO_PER_SAMPLE_DOTS", missing)
+        monkeypatch.setattr(block_operators, "_NO_PER_SAMPLE_DOTS", missing)
         net.zero_grad(set_to_none=True)
         out, _ = net(state, task_ids, request, compute_dtype=compute_dtype)
         (out * upstream).sum().backward()
@@ -534,7 +543,8 @@ def test_the_compiled_forward_is_the_operators_bit_for_bit(n_nets, skip, level, 
     and the saved relu outputs and inputs of the operator version, bit for bit in float32: member slabs of equal and
     unequal sizes, input modules some samples do not reach (model-level routing), slabs large enough to be split
     between two threads; and the same output when nothing is saved (the no-gradient path)."""
-    from d2r_sb3.d2r.routed_block import SavedActivations, _slot_views, run_nodes
+    from d2r_sb3.d2r.block_operators import slot_views
+    from d2r_sb3.d2r.routed_block import SavedActivations, run_nodes
     from d2r_sb3.d2r.row_layout import build_row_layout
 
     kwargs = {"routing_level": "model", "n_layers": 2} if level == "model" else {}
@@ -571,7 +581,7 @@ def test_the_compiled_forward_is_the_operators_bit_for_bit(n_nets, skip, level, 
     assert th.equal(y, y_ops) and th.equal(outputs, outputs_ops)
     assert th.equal(y_no_grad, y_no_grad_ops) and th.equal(y_no_grad, y)
     assert saved.rows is not None and saved_ops.rows is None
-    hidden_by_slot, inputs_by_slot = _slot_views(*saved.rows, layout, net.plan)
+    hidden_by_slot, inputs_by_slot = slot_views(*saved.rows, layout, net.plan)
     for got, want in zip(
         [*hidden_by_slot, *inputs_by_slot], [*saved_ops.hidden, *saved_ops.inputs], strict=True
     ):

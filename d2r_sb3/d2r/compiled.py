@@ -9,7 +9,7 @@ layout and backward edge lists of every routed-block call.
 * **Routed-block bookkeeping** (:func:`skipping_layout`, :func:`edge_bags`): every call of the routed block first
   decides on the host which (module, sample) pairs it computes and where their rows live (:mod:`.row_layout`),
   and every backward pass groups the routing edges by source row
-  (:class:`~d2r_sb3.d2r.routed_block._PullGraph`). As numpy array operations it took two to three dozen passes
+  (:class:`~d2r_sb3.d2r.block_edges.PullGraph`). As numpy array operations it took two to three dozen passes
   over memory and as many calls a routed-block call, about 5 % of a gradient step at batch 320 and 8 % at batch
   1280 on two threads (where it runs on one thread while the other waits); as loops it is one or two passes.
 * **Memory-bound passes** (:func:`gate_inputs`, :func:`pull_through_relu`): the modules' and the gate's inputs
@@ -545,9 +545,9 @@ def _softmax_grad_rows(grad, weights, positions, used, out, first, end):  # prag
 def pull_through_relu(
     table, rows, offsets, weights, hidden, grad_pre, total, also, outputs, grid_slots, grid, threads=None
 ):  # pragma: no cover - compiled
-    """A module's pulled gradients and its relu backward in one pass (see ``_PullGraph``), its rows split
-    among ``threads`` threads (:func:`loop_threads`); with a ``grid``, also the routing weights' gradient of
-    every edge that leaves the module.
+    """A module's pulled gradients and its relu backward in one pass (see
+    :class:`~d2r_sb3.d2r.block_edges.PullGraph`), its rows split among ``threads`` threads (:func:`loop_threads`);
+    with a ``grid``, also the routing weights' gradient of every edge that leaves the module.
 
     Row ``g`` of the module has ``bags = len(offsets) // len(hidden)`` bags of table rows (``rows[k]`` weighted
     by ``weights[k]``, bag ``j`` from ``offsets[j]`` to the next bag's start): the first sums to ``gF_g``, the

@@ -203,9 +203,10 @@ def _finish_rows(h, bias, out, shortcut, first, end):  # pragma: no cover - comp
 
 
 class PulledEdges(Protocol):
-    """The edges of one backward pass as :func:`block_backward` reads them (the routed block's ``_PullGraph``):
-    host arrays from :func:`~d2r_sb3.d2r.compiled.edge_bags`, the module ranges of its entries, and the flat grid
-    the pulls write the routing weights' gradient into (``None``: not taken)."""
+    """The edges of one backward pass as :func:`block_backward` reads them
+    (:class:`~d2r_sb3.d2r.block_edges.PullGraph`): host arrays from :func:`~d2r_sb3.d2r.compiled.edge_bags`, the
+    module ranges of its entries, and the flat grid the pulls write the routing weights' gradient into (``None``:
+    not taken)."""
 
     edge_rows: np.ndarray
     edge_weights: np.ndarray
@@ -236,7 +237,7 @@ def block_backward(
 ) -> th.Tensor | None:
     """The routed block's backward loop over the nodes (the pulling strategy, compiled pulls) in one compiled call.
 
-    :param graph: the call's edges (:class:`~d2r_sb3.d2r.routed_block._PullGraph`); its routing-weight gradient
+    :param graph: the call's edges (:class:`~d2r_sb3.d2r.block_edges.PullGraph`); its routing-weight gradient
         grid, when started, is written by the pulls.
     :param is_input: for every module, whether it reads ``x0``; ``param_index``: its weight slot.
     :param table: the per-node gradient table ``[halves, rows, D]``, the output node's rows filled.

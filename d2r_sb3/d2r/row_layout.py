@@ -26,7 +26,7 @@ import torch as th
 
 from d2r_sb3.d2r import compiled
 
-__all__ = ["RowLayout", "build_row_layout"]
+__all__ = ["BlockPlan", "RowLayout", "build_row_layout"]
 
 _PADDED_SHARE = {th.bfloat16: 0.125, th.float16: 0.125}
 _PADDED_SHARE_OTHERWISE = 0.02
@@ -44,6 +44,20 @@ def padded_share(dtype: th.dtype) -> float:
     nodes, worth an estimated 0.1-0.2 ms per gradient step at batch 320.
     """
     return _PADDED_SHARE.get(dtype, _PADDED_SHARE_OTHERWISE)
+
+
+@dataclass(frozen=True)
+class BlockPlan:
+    """Static per-network description: for node ``i < n``, whether it is an input node and its weight slot."""
+
+    is_input: tuple[bool, ...]
+    param_index: tuple[int, ...]
+    masked_shortcut: bool
+
+    @property
+    def routed_nodes(self) -> tuple[int, ...]:
+        """Nodes that read other modules: every non-input module, then the output node ``n``."""
+        return (*(i for i, inp in enumerate(self.is_input) if not inp), len(self.is_input))
 
 
 @dataclass
