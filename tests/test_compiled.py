@@ -22,6 +22,7 @@ import pytest
 import torch as th
 
 import d2r_sb3
+from d2r_sb3.common.host_loops import CACHE_LOCK_NAME
 from d2r_sb3.d2r import compiled
 from d2r_sb3.d2r.block_edges import PullGraph, routed_rows
 from d2r_sb3.d2r.network import RoutedNetwork, _GateInputsFunction, _MaskSoftmaxFunction
@@ -360,39 +361,102 @@ print("ok")
     assert result.stdout.strip() == "ok"
 
 
+class _CompiledModulesCopy:
+    """A package ``d2r_sb3`` in ``folder`` made of the real package's compiled modules only (empty package
+    ``__init__`` files, so an import loads numba and, for some, torch, not the whole package), with probe functions
+    appended to them; :meth:`run` runs Python code against it in a new process (numba caching in its
+    ``__pycache__`` folders)."""
+
+    def __init__(self, folder: Path):
+        from d2r_sb3.common.host_loops import COMPILED_MODULES
+
+        self.folder, package = folder, Path(d2r_sb3.__file__).parent
+        for name in ("", "common", "d2r"):
+            (folder / "d2r_sb3" / name).mkdir(parents=True, exist_ok=True)
+            (folder / "d2r_sb3" / name / "__init__.py").write_text("")
+        for name in COMPILED_MODULES:
+            shutil.copy(package / name, folder / "d2r_sb3" / name)
+        self.env = {**os.environ, "PYTHONPATH": str(folder)}
+        self.env.pop("NUMBA_CACHE_DIR", None)
+
+    def append(self, module: str, code: str) -> None:
+        path = self.folder / "d2r_sb3" / module
+        path.write_text(path.read_text() + "\n\n" + code)
+
+    def replace(self, module: str, old: str, new: str) -> None:
+        path = self.folder / "d2r_sb3" / module
+        path.write_text(path.read_text().replace(old, new))
+
+    def start(self, script: str, *args: str) -> subprocess.Popen:
+        command = [sys.executable, "-c", script, *args]
+        return subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=self.env, cwd=self.folder
+        )
+
+    @staticmethod
+    def result(process: subprocess.Popen) -> list[str]:
+        out, err = process.communicate(timeout=300)
+        assert process.returncode == 0, err
+        return out.split()
+
+    def run(self, script: str) -> list[str]:
+        return self.result(self.start(script))
+
+
 def test_a_cached_function_is_compiled_again_when_a_function_it_calls_changes_in_another_module(tmp_path):
     """numba alone re-compiles a cached function only when its own file changes: a caller in another module kept
     running the old code of a changed callee (an edit, a ``git pull`` into an editable install). Here the caller
-    sits in bias_relu.py and its callee in host_loops.py, in a copy of the package."""
-    package = Path(d2r_sb3.__file__).parent
-    copy = tmp_path / "d2r_sb3"
-    shutil.copytree(package, copy, ignore=shutil.ignore_patterns("__pycache__", "*.safetensors", "*.zip"))
-    callee = "\n\n@jit\ndef _probe_callee():  # pragma: no cover - compiled\n    return 1\n"
-    (copy / "common/host_loops.py").write_text((copy / "common/host_loops.py").read_text() + callee)
-    caller = (
-        "\n\nfrom d2r_sb3.common.host_loops import _probe_callee  # noqa: E402\n\n\n@jit\n"
-        "def _probe():  # pragma: no cover - compiled\n    return 10 * _probe_callee()\n"
+    sits in bias_relu.py and its callee in host_loops.py."""
+    copy = _CompiledModulesCopy(tmp_path)
+    copy.append(
+        "common/host_loops.py", "@jit\ndef _probe_callee():  # pragma: no cover - compiled\n    return 1\n"
     )
-    (copy / "common/bias_relu.py").write_text((copy / "common/bias_relu.py").read_text() + caller)
+    copy.append(
+        "common/bias_relu.py",
+        "from d2r_sb3.common.host_loops import _probe_callee  # noqa: E402\n\n\n"
+        "@jit\ndef _probe():  # pragma: no cover - compiled\n    return 10 * _probe_callee()\n",
+    )
     script = (
-        "from d2r_sb3.common import bias_relu\n"
-        "print(bias_relu._probe(), sum(bias_relu._probe.stats.cache_hits.values()))"
+        "from d2r_sb3.common.bias_relu import _probe\nprint(_probe(), sum(_probe.stats.cache_hits.values()))"
     )
-    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
-    env.pop("NUMBA_CACHE_DIR", None)
+    assert copy.run(script) == ["10", "0"]  # compiled, cached
+    assert copy.run(script) == ["10", "1"]  # loaded from the cache
+    copy.replace("common/host_loops.py", "    return 1\n", "    return 2\n")
+    # The caller's file did not change: its cached code is renewed all the same.
+    assert copy.run(script) == ["20", "0"]
 
-    def run() -> list[str]:
-        command = [sys.executable, "-c", script]
-        result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
-        assert result.returncode == 0, result.stderr
-        return result.stdout.split()
 
-    assert run() == ["10", "0"]  # compiled, cached
-    assert run() == ["10", "1"]  # loaded from the cache
-    (copy / "common/host_loops.py").write_text(
-        (copy / "common/host_loops.py").read_text().replace("return 1\n", "return 2\n")
+def test_two_processes_caching_two_versions_of_a_function_at_once_leave_each_version_its_own_code(tmp_path):
+    """numba saves a cache entry as "read the index, write the index, write the data file". Two processes compiling
+    a float and an integer version of one function at the same time (their writes slowed down here to make them
+    overlap) left the index naming the first data file for the integer version while that file held the float
+    version's code, which a third process then ran for integers. The package's caches take a lock."""
+    copy = _CompiledModulesCopy(tmp_path)
+    copy.append(
+        "common/host_loops.py", "@jit\ndef _probe(x):  # pragma: no cover - compiled\n    return x * 2 + 1\n"
     )
-    assert run() == ["20", "0"]  # the caller's file did not change, its cached code is renewed all the same
+    slowed = """
+import sys, time
+import numpy as np
+import numba.core.caching as caching
+
+index_delay, data_delay = float(sys.argv[1]), float(sys.argv[2])
+save_index, save_data = caching.IndexDataCacheFile._save_index, caching.IndexDataCacheFile._save_data
+caching.IndexDataCacheFile._save_index = lambda self, *args: (time.sleep(index_delay), save_index(self, *args))
+caching.IndexDataCacheFile._save_data = lambda self, *args: (time.sleep(data_delay), save_data(self, *args))
+from d2r_sb3.common.host_loops import _probe
+print(repr(_probe(np.float32(1.5) if sys.argv[3] == "float" else np.int64(3))))
+"""
+    # The float process writes its index at 0.5 s and its data at 2 s; unguarded, the integer one read the same
+    # empty index and wrote its own (the same data file number) at 1 s: its index, the float version's data.
+    processes = [copy.start(slowed, "0.5", "1.5", "float"), copy.start(slowed, "1.0", "0", "int")]
+    assert [copy.result(process) for process in processes] == [["4.0"], ["7"]]
+    check = (
+        "import numpy as np\nfrom d2r_sb3.common.host_loops import _probe\n"
+        "print(repr(_probe(np.int64(3))), repr(_probe(np.float32(1.5))), sum(_probe.stats.cache_hits.values()))"
+    )
+    assert copy.run(check) == ["7", "4.0", "2"]  # both from the cache, each its own code
+    assert (tmp_path / "d2r_sb3/common/__pycache__" / CACHE_LOCK_NAME).exists()
 
 
 def test_a_compiled_function_of_an_unlisted_module_is_refused():

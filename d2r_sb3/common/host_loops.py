@@ -5,14 +5,21 @@ The CPU-side loops of the package (D2R's route choice and routed-block bookkeepi
 :func:`jit`, which caches them on disk, and split their rows among :func:`loop_threads` threads when torch runs on
 more than one.
 
-A cached function is compiled again when any module of :data:`COMPILED_MODULES` changes, not only its own: numba
-alone checks only the file a function is written in, so a function calling a compiled function of another module
-(the routed block's loop calls the mixing pass of :mod:`d2r_sb3.d2r.compiled`) would keep running the callee's old
-code after an edit or a ``git pull`` into an editable install.
+Two guards on numba's disk cache (:func:`jit`):
+
+* A cached function is compiled again when any module of :data:`COMPILED_MODULES` changes, not only its own: numba
+  alone checks only the file a function is written in, so a function calling a compiled function of another
+  module (the routed block's loop calls the mixing pass of :mod:`d2r_sb3.d2r.compiled`) would keep running the
+  callee's old code after an edit or a ``git pull`` into an editable install.
+* Processes read and write a function's cache one writer at a time (a file lock): numba saves an entry as "read the
+  index, write the index, write the data file", so two processes compiling two versions of one function at once
+  (float32 and float64, say: test workers, trials started together on a fresh install) could leave the index
+  pointing one version at the other's code, which a later process would then run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import os
@@ -22,6 +29,11 @@ from pathlib import Path
 
 import numba
 import numpy as np
+
+try:
+    import fcntl
+except ImportError:  # (not on Windows: the caches are used without the lock there)
+    fcntl = None  # type: ignore[assignment]
 
 __all__ = [
     "COMPILED_MODULES",
@@ -67,7 +79,7 @@ def jit(function: Callable | None = None, **options) -> Callable:
             stacklevel=2,
         )
         return numba.njit(nogil=True, **options)(function)
-    _stamp_with_package_sources(dispatcher, function)
+    _guard_cache(dispatcher, function)
     return dispatcher
 
 
@@ -88,9 +100,10 @@ def _package_stamp() -> str | None:
         return None
 
 
-def _stamp_with_package_sources(dispatcher: Callable, function: Callable) -> None:
+def _guard_cache(dispatcher: Callable, function: Callable) -> None:
     """Stamp the disk cache of ``dispatcher`` (``function`` compiled) with :func:`sources_stamp` instead of numba's
-    own stamp, the time and size of ``function``'s file, if ``function`` belongs to the package."""
+    own stamp (the time and size of ``function``'s file) and have its reads and writes take the cache folder's lock,
+    if ``function`` belongs to the package (see the module docstring)."""
     module = function.__module__
     if module.split(".")[0] != _PACKAGE_FOLDER.name:
         return
@@ -101,12 +114,41 @@ def _stamp_with_package_sources(dispatcher: Callable, function: Callable) -> Non
             "d2r_sb3.common.host_loops.COMPILED_MODULES: add it there, so that the cached code of the functions "
             "calling it is renewed when it changes."
         )
-    stamp = _package_stamp()
-    # numba keeps the stamp on the cache's index file object, compares it with the one saved in the index when it
-    # loads and saves it with every entry (numba.core.caching.IndexDataCacheFile).
+    # numba's cache of one function: an index file and data files, handled by a numba.core.caching
+    # IndexDataCacheFile, which keeps the stamp (compared with the one in the index when it loads, saved with every
+    # entry) and loads and saves whole entries.
     cache_file = getattr(getattr(dispatcher, "_cache", None), "_cache_file", None)
-    if stamp is not None and cache_file is not None and hasattr(cache_file, "_source_stamp"):
+    if cache_file is None or not all(hasattr(cache_file, name) for name in _CACHE_FILE_PARTS):
+        return
+    stamp = _package_stamp()
+    if stamp is not None:
         cache_file._source_stamp = ("d2r_sb3 compiled modules", stamp)
+    lock = os.path.join(cache_file._cache_path, CACHE_LOCK_NAME)
+    cache_file.load = _locked(cache_file.load, lock, exclusive=False)
+    cache_file.save = _locked(cache_file.save, lock, exclusive=True)
+
+
+_CACHE_FILE_PARTS = ("_source_stamp", "_cache_path", "load", "save")
+CACHE_LOCK_NAME = "d2r_sb3-cache.lock"
+"""The lock file in a cache folder that numba's reads and writes of the package's functions take."""
+
+
+def _locked(method: Callable, lock: str, exclusive: bool) -> Callable:
+    """``method`` run holding the file lock ``lock`` (shared or exclusive); unlocked where the lock file cannot be
+    opened (no cache folder yet: nothing to read; a read-only one: nothing will be written) or without ``fcntl``."""
+
+    @functools.wraps(method)
+    def run(*args):
+        with contextlib.ExitStack() as stack:
+            try:
+                handle = stack.enter_context(open(lock, "a"))
+            except OSError:
+                handle = None
+            if handle is not None and fcntl is not None:
+                fcntl.flock(handle, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)  # (released when closed)
+            return method(*args)
+
+    return run
 
 
 def serial_as_none(threads: int) -> int | None:
