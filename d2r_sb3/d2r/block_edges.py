@@ -118,8 +118,8 @@ class PullGraph(EdgeGraph):
     With both, the two bags of a row are adjacent in one ``embedding_bag`` call: they read (mostly) the same table
     rows, so the second read comes from cache.
 
-    ``threads``: the threads of the compiled pull (:func:`compiled_pass_threads`, decided once per backward pass);
-    0: torch's kernels.
+    ``threads``: the threads of the compiled pull (:func:`~d2r_sb3.d2r.routed_block.compiled_pass_threads`,
+    decided once per backward pass); 0: torch's kernels.
     """
 
     def __init__(self, layout: RowLayout, plan: BlockPlan, reader: np.ndarray, threads: int = 0):
@@ -174,7 +174,8 @@ class PullGraph(EdgeGraph):
 
     def takes_routing_dots(self) -> bool:
         """:meth:`EdgeGraph.takes_routing_dots`: on the compiled path, whose pulls load every reader's row anyway
-        (the dots of :func:`routing_weight_gradient` without a second gather of those rows)."""
+        (the dots of :func:`~d2r_sb3.d2r.block_operators.routing_weight_gradient` without a second gather of those
+        rows)."""
         return self.threads > 0
 
     def start_routing_dots(self, grid_rows: int, like: th.Tensor) -> None:
@@ -231,9 +232,10 @@ class PullGraph(EdgeGraph):
         output: th.Tensor | None = None,
     ) -> tuple[th.Tensor, th.Tensor]:
         """:meth:`EdgeGraph.pull_hidden` (same values) as one compiled pass on torch's threads
-        (:func:`~d2r_sb3.d2r.compiled.pull_through_relu`, :func:`compiled_pass_threads`): the bags, the relu
-        mask and the shortcut's copy in one go beat ``embedding_bag``, ``threshold_backward`` and ``copy_`` (96
-        against 134 us for a 640-row module on one thread; 8.4 against 10.6 ms a step at batch 1280 on two).
+        (:func:`~d2r_sb3.d2r.compiled.pull_through_relu`, :func:`~d2r_sb3.d2r.routed_block.compiled_pass_threads`):
+        the bags, the relu mask and the shortcut's copy in one go beat ``embedding_bag``, ``threshold_backward`` and
+        ``copy_`` (96 against 134 us for a 640-row module on one thread; 8.4 against 10.6 ms a step at batch 1280 on
+        two).
         ``gT`` is written straight into the module's table rows ``node_out`` (and returned as them), where the
         product then adds ``gU`` in place instead of first copying ``gT`` there."""
         if not self.threads:

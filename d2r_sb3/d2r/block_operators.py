@@ -290,8 +290,8 @@ def _input_module_backward(
     need_x0: bool,
 ) -> th.Tensor | None:
     """Backward of input module ``node`` (``o = relu(M(x0))``, output ``[rows, D]``, ``weight [E, D, Din]``) from
-    its gradient before the relu ``[rows, D]`` (:meth:`EdgeGraph.pull_input`): writes its weight and bias gradients
-    (``[E, D, Din]`` and ``[E, D]``) and adds its share of ``dL/dx0`` (those requested).
+    its gradient before the relu ``[rows, D]`` (:meth:`~d2r_sb3.d2r.block_edges.EdgeGraph.pull_input`): writes its
+    weight and bias gradients (``[E, D, Din]`` and ``[E, D]``) and adds its share of ``dL/dx0`` (those requested).
 
     :param grad_x0: ``dL/dx0`` so far (``None`` before the first input module's share).
     :param need_x0: whether ``dL/dx0`` is wanted.
@@ -328,12 +328,13 @@ def _hidden_module_backward(
     trained: list[int] | None = None,
 ) -> None:
     """Backward of a routed module from the gradient before its relu and its shortcut's gradient ``gT`` (each
-    ``[rows, D]``, :meth:`EdgeGraph.pull_hidden`): writes its table rows ``A`` (``node_grad``) and its weight and bias
-    gradients (those requested).
+    ``[rows, D]``, :meth:`~d2r_sb3.d2r.block_edges.EdgeGraph.pull_hidden`): writes its table rows ``A``
+    (``node_grad``) and its weight and bias gradients (those requested).
 
     :param members: the module's rows of each ensemble member (``weight [E, D, D]`` is applied member by member).
     :param inputs: the module's saved input ``u``.
-    :param trained: the rows of each member's slab that train the weights (:meth:`RowLayout.trained`).
+    :param trained: the rows of each member's slab that train the weights
+        (:meth:`~d2r_sb3.d2r.row_layout.RowLayout.trained`).
     """
     # A = gU + gS, with gU = grad_pre W ("full") or grad_pre W + gT (s_i == u_i).
     _member_products(grad_pre, weight, members, add=grad_total, out=node_grad)
@@ -348,7 +349,7 @@ def routing_weight_gradient(
 
     The dot products are those of the ``per_sample_weights`` gradient of the forward pass's bags (``u_i = sum_c
     p_c o_src``) with ``A_i`` in place of ``dL/du_i``: one fused gather-and-dot, nothing materialised. (The
-    compiled pulls take them on their way instead: :meth:`EdgeGraph.start_routing_dots`.)
+    compiled pulls take them on their way instead: :meth:`~d2r_sb3.d2r.block_edges.EdgeGraph.start_routing_dots`.)
     """
     grid_rows = (n + 1) * layout.ens * layout.batch
     slots = layout.entry_rows.shape[-1]
