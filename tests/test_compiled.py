@@ -459,6 +459,40 @@ print(repr(_probe(np.float32(1.5) if sys.argv[3] == "float" else np.int64(3))))
     assert (tmp_path / "d2r_sb3/common/__pycache__" / CACHE_LOCK_NAME).exists()
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="file locks with fcntl")
+def test_the_cache_lock_is_held_while_numba_writes_and_never_stops_a_read_or_write(tmp_path, monkeypatch):
+    """The lock is held (exclusively for writes) while the wrapped method runs; where the lock file cannot be
+    opened or the file system has no locks, the method runs all the same."""
+    import errno
+    import fcntl
+
+    from d2r_sb3.common import host_loops
+
+    lock = tmp_path / CACHE_LOCK_NAME
+
+    def held_elsewhere() -> bool:
+        with open(lock, "a") as other:
+            try:
+                fcntl.flock(other, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            return False
+
+    seen = []
+    write = host_loops._locked(
+        lambda *args: seen.append((args, held_elsewhere())) or "saved", str(lock), True
+    )
+    assert write(1) == "saved" and seen == [((1,), True)] and not held_elsewhere()
+    unopenable = host_loops._locked(lambda: "loaded", str(tmp_path / "absent" / CACHE_LOCK_NAME), False)
+    assert unopenable() == "loaded"
+
+    def no_locks(*args):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(host_loops.fcntl, "flock", no_locks)
+    assert host_loops._locked(lambda: "loaded", str(lock), False)() == "loaded"
+
+
 def test_a_compiled_function_of_an_unlisted_module_is_refused():
     """A module of the package that compiles functions must be in COMPILED_MODULES (their contents stamp the
     caches); one that is not is named, with the fix."""

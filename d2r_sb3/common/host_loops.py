@@ -135,7 +135,8 @@ CACHE_LOCK_NAME = "d2r_sb3-cache.lock"
 
 def _locked(method: Callable, lock: str, exclusive: bool) -> Callable:
     """``method`` run holding the file lock ``lock`` (shared or exclusive); unlocked where the lock file cannot be
-    opened (no cache folder yet: nothing to read; a read-only one: nothing will be written) or without ``fcntl``."""
+    opened (no cache folder yet: nothing to read; a read-only one: nothing will be written) or locked (no
+    ``fcntl``, a file system without locks)."""
 
     @functools.wraps(method)
     def run(*args):
@@ -145,7 +146,9 @@ def _locked(method: Callable, lock: str, exclusive: bool) -> Callable:
             except OSError:
                 handle = None
             if handle is not None and fcntl is not None:
-                fcntl.flock(handle, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)  # (released when closed)
+                # (released when closed; a file system without locks, ENOLCK, runs it unlocked)
+                with contextlib.suppress(OSError):
+                    fcntl.flock(handle, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
             return method(*args)
 
     return run
