@@ -36,6 +36,7 @@ except ImportError:  # (not on Windows: the caches are used without the lock the
     fcntl = None  # type: ignore[assignment]
 
 __all__ = [
+    "CACHE_LOCK_NAME",
     "COMPILED_MODULES",
     "PARALLEL_FROM",
     "jit",
@@ -57,6 +58,10 @@ COMPILED_MODULES = (
     "d2r/compiled_block.py",
 )
 _PACKAGE_FOLDER = Path(__file__).resolve().parents[1]
+CACHE_LOCK_NAME = "d2r_sb3-cache.lock"
+"""The lock file in a cache folder that numba's reads and writes of the package's functions take."""
+# What jit touches of numba's cache of one function (numba.core.caching.IndexDataCacheFile).
+_CACHE_FILE_PARTS = ("_source_stamp", "_cache_path", "load", "save")
 
 # Below this many values a pass over a tensor runs on one thread (a parallel region costs microseconds to start).
 PARALLEL_FROM = 65_536
@@ -94,6 +99,7 @@ def sources_stamp(folder: Path = _PACKAGE_FOLDER) -> str:
 
 @functools.cache
 def _package_stamp() -> str | None:
+    """:func:`sources_stamp` of the package, once per process (``None``: its files cannot be read)."""
     try:
         return sources_stamp()
     except OSError:  # (a package not installed as plain files: numba's own stamp stays)
@@ -126,11 +132,6 @@ def _guard_cache(dispatcher: Callable, function: Callable) -> None:
     lock = os.path.join(cache_file._cache_path, CACHE_LOCK_NAME)
     cache_file.load = _locked(cache_file.load, lock, exclusive=False)
     cache_file.save = _locked(cache_file.save, lock, exclusive=True)
-
-
-_CACHE_FILE_PARTS = ("_source_stamp", "_cache_path", "load", "save")
-CACHE_LOCK_NAME = "d2r_sb3-cache.lock"
-"""The lock file in a cache folder that numba's reads and writes of the package's functions take."""
 
 
 def _locked(method: Callable, lock: str, exclusive: bool) -> Callable:
