@@ -459,6 +459,23 @@ print(repr(_probe(np.float32(1.5) if sys.argv[3] == "float" else np.int64(3))))
     assert (tmp_path / "d2r_sb3/common/__pycache__" / CACHE_LOCK_NAME).exists()
 
 
+def test_whether_a_function_is_in_the_disk_cache_for_this_machine_and_these_sources(tmp_path):
+    """cached_on_disk: no before the first compile, yes in the next process, no again after a source change."""
+    copy = _CompiledModulesCopy(tmp_path)
+    copy.append(
+        "common/host_loops.py", "@jit\ndef _probe(x):  # pragma: no cover - compiled\n    return x + 1\n"
+    )
+    script = (
+        "from d2r_sb3.common.host_loops import _probe, cached_on_disk\n"
+        "before = cached_on_disk(_probe)\n_probe(1)\nafter = cached_on_disk(_probe)\n"
+        "print(before[0], after[0], before[1] == after[1] and after[1].endswith('__pycache__'))"
+    )
+    assert copy.run(script) == ["False", "True", "True"]
+    assert copy.run(script) == ["True", "True", "True"]
+    copy.append("d2r/compiled.py", "# edited\n")
+    assert copy.run(script) == ["False", "True", "True"]
+
+
 @pytest.mark.skipif(sys.platform == "win32", reason="file locks with fcntl")
 def test_the_cache_lock_is_held_while_numba_writes_and_never_stops_a_read_or_write(tmp_path, monkeypatch):
     """The lock is held (exclusively for writes) while the wrapped method runs; where the lock file cannot be

@@ -395,3 +395,21 @@ def test_optimizers_are_fused_and_stay_fused_through_save_and_load(tmp_path):
         loop.step()
     for a, b in zip(params, reference, strict=True):
         th.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("cached", [False, True, None])
+def test_learn_says_when_the_compiled_loops_are_compiled_first(cached, monkeypatch, capsys):
+    """With ``verbose=1`` on a CPU, ``learn`` says so when numba has not cached D2R's loops for this machine (the
+    first gradient steps then take tens of seconds longer), and says nothing once they are cached, or where that
+    cannot be told."""
+    from d2r_sb3.d2r import compiled_block
+
+    monkeypatch.setattr(
+        compiled_block, "is_cached", lambda: None if cached is None else (cached, "/the/cache")
+    )
+    model = tiny_d2r(verbose=1, learning_starts=8, batch_size=8)
+    capsys.readouterr()
+    model.learn(16)
+    out = capsys.readouterr().out
+    assert ("not compiled for this machine yet" in out) == (cached is False)
+    assert ("keeps them in /the/cache" in out) == (cached is False)

@@ -39,6 +39,7 @@ __all__ = [
     "CACHE_LOCK_NAME",
     "COMPILED_MODULES",
     "PARALLEL_FROM",
+    "cached_on_disk",
     "jit",
     "loop_threads",
     "part",
@@ -86,6 +87,26 @@ def jit(function: Callable | None = None, **options) -> Callable:
         return numba.njit(nogil=True, **options)(function)
     _guard_cache(dispatcher, function)
     return dispatcher
+
+
+def cached_on_disk(function: Callable) -> tuple[bool, str] | None:
+    """Whether numba's disk cache holds code of ``function`` (compiled with :func:`jit`) for this machine and the
+    package's current sources, for any argument types, and the cache's folder; ``None`` where that cannot be told
+    (no disk cache, or a numba whose cache looks otherwise)."""
+    cache_file = getattr(getattr(function, "_cache", None), "_cache_file", None)
+    if cache_file is None or not all(
+        hasattr(cache_file, name) for name in (*_CACHE_FILE_PARTS, "_load_index")
+    ):
+        return None
+    try:
+        from numba.core.registry import cpu_target
+
+        machine = cpu_target.target_context.codegen().magic_tuple()
+        # (index keys: argument types, the machine the code was built for, the function's bytecode)
+        found = any(key[1] == machine for key in cache_file._load_index())
+    except Exception:  # (an unreadable index, another numba's keys: cannot tell)
+        return None
+    return found, str(cache_file._cache_path)
 
 
 def sources_stamp(folder: Path = _PACKAGE_FOLDER) -> str:

@@ -801,6 +801,11 @@ class MultiTaskSAC(SAC):
     def _after_gradient_step(self) -> None:
         """Hook run after every gradient step (D2R refreshes its routing temperatures here)."""
 
+    def _first_use_notice(self) -> str | None:
+        """A line :meth:`learn` prints (with ``verbose >= 1``) before it starts when this model's first gradient
+        steps will take noticeably longer than the rest (D2R: its loops are compiled); ``None``: nothing to say."""
+        return None
+
     def train(self, gradient_steps: int, batch_size: int = 64) -> None:
         self.policy.set_training_mode(True)
         self._update_learning_rate([self.actor.optimizer, self.critic.optimizer])
@@ -886,6 +891,8 @@ class MultiTaskSAC(SAC):
                     print(
                         "progress_bar needs `pip install rich tqdm` (the [zoo] extra); continuing without it."
                     )
+        if self.verbose >= 1 and (notice := self._first_use_notice()):
+            print(notice)
         callbacks: list[BaseCallback] = [_CheckFirstObservations()]
         if isinstance(callback, list):
             callbacks.append(CallbackList(callback))

@@ -29,13 +29,13 @@ import numpy as np
 import torch as th
 
 from d2r_sb3.common.host_blas import gemm_address, gemm_scratch, matmul
-from d2r_sb3.common.host_loops import PARALLEL_FROM, jit, part, serial_as_none
+from d2r_sb3.common.host_loops import PARALLEL_FROM, cached_on_disk, jit, part, serial_as_none
 from d2r_sb3.d2r.compiled import pull_through_relu, weighted_rows
 
 if TYPE_CHECKING:
     from d2r_sb3.d2r.row_layout import RowLayout
 
-__all__ = ["block_backward", "block_forward", "gemm_for"]
+__all__ = ["block_backward", "block_forward", "gemm_for", "is_cached"]
 
 
 def gemm_for(x0: th.Tensor) -> int:
@@ -44,6 +44,13 @@ def gemm_for(x0: th.Tensor) -> int:
     if x0.device.type != "cpu" or x0.dtype not in (th.float32, th.float64):
         return 0
     return gemm_address(x0.dtype)
+
+
+def is_cached() -> tuple[bool, str] | None:
+    """Whether the compiled forward pass is in numba's disk cache for this machine (it is compiled together with
+    most of D2R's compiled loops, in the first gradient steps of a process that finds none), and the cache's folder;
+    ``None``: cannot be told (:func:`~d2r_sb3.common.host_loops.cached_on_disk`)."""
+    return cached_on_disk(_forward)
 
 
 def block_forward(

@@ -9,6 +9,7 @@ from stable_baselines3.common.policies import BasePolicy
 from torch.nn import functional as F
 
 from d2r_sb3.common.mt_sac import MultiTaskSAC
+from d2r_sb3.d2r import compiled_block
 from d2r_sb3.d2r.policies import D2RPolicy
 from d2r_sb3.envs import short_task_name
 
@@ -80,6 +81,19 @@ class D2RSAC(MultiTaskSAC):
 
     def _after_gradient_step(self) -> None:
         self.policy.set_route_temperature(self.route_temperature())
+
+    def _first_use_notice(self) -> str | None:
+        """On a CPU, where numba has not cached D2R's compiled loops for this machine yet: that they are compiled
+        during the first gradient steps (about 20 s on one thread, half a minute on two on a 2-core Xeon), once."""
+        if self.device.type != "cpu":
+            return None
+        cached = compiled_block.is_cached()
+        if cached is None or cached[0]:
+            return None
+        return (
+            "D2R's CPU loops are not compiled for this machine yet: numba compiles them during the first gradient "
+            f"steps (about 20 s on one thread, more on several) and keeps them in {cached[1]} for later runs."
+        )
 
     def _log_train_stats(self, stats: dict[str, th.Tensor]) -> None:
         super()._log_train_stats(stats)
