@@ -95,4 +95,5 @@ def tiny_d2r(env: Any = None, **kwargs: Any) -> Any:
     kwargs.setdefault("batch_size", 64)
     kwargs.setdefault("buffer_size", 2_000)
     kwargs.setdefault("policy_kwargs", dict(TINY_D2R))
-    return D2RSAC("D2RPolicy", env, seed=0, **kwargs)
+    kwargs.setdefault("seed", 0)
+    return D2RSAC("D2RPolicy", env, **kwargs)

