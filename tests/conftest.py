@@ -17,6 +17,29 @@ import torch as th
 th.set_num_threads(int(os.environ.get("D2R_TEST_THREADS", "1")))
 
 
+@pytest.fixture(autouse=True)
+def _settings_left_as_found() -> Iterator[None]:
+    """Fail a test that leaves torch's thread count or the CPU-products choice changed (and put them back): the
+    tests after it in the same worker would compute with other kernels, so a learning test's float32 trajectory
+    would depend on the order the workers happen to run the tests in."""
+    from d2r_sb3.common import cpu_products
+
+    threads, choice, resolved = th.get_num_threads(), cpu_products._choice, cpu_products._resolved
+    yield
+    left = []
+    if th.get_num_threads() != threads:
+        left.append(f"torch's thread count {th.get_num_threads()} (was {threads})")
+        th.set_num_threads(threads)
+    # (the resolved choice is decided on first use: from None it may change)
+    if cpu_products._choice != choice or (resolved is not None and cpu_products._resolved != resolved):
+        left.append(
+            f"the CPU products {cpu_products._choice!r}/{cpu_products._resolved} (were {choice!r}/{resolved})"
+        )
+        cpu_products._choice, cpu_products._resolved = choice, resolved
+    if left:
+        pytest.fail("the test left " + " and ".join(left) + " changed", pytrace=False)
+
+
 @pytest.fixture
 def offline_hub(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     """No network for the Hugging Face Hub and an empty cache: what a machine without the Hub sees."""
