@@ -17,8 +17,8 @@ two threads.
 Values: the forward's products and sums are those of the torch operators (the same BLAS routine, the bias added to
 the finished product as ``baddbmm`` adds it), so float32 results agree with them bit for bit in the tests on one
 thread; on two, MKL's AVX2 kernels sum a few rows of a product in another order depending on how it is called (1-4
-units in the last place apart), its AVX-512 kernels agree. A NaN stays a NaN through the relu. The backward's gradients equal the operator loop's to rounding (its bias gradients
-are sums in row order).
+units in the last place apart), its AVX-512 kernels agree. A NaN stays a NaN through the relu. The backward's
+gradients equal the operator loop's to rounding (its bias gradients are sums in row order).
 """
 
 from __future__ import annotations
