@@ -61,28 +61,23 @@ def block_forward(
     b_in: th.Tensor,
     w_hid: th.Tensor,
     b_hid: th.Tensor,
+    layout: RowLayout,
     is_input: tuple[bool, ...],
     param_index: tuple[int, ...],
-    starts: list[int],
-    member_sizes: list[list[int]],
-    complete: list[bool],
-    sample_of_row: th.Tensor,
-    entry_rows: th.Tensor,
-    entry_weights: th.Tensor,
     save: bool,
     threads: int,
 ) -> tuple[th.Tensor, th.Tensor, th.Tensor | None, th.Tensor | None]:
     """The routed block's forward pass (the arguments are those of
-    :func:`~d2r_sb3.d2r.routed_block.run_nodes` and its :class:`~d2r_sb3.d2r.row_layout.RowLayout`; ``gemm``:
+    :func:`~d2r_sb3.d2r.routed_block.run_nodes`; ``is_input`` and ``param_index``: its plan's; ``gemm``:
     :func:`gemm_for`): ``(y [E * B, D], outputs [module rows, D], hidden, inputs)``, where ``hidden`` and
     ``inputs`` (when ``save``) hold every hidden module's relu output ``h`` and input ``u`` in that module's rows
     (the rows of input modules are left unwritten).
     """
     dim = w_in.shape[2]
     n = len(is_input)
-    module_rows = starts[n]
+    module_rows = layout.starts[n]
     outputs = x0.new_empty(module_rows, dim)
-    y = x0.new_empty(starts[n + 1] - module_rows, dim)
+    y = x0.new_empty(layout.n_rows - module_rows, dim)
     hidden = x0.new_empty(module_rows if save else 0, dim)
     inputs = x0.new_empty(module_rows if save else 0, dim)
     ints, reals = gemm_scratch(outputs.numpy().dtype)
@@ -97,12 +92,12 @@ def block_forward(
         b_hid.detach().numpy(),
         np.array(is_input, dtype=np.bool_),
         np.array(param_index, dtype=np.int64),
-        np.array(starts, dtype=np.int64),
-        np.array(member_sizes, dtype=np.int64),
-        np.array(complete, dtype=np.bool_),
-        sample_of_row.numpy(),
-        entry_rows.numpy(),
-        entry_weights.detach().numpy(),
+        np.array(layout.starts, dtype=np.int64),
+        np.array(layout.member_sizes, dtype=np.int64),
+        np.array(layout.complete, dtype=np.bool_),
+        layout.sample_of_row.numpy(),
+        layout.entry_rows.numpy(),
+        layout.entry_weights.detach().numpy(),
         outputs.numpy(),
         hidden.numpy(),
         inputs.numpy(),
@@ -145,12 +140,8 @@ def _forward(
             continue
         k = param_index[node]
         if is_input[node]:
-            if complete[node]:  # every sample in order: member e's slab is x0's rows of member e
-                x = x0
-            else:
-                x = np.empty((hi - lo, x0.shape[1]), dtype=x0.dtype)
-                for r in range(hi - lo):
-                    x[r] = x0[sample_of_row[lo + r]]
+            # every sample in order: member e's slab is x0's rows of member e; else its samples' rows
+            x = x0 if complete[node] else _sample_rows(x0, sample_of_row[lo:hi])
             first = 0
             for e in range(member_sizes.shape[1]):
                 end = first + member_sizes[node, e]
@@ -391,13 +382,10 @@ def _backward(
                 x0,
                 w_in,
                 k,
-                node,
-                lo,
-                hi,
-                member_sizes,
-                trained,
-                complete,
-                sample_of_row,
+                member_sizes[node],
+                trained[node],
+                complete[node],
+                sample_of_row[lo:hi],
                 grad_x0,
                 grad_w_in,
                 grad_b_in,
@@ -410,11 +398,8 @@ def _backward(
             used = trained[node, e]
             slab = grad_pre[first : first + rows]
             matmul(gemm, ints, reals, slab, False, w_hid[e, k], False, total[first : first + rows], 1.0)
-            if grad_w_hid.size > 0:
-                u = inputs[lo + first : lo + first + used]
-                matmul(gemm, ints, reals, slab[:used], True, u, False, grad_w_hid[e, k], 0.0)
-            if grad_b_hid.size > 0:
-                _column_sums(slab[:used], grad_b_hid[e, k])
+            u = inputs[lo + first : lo + first + used]
+            _weight_gradients(gemm, ints, reals, slab[:used], u, grad_w_hid, grad_b_hid, e, k)
             first += rows
     return x0_written
 
@@ -428,40 +413,47 @@ def _input_module_gradients(
     x0,
     w_in,
     k,
-    node,
-    lo,
-    hi,
-    member_sizes,
+    sizes,
     trained,
     complete,
-    sample_of_row,
+    samples,
     grad_x0,
     grad_w_in,
     grad_b_in,
     x0_written,
 ):  # pragma: no cover - compiled
     """An input module's weight and bias gradients and its share of ``dL/dx0`` (where those arrays have values)
-    from its gradient before the relu; returns whether ``grad_x0`` is written now."""
-    x = x0 if complete[node] else _sample_rows(x0, sample_of_row[lo:hi])  # member e's slab: its samples' rows
+    from its gradient before the relu; returns whether ``grad_x0`` is written now. ``sizes``, ``trained``: the
+    rows of each member's slab and those that train the weights; ``complete``: whether every sample reaches the
+    module; ``samples``: the sample of each of its rows."""
+    x = x0 if complete else _sample_rows(x0, samples)  # member e's slab: its samples' rows
     wants_x0 = grad_x0.size > 0
     # complete: the shares go straight to x0's rows; else to rows of their own, then added to their samples' rows
-    shares = grad_x0 if complete[node] or not wants_x0 else np.empty((hi - lo, x0.shape[1]), dtype=x0.dtype)
-    beta = 1.0 if x0_written and complete[node] else 0.0
+    shares = (
+        grad_x0 if complete or not wants_x0 else np.empty((samples.shape[0], x0.shape[1]), dtype=x0.dtype)
+    )
+    beta = 1.0 if x0_written and complete else 0.0
     first = 0
-    for e in range(member_sizes.shape[1]):
-        rows = member_sizes[node, e]
-        used = trained[node, e]
+    for e in range(sizes.shape[0]):
+        rows, used = sizes[e], trained[e]
         slab = grad_pre[first : first + rows]
-        if grad_w_in.size > 0:
-            matmul(gemm, ints, reals, slab[:used], True, x[first : first + used], False, grad_w_in[e, k], 0.0)
-        if grad_b_in.size > 0:
-            _column_sums(slab[:used], grad_b_in[e, k])
+        _weight_gradients(gemm, ints, reals, slab[:used], x[first : first + used], grad_w_in, grad_b_in, e, k)
         if wants_x0:
             matmul(gemm, ints, reals, slab, False, w_in[e, k], False, shares[first : first + rows], beta)
         first += rows
-    if wants_x0 and not complete[node]:
-        _add_to_samples(shares, sample_of_row[lo:hi], grad_x0, x0_written)
+    if wants_x0 and not complete:
+        _add_to_samples(shares, samples, grad_x0, x0_written)
     return x0_written or wants_x0
+
+
+@jit
+def _weight_gradients(gemm, ints, reals, grad_pre, x, grad_w, grad_b, e, k):  # pragma: no cover - compiled
+    """``grad_w[e, k] = grad_pre^T x`` and ``grad_b[e, k]`` the column sums of ``grad_pre`` (each only where that
+    array has values): one member's weight and bias gradients of the module in weight slot ``k``."""
+    if grad_w.size > 0:
+        matmul(gemm, ints, reals, grad_pre, True, x, False, grad_w[e, k], 0.0)
+    if grad_b.size > 0:
+        _column_sums(grad_pre, grad_b[e, k])
 
 
 @jit
