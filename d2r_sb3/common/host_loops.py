@@ -26,6 +26,7 @@ import os
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numba
 import numpy as np
@@ -61,8 +62,8 @@ COMPILED_MODULES = (
 _PACKAGE_FOLDER = Path(__file__).resolve().parents[1]
 CACHE_LOCK_NAME = "d2r_sb3-cache.lock"
 """The lock file in a cache folder that numba's reads and writes of the package's functions take."""
-# What jit touches of numba's cache of one function (numba.core.caching.IndexDataCacheFile).
-_CACHE_FILE_PARTS = ("_source_stamp", "_cache_path", "load", "save")
+# What this module touches of numba's cache of one function (numba.core.caching.IndexDataCacheFile).
+_CACHE_FILE_PARTS = ("_source_stamp", "_cache_path", "load", "save", "_load_index")
 
 # Below this many values a pass over a tensor runs on one thread (a parallel region costs microseconds to start).
 PARALLEL_FROM = 65_536
@@ -93,10 +94,8 @@ def cached_on_disk(function: Callable) -> tuple[bool, str] | None:
     """Whether numba's disk cache holds code of ``function`` (compiled with :func:`jit`) for this machine and the
     package's current sources, for any argument types, and the cache's folder; ``None`` where that cannot be told
     (no disk cache, or a numba whose cache looks otherwise)."""
-    cache_file = getattr(getattr(function, "_cache", None), "_cache_file", None)
-    if cache_file is None or not all(
-        hasattr(cache_file, name) for name in (*_CACHE_FILE_PARTS, "_load_index")
-    ):
+    cache_file = _cache_file(function)
+    if cache_file is None:
         return None
     try:
         from numba.core.registry import cpu_target
@@ -141,11 +140,8 @@ def _guard_cache(dispatcher: Callable, function: Callable) -> None:
             "d2r_sb3.common.host_loops.COMPILED_MODULES: add it there, so that the cached code of the functions "
             "calling it is renewed when it changes."
         )
-    # numba's cache of one function: an index file and data files, handled by a numba.core.caching
-    # IndexDataCacheFile, which keeps the stamp (compared with the one in the index when it loads, saved with every
-    # entry) and loads and saves whole entries.
-    cache_file = getattr(getattr(dispatcher, "_cache", None), "_cache_file", None)
-    if cache_file is None or not all(hasattr(cache_file, name) for name in _CACHE_FILE_PARTS):
+    cache_file = _cache_file(dispatcher)
+    if cache_file is None:
         return
     stamp = _package_stamp()
     if stamp is not None:
@@ -153,6 +149,17 @@ def _guard_cache(dispatcher: Callable, function: Callable) -> None:
     lock = os.path.join(cache_file._cache_path, CACHE_LOCK_NAME)
     cache_file.load = _locked(cache_file.load, lock, exclusive=False)
     cache_file.save = _locked(cache_file.save, lock, exclusive=True)
+
+
+def _cache_file(function: Callable) -> Any:
+    """numba's disk cache of one compiled function, or ``None`` (no disk cache, or one whose parts this module uses
+    are missing): its index file and data files, handled by a ``numba.core.caching.IndexDataCacheFile``, which keeps
+    the stamp (compared with the one in the index when it loads, saved with every entry), the folder, and loads and
+    saves whole entries."""
+    cache_file = getattr(getattr(function, "_cache", None), "_cache_file", None)
+    if cache_file is None or not all(hasattr(cache_file, name) for name in _CACHE_FILE_PARTS):
+        return None
+    return cache_file
 
 
 def _locked(method: Callable, lock: str, exclusive: bool) -> Callable:
